@@ -1,0 +1,217 @@
+"""The ``cai-hpc`` command line. ``python -m cai_hpc`` alone runs ``infer`` on a small
+synthetic sample, made once and cached under ``data/``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+from cai_hpc.errors import InputError
+
+COMMANDS = ("infer", "synth", "convert", "convert-checkpoint", "plot", "bench")
+SAMPLE_SAMPLES = 2048
+SAMPLE_SHARD_MB = 10.0
+log = logging.getLogger("cai_hpc")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS + ("-h", "--help", "--version"):
+        argv.insert(0, "infer")
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO,
+        format="cai-hpc: %(message)s",
+    )
+    if args.command == "infer":
+        return run_infer(args)
+    try:
+        return args.handler(args)
+    except InputError as exc:
+        print(f"cai-hpc: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
+def run_infer(args: argparse.Namespace) -> int:
+    """Run the engine on this process's communicator, owning what happens on failure.
+
+    An error every rank agreed on is reported once and all ranks exit with its code; any
+    other error is reported by the rank that hit it, which then aborts the whole job so no
+    rank is left waiting in a collective.
+    """
+    from cai_hpc.comm import get_comm
+
+    try:
+        comm = get_comm(args.backend)
+    except InputError as exc:
+        print(f"cai-hpc: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    rank, size = comm.Get_rank(), comm.Get_size()
+    where = f"rank {rank}: " if size > 1 else ""
+    try:
+        summary = _infer(comm, args)
+    except InputError as exc:
+        if exc.agreed and rank != 0:
+            return exc.exit_code
+        print(f"cai-hpc: error: {'' if exc.agreed else where}{exc}", file=sys.stderr, flush=True)
+        code = exc.exit_code
+    except Exception as exc:  # noqa: BLE001 - this is the one place that ends the job
+        if args.verbose:
+            traceback.print_exc()
+        print(f"cai-hpc: error: {where}{type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        code = 1
+    else:
+        if summary is not None:
+            _report(summary, args.out)
+        return 0
+    if size > 1 and not (isinstance(exc, InputError) and exc.agreed):
+        comm.Abort(code)
+    return code
+
+
+def _infer(comm: Any, args: argparse.Namespace) -> dict | None:
+    from cai_hpc.engine import RunConfig, run
+
+    data = args.data or _sample_dataset(comm)
+    config = RunConfig(
+        data=data, out=args.out, checkpoint=args.checkpoint, batch_size=args.batch_size,
+        threads=args.threads, limit=args.limit, overwrite=args.overwrite, device=args.device,
+        seed=args.seed, progress=not args.quiet,
+    )
+    return run(comm, config)
+
+
+def _sample_dataset(comm: Any) -> Path:
+    """The embedded sample: made once by rank 0 under the checkout's data/ (or a user cache)."""
+    repo_data = Path(__file__).resolve().parents[1] / "data"
+    root = repo_data if (repo_data / "README.md").is_file() else Path.home() / ".cache" / "cai-hpc"
+    sample = root / "sample"
+    if comm.Get_rank() == 0 and not any(sample.glob("*.h5")):
+        from cai_hpc.synth import synthesize
+
+        log.info("making the embedded sample dataset (%d galaxies) in %s", SAMPLE_SAMPLES, sample)
+        synthesize(sample, SAMPLE_SAMPLES, SAMPLE_SHARD_MB, seed=0)
+    comm.barrier()
+    return sample
+
+
+def _report(summary: dict, out: Path) -> None:
+    m, tp, t = summary["metrics"], summary["throughput"], summary["timing"]
+    log.info(
+        "%d samples on %d rank(s) in %.2f s wall (%.1f samples/s); summary: %s",
+        summary["samples"], summary["world_size"], t["wall_s"], tp["samples_per_s"], out / "summary.json",
+    )
+    if m:
+        log.info("MAE %.4f  NMAD %.4f  bias %+.4f  R2 %.3f  outliers %.2f%%",
+                 m["mae"], m["nmad"], m["bias"], m["r2"] if m["r2"] is not None else float("nan"),
+                 100 * m["outlier_frac"])
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from cai_hpc.synth import synthesize
+
+    shards = synthesize(args.out, args.samples, args.shard_mb, args.seed)
+    log.info("wrote %d samples in %d shards to %s", args.samples, shards, args.out)
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from cai_hpc.ingest import convert
+
+    shards = convert(args.sources, args.out, args.shard_mb)
+    log.info("wrote %d shards to %s", shards, args.out)
+    return 0
+
+
+def cmd_convert_checkpoint(args: argparse.Namespace) -> int:
+    from cai_hpc.checkpoint import convert_checkpoint
+
+    tensors = convert_checkpoint(args.src, args.dst)
+    log.info("wrote %s (%d tensors, loaded into AstroMAE with strict checking)", args.dst, tensors)
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from cai_hpc.plot import plot
+
+    log.info("wrote %s", plot(args.out, args.to))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from cai_hpc.bench import format_table, kernel_table
+    from cai_hpc.resources import usable_cores
+
+    threads = args.threads or list(range(1, usable_cores() + 1))
+    print(format_table(kernel_table(args.batch_sizes, threads, args.seconds)))
+    return 0
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from cai_hpc import __version__
+
+    common = argparse.ArgumentParser(add_help=False)
+    verbosity = common.add_mutually_exclusive_group()
+    verbosity.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors, no progress bar")
+    verbosity.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
+
+    parser = argparse.ArgumentParser(prog="cai-hpc", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"cai-hpc {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("infer", parents=[common], help="predict redshifts for a dataset of shards")
+    p.add_argument("--data", type=Path, help="directory of .h5 shards (default: the embedded sample)")
+    p.add_argument("--out", type=Path, default=Path("out"), help="output directory (default: ./out)")
+    p.add_argument("--checkpoint", type=Path, help="AstroMAE weights (.safetensors); default: seeded random weights")
+    p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument("--threads", type=int, help="threads per rank (default: SLURM_CPUS_PER_TASK, else cores / local ranks)")
+    p.add_argument("--limit", type=int, help="use only the first N samples of the dataset")
+    p.add_argument("--overwrite", action="store_true", help="redo shards whose predictions are already complete")
+    p.add_argument("--backend", default="auto", choices=["auto", "self", "mpi"], help="communicator (default: auto)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights when no checkpoint is given")
+
+    p = sub.add_parser("synth", parents=[common], help="make a synthetic survey")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--samples", type=int, required=True)
+    p.add_argument("--shard-mb", type=float, default=25.0, help="shard size in MB (10^6 bytes)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(handler=cmd_synth)
+
+    p = sub.add_parser("convert", parents=[common], help="turn reference .pt TensorDatasets into shards")
+    p.add_argument("sources", type=Path, nargs="+", metavar="SRC.pt")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--shard-mb", type=float, default=25.0)
+    p.set_defaults(handler=cmd_convert)
+
+    p = sub.add_parser("convert-checkpoint", parents=[common], help="reference .pt checkpoint -> safetensors")
+    p.add_argument("src", type=Path, metavar="IN")
+    p.add_argument("dst", type=Path, metavar="OUT")
+    p.set_defaults(handler=cmd_convert_checkpoint)
+
+    p = sub.add_parser("plot", parents=[common], help="predicted-vs-true density plot and Δz histogram")
+    p.add_argument("out", type=Path, metavar="OUT", help="an infer output directory")
+    p.add_argument("--to", type=Path, help="PNG path (default: OUT/redshift.png)")
+    p.set_defaults(handler=cmd_plot)
+
+    p = sub.add_parser("bench", parents=[common], help="benchmarks")
+    p.add_argument("what", choices=["kernel"], help="kernel: GEMM rate, model samples/s and efficiency")
+    p.add_argument("--batch-sizes", type=_int_list, default=[32, 64, 128, 256, 512, 1024])
+    p.add_argument("--threads", type=_int_list, help="thread counts (default: 1..cores)")
+    p.add_argument("--seconds", type=float, default=2.0, help="time per measurement")
+    p.set_defaults(handler=cmd_bench)
+    return parser

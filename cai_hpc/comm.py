@@ -1,0 +1,202 @@
+"""Communicators: the mpi4py ``Comm`` subset the engine is written against.
+
+``get_comm`` hands out mpi4py's ``COMM_WORLD`` under an MPI launcher or srun, and otherwise
+``SelfComm``, a one-rank communicator with mpi4py's names, defaults and return conventions,
+so a laptop needs no MPI at all. mpi4py is only imported when an MPI run asks for it.
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import reduce as _fold
+from typing import Any
+
+import numpy as np
+
+from cai_hpc.errors import InputError
+
+ANY_SOURCE = -1
+ANY_TAG = -1
+IN_PLACE = object()  # stands for mpi4py's MPI.IN_PLACE in the buffer forms
+
+
+@dataclass(frozen=True)
+class Op:
+    """A reduction operator: ``fn`` folds two Python objects, ``ufunc`` two arrays."""
+
+    name: str
+    fn: Callable[[Any, Any], Any]
+    ufunc: np.ufunc
+
+    def __call__(self, a: Any, b: Any) -> Any:
+        return self.fn(a, b)
+
+
+SUM = Op("SUM", operator.add, np.add)
+PROD = Op("PROD", operator.mul, np.multiply)
+MAX = Op("MAX", max, np.maximum)
+MIN = Op("MIN", min, np.minimum)
+
+
+class Status:
+    """Filled by ``recv(status=...)`` with the matched message's source and tag."""
+
+    def __init__(self) -> None:
+        self.source = ANY_SOURCE
+        self.tag = ANY_TAG
+
+    def Get_source(self) -> int:  # noqa: N802 - mpi4py's name
+        return self.source
+
+    def Get_tag(self) -> int:  # noqa: N802 - mpi4py's name
+        return self.tag
+
+
+class SelfComm:
+    """The world of one process: rank 0 of 1.
+
+    Objects pass through collectives unchanged, as mpi4py does at size 1; messages a rank
+    sends to itself are queued and matched by tag. A ``recv`` with nothing to match raises
+    instead of blocking, because no other rank could ever satisfy it.
+    """
+
+    backend = "self"
+    rank = 0
+    size = 1
+
+    def __init__(self) -> None:
+        self._mailbox: list[tuple[int, Any]] = []
+
+    def Get_rank(self) -> int:  # noqa: N802
+        return 0
+
+    def Get_size(self) -> int:  # noqa: N802
+        return 1
+
+    @staticmethod
+    def Wtime() -> float:  # noqa: N802
+        return time.perf_counter()
+
+    def _check_root(self, root: int) -> None:
+        if root != 0:
+            raise ValueError(f"root {root} is not a rank of a 1-rank communicator")
+
+    def barrier(self) -> None:
+        pass
+
+    def bcast(self, obj: Any, root: int = 0) -> Any:
+        self._check_root(root)
+        return obj
+
+    def gather(self, sendobj: Any, root: int = 0) -> list[Any]:
+        self._check_root(root)
+        return [sendobj]
+
+    def allgather(self, sendobj: Any) -> list[Any]:
+        return [sendobj]
+
+    def scatter(self, sendobj: Sequence[Any], root: int = 0) -> Any:
+        self._check_root(root)
+        if sendobj is None or len(sendobj) != 1:
+            raise ValueError("scatter needs a sequence of exactly size (1) items")
+        return sendobj[0]
+
+    def reduce(self, sendobj: Any, op: Op = SUM, root: int = 0) -> Any:
+        self._check_root(root)
+        return _fold(op, [sendobj])
+
+    def allreduce(self, sendobj: Any, op: Op = SUM) -> Any:
+        return _fold(op, [sendobj])
+
+    def send(self, obj: Any, dest: int, tag: int = 0) -> None:
+        if dest != 0:
+            raise ValueError(f"dest {dest} is not a rank of a 1-rank communicator")
+        self._mailbox.append((tag, copy.deepcopy(obj)))
+
+    def recv(
+        self, buf: Any = None, source: int = ANY_SOURCE, tag: int = ANY_TAG, status: Status | None = None
+    ) -> Any:
+        if source not in (0, ANY_SOURCE):
+            raise ValueError(f"source {source} is not a rank of a 1-rank communicator")
+        for i, (msg_tag, obj) in enumerate(self._mailbox):
+            if tag in (ANY_TAG, msg_tag):
+                del self._mailbox[i]
+                if status is not None:
+                    status.source, status.tag = 0, msg_tag
+                return obj
+        raise RuntimeError(f"recv(tag={tag}) on a 1-rank communicator with no matching message")
+
+    # Buffer forms: arrays are copied, never pickled.
+    def Bcast(self, buf: Any, root: int = 0) -> None:  # noqa: N802
+        self._check_root(root)
+
+    def Allreduce(self, sendbuf: Any, recvbuf: Any, op: Op = SUM) -> None:  # noqa: N802
+        if sendbuf is not IN_PLACE:
+            _array(recvbuf)[...] = _array(sendbuf)
+
+    def Reduce(self, sendbuf: Any, recvbuf: Any, op: Op = SUM, root: int = 0) -> None:  # noqa: N802
+        self._check_root(root)
+        self.Allreduce(sendbuf, recvbuf, op)
+
+    def Gatherv(self, sendbuf: Any, recvbuf: Any, root: int = 0) -> None:  # noqa: N802
+        self._check_root(root)
+        src = _array(sendbuf).ravel()
+        _array(recvbuf).ravel()[: src.size] = src
+
+    def Abort(self, errorcode: int = 1) -> None:  # noqa: N802
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(errorcode)
+
+
+
+def _array(buf: Any) -> np.ndarray:
+    """The array of an mpi4py buffer spec: ``arr``, ``[arr, counts]`` or ``[arr, counts, displs, type]``."""
+    return buf[0] if isinstance(buf, (list, tuple)) else buf
+
+
+# Variables that an MPI launcher (Hydra, Open MPI, PMIx) or srun sets in every rank.
+_LAUNCHER_VARS = ("PMI_RANK", "PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS")
+
+
+def launched_by_mpi(environ: dict[str, str] | None = None) -> bool:
+    """True when the environment says an MPI launcher or ``srun`` started this process."""
+    env = os.environ if environ is None else environ
+    return any(v in env for v in _LAUNCHER_VARS) or "SLURM_STEP_ID" in env
+
+
+def get_comm(backend: str = "auto") -> Any:
+    """The communicator for ``backend``: ``"self"``, ``"mpi"`` or ``"auto"``.
+
+    ``"auto"`` picks mpi4py's ``COMM_WORLD`` when a launcher started this process and
+    mpi4py imports, and ``SelfComm`` otherwise.
+    """
+    if backend == "self":
+        return SelfComm()
+    if backend == "auto":
+        if not launched_by_mpi():
+            return SelfComm()
+        try:
+            return _mpi_world()
+        except ImportError:
+            return SelfComm()
+    if backend == "mpi":
+        try:
+            return _mpi_world()
+        except ImportError as exc:
+            raise InputError(
+                f"--backend mpi needs mpi4py ({exc}); install it with: pip install 'cai-hpc[mpi]'"
+            ) from None
+    raise InputError(f"unknown backend {backend!r}: choose auto, self or mpi")
+
+
+def _mpi_world() -> Any:
+    from mpi4py import MPI
+
+    return MPI.COMM_WORLD

@@ -1,0 +1,299 @@
+"""The inference engine: one ``run(comm, config)`` for a laptop, MPI ranks or Lambda functions.
+
+It only talks to ``comm`` through the DESIGN.md subset of mpi4py's ``Comm``, and never
+assumes a size. Phases, every rank in step:
+
+1. rank 0 validates the dataset's headers, applies ``--limit`` and finds finished shards;
+2. every rank scans its planned pieces for unreadable rows and NaN/inf, and the ranks agree
+   on the outcome before anything is written;
+3. batches stream through the model (reading runs ahead on a thread); a shard read whole by
+   one rank is written as soon as it is done, split shards are sent to their owner;
+4. metrics are reduced across ranks, records gathered, and rank 0 writes ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from cai_hpc import predictions
+from cai_hpc.batches import Prefetcher, iter_batches
+from cai_hpc.checkpoint import build_model
+from cai_hpc.errors import InputError
+from cai_hpc.flops import gflop_per_sample
+from cai_hpc.metrics import regression_metrics
+from cai_hpc.model import parameter_count
+from cai_hpc.plan import Piece, plan_pieces, shard_owners
+from cai_hpc.records import build_summary, rank_record, seconds_since_process_start, write_json_atomic
+from cai_hpc.resources import pick_device, threads_per_rank
+from cai_hpc.shards import ShardInfo, ShardReader, scan_dataset
+
+log = logging.getLogger("cai_hpc")
+T = TypeVar("T")
+PIECE_TAG = 17  # a rank sends at most one piece (its first) to one owner, so one tag suffices
+
+
+@dataclass
+class RunConfig:
+    data: Path
+    out: Path
+    checkpoint: Path | None = None
+    batch_size: int = 512
+    threads: int | None = None
+    limit: int | None = None
+    overwrite: bool = False
+    device: str = "cpu"
+    seed: int = 0
+    progress: bool = True
+
+
+@dataclass
+class Job:
+    """What rank 0 decided and broadcast: the shards, the rows to use of each, what is done."""
+
+    shards: list[ShardInfo]
+    rows: list[int]
+    done: list[int]
+    todo: list[int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        finished = set(self.done)
+        self.todo = [i for i in range(len(self.shards)) if i not in finished]
+
+
+def run(comm: Any, config: RunConfig) -> dict[str, Any] | None:
+    """Run inference over ``config.data``; returns the summary on rank 0, None elsewhere."""
+    rank, size = comm.Get_rank(), comm.Get_size()
+    comm.barrier()
+    t_start = time.perf_counter()
+    threads, device = _agreed(comm, lambda: (threads_per_rank(config.threads), pick_device(config.device)))
+    torch.set_num_threads(threads)
+    if config.batch_size < 1:
+        raise InputError(f"--batch-size must be at least 1, got {config.batch_size}", agreed=True)
+
+    job = _decided_by_root(comm, lambda: _prepare(config))
+    shards = [job.shards[i] for i in job.todo]
+    rows = [job.rows[i] for i in job.todo]
+    plan = plan_pieces(rows, size)
+    mine = plan[rank]
+
+    t0 = time.perf_counter()
+    labels = _agreed(comm, lambda: _prescan(shards, mine, config.batch_size))
+    scan_s = time.perf_counter() - t0
+    _decided_by_root(comm, lambda: _make_output_dir(config.out))
+
+    model, checkpoint = _agreed(comm, lambda: build_model(config.checkpoint, config.seed))
+    model.to(device)
+    if rank == 0:
+        _announce(job, size, threads, config, checkpoint)
+    startup_s = seconds_since_process_start()
+
+    pred, timing = _infer(model, device, shards, rows, mine, config, checkpoint, rank)
+    t0 = time.perf_counter()
+    _gather_split_shards(comm, plan, shards, rows, pred, config.out, checkpoint)
+    timing["write_s"] += time.perf_counter() - t0
+
+    z_pred, z_true = _labelled_residuals(comm, job, mine, pred, labels, config.out)
+    metrics = regression_metrics(comm, z_pred, z_true)
+    timing = {"startup_s": startup_s, "load_s": scan_s + timing["wait_s"], "infer_s": timing["infer_s"], "write_s": timing["write_s"]}
+    records = comm.gather(rank_record(rank, sum(p.rows for p in mine), timing), root=0)
+    comm.barrier()
+    wall_s = time.perf_counter() - t_start
+    if rank != 0:
+        return None
+    summary = build_summary(
+        backend=getattr(comm, "backend", "mpi"),
+        ranks=records,
+        wall_s=wall_s,
+        metrics=metrics,
+        settings={
+            "precision": "fp32",
+            "device": device.split(":")[0],
+            "batch_size": config.batch_size,
+            "threads_per_rank": threads,
+        },
+        model={
+            "parameters": parameter_count(model),
+            "gflop_per_sample": gflop_per_sample(model.cpu()),
+            "checkpoint": checkpoint,
+        },
+        extra={"data": str(config.data), "shards": len(job.shards), "skipped_shards": len(job.done)},
+    )
+    write_json_atomic(config.out / "summary.json", summary)
+    return summary
+
+
+def _prepare(config: RunConfig) -> Job:
+    """Rank 0: validate headers, apply the limit, create the output tree, find finished shards."""
+    shards = scan_dataset(config.data)
+    rows = [s.rows for s in shards]
+    if config.limit is not None:
+        if config.limit < 1:
+            raise InputError(f"--limit must be at least 1, got {config.limit}")
+        left = config.limit
+        for i, n in enumerate(rows):
+            rows[i] = min(n, left)
+            left -= rows[i]
+        keep = [i for i, n in enumerate(rows) if n > 0]
+        shards, rows = [shards[i] for i in keep], [rows[i] for i in keep]
+    done = [] if config.overwrite else [
+        i for i, shard in enumerate(shards) if predictions.is_complete(config.out, shard, rows[i])
+    ]
+    return Job(shards, rows, done)
+
+
+def _make_output_dir(out: Path) -> None:
+    """Created only once the input passed every check, so bad input leaves no trace."""
+    try:
+        (out / "predictions").mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"{out}: cannot create the output directory: {exc.strerror}") from None
+
+
+def _prescan(shards: list[ShardInfo], mine: list[Piece], batch_size: int) -> list[np.ndarray | None]:
+    """Read every planned row once for readability and NaN/inf; return the pieces' labels."""
+    labels: list[np.ndarray | None] = []
+    for piece in mine:
+        with ShardReader(shards[piece.shard]) as reader:
+            parts = [
+                reader.read(row, min(row + batch_size, piece.stop)).redshift
+                for row in range(piece.start, piece.stop, batch_size)
+            ]
+        labels.append(np.concatenate(parts) if shards[piece.shard].labelled else None)
+    return labels
+
+
+def _infer(
+    model: torch.nn.Module,
+    device: str,
+    shards: list[ShardInfo],
+    rows: list[int],
+    mine: list[Piece],
+    config: RunConfig,
+    checkpoint: str,
+    rank: int,
+) -> tuple[list[np.ndarray], dict[str, float]]:
+    """Predict this rank's pieces; write every shard this rank read whole as soon as it is done."""
+    pred = [np.empty(p.rows, np.float32) for p in mine]
+    missing = [p.rows for p in mine]
+    timing = {"infer_s": 0.0, "write_s": 0.0, "wait_s": 0.0}
+    bar = tqdm(
+        total=sum(missing), unit="sample", desc=f"rank {rank}", delay=2.0,
+        disable=None if rank == 0 and config.progress else True,
+    )
+    reader = Prefetcher(iter_batches(shards, mine, config.batch_size))
+    try:
+        for batch in reader:
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                images = torch.from_numpy(batch.images).to(device, non_blocking=True)
+                mags = torch.from_numpy(batch.magnitudes).to(device, non_blocking=True)
+                out = model(images, mags).float().cpu().numpy()
+            timing["infer_s"] += time.perf_counter() - t0
+            pos = 0
+            for k, offset, n in batch.segments:
+                pred[k][offset : offset + n] = out[pos : pos + n]
+                pos += n
+                missing[k] -= n
+                if missing[k] == 0 and mine[k].start == 0 and mine[k].stop == rows[mine[k].shard]:
+                    t0 = time.perf_counter()
+                    _write(config.out, shards[mine[k].shard], pred[k], checkpoint)
+                    timing["write_s"] += time.perf_counter() - t0
+            bar.update(len(batch))
+    finally:
+        reader.close()
+        bar.close()
+    timing["wait_s"] = reader.wait_s
+    return pred, timing
+
+
+def _gather_split_shards(
+    comm: Any,
+    plan: list[list[Piece]],
+    shards: list[ShardInfo],
+    rows: list[int],
+    pred: list[np.ndarray],
+    out: Path,
+    checkpoint: str,
+) -> None:
+    """Send the piece of a shard this rank does not own; assemble and write the ones it owns.
+
+    Pieces only travel to lower ranks, and rank 0 only receives, so the sends cannot wait
+    on each other in a cycle.
+    """
+    rank = comm.Get_rank()
+    mine = plan[rank]
+    owners = shard_owners(plan)
+    for k, piece in enumerate(mine):
+        if piece.start != 0:
+            comm.send(pred[k], dest=owners[piece.shard], tag=PIECE_TAG)
+    for k, piece in enumerate(mine):
+        if piece.start == 0 and piece.stop < rows[piece.shard]:
+            parts = [pred[k]]
+            for source in range(rank + 1, len(plan)):
+                if any(p.shard == piece.shard for p in plan[source]):
+                    parts.append(comm.recv(source=source, tag=PIECE_TAG))
+            _write(out, shards[piece.shard], np.concatenate(parts), checkpoint)
+
+
+def _write(out: Path, shard: ShardInfo, pred: np.ndarray, checkpoint: str) -> None:
+    if not np.isfinite(pred).all():
+        raise RuntimeError(f"{shard.path}: the model predicted NaN/inf (is the checkpoint sound?)")
+    predictions.write_predictions(out, shard, pred, checkpoint)
+
+
+def _labelled_residuals(
+    comm: Any, job: Job, mine: list[Piece], pred: list[np.ndarray], labels: list[np.ndarray | None], out: Path
+) -> tuple[np.ndarray, np.ndarray]:
+    """This rank's (predicted, true) pairs: its own pieces, plus a round-robin share of the
+    shards an earlier run finished, so the metrics always cover the whole dataset."""
+    pairs = [(p, t) for p, t in zip(pred, labels) if t is not None]
+    for i in job.done[comm.Get_rank() :: comm.Get_size()]:
+        pairs.append(predictions.read_labelled(out, job.shards[i]))
+    if not pairs:
+        return np.empty(0, np.float32), np.empty(0, np.float32)
+    return np.concatenate([p for p, _ in pairs]), np.concatenate([t for _, t in pairs])
+
+
+def _announce(job: Job, size: int, threads: int, config: RunConfig, checkpoint: str) -> None:
+    samples = sum(job.rows[i] for i in job.todo)
+    log.info(
+        "%d samples in %d shards (%d already done), %d rank(s) x %d thread(s), batch %d",
+        samples, len(job.todo), len(job.done), size, threads, config.batch_size,
+    )
+    if config.checkpoint is None:
+        log.warning("no --checkpoint: %s", checkpoint)
+
+
+def _decided_by_root(comm: Any, decide: Callable[[], T]) -> T:
+    """Rank 0 decides and broadcasts; an InputError there is raised on every rank."""
+    outcome: tuple[str, Any] | None = None
+    if comm.Get_rank() == 0:
+        try:
+            outcome = ("ok", decide())
+        except InputError as exc:
+            outcome = ("error", str(exc))
+    status, value = comm.bcast(outcome, root=0)
+    if status == "error":
+        raise InputError(value, agreed=True)
+    return value
+
+
+def _agreed(comm: Any, work: Callable[[], T]) -> T:
+    """Every rank does its own part; if any rank hits an InputError, all raise the first one."""
+    try:
+        result, error = work(), None
+    except InputError as exc:
+        result, error = None, str(exc)
+    errors = [e for e in comm.allgather(error) if e is not None]
+    if errors:
+        raise InputError(errors[0], agreed=True)
+    return result

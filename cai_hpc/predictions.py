@@ -1,0 +1,70 @@
+"""Per-shard prediction files: ``OUT/predictions/<shard stem>.h5``, written atomically."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from cai_hpc.shards import ShardInfo
+
+FORMAT = "cai-hpc-predictions"
+FORMAT_VERSION = 1
+
+
+def prediction_path(out: Path, shard: ShardInfo) -> Path:
+    return out / "predictions" / f"{shard.path.stem}.h5"
+
+
+def write_predictions(out: Path, shard: ShardInfo, pred: np.ndarray, checkpoint: str) -> Path:
+    """Write ``pred`` (the shard's first ``len(pred)`` rows) with the shard's ids and labels.
+
+    The temporary file is renamed into place only once complete, so a crash never leaves a
+    file that looks whole.
+    """
+    rows = len(pred)
+    path = prediction_path(out, shard)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with h5py.File(shard.path, "r") as src, h5py.File(tmp, "w") as f:
+            f.attrs["format"] = FORMAT
+            f.attrs["format_version"] = FORMAT_VERSION
+            f.attrs["source"] = shard.name
+            f.attrs["source_rows"] = shard.rows
+            f.attrs["rows"] = rows
+            f.attrs["checkpoint"] = checkpoint
+            f.create_dataset("redshift_pred", data=pred.astype(np.float32, copy=False))
+            for name in ("object_id", "redshift"):
+                if name in src:
+                    f.create_dataset(name, data=src[name][:rows])
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def is_complete(out: Path, shard: ShardInfo, rows: int) -> bool:
+    """True when the shard's predictions file exists, is readable and holds ``rows`` rows."""
+    path = prediction_path(out, shard)
+    if not path.is_file():
+        return False
+    try:
+        with h5py.File(path, "r") as f:
+            return (
+                f.attrs.get("format") == FORMAT
+                and f.attrs.get("source") == shard.name
+                and int(f.attrs.get("rows", -1)) == rows
+                and f["redshift_pred"].shape == (rows,)
+            )
+    except (OSError, KeyError):
+        return False
+
+
+def read_labelled(out: Path, shard: ShardInfo) -> tuple[np.ndarray, np.ndarray]:
+    """(predicted, true) redshift of a finished shard; empty when it has no labels."""
+    with h5py.File(prediction_path(out, shard), "r") as f:
+        if "redshift" not in f:
+            return np.empty(0, np.float32), np.empty(0, np.float32)
+        return f["redshift_pred"][:], f["redshift"][:]

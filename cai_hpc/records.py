@@ -1,0 +1,104 @@
+"""Per-rank records and the run's ``summary.json`` (DESIGN.md schema)."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+import cai_hpc
+
+BITS_PER_SAMPLE = 164_160  # (5*32*32 + 5) float32 values, as the reference counts them
+
+
+def seconds_since_process_start() -> float:
+    return time.time() - psutil.Process().create_time()
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+def rank_record(rank: int, samples: int, timing: dict[str, float]) -> dict[str, Any]:
+    infer_s = timing["infer_s"]
+    return {
+        "rank": rank,
+        "host": socket.gethostname(),
+        "samples": samples,
+        **{k: round(v, 6) for k, v in timing.items()},
+        "samples_per_s": samples / infer_s if infer_s > 0 else 0.0,
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+    }
+
+
+def versions(backend: str) -> dict[str, str | None]:
+    import torch
+
+    mpi = None
+    if backend == "mpi":
+        from mpi4py import MPI
+
+        mpi = MPI.Get_library_version().splitlines()[0].strip()
+    return {
+        "cai_hpc": cai_hpc.__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "mpi": mpi,
+    }
+
+
+def build_summary(
+    *,
+    backend: str,
+    ranks: list[dict[str, Any]],
+    wall_s: float,
+    metrics: dict[str, float] | None,
+    settings: dict[str, Any],
+    model: dict[str, Any],
+    extra: dict[str, Any],
+) -> dict[str, Any]:
+    samples = sum(r["samples"] for r in ranks)
+    samples_per_s = samples / wall_s if wall_s > 0 else 0.0
+
+    def worst(key: str) -> float:
+        return max(r[key] for r in ranks)
+
+    return {
+        "backend": backend,
+        "world_size": len(ranks),
+        "samples": samples,
+        **settings,
+        "metrics": metrics,
+        "timing": {
+            "wall_s": wall_s,
+            "startup_s": worst("startup_s"),
+            "load_s": worst("load_s"),
+            "infer_s": worst("infer_s"),
+            "write_s": worst("write_s"),
+        },
+        "throughput": {
+            "samples_per_s": samples_per_s,
+            "bits_per_s": samples_per_s * BITS_PER_SAMPLE,
+            "sum_rank_samples_per_s": sum(r["samples_per_s"] for r in ranks),
+        },
+        "ranks": ranks,
+        "model": model,
+        "versions": versions(backend),
+        **extra,
+    }
+
+
+def write_json_atomic(path: Path, record: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(record, indent=2, allow_nan=False) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -1,0 +1,142 @@
+"""Checkpoints: safetensors round trip and the converters, none of which runs code from a file."""
+
+from __future__ import annotations
+
+import pickle
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from timm.layers import Mlp, PatchEmbed
+
+from cai_hpc import model as m
+from cai_hpc.checkpoint import build_model, convert_checkpoint, load_weights, save_weights
+from cai_hpc.errors import InputError
+from tests.conftest import cai_hpc
+
+# Where the reference's classes live, as its pickle names them.
+REFERENCE_CLASSES = {
+    m.AstroMAE: ("blocks.model_vit_inception", "ViT_Astro"),
+    m.PcmBlock: ("NormalCell", "NormalCell"),
+    m.Attention: ("NormalCell", "Attention"),
+    m.InceptionMagnitude: ("blocks.photoz", "Input_Mix_Model"),
+    m.InceptionBlock: ("blocks.photoz", "InceptionBlock"),
+    m.ConvBlock: ("blocks.photoz", "ConvBlock"),
+    Mlp: ("timm.models.layers.mlp", "Mlp"),
+    PatchEmbed: ("timm.models.layers.patch_embed", "PatchEmbed"),
+}
+
+
+def outputs(model: torch.nn.Module, golden: dict) -> np.ndarray:
+    with torch.inference_mode():
+        return model(torch.from_numpy(golden["images"]), torch.from_numpy(golden["magnitudes"])).numpy()
+
+
+def pickle_like_the_reference(golden_model: m.AstroMAE, path: Path) -> None:
+    """torch.save a whole DataParallel model whose classes carry the reference's module names.
+
+    The stand-in modules exist only while saving, so loading cannot import them.
+    """
+    modules: dict[str, types.ModuleType] = {"blocks": types.ModuleType("blocks")}
+    renamed: dict[type, type] = {}
+    for cls, (module_name, name) in REFERENCE_CLASSES.items():
+        module = modules.setdefault(module_name, types.ModuleType(module_name))
+        renamed[cls] = type(name, (cls,), {"__module__": module_name, "__qualname__": name})
+        setattr(module, name, renamed[cls])
+    clone = m.AstroMAE()
+    clone.load_state_dict(golden_model.state_dict())
+    for sub in clone.modules():
+        if type(sub) in renamed:
+            sub.__class__ = renamed[type(sub)]
+    saved = {k: sys.modules.get(k) for k in modules}
+    sys.modules.update(modules)
+    try:
+        torch.save(torch.nn.DataParallel(clone.eval()), path)
+    finally:
+        for k, old in saved.items():
+            if old is None:
+                sys.modules.pop(k)
+            else:
+                sys.modules[k] = old
+
+
+def test_safetensors_round_trip_gives_the_same_outputs(tmp_path, golden, golden_model) -> None:
+    save_weights(golden_model, tmp_path / "w.safetensors")
+    model, label = build_model(tmp_path / "w.safetensors")
+    assert label == "w.safetensors"
+    np.testing.assert_array_equal(outputs(model, golden), outputs(golden_model, golden))
+
+
+def test_plain_state_dict_converts(tmp_path, golden, golden_model) -> None:
+    torch.save(golden_model.state_dict(), tmp_path / "sd.pt")
+    assert convert_checkpoint(tmp_path / "sd.pt", tmp_path / "w.safetensors") == 508  # every key of the reference state_dict
+    model, _ = build_model(tmp_path / "w.safetensors")
+    np.testing.assert_array_equal(outputs(model, golden), outputs(golden_model, golden))
+
+
+def test_pickled_reference_model_converts_without_importing_its_classes(tmp_path, golden, golden_model) -> None:
+    pickle_like_the_reference(golden_model, tmp_path / "published.pt")
+    assert not {"blocks", "blocks.photoz", "NormalCell"} & set(sys.modules)
+    # The plain loader refuses it: it is not a weights-only file.
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(tmp_path / "published.pt", weights_only=True)
+    result = cai_hpc("convert-checkpoint", str(tmp_path / "published.pt"), str(tmp_path / "w.safetensors"))
+    assert result.returncode == 0, result.stderr
+    model, _ = build_model(tmp_path / "w.safetensors")
+    np.testing.assert_array_equal(outputs(model, golden), outputs(golden_model, golden))
+
+
+class Exploit:
+    """Unpickling this would create a file: the converter must refuse it instead."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_pickle_that_would_run_code_is_refused(tmp_path) -> None:
+    marker = tmp_path / "pwned"
+    torch.save({"model": Exploit(marker)}, tmp_path / "evil.pt")
+    result = cai_hpc("convert-checkpoint", str(tmp_path / "evil.pt"), str(tmp_path / "w.safetensors"))
+    assert result.returncode == 2
+    assert "evil.pt: refusing to load global" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not marker.exists()
+    assert not (tmp_path / "w.safetensors").exists()
+
+
+def test_weights_of_the_wrong_model_are_refused_with_one_line(tmp_path, golden_model) -> None:
+    state = golden_model.state_dict()
+    state["head.weight"] = torch.zeros(10, 10)
+    torch.save(state, tmp_path / "bad.pt")
+    result = cai_hpc("convert-checkpoint", str(tmp_path / "bad.pt"), str(tmp_path / "w.safetensors"))
+    assert result.returncode == 2
+    assert "bad.pt: weights do not fit AstroMAE" in result.stderr
+    assert "head.weight" in result.stderr
+    assert not (tmp_path / "w.safetensors").exists()
+
+
+def test_non_safetensors_checkpoint_for_inference_says_how_to_convert(tmp_path) -> None:
+    (tmp_path / "w.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(InputError, match="convert-checkpoint"):
+        load_weights(m.AstroMAE(), tmp_path / "w.pt")
+
+
+def test_truncated_safetensors_is_an_input_error(tmp_path, golden_model) -> None:
+    save_weights(golden_model, tmp_path / "w.safetensors")
+    data = (tmp_path / "w.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputError, match="cut.safetensors"):
+        load_weights(m.AstroMAE(), tmp_path / "cut.safetensors")
+
+
+def test_no_checkpoint_means_seeded_random_weights_and_says_so(golden) -> None:
+    a, label = build_model(None, seed=3)
+    b, _ = build_model(None, seed=3)
+    assert "random weights" in label
+    np.testing.assert_array_equal(outputs(a, golden), outputs(b, golden))
