@@ -59,10 +59,16 @@ def kernel_table(batch_sizes: list[int], threads: list[int], seconds: float) -> 
         gemm = gemm_gflops(seconds)
         for batch in batch_sizes:
             rate = model_samples_per_s(model, batch, seconds)
-            rows.append({
-                "threads": t, "batch": batch, "gemm_gflops": gemm, "samples_per_s": rate,
-                "gflop_per_sample": gflop, "efficiency": rate * gflop / gemm,
-            })
+            rows.append(
+                {
+                    "threads": t,
+                    "batch": batch,
+                    "gemm_gflops": gemm,
+                    "samples_per_s": rate,
+                    "gflop_per_sample": gflop,
+                    "efficiency": rate * gflop / gemm,
+                }
+            )
     return rows
 
 
@@ -70,6 +76,7 @@ def format_table(rows: list[dict[str, float]]) -> str:
     lines = [f"{'threads':>7} {'batch':>6} {'GEMM GFLOP/s':>13} {'samples/s':>10} {'efficiency':>10}"]
     for r in rows:
         lines.append(
-            f"{r['threads']:>7} {r['batch']:>6} {r['gemm_gflops']:>13.1f} {r['samples_per_s']:>10.1f} {r['efficiency']:>10.2f}"
+            f"{r['threads']:>7} {r['batch']:>6} {r['gemm_gflops']:>13.1f} "
+            f"{r['samples_per_s']:>10.1f} {r['efficiency']:>10.2f}"
         )
     return "\n".join(lines)

@@ -69,8 +69,7 @@ def load_weights(model: AstroMAE, path: Path) -> None:
         raise InputError(f"{path}: weights do not fit AstroMAE: {str(exc).splitlines()[0]}") from None
     if missing or unexpected:
         raise InputError(
-            f"{path}: weights do not fit AstroMAE (missing {sorted(missing)[:3]}, "
-            f"unexpected {sorted(unexpected)[:3]})"
+            f"{path}: weights do not fit AstroMAE (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})"
         )
 
 

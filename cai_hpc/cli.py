@@ -20,7 +20,7 @@ log = logging.getLogger("cai_hpc")
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in COMMANDS + ("-h", "--help", "--version"):
+    if not argv or argv[0] not in (*COMMANDS, "-h", "--help", "--version"):
         argv.insert(0, "infer")
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -58,17 +58,17 @@ def run_infer(args: argparse.Namespace) -> int:
         if exc.agreed and rank != 0:
             return exc.exit_code
         print(f"cai-hpc: error: {'' if exc.agreed else where}{exc}", file=sys.stderr, flush=True)
-        code = exc.exit_code
+        code, abort = exc.exit_code, not exc.agreed
     except Exception as exc:  # noqa: BLE001 - this is the one place that ends the job
         if args.verbose:
             traceback.print_exc()
         print(f"cai-hpc: error: {where}{type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
-        code = 1
+        code, abort = 1, True
     else:
         if summary is not None:
             _report(summary, args.out)
         return 0
-    if size > 1 and not (isinstance(exc, InputError) and exc.agreed):
+    if abort and size > 1:
         comm.Abort(code)
     return code
 
@@ -78,9 +78,16 @@ def _infer(comm: Any, args: argparse.Namespace) -> dict | None:
 
     data = args.data or _sample_dataset(comm)
     config = RunConfig(
-        data=data, out=args.out, checkpoint=args.checkpoint, batch_size=args.batch_size,
-        threads=args.threads, limit=args.limit, overwrite=args.overwrite, device=args.device,
-        seed=args.seed, progress=not args.quiet,
+        data=data,
+        out=args.out,
+        checkpoint=args.checkpoint,
+        batch_size=args.batch_size,
+        threads=args.threads,
+        limit=args.limit,
+        overwrite=args.overwrite,
+        device=args.device,
+        seed=args.seed,
+        progress=not args.quiet,
     )
     return run(comm, config)
 
@@ -103,12 +110,21 @@ def _report(summary: dict, out: Path) -> None:
     m, tp, t = summary["metrics"], summary["throughput"], summary["timing"]
     log.info(
         "%d samples on %d rank(s) in %.2f s wall (%.1f samples/s); summary: %s",
-        summary["samples"], summary["world_size"], t["wall_s"], tp["samples_per_s"], out / "summary.json",
+        summary["samples"],
+        summary["world_size"],
+        t["wall_s"],
+        tp["samples_per_s"],
+        out / "summary.json",
     )
     if m:
-        log.info("MAE %.4f  NMAD %.4f  bias %+.4f  R2 %.3f  outliers %.2f%%",
-                 m["mae"], m["nmad"], m["bias"], m["r2"] if m["r2"] is not None else float("nan"),
-                 100 * m["outlier_frac"])
+        log.info(
+            "MAE %.4f  NMAD %.4f  bias %+.4f  R2 %.3f  outliers %.2f%%",
+            m["mae"],
+            m["nmad"],
+            m["bias"],
+            m["r2"] if m["r2"] is not None else float("nan"),
+            100 * m["outlier_frac"],
+        )
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
@@ -178,7 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("out"), help="output directory (default: ./out)")
     p.add_argument("--checkpoint", type=Path, help="AstroMAE weights (.safetensors); default: seeded random weights")
     p.add_argument("--batch-size", type=int, default=512)
-    p.add_argument("--threads", type=int, help="threads per rank (default: SLURM_CPUS_PER_TASK, else cores / local ranks)")
+    p.add_argument(
+        "--threads", type=int, help="threads per rank (default: SLURM_CPUS_PER_TASK, else cores / local ranks)"
+    )
     p.add_argument("--limit", type=int, help="use only the first N samples of the dataset")
     p.add_argument("--overwrite", action="store_true", help="redo shards whose predictions are already complete")
     p.add_argument("--backend", default="auto", choices=["auto", "self", "mpi"], help="communicator (default: auto)")

@@ -119,9 +119,7 @@ class SelfComm:
             raise ValueError(f"dest {dest} is not a rank of a 1-rank communicator")
         self._mailbox.append((tag, copy.deepcopy(obj)))
 
-    def recv(
-        self, buf: Any = None, source: int = ANY_SOURCE, tag: int = ANY_TAG, status: Status | None = None
-    ) -> Any:
+    def recv(self, buf: Any = None, source: int = ANY_SOURCE, tag: int = ANY_TAG, status: Status | None = None) -> Any:
         if source not in (0, ANY_SOURCE):
             raise ValueError(f"source {source} is not a rank of a 1-rank communicator")
         for i, (msg_tag, obj) in enumerate(self._mailbox):
@@ -153,7 +151,6 @@ class SelfComm:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(errorcode)
-
 
 
 def _array(buf: Any) -> np.ndarray:

@@ -94,7 +94,7 @@ def run(comm: Any, config: RunConfig) -> dict[str, Any] | None:
     model.to(device)
     if rank == 0:
         _announce(job, size, threads, config, checkpoint)
-    startup_s = seconds_since_process_start()
+    startup_s = seconds_since_process_start() - scan_s  # the input check is counted in load_s
 
     pred, timing = _infer(model, device, shards, rows, mine, config, checkpoint, rank)
     t0 = time.perf_counter()
@@ -103,7 +103,12 @@ def run(comm: Any, config: RunConfig) -> dict[str, Any] | None:
 
     z_pred, z_true = _labelled_residuals(comm, job, mine, pred, labels, config.out)
     metrics = regression_metrics(comm, z_pred, z_true)
-    timing = {"startup_s": startup_s, "load_s": scan_s + timing["wait_s"], "infer_s": timing["infer_s"], "write_s": timing["write_s"]}
+    timing = {
+        "startup_s": startup_s,
+        "load_s": scan_s + timing["wait_s"],
+        "infer_s": timing["infer_s"],
+        "write_s": timing["write_s"],
+    }
     records = comm.gather(rank_record(rank, sum(p.rows for p in mine), timing), root=0)
     comm.barrier()
     wall_s = time.perf_counter() - t_start
@@ -144,9 +149,11 @@ def _prepare(config: RunConfig) -> Job:
             left -= rows[i]
         keep = [i for i, n in enumerate(rows) if n > 0]
         shards, rows = [shards[i] for i in keep], [rows[i] for i in keep]
-    done = [] if config.overwrite else [
-        i for i, shard in enumerate(shards) if predictions.is_complete(config.out, shard, rows[i])
-    ]
+    done = (
+        []
+        if config.overwrite
+        else [i for i, shard in enumerate(shards) if predictions.is_complete(config.out, shard, rows[i])]
+    )
     return Job(shards, rows, done)
 
 
@@ -186,7 +193,10 @@ def _infer(
     missing = [p.rows for p in mine]
     timing = {"infer_s": 0.0, "write_s": 0.0, "wait_s": 0.0}
     bar = tqdm(
-        total=sum(missing), unit="sample", desc=f"rank {rank}", delay=2.0,
+        total=sum(missing),
+        unit="sample",
+        desc=f"rank {rank}",
+        delay=2.0,
         disable=None if rank == 0 and config.progress else True,
     )
     reader = Prefetcher(iter_batches(shards, mine, config.batch_size))
@@ -255,7 +265,7 @@ def _labelled_residuals(
 ) -> tuple[np.ndarray, np.ndarray]:
     """This rank's (predicted, true) pairs: its own pieces, plus a round-robin share of the
     shards an earlier run finished, so the metrics always cover the whole dataset."""
-    pairs = [(p, t) for p, t in zip(pred, labels) if t is not None]
+    pairs = [(p, t) for p, t in zip(pred, labels, strict=True) if t is not None]
     for i in job.done[comm.Get_rank() :: comm.Get_size()]:
         pairs.append(predictions.read_labelled(out, job.shards[i]))
     if not pairs:
@@ -267,7 +277,12 @@ def _announce(job: Job, size: int, threads: int, config: RunConfig, checkpoint: 
     samples = sum(job.rows[i] for i in job.todo)
     log.info(
         "%d samples in %d shards (%d already done), %d rank(s) x %d thread(s), batch %d",
-        samples, len(job.todo), len(job.done), size, threads, config.batch_size,
+        samples,
+        len(job.todo),
+        len(job.done),
+        size,
+        threads,
+        config.batch_size,
     )
     if config.checkpoint is None:
         log.warning("no --checkpoint: %s", checkpoint)

@@ -34,7 +34,11 @@ def load_source(path: Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as exc:
         raise InputError(f"{path}: cannot load: {str(exc).splitlines()[0]}") from None
     tensors = obj.tensors if isinstance(obj, TensorDataset) else obj
-    if not isinstance(tensors, (tuple, list)) or len(tensors) != 3 or not all(isinstance(t, torch.Tensor) for t in tensors):
+    if (
+        not isinstance(tensors, (tuple, list))
+        or len(tensors) != 3
+        or not all(isinstance(t, torch.Tensor) for t in tensors)
+    ):
         raise InputError(f"{path}: expected a TensorDataset of (images, magnitudes, redshift)")
     images, mags, z = tensors
     n = len(images)

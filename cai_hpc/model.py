@@ -108,9 +108,7 @@ class InceptionBlock(nn.Module):
         self.branch1 = ConvBlock(cin, width, 1)
         self.branch2 = nn.Sequential(ConvBlock(cin, width, 1), ConvBlock(width, width, 3))
         self.branch3 = nn.Sequential(ConvBlock(cin, width, 1), ConvBlock(width, width, 5))
-        self.branch4 = nn.Sequential(
-            nn.MaxPool2d(3, stride=1, padding=1), ConvBlock(cin, width, 1)
-        )
+        self.branch4 = nn.Sequential(nn.MaxPool2d(3, stride=1, padding=1), ConvBlock(cin, width, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         branches = [self.branch1, self.branch2, self.branch3, self.branch4]
@@ -159,18 +157,12 @@ class AstroMAE(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, EMBED_DIM))
         # Stored, never recomputed: a checkpoint's position embedding is what it was trained with.
         self.pos_embed = nn.Parameter(torch.zeros(1, num_tokens, EMBED_DIM))
-        self.blocks = nn.ModuleList(
-            PcmBlock(EMBED_DIM, HEADS, MLP_RATIO, PCM_GROUPS) for _ in range(DEPTH)
-        )
+        self.blocks = nn.ModuleList(PcmBlock(EMBED_DIM, HEADS, MLP_RATIO, PCM_GROUPS) for _ in range(DEPTH))
         self.fc_norm = nn.LayerNorm(EMBED_DIM, eps=1e-6)
         self.head = nn.Linear(EMBED_DIM, EMBED_DIM)
-        self.vit_block = nn.Sequential(
-            nn.Linear(EMBED_DIM, BRANCH_DIM), nn.ReLU(), nn.Linear(BRANCH_DIM, BRANCH_DIM)
-        )
+        self.vit_block = nn.Sequential(nn.Linear(EMBED_DIM, BRANCH_DIM), nn.ReLU(), nn.Linear(BRANCH_DIM, BRANCH_DIM))
         self.inception_model = InceptionMagnitude()
-        self.concat_block = nn.Sequential(
-            nn.Linear(2 * BRANCH_DIM + MAG_DIM, 1024), nn.ReLU(), nn.Linear(1024, 1)
-        )
+        self.concat_block = nn.Sequential(nn.Linear(2 * BRANCH_DIM + MAG_DIM, 1024), nn.ReLU(), nn.Linear(1024, 1))
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         """ViT branch: mean of the patch tokens after the encoder, normalised and projected."""
@@ -184,9 +176,7 @@ class AstroMAE(nn.Module):
         return self.concat_block(torch.cat((vit, inception_mag), dim=1)).squeeze(1)
 
     def forward(self, images: torch.Tensor, magnitudes: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(
-            self.forward_features(images), self.inception_model(images, magnitudes)
-        )
+        return self.forward_head(self.forward_features(images), self.inception_model(images, magnitudes))
 
 
 def parameter_count(model: nn.Module) -> int:

@@ -50,8 +50,11 @@ def plot(out: Path, dest: Path | None = None) -> Path:
     ax1.set(xlabel="spectroscopic redshift z", ylabel="predicted redshift ẑ", title=f"{len(pred):,} galaxies")
     ax2.hist(dz, bins=120, range=(-0.3, 0.3), color="steelblue")
     ax2.axvline(0, color="k", lw=0.8)
-    ax2.set(xlabel="Δz = (ẑ − z) / (1 + z)", ylabel="galaxies",
-            title=f"bias {dz.mean():+.4f}   NMAD {nmad:.4f}   outliers {outliers:.2%}")
+    ax2.set(
+        xlabel="Δz = (ẑ − z) / (1 + z)",
+        ylabel="galaxies",
+        title=f"bias {dz.mean():+.4f}   NMAD {nmad:.4f}   outliers {outliers:.2%}",
+    )
     fig.tight_layout()
     fig.savefig(dest, dpi=120)
     plt.close(fig)

@@ -119,8 +119,15 @@ class DatasetWriter:
     ``out`` as it was.
     """
 
-    def __init__(self, out: Path, total_rows: int, rows_per_shard: int, labelled: bool,
-                 has_object_id: bool, attrs: dict | None = None) -> None:
+    def __init__(
+        self,
+        out: Path,
+        total_rows: int,
+        rows_per_shard: int,
+        labelled: bool,
+        has_object_id: bool,
+        attrs: dict | None = None,
+    ) -> None:
         if out.exists() and any(out.glob("*.h5")):
             raise InputError(f"{out}: already holds shards; write a dataset into an empty directory")
         self.out = out
@@ -128,6 +135,7 @@ class DatasetWriter:
         self._width = max(5, len(str(len(self._bounds) - 1)))
         self._kind = (labelled, has_object_id, attrs)
         self._stage = out / f".staging-{os.getpid()}"
+        self._made_out = not out.exists()
         self._row = 0
         self._writer: ShardWriter | None = None
 
@@ -166,6 +174,8 @@ class DatasetWriter:
                     os.replace(shard, self.out / shard.name)
         finally:
             shutil.rmtree(self._stage, ignore_errors=True)
+            if exc_type is not None and self._made_out:
+                shutil.rmtree(self.out, ignore_errors=True)
 
     @property
     def shard_count(self) -> int:
@@ -256,7 +266,9 @@ class ShardReader:
                 object_id=f["object_id"][start:stop] if self.info.has_object_id else None,
             )
         except (OSError, KeyError) as exc:
-            raise InputError(f"{path}: cannot read rows {start}:{stop} (truncated or corrupt?): {_short(exc)}") from None
+            raise InputError(
+                f"{path}: cannot read rows {start}:{stop} (truncated or corrupt?): {_short(exc)}"
+            ) from None
         for name in ("images", "magnitudes", "redshift"):
             values = getattr(cols, name)
             if values is not None and not np.isfinite(values).all():

@@ -34,9 +34,7 @@ SLAB = 1024  # rows generated at a time: memory stays flat for any shard size
 
 _Z_GRID = np.linspace(0.0, 2.0, 4001)
 _E = np.sqrt(OMEGA_M * (1 + _Z_GRID) ** 3 + 1 - OMEGA_M)
-_COMOVING_MPC = (C_KM_S / H0) * np.concatenate(
-    ([0.0], np.cumsum((1 / _E[1:] + 1 / _E[:-1]) / 2 * np.diff(_Z_GRID)))
-)
+_COMOVING_MPC = (C_KM_S / H0) * np.concatenate(([0.0], np.cumsum((1 / _E[1:] + 1 / _E[:-1]) / 2 * np.diff(_Z_GRID))))
 
 
 def comoving_mpc(z: np.ndarray) -> np.ndarray:

@@ -39,7 +39,7 @@ def test_the_unused_5x5_branch_of_the_last_block_does_not_change_the_output(gold
         for p in branch.parameters():
             p.add_(1.0)
         after = golden_model(images, mags)
-        for p, s in zip(branch.parameters(), saved):
+        for p, s in zip(branch.parameters(), saved, strict=True):
             p.copy_(s)
     assert torch.equal(before, after)
 

@@ -1,0 +1,59 @@
+"""The command line as a user runs it: real processes, real files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from cai_hpc.cli import main
+from tests.conftest import cai_hpc
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_python_m_cai_hpc_alone_runs_on_the_embedded_sample(tmp_path) -> None:
+    result = cai_hpc("--out", str(tmp_path / "out"), cwd=REPO, timeout=600)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["samples"] == 2048 and summary["shards"] == 5
+    assert "random weights" in result.stderr  # the user is told the predictions mean nothing
+    assert len(list((tmp_path / "out" / "predictions").glob("*.h5"))) == 5
+
+
+def test_synth_infer_plot(tmp_path) -> None:
+    assert (
+        cai_hpc("synth", "--out", str(tmp_path / "d"), "--samples", "120", "--shard-mb", "1", "--seed", "4").returncode
+        == 0
+    )
+    result = cai_hpc("infer", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "o"), "--batch-size", "32", "-q")
+    assert result.returncode == 0, result.stderr
+    # --quiet: no progress and no info lines, only the warning about random weights
+    assert result.stderr.splitlines() == [
+        "cai-hpc: no --checkpoint: none: seeded random weights (seed 0), predictions are not meaningful"
+    ]
+    plotted = cai_hpc("plot", str(tmp_path / "o"))
+    assert plotted.returncode == 0, plotted.stderr
+    png = (tmp_path / "o" / "redshift.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_plot_without_predictions_is_a_clear_error(tmp_path, capsys) -> None:
+    assert main(["plot", str(tmp_path)]) == 2
+    assert "no predictions/*.h5 files" in capsys.readouterr().err
+
+
+def test_bench_kernel_prints_an_efficiency_table() -> None:
+    result = cai_hpc("bench", "kernel", "--batch-sizes", "4,8", "--threads", "1", "--seconds", "0.05")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert lines[0].split() == ["threads", "batch", "GEMM", "GFLOP/s", "samples/s", "efficiency"]
+    rows = [line.split() for line in lines[1:]]
+    assert [r[:2] for r in rows] == [["1", "4"], ["1", "8"]]
+    assert all(0 < float(r[4]) < 2 for r in rows)
+
+
+def test_bad_flags_are_one_line_errors(tmp_path, capsys) -> None:
+    assert main(["infer", "--data", str(tmp_path), "--threads", "0", "-q"]) == 2
+    assert capsys.readouterr().err.strip() == "cai-hpc: error: --threads must be at least 1, got 0"
+    assert main(["synth", "--out", str(tmp_path / "s"), "--samples", "0"]) == 2
+    assert "--samples must be at least 1" in capsys.readouterr().err

@@ -1,0 +1,74 @@
+"""The engine under real MPI ranks (the pip MPICH wheel): same answers at any size."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+MPIEXEC = shutil.which("mpiexec", path=str(Path(sys.executable).parent)) or shutil.which("mpiexec")
+pytestmark = pytest.mark.skipif(MPIEXEC is None, reason="no mpiexec (pip install 'cai-hpc[mpi]')")
+
+
+def launch(ranks: int, *args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "MPI_LOCAL"))}
+    cmd = [MPIEXEC, "-n", str(ranks), sys.executable, "-m", "cai_hpc", "infer", "--backend", "mpi", "-q", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+
+
+def predictions(out: Path) -> dict[str, np.ndarray]:
+    return {p.name: h5py.File(p)["redshift_pred"][:] for p in sorted((out / "predictions").glob("*.h5"))}
+
+
+@pytest.fixture(scope="module")
+def one_rank(small_dataset, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("mpi1") / "out"
+    result = launch(1, "--data", str(small_dataset), "--out", str(out), "--batch-size", "40")
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+@pytest.mark.parametrize("ranks", [3, 4])
+def test_metrics_and_predictions_match_one_rank(ranks, one_rank, small_dataset, tmp_path) -> None:
+    out = tmp_path / "out"
+    result = launch(ranks, "--data", str(small_dataset), "--out", str(out), "--batch-size", "40")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    reference = json.loads((one_rank / "summary.json").read_text())
+    assert summary["backend"] == "mpi" and summary["world_size"] == ranks
+    assert [r["rank"] for r in summary["ranks"]] == list(range(ranks))
+    assert sum(r["samples"] for r in summary["ranks"]) == 300
+    for key, value in reference["metrics"].items():
+        assert summary["metrics"][key] == pytest.approx(value, rel=1e-6), key
+    ref = predictions(one_rank)
+    got = predictions(out)
+    assert sorted(got) == sorted(ref)
+    for name in ref:
+        np.testing.assert_allclose(got[name], ref[name], atol=1e-5, rtol=0)
+
+
+def test_more_ranks_than_samples(small_dataset, tmp_path) -> None:
+    result = launch(3, "--data", str(small_dataset), "--out", str(tmp_path / "out"), "--limit", "2")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert [r["samples"] for r in summary["ranks"]] == [1, 1, 0]
+    assert summary["metrics"]["labelled"] == 2
+
+
+def test_bad_input_on_any_rank_is_reported_once_and_writes_nothing(small_dataset, tmp_path) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(small_dataset, data)
+    with h5py.File(data / "shard-00006.h5", "a") as f:  # read by the last rank only
+        f["images"][3, 0, 0, 0] = np.nan
+    result = launch(3, "--data", str(data), "--out", str(tmp_path / "out"))
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("cai-hpc: error")]
+    assert errors == [f"cai-hpc: error: {data / 'shard-00006.h5'}: dataset 'images' holds NaN or inf (first at row 3)"]
+    assert not (tmp_path / "out").exists()
