@@ -12,7 +12,7 @@ import operator
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import reduce as _fold
 from typing import Any
@@ -162,35 +162,55 @@ def _array(buf: Any) -> np.ndarray:
 _LAUNCHER_VARS = ("PMI_RANK", "PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS")
 
 
-def launched_by_mpi(environ: dict[str, str] | None = None) -> bool:
+def launched_by_mpi(environ: Mapping[str, str] | None = None) -> bool:
     """True when the environment says an MPI launcher or ``srun`` started this process."""
     env = os.environ if environ is None else environ
     return any(v in env for v in _LAUNCHER_VARS) or "SLURM_STEP_ID" in env
+
+
+def launcher_world_size(environ: Mapping[str, str] | None = None) -> int | None:
+    """The world size the launcher announced (srun, Hydra/PMI, Open MPI), if any."""
+    env = os.environ if environ is None else environ
+    # SLURM_NTASKS only counts under srun (SLURM_STEP_ID set): a batch script sees the job's.
+    names = ("SLURM_NTASKS",) if "SLURM_STEP_ID" in env else ()
+    for var in (*names, "PMI_SIZE", "OMPI_COMM_WORLD_SIZE"):
+        if env.get(var, "").isdigit():
+            return int(env[var])
+    return None
 
 
 def get_comm(backend: str = "auto") -> Any:
     """The communicator for ``backend``: ``"self"``, ``"mpi"`` or ``"auto"``.
 
     ``"auto"`` picks mpi4py's ``COMM_WORLD`` when a launcher started this process and
-    mpi4py imports, and ``SelfComm`` otherwise.
+    mpi4py imports, and ``SelfComm`` otherwise. Either way, a world smaller than the one the
+    launcher announced is refused: N processes that each think they are rank 0 of 1 would
+    all do the whole job and overwrite each other's output.
     """
-    if backend == "self":
+    if backend not in ("auto", "self", "mpi"):
+        raise InputError(f"unknown backend {backend!r}: choose auto, self or mpi")
+    launched = launched_by_mpi()
+    if backend == "self" or (backend == "auto" and not launched):
         return SelfComm()
-    if backend == "auto":
-        if not launched_by_mpi():
+    try:
+        comm = _mpi_world()
+    except ImportError as exc:
+        if backend == "auto" and (launcher_world_size() or 1) == 1:
             return SelfComm()
-        try:
-            return _mpi_world()
-        except ImportError:
-            return SelfComm()
-    if backend == "mpi":
-        try:
-            return _mpi_world()
-        except ImportError as exc:
-            raise InputError(
-                f"--backend mpi needs mpi4py ({exc}); install it with: pip install 'cai-hpc[mpi]'"
-            ) from None
-    raise InputError(f"unknown backend {backend!r}: choose auto, self or mpi")
+        raise InputError(f"MPI run needs mpi4py ({exc}); install it with: pip install 'cai-hpc[mpi]'") from None
+    check_world_size(comm.Get_size())
+    return comm
+
+
+def check_world_size(size: int, environ: Mapping[str, str] | None = None) -> None:
+    """Refuse an MPI world that does not match the tasks the launcher started."""
+    expected = launcher_world_size(environ)
+    if expected is not None and expected != size:
+        raise InputError(
+            f"the launcher started {expected} tasks but MPI sees a world of {size}: mpi4py's MPI is not "
+            "wired to this launcher (under srun, try --mpi=pmi2 or --mpi=pmix, or build mpi4py against "
+            "the site MPI)"
+        )
 
 
 def _mpi_world() -> Any:

@@ -72,12 +72,12 @@ class Job:
 def run(comm: Any, config: RunConfig) -> dict[str, Any] | None:
     """Run inference over ``config.data``; returns the summary on rank 0, None elsewhere."""
     rank, size = comm.Get_rank(), comm.Get_size()
+    if config.batch_size < 1:
+        raise InputError(f"--batch-size must be at least 1, got {config.batch_size}", agreed=True)
     comm.barrier()
     t_start = time.perf_counter()
     threads, device = _agreed(comm, lambda: (threads_per_rank(config.threads), pick_device(config.device)))
     torch.set_num_threads(threads)
-    if config.batch_size < 1:
-        raise InputError(f"--batch-size must be at least 1, got {config.batch_size}", agreed=True)
 
     job = _decided_by_root(comm, lambda: _prepare(config))
     shards = [job.shards[i] for i in job.todo]
@@ -96,18 +96,18 @@ def run(comm: Any, config: RunConfig) -> dict[str, Any] | None:
         _announce(job, size, threads, config, checkpoint)
     startup_s = seconds_since_process_start() - scan_s  # the input check is counted in load_s
 
-    pred, timing = _infer(model, device, shards, rows, mine, config, checkpoint, rank)
+    pred, loop = _infer(model, device, shards, rows, mine, config, checkpoint, rank)
     t0 = time.perf_counter()
     _gather_split_shards(comm, plan, shards, rows, pred, config.out, checkpoint)
-    timing["write_s"] += time.perf_counter() - t0
+    write_s = loop["write_s"] + time.perf_counter() - t0
 
     z_pred, z_true = _labelled_residuals(comm, job, mine, pred, labels, config.out)
     metrics = regression_metrics(comm, z_pred, z_true)
     timing = {
         "startup_s": startup_s,
-        "load_s": scan_s + timing["wait_s"],
-        "infer_s": timing["infer_s"],
-        "write_s": timing["write_s"],
+        "load_s": scan_s + loop["wait_s"],
+        "infer_s": loop["infer_s"],
+        "write_s": write_s,
     }
     records = comm.gather(rank_record(rank, sum(p.rows for p in mine), timing), root=0)
     comm.barrier()
@@ -137,7 +137,7 @@ def run(comm: Any, config: RunConfig) -> dict[str, Any] | None:
 
 
 def _prepare(config: RunConfig) -> Job:
-    """Rank 0: validate headers, apply the limit, create the output tree, find finished shards."""
+    """Rank 0: validate the headers, apply the limit, find the shards an earlier run finished."""
     shards = scan_dataset(config.data)
     rows = [s.rows for s in shards]
     if config.limit is not None:

@@ -14,13 +14,26 @@ import numpy as np
 import pytest
 
 MPIEXEC = shutil.which("mpiexec", path=str(Path(sys.executable).parent)) or shutil.which("mpiexec")
+SUITE = Path(__file__).with_name("test_parallel_engine.py")
 pytestmark = pytest.mark.skipif(MPIEXEC is None, reason="no mpiexec (pip install 'cai-hpc[mpi]')")
 
 
+def mpiexec(ranks: int, *command: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "MPI_LOCAL", "SLURM_"))}
+    return subprocess.run(
+        [MPIEXEC, "-n", str(ranks), sys.executable, *command], capture_output=True, text=True, timeout=300, env=env
+    )
+
+
 def launch(ranks: int, *args: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "MPI_LOCAL"))}
-    cmd = [MPIEXEC, "-n", str(ranks), sys.executable, "-m", "cai_hpc", "infer", "--backend", "mpi", "-q", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    return mpiexec(ranks, "-m", "cai_hpc", "infer", "--backend", "mpi", "-q", *args)
+
+
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_pytest_mpi_suite(ranks) -> None:
+    result = mpiexec(ranks, "-m", "pytest", "--with-mpi", "-q", "-p", "no:cacheprovider", str(SUITE))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "3 passed" in result.stdout
 
 
 def predictions(out: Path) -> dict[str, np.ndarray]:
@@ -72,3 +85,15 @@ def test_bad_input_on_any_rank_is_reported_once_and_writes_nothing(small_dataset
     errors = [line for line in result.stderr.splitlines() if line.startswith("cai-hpc: error")]
     assert errors == [f"cai-hpc: error: {data / 'shard-00006.h5'}: dataset 'images' holds NaN or inf (first at row 3)"]
     assert not (tmp_path / "out").exists()
+
+
+def test_a_failure_on_one_rank_aborts_the_whole_job(small_dataset, tmp_path) -> None:
+    out = tmp_path / "out"
+    # The last shard's output name is taken by a directory: only its writer (rank 3) fails,
+    # late in the run, while the other ranks wait for it in a collective.
+    (out / "predictions" / "shard-00006.h5").mkdir(parents=True)
+    result = launch(4, "--data", str(small_dataset), "--out", str(out))
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("cai-hpc: error")]
+    assert len(errors) == 1 and errors[0].startswith("cai-hpc: error: rank 3: IsADirectoryError"), result.stderr
+    assert not (out / "summary.json").exists()

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from cai_hpc import comm as c
+from cai_hpc.errors import InputError
 from cai_hpc.metrics import distributed_median, regression_metrics
 from cai_hpc.plan import plan_pieces, rank_bounds, shard_owners
 
@@ -93,3 +94,14 @@ def test_auto_backend_is_self_without_a_launcher(monkeypatch) -> None:
         monkeypatch.delenv(var, raising=False)
     assert isinstance(c.get_comm("auto"), c.SelfComm)
     assert c.launched_by_mpi({"PMI_RANK": "0"}) and c.launched_by_mpi({"SLURM_STEP_ID": "0"})
+
+
+def test_a_world_smaller_than_the_launcher_started_is_refused() -> None:
+    srun = {"SLURM_STEP_ID": "0", "SLURM_NTASKS": "4"}
+    c.check_world_size(4, srun)
+    with pytest.raises(InputError, match="the launcher started 4 tasks but MPI sees a world of 1"):
+        c.check_world_size(1, srun)
+    # A batch script (no step) sees the job's task count: not a launch of this process.
+    c.check_world_size(1, {"SLURM_NTASKS": "4"})
+    with pytest.raises(InputError):
+        c.check_world_size(1, {"PMI_SIZE": "2"})
