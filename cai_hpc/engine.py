@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from cai_hpc import predictions
-from cai_hpc.batches import Prefetcher, iter_batches
+from cai_hpc.batches import Batch, Prefetcher, iter_batches
 from cai_hpc.checkpoint import build_model
 from cai_hpc.errors import InputError
 from cai_hpc.flops import gflop_per_sample
@@ -199,14 +199,13 @@ def _infer(
         delay=2.0,
         disable=None if rank == 0 and config.progress else True,
     )
-    reader = Prefetcher(iter_batches(shards, mine, config.batch_size))
+    reader = Prefetcher(_host_tensors(iter_batches(shards, mine, config.batch_size), pin=device != "cpu"))
     try:
-        for batch in reader:
+        for batch, images, mags in reader:
             t0 = time.perf_counter()
             with torch.inference_mode():
-                images = torch.from_numpy(batch.images).to(device, non_blocking=True)
-                mags = torch.from_numpy(batch.magnitudes).to(device, non_blocking=True)
-                out = model(images, mags).float().cpu().numpy()
+                out = model(images.to(device, non_blocking=True), mags.to(device, non_blocking=True))
+                out = out.float().cpu().numpy()
             timing["infer_s"] += time.perf_counter() - t0
             pos = 0
             for k, offset, n in batch.segments:
@@ -223,6 +222,16 @@ def _infer(
         bar.close()
     timing["wait_s"] = reader.wait_s
     return pred, timing
+
+
+def _host_tensors(batches: Iterator[Batch], pin: bool) -> Iterator[tuple[Batch, torch.Tensor, torch.Tensor]]:
+    """Batches as torch tensors, page-locked for a GPU so the copies can run asynchronously;
+    this runs on the reader thread, off the compute path."""
+    for batch in batches:
+        images, mags = torch.from_numpy(batch.images), torch.from_numpy(batch.magnitudes)
+        if pin:
+            images, mags = images.pin_memory(), mags.pin_memory()
+        yield batch, images, mags
 
 
 def _gather_split_shards(

@@ -1,0 +1,37 @@
+"""Threads and device per rank, from flags and the launcher's environment (no GPU needed)."""
+
+from __future__ import annotations
+
+import pytest
+
+from cai_hpc.errors import InputError
+from cai_hpc.resources import local_rank, local_ranks, pick_device, threads_per_rank
+
+
+def test_threads_flag_wins_then_slurm_then_cores_over_local_ranks() -> None:
+    assert threads_per_rank(3, {"SLURM_CPUS_PER_TASK": "8"}, cores=2) == 3
+    assert threads_per_rank(None, {"SLURM_CPUS_PER_TASK": "8"}, cores=2) == 8
+    assert threads_per_rank(None, {"MPI_LOCALNRANKS": "4"}, cores=16) == 4
+    assert threads_per_rank(None, {"OMPI_COMM_WORLD_LOCAL_SIZE": "3"}, cores=2) == 1
+    assert threads_per_rank(None, {}, cores=6) == 6
+    with pytest.raises(InputError, match="--threads must be at least 1"):
+        threads_per_rank(0, {})
+
+
+def test_local_rank_and_size_from_each_launcher() -> None:
+    assert local_ranks({"SLURM_STEP_TASKS_PER_NODE": "4(x2)"}) == 4
+    assert local_ranks({}) == 1
+    assert local_rank({"MPI_LOCALRANKID": "2"}) == 2
+    assert local_rank({"OMPI_COMM_WORLD_LOCAL_RANK": "5"}) == 5
+    assert local_rank({"SLURM_LOCALID": "1"}) == 1
+
+
+@pytest.mark.parametrize("rank, gpus, device", [("0", 4, "cuda:0"), ("5", 4, "cuda:1"), ("3", 1, "cuda:0")])
+def test_each_rank_takes_local_rank_mod_gpus(rank, gpus, device) -> None:
+    assert pick_device("cuda", {"SLURM_LOCALID": rank}, gpus=gpus) == device
+
+
+def test_cuda_without_a_gpu_is_a_clear_error() -> None:
+    with pytest.raises(InputError, match="--device cuda: no CUDA device is visible"):
+        pick_device("cuda", {}, gpus=0)
+    assert pick_device("cpu", {}) == "cpu"
