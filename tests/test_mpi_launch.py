@@ -78,12 +78,13 @@ def test_more_ranks_than_samples(small_dataset, tmp_path) -> None:
 def test_bad_input_on_any_rank_is_reported_once_and_writes_nothing(small_dataset, tmp_path) -> None:
     data = tmp_path / "data"
     shutil.copytree(small_dataset, data)
-    with h5py.File(data / "shard-00006.h5", "a") as f:  # read by the last rank only
+    # 300 rows on 4 ranks: rank 1 reads rows 75-150, so shard 2 (rows 96-144) is its alone.
+    with h5py.File(data / "shard-00002.h5", "a") as f:
         f["images"][3, 0, 0, 0] = np.nan
-    result = launch(3, "--data", str(data), "--out", str(tmp_path / "out"))
+    result = launch(4, "--data", str(data), "--out", str(tmp_path / "out"))
     assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if line.startswith("cai-hpc: error")]
-    assert errors == [f"cai-hpc: error: {data / 'shard-00006.h5'}: dataset 'images' holds NaN or inf (first at row 3)"]
+    assert errors == [f"cai-hpc: error: {data / 'shard-00002.h5'}: dataset 'images' holds NaN or inf (first at row 3)"]
     assert not (tmp_path / "out").exists()
 
 
