@@ -8,6 +8,7 @@ reference's classes onto inert stand-ins and refuses every other global.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import types
@@ -39,6 +40,23 @@ _ALLOWED_GLOBALS = {
 
 def random_weights_label(seed: int) -> str:
     return f"none: seeded random weights (seed {seed}), predictions are not meaningful"
+
+
+def weights_id(checkpoint: Path | None, seed: int = 0) -> str:
+    """What the predictions were made with: a digest of the checkpoint file, or the seed of
+    the random weights. A rerun only keeps earlier predictions made with the same weights."""
+    if checkpoint is None:
+        return f"random-seed-{seed}"
+    if not checkpoint.is_file():
+        raise InputError(f"{checkpoint}: no such checkpoint file")
+    digest = hashlib.sha256()
+    try:
+        with checkpoint.open("rb") as f:
+            while block := f.read(1 << 20):
+                digest.update(block)
+    except OSError as exc:
+        raise InputError(f"{checkpoint}: cannot read the checkpoint: {exc.strerror}") from None
+    return f"sha256:{digest.hexdigest()}"
 
 
 def build_model(checkpoint: Path | None, seed: int = 0) -> tuple[AstroMAE, str]:

@@ -34,6 +34,11 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as exc:
         print(f"cai-hpc: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except Exception as exc:  # noqa: BLE001 - one line for the user; -v shows the traceback
+        if args.verbose:
+            traceback.print_exc()
+        print(f"cai-hpc: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
 
 
 def run_infer(args: argparse.Namespace) -> int:
@@ -50,6 +55,9 @@ def run_infer(args: argparse.Namespace) -> int:
     except InputError as exc:
         print(f"cai-hpc: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except Exception as exc:  # noqa: BLE001 - a communicator that cannot wire up: one line
+        print(f"cai-hpc: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
     rank, size = comm.Get_rank(), comm.Get_size()
     where = f"rank {rank}: " if size > 1 else ""
     try:
@@ -199,7 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--limit", type=int, help="use only the first N samples of the dataset")
     p.add_argument("--overwrite", action="store_true", help="redo shards whose predictions are already complete")
-    p.add_argument("--backend", default="auto", choices=["auto", "self", "mpi"], help="communicator (default: auto)")
+    p.add_argument(
+        "--backend", default="auto", choices=["auto", "self", "mpi", "tcp"], help="communicator (default: auto)"
+    )
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights when no checkpoint is given")
 

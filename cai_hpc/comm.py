@@ -180,15 +180,20 @@ def launcher_world_size(environ: Mapping[str, str] | None = None) -> int | None:
 
 
 def get_comm(backend: str = "auto") -> Any:
-    """The communicator for ``backend``: ``"self"``, ``"mpi"`` or ``"auto"``.
+    """The communicator for ``backend``: ``"self"``, ``"mpi"``, ``"tcp"`` or ``"auto"``.
 
     ``"auto"`` picks mpi4py's ``COMM_WORLD`` when a launcher started this process and
-    mpi4py imports, and ``SelfComm`` otherwise. Either way, a world smaller than the one the
-    launcher announced is refused: N processes that each think they are rank 0 of 1 would
-    all do the whole job and overwrite each other's output.
+    mpi4py imports, and ``SelfComm`` otherwise; ``"tcp"`` is lambda_shim's TcpComm, set up
+    from the environment that ``python -m lambda_shim.launch`` gives its ranks. Under an MPI
+    launcher, a world smaller than the one it announced is refused: N processes that each
+    think they are rank 0 of 1 would all do the whole job and overwrite each other's output.
     """
-    if backend not in ("auto", "self", "mpi"):
-        raise InputError(f"unknown backend {backend!r}: choose auto, self or mpi")
+    if backend not in ("auto", "self", "mpi", "tcp"):
+        raise InputError(f"unknown backend {backend!r}: choose auto, self, mpi or tcp")
+    if backend == "tcp":
+        from lambda_shim.tcpcomm import TcpComm  # the serverless side, only when asked for
+
+        return TcpComm.from_env()
     launched = launched_by_mpi()
     if backend == "self" or (backend == "auto" and not launched):
         return SelfComm()

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from cai_hpc import predictions
 from cai_hpc.batches import Batch, Prefetcher, iter_batches
-from cai_hpc.checkpoint import build_model
+from cai_hpc.checkpoint import build_model, weights_id
 from cai_hpc.errors import InputError
 from cai_hpc.flops import gflop_per_sample
 from cai_hpc.metrics import regression_metrics
@@ -62,6 +62,7 @@ class Job:
     shards: list[ShardInfo]
     rows: list[int]
     done: list[int]
+    weights: str
     todo: list[int] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -91,14 +92,15 @@ def run(comm: Any, config: RunConfig) -> dict[str, Any] | None:
     _decided_by_root(comm, lambda: _make_output_dir(config.out))
 
     model, checkpoint = _agreed(comm, lambda: build_model(config.checkpoint, config.seed))
+    stamp = {"checkpoint": checkpoint, "weights": job.weights}
     model.to(device)
     if rank == 0:
         _announce(job, size, threads, config, checkpoint)
     startup_s = seconds_since_process_start() - scan_s  # the input check is counted in load_s
 
-    pred, loop = _infer(model, device, shards, rows, mine, config, checkpoint, rank)
+    pred, loop = _infer(model, device, shards, rows, mine, config, stamp, rank)
     t0 = time.perf_counter()
-    _gather_split_shards(comm, plan, shards, rows, pred, config.out, checkpoint)
+    _gather_split_shards(comm, plan, shards, rows, pred, config.out, stamp)
     write_s = loop["write_s"] + time.perf_counter() - t0
 
     z_pred, z_true = _labelled_residuals(comm, job, mine, pred, labels, config.out)
@@ -149,12 +151,13 @@ def _prepare(config: RunConfig) -> Job:
             left -= rows[i]
         keep = [i for i, n in enumerate(rows) if n > 0]
         shards, rows = [shards[i] for i in keep], [rows[i] for i in keep]
+    weights = weights_id(config.checkpoint, config.seed)
     done = (
         []
         if config.overwrite
-        else [i for i, shard in enumerate(shards) if predictions.is_complete(config.out, shard, rows[i])]
+        else [i for i, shard in enumerate(shards) if predictions.is_complete(config.out, shard, rows[i], weights)]
     )
-    return Job(shards, rows, done)
+    return Job(shards, rows, done, weights)
 
 
 def _make_output_dir(out: Path) -> None:
@@ -163,6 +166,7 @@ def _make_output_dir(out: Path) -> None:
         (out / "predictions").mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise InputError(f"{out}: cannot create the output directory: {exc.strerror}") from None
+    predictions.remove_stale_temporaries(out)
 
 
 def _prescan(shards: list[ShardInfo], mine: list[Piece], batch_size: int) -> list[np.ndarray | None]:
@@ -185,7 +189,7 @@ def _infer(
     rows: list[int],
     mine: list[Piece],
     config: RunConfig,
-    checkpoint: str,
+    stamp: dict[str, str],
     rank: int,
 ) -> tuple[list[np.ndarray], dict[str, float]]:
     """Predict this rank's pieces; write every shard this rank read whole as soon as it is done."""
@@ -214,7 +218,7 @@ def _infer(
                 missing[k] -= n
                 if missing[k] == 0 and mine[k].start == 0 and mine[k].stop == rows[mine[k].shard]:
                     t0 = time.perf_counter()
-                    _write(config.out, shards[mine[k].shard], pred[k], checkpoint)
+                    _write(config.out, shards[mine[k].shard], pred[k], stamp)
                     timing["write_s"] += time.perf_counter() - t0
             bar.update(len(batch))
     finally:
@@ -241,7 +245,7 @@ def _gather_split_shards(
     rows: list[int],
     pred: list[np.ndarray],
     out: Path,
-    checkpoint: str,
+    stamp: dict[str, str],
 ) -> None:
     """Send the piece of a shard this rank does not own; assemble and write the ones it owns.
 
@@ -260,13 +264,13 @@ def _gather_split_shards(
             for source in range(rank + 1, len(plan)):
                 if any(p.shard == piece.shard for p in plan[source]):
                     parts.append(comm.recv(source=source, tag=PIECE_TAG))
-            _write(out, shards[piece.shard], np.concatenate(parts), checkpoint)
+            _write(out, shards[piece.shard], np.concatenate(parts), stamp)
 
 
-def _write(out: Path, shard: ShardInfo, pred: np.ndarray, checkpoint: str) -> None:
+def _write(out: Path, shard: ShardInfo, pred: np.ndarray, stamp: dict[str, str]) -> None:
     if not np.isfinite(pred).all():
         raise RuntimeError(f"{shard.path}: the model predicted NaN/inf (is the checkpoint sound?)")
-    predictions.write_predictions(out, shard, pred, checkpoint)
+    predictions.write_predictions(out, shard, pred, stamp)
 
 
 def _labelled_residuals(
@@ -276,7 +280,7 @@ def _labelled_residuals(
     shards an earlier run finished, so the metrics always cover the whole dataset."""
     pairs = [(p, t) for p, t in zip(pred, labels, strict=True) if t is not None]
     for i in job.done[comm.Get_rank() :: comm.Get_size()]:
-        pairs.append(predictions.read_labelled(out, job.shards[i]))
+        pairs.append(predictions.read_labelled(out, job.shards[i], job.rows[i]))
     if not pairs:
         return np.empty(0, np.float32), np.empty(0, np.float32)
     return np.concatenate([p for p, _ in pairs]), np.concatenate([t for _, t in pairs])

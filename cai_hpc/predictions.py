@@ -18,8 +18,9 @@ def prediction_path(out: Path, shard: ShardInfo) -> Path:
     return out / "predictions" / f"{shard.path.stem}.h5"
 
 
-def write_predictions(out: Path, shard: ShardInfo, pred: np.ndarray, checkpoint: str) -> Path:
-    """Write ``pred`` (the shard's first ``len(pred)`` rows) with the shard's ids and labels.
+def write_predictions(out: Path, shard: ShardInfo, pred: np.ndarray, stamp: dict[str, str]) -> Path:
+    """Write ``pred`` (the shard's first ``len(pred)`` rows) with the shard's ids and labels,
+    stamped with the weights that made them (``checkpoint`` label and ``weights`` id).
 
     The temporary file is renamed into place only once complete, so a crash never leaves a
     file that looks whole.
@@ -34,7 +35,8 @@ def write_predictions(out: Path, shard: ShardInfo, pred: np.ndarray, checkpoint:
             f.attrs["source"] = shard.name
             f.attrs["source_rows"] = shard.rows
             f.attrs["rows"] = rows
-            f.attrs["checkpoint"] = checkpoint
+            for key, value in stamp.items():
+                f.attrs[key] = value
             f.create_dataset("redshift_pred", data=pred.astype(np.float32, copy=False))
             for name in ("object_id", "redshift"):
                 if name in src:
@@ -45,26 +47,37 @@ def write_predictions(out: Path, shard: ShardInfo, pred: np.ndarray, checkpoint:
     return path
 
 
-def is_complete(out: Path, shard: ShardInfo, rows: int) -> bool:
-    """True when the shard's predictions file exists, is readable and holds ``rows`` rows."""
+def is_complete(out: Path, shard: ShardInfo, rows: int, weights: str) -> bool:
+    """True when the shard's predictions file is readable, was made from this shard with
+    these weights, and holds at least its first ``rows`` rows."""
     path = prediction_path(out, shard)
     if not path.is_file():
         return False
     try:
         with h5py.File(path, "r") as f:
+            held = int(f.attrs.get("rows", -1))
             return (
                 f.attrs.get("format") == FORMAT
                 and f.attrs.get("source") == shard.name
-                and int(f.attrs.get("rows", -1)) == rows
-                and f["redshift_pred"].shape == (rows,)
+                and int(f.attrs.get("source_rows", -1)) == shard.rows
+                and f.attrs.get("weights") == weights
+                and held >= rows
+                and f["redshift_pred"].shape == (held,)
             )
-    except (OSError, KeyError):
+    except (OSError, KeyError, ValueError):
         return False
 
 
-def read_labelled(out: Path, shard: ShardInfo) -> tuple[np.ndarray, np.ndarray]:
-    """(predicted, true) redshift of a finished shard; empty when it has no labels."""
+def read_labelled(out: Path, shard: ShardInfo, rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """(predicted, true) redshift of the first ``rows`` rows of a finished shard; empty when it
+    has no labels."""
     with h5py.File(prediction_path(out, shard), "r") as f:
         if "redshift" not in f:
             return np.empty(0, np.float32), np.empty(0, np.float32)
-        return f["redshift_pred"][:], f["redshift"][:]
+        return f["redshift_pred"][:rows], f["redshift"][:rows]
+
+
+def remove_stale_temporaries(out: Path) -> None:
+    """Temporary files of a run that was killed mid-write (they are never taken for results)."""
+    for tmp in (out / "predictions").glob(".*.h5.tmp-*"):
+        tmp.unlink(missing_ok=True)

@@ -52,6 +52,15 @@ def test_bench_kernel_prints_an_efficiency_table() -> None:
     assert all(0 < float(r[4]) < 2 for r in rows)
 
 
+def test_an_unexpected_failure_is_one_line_too(tmp_path, golden_model, capsys) -> None:
+    import torch
+
+    torch.save(golden_model.state_dict(), tmp_path / "sd.pt")
+    assert main(["convert-checkpoint", str(tmp_path / "sd.pt"), str(tmp_path / "no" / "such" / "w.safetensors")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("cai-hpc: error: ")
+
+
 def test_bad_flags_are_one_line_errors(tmp_path, capsys) -> None:
     assert main(["infer", "--data", str(tmp_path), "--threads", "0", "-q"]) == 2
     assert capsys.readouterr().err.strip() == "cai-hpc: error: --threads must be at least 1, got 0"

@@ -178,3 +178,24 @@ def test_a_checkpoint_is_used_and_named(small_dataset, tmp_path, golden_model) -
         expected = golden_model(torch.from_numpy(cols.images), torch.from_numpy(cols.magnitudes)).numpy()
     np.testing.assert_allclose(got["redshift_pred"], expected, atol=1e-5, rtol=0)
     assert got["attrs"]["checkpoint"] == "astromae.safetensors"
+
+
+def test_predictions_made_with_other_weights_are_redone(small_dataset, tmp_path, golden_model) -> None:
+    out = tmp_path / "out"
+    infer(small_dataset, out, limit=96)
+    save_weights(golden_model, tmp_path / "astromae.safetensors")
+    again = infer(small_dataset, out, limit=96, checkpoint=tmp_path / "astromae.safetensors")
+    assert again["skipped_shards"] == 0 and again["samples"] == 96
+    files = read_predictions(out)
+    assert {f["attrs"]["checkpoint"] for f in files.values()} == {"astromae.safetensors"}
+    assert {f["attrs"]["weights"] for f in files.values()} != {"random-seed-0"}
+    assert infer(small_dataset, out, limit=96, seed=1)["skipped_shards"] == 0  # other random weights
+
+
+def test_a_limited_rerun_keeps_complete_files_and_scores_only_its_rows(first_run, small_dataset) -> None:
+    out, _ = first_run
+    before = {p: p.stat().st_mtime_ns for p in (out / "predictions").iterdir()}
+    limited = infer(small_dataset, out, limit=100)
+    assert limited["samples"] == 0 and limited["skipped_shards"] == 3
+    assert limited["metrics"]["labelled"] == 100
+    assert {p: p.stat().st_mtime_ns for p in (out / "predictions").iterdir()} == before

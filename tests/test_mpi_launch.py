@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import h5py
@@ -81,7 +82,9 @@ def test_bad_input_on_any_rank_is_reported_once_and_writes_nothing(small_dataset
     # 300 rows on 4 ranks: rank 1 reads rows 75-150, so shard 2 (rows 96-144) is its alone.
     with h5py.File(data / "shard-00002.h5", "a") as f:
         f["images"][3, 0, 0, 0] = np.nan
+    t0 = time.monotonic()
     result = launch(4, "--data", str(data), "--out", str(tmp_path / "out"))
+    assert time.monotonic() - t0 < 60
     assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if line.startswith("cai-hpc: error")]
     assert errors == [f"cai-hpc: error: {data / 'shard-00002.h5'}: dataset 'images' holds NaN or inf (first at row 3)"]
@@ -93,7 +96,9 @@ def test_a_failure_on_one_rank_aborts_the_whole_job(small_dataset, tmp_path) -> 
     # The last shard's output name is taken by a directory: only its writer (rank 3) fails,
     # late in the run, while the other ranks wait for it in a collective.
     (out / "predictions" / "shard-00006.h5").mkdir(parents=True)
+    t0 = time.monotonic()
     result = launch(4, "--data", str(small_dataset), "--out", str(out))
+    assert time.monotonic() - t0 < 60  # seconds, not a hang until some timeout
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("cai-hpc: error")]
     assert len(errors) == 1 and errors[0].startswith("cai-hpc: error: rank 3: IsADirectoryError"), result.stderr

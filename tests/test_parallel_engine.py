@@ -1,11 +1,15 @@
-"""The engine on mpi4py's COMM_WORLD, at whatever size pytest was launched with.
+"""The engine on a real multi-rank communicator, at whatever size pytest was launched with.
 
-Run by ``tests/test_mpi_launch.py`` as ``mpiexec -n 2|4 python -m pytest --with-mpi`` on this
-file; a plain ``pytest`` run skips these tests (pytest-mpi's ``mpi`` mark).
+The same tests run on mpi4py's COMM_WORLD (``mpiexec -n 2|4 python -m pytest --with-mpi``,
+from tests/test_mpi_launch.py) and on lambda_shim's TcpComm (``python -m lambda_shim.launch
+-n 2|4 -- python -m pytest -p no:mpi``, from tests/test_shim.py). A plain ``pytest`` run skips
+them (pytest-mpi's ``mpi`` mark).
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -21,6 +25,10 @@ from cai_hpc.synth import synthesize
 
 @pytest.fixture(scope="module")
 def world():
+    if os.environ.get("CAI_HPC_JOB_ID"):  # started by lambda_shim.launch
+        from lambda_shim.tcpcomm import TcpComm
+
+        return TcpComm.from_env()
     from mpi4py import MPI
 
     return MPI.COMM_WORLD
@@ -34,7 +42,10 @@ def shared_dir(world):
     if world.rank == 0:
         synthesize(path / "data", 301, 1.0, seed=5)  # 301 rows: no rank count divides it
     world.barrier()
-    return path
+    yield path
+    world.barrier()
+    if world.rank == 0:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def config(data: Path, out: Path, **kwargs) -> RunConfig:
@@ -49,7 +60,7 @@ def test_engine_matches_a_one_process_run(world, shared_dir) -> None:
         assert parallel is None
         return
     single = run(SelfComm(), config(shared_dir / "data", shared_dir / "one"))
-    assert parallel["world_size"] == world.size and parallel["backend"] == "mpi"
+    assert parallel["world_size"] == world.size and parallel["backend"] == getattr(world, "backend", "mpi")
     counts = [r["samples"] for r in parallel["ranks"]]
     assert sum(counts) == 301 and max(counts) - min(counts) <= 1
     for key, value in single["metrics"].items():

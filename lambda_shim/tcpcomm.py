@@ -1,0 +1,603 @@
+"""TcpComm: the DESIGN.md subset of mpi4py's ``Comm`` over plain TCP, for ranks that have no
+MPI launcher (Lambda functions, or processes started by ``lambda_shim.launch``).
+
+Ranks meet at the rendezvous server, get the job's address table, then open connections
+only to the peers they talk to, on first use: ``direct`` (connect to the peer's listener)
+or ``relay`` (a pipe through the server), and ``auto`` tries direct, then relay. Every
+connection is authenticated before anything is read from it. Messages are framed (kind,
+source, tag, length). Collectives are binomial trees (bcast, reduce, gather, scatter and the
+buffer forms) and a dissemination barrier: O(log N) rounds for N ranks.
+
+Nothing blocks forever: connecting has a deadline, an optional per-operation timeout bounds
+every wait, and a peer that dies or closes makes every rank waiting on it raise
+``CommError`` naming the peer (its connection ends, or the server reports it gone).
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import pickle
+import socket
+import struct
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from cai_hpc.comm import ANY_SOURCE, ANY_TAG, IN_PLACE, SUM, Status
+from lambda_shim.wire import (
+    FRAME,
+    KIND_BYTES,
+    KIND_OBJECT,
+    AuthError,
+    handshake_accept,
+    handshake_connect,
+    load_secret,
+    recv_control,
+    recv_exact,
+    recv_into,
+    send_control,
+)
+
+MODES = ("auto", "direct", "relay")
+GONE_GRACE_S = 2.0  # a rank reported gone may still have a connection being set up
+_RANK = struct.Struct("!i")
+_PART = struct.Struct("!iq")
+
+
+class CommError(RuntimeError):
+    """A peer died, closed its connection, or an operation missed its deadline."""
+
+
+@dataclass
+class ShimConfig:
+    rank: int
+    size: int
+    job_id: str
+    key: bytes
+    server: tuple[str, int]
+    mode: str = "auto"
+    connect_timeout: float = 120.0
+    op_timeout: float | None = None
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> ShimConfig:
+        """From the launcher's environment: RANK, WORLD_SIZE, CAI_HPC_RENDEZVOUS (host:port),
+        CAI_HPC_JOB_ID, CAI_HPC_TOKEN_FILE or CAI_HPC_TOKEN (the job key), CAI_HPC_CONNECT,
+        CAI_HPC_CONNECT_TIMEOUT, CAI_HPC_OP_TIMEOUT."""
+        env = os.environ if environ is None else environ
+        missing = [v for v in ("RANK", "WORLD_SIZE", "CAI_HPC_RENDEZVOUS", "CAI_HPC_JOB_ID") if not env.get(v)]
+        if missing:
+            raise CommError(
+                f"tcp backend: {', '.join(missing)} not set (start ranks with python -m lambda_shim.launch)"
+            )
+        host, _, port = env["CAI_HPC_RENDEZVOUS"].rpartition(":")
+        try:
+            key = load_secret(env)
+        except AuthError as exc:
+            raise CommError(f"tcp backend: {exc}") from None
+        mode = env.get("CAI_HPC_CONNECT", "auto")
+        if mode not in MODES:
+            raise CommError(f"CAI_HPC_CONNECT={mode!r}: choose one of {', '.join(MODES)}")
+        op_timeout = env.get("CAI_HPC_OP_TIMEOUT")
+        return cls(
+            rank=int(env["RANK"]),
+            size=int(env["WORLD_SIZE"]),
+            job_id=env["CAI_HPC_JOB_ID"],
+            key=key,
+            server=(host, int(port)),
+            mode=mode,
+            connect_timeout=float(env.get("CAI_HPC_CONNECT_TIMEOUT", "120")),
+            op_timeout=float(op_timeout) if op_timeout else None,
+        )
+
+
+class _Link:
+    """One authenticated connection to a peer; sends are serialised by a lock."""
+
+    def __init__(self, sock: socket.socket, peer: int) -> None:
+        self.sock = sock
+        self.peer = peer
+        self.lock = threading.Lock()
+
+
+def _tune(sock: socket.socket) -> None:
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    # A peer whose machine vanishes without closing is noticed within about 20 s.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for opt, value in (("TCP_KEEPIDLE", 10), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 2)):
+        if hasattr(socket, opt):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, opt), value)
+
+
+class TcpComm:
+    """An mpi4py-style communicator over TCP (see the module docstring)."""
+
+    backend = "tcp"
+
+    def __init__(self, config: ShimConfig) -> None:
+        self.config = config
+        self.rank = config.rank
+        self.size = config.size
+        self._inbox: collections.deque = collections.deque()  # (source, tag, kind, payload)
+        self._cond = threading.Condition()
+        self._links: dict[int, _Link] = {}
+        self._connecting: dict[int, threading.Lock] = collections.defaultdict(threading.Lock)
+        self._dead: dict[int, str] = {}
+        self._seq = 0
+        self._closed = False
+        # Loopback jobs listen on loopback only; others on every interface (for direct mode).
+        loopback = config.server[0] in ("127.0.0.1", "localhost", "::1")
+        self._listener = socket.create_server(("127.0.0.1" if loopback else "", 0), backlog=1024)
+        self._control = self._register()
+        threading.Thread(target=self._accept_loop, daemon=True, name="tcpcomm-accept").start()
+        threading.Thread(target=self._control_loop, daemon=True, name="tcpcomm-control").start()
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> TcpComm:
+        return cls(ShimConfig.from_env(environ))
+
+    # ---------------------------------------------------------------- wiring up
+    def _server_connection(self) -> socket.socket:
+        deadline = time.monotonic() + self.config.connect_timeout
+        while True:
+            try:
+                sock = socket.create_connection(self.config.server, timeout=10)
+                break
+            except OSError as exc:
+                if time.monotonic() > deadline:
+                    host, port = self.config.server
+                    raise CommError(f"rank {self.rank}: rendezvous server {host}:{port} unreachable: {exc}") from None
+                time.sleep(0.2)
+        _tune(sock)
+        try:
+            handshake_connect(sock, self.config.key, self.config.job_id)
+        except AuthError as exc:
+            sock.close()
+            raise CommError(f"rank {self.rank}: rendezvous server refused us: {exc}") from None
+        except (OSError, EOFError) as exc:
+            sock.close()
+            raise CommError(
+                f"rank {self.rank}: rendezvous server closed the connection (wrong token?): {exc}"
+            ) from None
+        return sock
+
+    def _register(self) -> socket.socket:
+        sock = self._server_connection()
+        host = sock.getsockname()[0]
+        port = self._listener.getsockname()[1]
+        send_control(
+            sock,
+            {
+                "op": "register",
+                "rank": self.rank,
+                "size": self.size,
+                "addrs": [[host, port]],
+                "wait_s": self.config.connect_timeout,
+            },
+        )
+        sock.settimeout(self.config.connect_timeout + 10)
+        try:
+            reply = recv_control(sock)
+        except (OSError, EOFError) as exc:
+            raise CommError(f"rank {self.rank}: no address table from the rendezvous server: {exc}") from None
+        if reply.get("op") != "table":
+            raise CommError(f"rank {self.rank}: rendezvous: {reply.get('message', reply)}")
+        self._table = {int(r): [tuple(a) for a in addrs] for r, addrs in reply["addrs"].items()}
+        sock.settimeout(None)
+        return sock
+
+    def _control_loop(self) -> None:
+        """Relay requests and departures reported by the server, until it closes."""
+        try:
+            while True:
+                message = recv_control(self._control)
+                if message.get("op") == "relay-request":
+                    peer = int(message["peer"])
+                    threading.Thread(target=self._join_relay, args=(peer,), daemon=True).start()
+                elif message.get("op") == "gone":
+                    threading.Timer(GONE_GRACE_S, self._peer_gone, args=(int(message["rank"]),)).start()
+        except (OSError, EOFError, ValueError):
+            pass
+
+    def _peer_gone(self, peer: int) -> None:
+        """The server saw ``peer`` leave. A connection with it, if any, says more (its queued
+        messages still arrive); without one, nothing from it can ever come."""
+        with self._cond:
+            if peer not in self._links:
+                self._dead.setdefault(peer, "it left the job without connecting to this rank")
+                self._cond.notify_all()
+
+    def _accept_loop(self) -> None:
+        while not self._closed:
+            try:
+                sock, _ = self._listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._accept_one, args=(sock,), daemon=True).start()
+
+    def _accept_one(self, sock: socket.socket) -> None:
+        try:
+            _tune(sock)
+            sock.settimeout(10)
+            job, _ = handshake_accept(sock, self.config.key)
+            if job != self.config.job_id:
+                raise AuthError(f"peer is in job {job!r}")
+            (peer,) = _RANK.unpack(recv_exact(sock, _RANK.size))
+            sock.settimeout(None)
+        except (AuthError, OSError, EOFError):
+            sock.close()  # never read anything else from an unauthenticated connection
+            return
+        self._adopt(_Link(sock, peer))
+
+    def _join_relay(self, peer: int) -> None:
+        try:
+            self._adopt(self._relay_link(peer))
+        except (CommError, OSError, EOFError, AuthError):
+            pass  # the requesting rank gets the error through its own deadline
+
+    def _relay_link(self, peer: int) -> _Link:
+        sock = self._server_connection()
+        send_control(sock, {"op": "relay", "rank": self.rank, "peer": peer, "wait_s": self.config.connect_timeout})
+        sock.settimeout(self.config.connect_timeout + 10)
+        reply = recv_control(sock)
+        if reply.get("op") != "relay-ready":
+            raise CommError(f"rank {self.rank}: relay to rank {peer}: {reply.get('message', reply)}")
+        # End-to-end authentication over the pipe; the lower rank plays the acceptor.
+        if self.rank < peer:
+            handshake_accept(sock, self.config.key)
+        else:
+            handshake_connect(sock, self.config.key, self.config.job_id)
+        sock.sendall(_RANK.pack(self.rank))
+        (their_rank,) = _RANK.unpack(recv_exact(sock, _RANK.size))
+        if their_rank != peer:
+            raise CommError(f"rank {self.rank}: relay delivered rank {their_rank}, not {peer}")
+        sock.settimeout(None)
+        return _Link(sock, peer)
+
+    def _direct_link(self, peer: int, deadline: float) -> _Link:
+        last: Exception | None = None
+        for addr in self._table[peer]:
+            while time.monotonic() < deadline:
+                try:
+                    sock = socket.create_connection(addr, timeout=max(0.1, min(5.0, deadline - time.monotonic())))
+                    _tune(sock)
+                    handshake_connect(sock, self.config.key, self.config.job_id)
+                    sock.sendall(_RANK.pack(self.rank))
+                    sock.settimeout(None)
+                    return _Link(sock, peer)
+                except (OSError, EOFError) as exc:
+                    last = exc
+                    time.sleep(0.05)
+        raise CommError(f"rank {self.rank}: cannot connect to rank {peer} at {self._table[peer]}: {last}")
+
+    def _adopt(self, link: _Link) -> None:
+        """Start reading a new link; the first link to a peer is the one we send on."""
+        with self._cond:
+            self._links.setdefault(link.peer, link)
+        threading.Thread(target=self._read_loop, args=(link,), daemon=True, name=f"tcpcomm-read-{link.peer}").start()
+
+    def _link(self, peer: int) -> _Link:
+        link = self._links.get(peer)
+        if link is not None:
+            return link
+        with self._connecting[peer]:
+            link = self._links.get(peer)
+            if link is not None:
+                return link
+            if peer in self._dead:
+                raise CommError(f"rank {self.rank}: peer rank {peer} is gone: {self._dead[peer]}")
+            mode = self.config.mode
+            deadline = time.monotonic() + self.config.connect_timeout
+            if mode in ("direct", "auto"):
+                try:
+                    new = self._direct_link(peer, deadline if mode == "direct" else time.monotonic() + 5)
+                except CommError:
+                    if mode == "direct":
+                        raise
+                    new = self._relay_link(peer)
+            else:
+                new = self._relay_link(peer)
+            self._adopt(new)
+            return self._links[peer]
+
+    def _read_loop(self, link: _Link) -> None:
+        header = bytearray(FRAME.size)
+        try:
+            while True:
+                recv_into(link.sock, memoryview(header))
+                kind, source, tag, length = FRAME.unpack(header)
+                if source != link.peer or length < 0:
+                    raise EOFError(f"malformed frame from rank {link.peer}")
+                payload = bytearray(length)
+                recv_into(link.sock, memoryview(payload))
+                with self._cond:
+                    self._inbox.append((link.peer, tag, kind, payload))
+                    self._cond.notify_all()
+        except (OSError, EOFError) as exc:
+            with self._cond:
+                if self._links.get(link.peer) is link:
+                    self._dead.setdefault(link.peer, f"connection closed ({type(exc).__name__})")
+                self._cond.notify_all()
+
+    # ---------------------------------------------------------------- point to point
+    def _send_frame(self, dest: int, tag: int, kind: int, payload: bytes | memoryview) -> None:
+        if not 0 <= dest < self.size:
+            raise ValueError(f"dest {dest} is not a rank of a {self.size}-rank communicator")
+        if dest == self.rank:
+            with self._cond:
+                self._inbox.append((dest, tag, kind, bytearray(payload)))
+                self._cond.notify_all()
+            return
+        link = self._link(dest)
+        try:
+            with link.lock:
+                link.sock.sendall(FRAME.pack(kind, self.rank, tag, len(payload)))
+                link.sock.sendall(payload)
+        except OSError as exc:
+            raise CommError(f"rank {self.rank}: sending to rank {dest} failed: {exc}") from None
+
+    def _recv_frame(self, source: int, tag: int, status: Status | None = None) -> tuple[int, bytearray]:
+        deadline = None if self.config.op_timeout is None else time.monotonic() + self.config.op_timeout
+        with self._cond:
+            while True:
+                for i, (src, msg_tag, kind, payload) in enumerate(self._inbox):
+                    if (source in (ANY_SOURCE, src)) and (msg_tag == tag or (tag == ANY_TAG and msg_tag >= 0)):
+                        del self._inbox[i]
+                        if status is not None:
+                            status.source, status.tag = src, msg_tag
+                        return kind, payload
+                gone = (
+                    self._dead if source == ANY_SOURCE else {source: self._dead[source]} if source in self._dead else {}
+                )
+                if gone:
+                    peer, why = next(iter(gone.items()))
+                    raise CommError(f"rank {self.rank}: peer rank {peer} is gone while we wait for it: {why}")
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise CommError(
+                        f"rank {self.rank}: no message from rank {source} (tag {tag}) within {self.config.op_timeout} s"
+                    )
+                self._cond.wait(timeout=1.0 if remaining is None else min(1.0, remaining))
+
+    def send(self, obj: Any, dest: int, tag: int = 0) -> None:
+        if tag < 0:
+            raise ValueError("tags must be >= 0")
+        self._send_frame(dest, tag, KIND_OBJECT, pickle.dumps(obj, protocol=5))
+
+    def recv(self, buf: Any = None, source: int = ANY_SOURCE, tag: int = ANY_TAG, status: Status | None = None) -> Any:
+        kind, payload = self._recv_frame(source, tag, status)
+        return pickle.loads(payload) if kind == KIND_OBJECT else payload
+
+    # ---------------------------------------------------------------- collectives
+    def Get_rank(self) -> int:  # noqa: N802
+        return self.rank
+
+    def Get_size(self) -> int:  # noqa: N802
+        return self.size
+
+    @staticmethod
+    def Wtime() -> float:  # noqa: N802
+        return time.perf_counter()
+
+    def _tag(self) -> int:
+        """A fresh tag below ANY_TAG for each collective call (ranks call them in the same order)."""
+        self._seq += 1
+        return -2 - self._seq % (1 << 30)
+
+    def _check_root(self, root: int) -> None:
+        if not 0 <= root < self.size:
+            raise ValueError(f"root {root} is not a rank of a {self.size}-rank communicator")
+
+    def _tree_bcast(self, payload: bytes | None, root: int, tag: int) -> bytes:
+        """Binomial-tree broadcast of bytes from ``root``."""
+        vr = (self.rank - root) % self.size
+        mask = 1
+        while mask < self.size:
+            if vr & mask:
+                _, payload = self._recv_frame((vr - mask + root) % self.size, tag)
+                break
+            mask <<= 1
+        mask >>= 1
+        while mask > 0:
+            if vr + mask < self.size:
+                self._send_frame((vr + mask + root) % self.size, tag, KIND_BYTES, payload)
+            mask >>= 1
+        return payload
+
+    def _tree_reduce(self, value: Any, combine, encode, decode, tag: int) -> Any:
+        """Binomial-tree reduction to rank 0, combining in rank order: ``combine(lower, higher)``."""
+        mask = 1
+        while mask < self.size:
+            if self.rank & mask:
+                self._send_frame(self.rank - mask, tag, KIND_BYTES, encode(value))
+                return None
+            if self.rank + mask < self.size:
+                _, payload = self._recv_frame(self.rank + mask, tag)
+                value = combine(value, decode(payload))
+            mask <<= 1
+        return value
+
+    def _to_root(self, payload: bytes | None, root: int, tag: int) -> bytes | None:
+        """Move a result held by rank 0 to ``root``."""
+        if root == 0:
+            return payload
+        if self.rank == 0:
+            self._send_frame(root, tag, KIND_BYTES, payload)
+        elif self.rank == root:
+            return bytes(self._recv_frame(0, tag)[1])
+        return None
+
+    def barrier(self) -> None:
+        tag = self._tag()
+        k = 1
+        while k < self.size:
+            self._send_frame((self.rank + k) % self.size, tag, KIND_BYTES, b"")
+            self._recv_frame((self.rank - k) % self.size, tag)
+            k <<= 1
+
+    Barrier = barrier
+
+    def bcast(self, obj: Any, root: int = 0) -> Any:
+        self._check_root(root)
+        payload = self._tree_bcast(pickle.dumps(obj, protocol=5) if self.rank == root else None, root, self._tag())
+        return obj if self.rank == root else pickle.loads(payload)
+
+    def reduce(self, sendobj: Any, op=SUM, root: int = 0) -> Any:
+        self._check_root(root)
+        tag = self._tag()
+        value = self._tree_reduce(sendobj, op, lambda v: pickle.dumps(v, protocol=5), pickle.loads, tag)
+        payload = self._to_root(pickle.dumps(value, protocol=5) if self.rank == 0 else None, root, tag)
+        if self.rank != root:
+            return None
+        return value if root == 0 else pickle.loads(payload)
+
+    def allreduce(self, sendobj: Any, op=SUM) -> Any:
+        return self.bcast(self.reduce(sendobj, op, root=0), root=0)
+
+    def gather(self, sendobj: Any, root: int = 0) -> list[Any] | None:
+        self._check_root(root)
+        parts = self._gather_parts(pickle.dumps(sendobj, protocol=5), root)
+        return None if parts is None else [pickle.loads(p) for _, p in sorted(parts)]
+
+    def _gather_parts(self, mine: bytes, root: int) -> list[tuple[int, bytes]] | None:
+        tag = self._tag()
+        parts = self._tree_reduce([(self.rank, mine)], lambda a, b: a + b, _pack, _unpack, tag)
+        payload = self._to_root(_pack(parts) if self.rank == 0 else None, root, tag)
+        if self.rank != root:
+            return None
+        return parts if root == 0 else _unpack(payload)
+
+    def allgather(self, sendobj: Any) -> list[Any]:
+        return self.bcast(self.gather(sendobj, root=0), root=0)
+
+    def scatter(self, sendobj: Any, root: int = 0) -> Any:
+        self._check_root(root)
+        tag = self._tag()
+        vr = (self.rank - root) % self.size
+        if self.rank == root:
+            if sendobj is None or len(sendobj) != self.size:
+                raise ValueError(f"scatter needs a sequence of exactly {self.size} items at the root")
+            block = [(r, pickle.dumps(sendobj[(r + root) % self.size], protocol=5)) for r in range(self.size)]
+        mask = 1
+        while mask < self.size:
+            if vr & mask:
+                block = _unpack(self._recv_frame((vr - mask + root) % self.size, tag)[1])
+                break
+            mask <<= 1
+        mask >>= 1
+        while mask > 0:
+            if vr + mask < self.size:
+                child = [(r, p) for r, p in block if vr + mask <= r < vr + 2 * mask]
+                self._send_frame((vr + mask + root) % self.size, tag, KIND_BYTES, _pack(child))
+            mask >>= 1
+        return pickle.loads(dict(block)[vr])
+
+    # ---------------------------------------------------------------- buffer forms
+    def Bcast(self, buf: Any, root: int = 0) -> None:  # noqa: N802
+        self._check_root(root)
+        array = _array(buf)
+        data = self._tree_bcast(
+            memoryview(np.ascontiguousarray(array)).cast("B") if self.rank == root else None, root, self._tag()
+        )
+        if self.rank != root:
+            _fill(array, data)
+
+    def Reduce(self, sendbuf: Any, recvbuf: Any, op=SUM, root: int = 0) -> None:  # noqa: N802
+        self._check_root(root)
+        source = _array(recvbuf) if sendbuf is IN_PLACE else _array(sendbuf)
+        value = np.array(source, copy=True)
+        tag = self._tag()
+
+        def combine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+            return op.ufunc(a, b) if hasattr(op, "ufunc") else op(a, b)
+
+        result = self._tree_reduce(
+            value,
+            combine,
+            lambda v: memoryview(np.ascontiguousarray(v)).cast("B"),
+            lambda p: np.frombuffer(p, dtype=value.dtype).reshape(value.shape),
+            tag,
+        )
+        payload = self._to_root(
+            memoryview(np.ascontiguousarray(result)).cast("B") if self.rank == 0 else None, root, tag
+        )
+        if self.rank == root:
+            _fill(_array(recvbuf), memoryview(np.ascontiguousarray(result)).cast("B") if root == 0 else payload)
+
+    def Allreduce(self, sendbuf: Any, recvbuf: Any, op=SUM) -> None:  # noqa: N802
+        self.Reduce(sendbuf, recvbuf, op, root=0)
+        self.Bcast(recvbuf, root=0)
+
+    def Gatherv(self, sendbuf: Any, recvbuf: Any, root: int = 0) -> None:  # noqa: N802
+        self._check_root(root)
+        mine = memoryview(np.ascontiguousarray(_array(sendbuf))).cast("B").tobytes()
+        parts = self._gather_parts(mine, root)
+        if parts is None:
+            return
+        out = _array(recvbuf).reshape(-1)
+        counts, displs = _counts_displs(recvbuf, self.size)
+        for rank, data in parts:
+            chunk = np.frombuffer(data, dtype=out.dtype)
+            if len(chunk) != counts[rank]:
+                raise ValueError(f"Gatherv: rank {rank} sent {len(chunk)} items, recvbuf expects {counts[rank]}")
+            out[displs[rank] : displs[rank] + len(chunk)] = chunk
+
+    def Abort(self, errorcode: int = 1) -> None:  # noqa: N802
+        """End this process at once; peers see its connections close and raise CommError."""
+        self._closed = True
+        for link in list(self._links.values()):
+            link.sock.close()
+        self._control.close()
+        os._exit(errorcode)
+
+
+def _array(buf: Any) -> np.ndarray:
+    return buf[0] if isinstance(buf, (list, tuple)) else buf
+
+
+def _fill(array: np.ndarray, data: bytes | memoryview) -> None:
+    target = memoryview(array).cast("B") if array.flags.c_contiguous else None
+    if len(data) != array.nbytes:
+        raise ValueError(f"buffer of {array.nbytes} bytes cannot take a message of {len(data)} bytes")
+    if target is not None:
+        target[:] = data
+    else:
+        array[...] = np.frombuffer(data, dtype=array.dtype).reshape(array.shape)
+
+
+def _counts_displs(recvbuf: Any, size: int) -> tuple[list[int], list[int]]:
+    if not isinstance(recvbuf, (list, tuple)) or len(recvbuf) < 2:
+        n = _array(recvbuf).size // size
+        return [n] * size, [i * n for i in range(size)]
+    spec = recvbuf[1]
+    if len(recvbuf) >= 3 and not isinstance(recvbuf[2], type):
+        counts, displs = list(spec), list(recvbuf[2])
+    elif isinstance(spec, tuple) and len(spec) == 2 and not np.isscalar(spec[0]):
+        counts, displs = list(spec[0]), list(spec[1])
+    else:
+        counts = list(spec)
+        displs = list(np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(int))
+    return [int(c) for c in counts], [int(d) for d in displs]
+
+
+def _pack(parts: list[tuple[int, bytes]]) -> bytes:
+    """(rank, bytes) pairs as one payload: no pickling, so arrays stay raw bytes."""
+    out = bytearray()
+    for rank, data in parts:
+        out += _PART.pack(rank, len(data))
+        out += data
+    return bytes(out)
+
+
+def _unpack(payload: bytes | bytearray) -> list[tuple[int, bytes]]:
+    parts, view, pos = [], memoryview(payload), 0
+    while pos < len(view):
+        rank, length = _PART.unpack_from(view, pos)
+        pos += _PART.size
+        parts.append((rank, bytes(view[pos : pos + length])))
+        pos += length
+    return parts

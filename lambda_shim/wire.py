@@ -1,0 +1,143 @@
+"""What travels on every connection: the authentication handshake and message frames.
+
+Every connection, rank to server or rank to rank, starts with a mutual HMAC
+challenge-response over fresh nonces, and nothing else is read from it until the peer has
+proved it knows the job's key. Frames then carry their kind, source, tag and length, so a
+reader always knows how much to expect; partial reads and writes are retried to completion.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import socket
+import struct
+from pathlib import Path
+
+HELLO = b"CAI-SHIM/1"
+NONCE = 32
+MAC = 32
+MAX_JOB_ID = 64
+MAX_CONTROL = 64 * 1024  # largest JSON control message (server side)
+HANDSHAKE_TIMEOUT_S = 10.0
+
+# Frame header: kind, source rank, tag, payload length.
+FRAME = struct.Struct("!Biiq")
+KIND_OBJECT = 1  # a pickled object: only ever read from an authenticated peer
+KIND_BYTES = 2  # raw array bytes for the buffer forms: never unpickled
+
+TOKEN_ENV = "CAI_HPC_TOKEN"
+TOKEN_FILE_ENV = "CAI_HPC_TOKEN_FILE"
+
+
+class AuthError(Exception):
+    """The other side did not prove it knows the key (or broke the handshake)."""
+
+
+def job_key(master: bytes, job_id: str) -> bytes:
+    """The key of one job, derived from the server's master secret: a rank that knows it can
+    join that job and no other."""
+    return hmac.new(master, b"cai-hpc job " + job_id.encode(), hashlib.sha256).digest()
+
+
+def load_secret(environ: dict[str, str] | None = None) -> bytes:
+    """The secret from ``$CAI_HPC_TOKEN_FILE`` (preferred) or ``$CAI_HPC_TOKEN``; never argv."""
+    env = os.environ if environ is None else environ
+    if env.get(TOKEN_FILE_ENV):
+        path = Path(env[TOKEN_FILE_ENV])
+        try:
+            text = path.read_text().strip()
+        except OSError as exc:
+            raise AuthError(f"cannot read the token file {path}: {exc.strerror}") from None
+    else:
+        text = env.get(TOKEN_ENV, "").strip()
+    if not text:
+        raise AuthError(f"no secret: set {TOKEN_FILE_ENV} (a file holding it) or {TOKEN_ENV}")
+    return bytes.fromhex(text) if _is_hex(text) else text.encode()
+
+
+def new_secret() -> str:
+    return secrets.token_hex(32)
+
+
+def _is_hex(text: str) -> bool:
+    try:
+        bytes.fromhex(text)
+    except ValueError:
+        return False
+    return len(text) % 2 == 0
+
+
+def recv_exact(sock: socket.socket, n: int) -> bytes:
+    """Exactly ``n`` bytes (retrying partial reads); EOFError if the peer closed first."""
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = sock.recv_into(view[got:], n - got)
+        if k == 0:
+            raise EOFError(f"connection closed after {got} of {n} bytes")
+        got += k
+    return bytes(buf)
+
+
+def recv_into(sock: socket.socket, view: memoryview) -> None:
+    got = 0
+    while got < len(view):
+        k = sock.recv_into(view[got:], len(view) - got)
+        if k == 0:
+            raise EOFError(f"connection closed after {got} of {len(view)} bytes")
+        got += k
+
+
+def handshake_accept(sock: socket.socket, key: bytes | None, *, job_keys=None) -> tuple[str, bytes]:
+    """Acceptor side. Returns (job id, key). ``job_keys(job_id) -> key`` serves a server that
+    knows many jobs; a rank passes its own ``key``."""
+    nonce_a = secrets.token_bytes(NONCE)
+    sock.sendall(HELLO + nonce_a)
+    nonce_b = recv_exact(sock, NONCE)
+    (length,) = recv_exact(sock, 1)
+    if not 0 < length <= MAX_JOB_ID:
+        raise AuthError("bad job id length")
+    raw_job = recv_exact(sock, length)
+    mac = recv_exact(sock, MAC)
+    try:
+        job_id = raw_job.decode("ascii")
+    except UnicodeDecodeError:
+        raise AuthError("job id is not ASCII") from None
+    key = job_keys(job_id) if job_keys else key
+    expected = hmac.new(key, b"I" + nonce_a + nonce_b + raw_job, hashlib.sha256).digest()
+    if not hmac.compare_digest(mac, expected):
+        raise AuthError(f"wrong key for job {job_id!r}")
+    sock.sendall(hmac.new(key, b"A" + nonce_b + nonce_a + raw_job, hashlib.sha256).digest())
+    return job_id, key
+
+
+def handshake_connect(sock: socket.socket, key: bytes, job_id: str) -> None:
+    """Initiator side: prove the key, and check that the acceptor knows it too."""
+    raw_job = job_id.encode("ascii")
+    hello = recv_exact(sock, len(HELLO) + NONCE)
+    if not hello.startswith(HELLO):
+        raise AuthError("the other side does not speak the cai-hpc shim protocol")
+    nonce_a = hello[len(HELLO) :]
+    nonce_b = secrets.token_bytes(NONCE)
+    mac = hmac.new(key, b"I" + nonce_a + nonce_b + raw_job, hashlib.sha256).digest()
+    sock.sendall(nonce_b + bytes([len(raw_job)]) + raw_job + mac)
+    reply = recv_exact(sock, MAC)
+    if not hmac.compare_digest(reply, hmac.new(key, b"A" + nonce_b + nonce_a + raw_job, hashlib.sha256).digest()):
+        raise AuthError("the other side does not know the job key")
+
+
+def send_control(sock: socket.socket, message: dict) -> None:
+    data = json.dumps(message).encode()
+    sock.sendall(struct.pack("!I", len(data)) + data)
+
+
+def recv_control(sock: socket.socket) -> dict:
+    (length,) = struct.unpack("!I", recv_exact(sock, 4))
+    if length > MAX_CONTROL:
+        raise AuthError(f"control message of {length} bytes is over the {MAX_CONTROL} limit")
+    return json.loads(recv_exact(sock, length))
