@@ -116,7 +116,7 @@ def _wait_all(procs: list[subprocess.Popen], grace: float) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lambda_shim.launch", description=__doc__.split("\n\n")[0])
     parser.add_argument("-n", "--ranks", type=int, required=True)
-    parser.add_argument("--mode", default="auto", choices=["auto", "direct", "relay"])
+    parser.add_argument("--mode", default="auto", choices=["auto", "punch", "direct", "relay"])
     parser.add_argument("--grace", type=float, default=30.0, help="seconds the others get after one rank fails")
     parser.add_argument("-v", "--verbose", action="store_true", help="log the rendezvous server")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- then the command each rank runs")

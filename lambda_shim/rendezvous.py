@@ -136,11 +136,18 @@ class Rendezvous:
         if job.error:
             await _send_control(writer, {"op": "error", "message": job.error})
             return
-        # The table was sent; this connection now carries relay requests to the rank, and its
+        # The table was sent; this connection now carries punch and relay requests, and its
         # closing tells us the rank is gone.
         try:
-            while await reader.read(1024):
-                pass
+            while True:
+                try:
+                    message = await _read_control(reader)
+                except asyncio.IncompleteReadError:
+                    break
+                if message.get("op") == "punch":
+                    target = job.members.get(int(message["peer"]))
+                    if target is not None:
+                        await _send_control(target.writer, {"op": "punch-request", "peer": rank})
         finally:
             if job.members.get(rank) and job.members[rank].writer is writer:
                 del job.members[rank]

@@ -2,8 +2,10 @@
 MPI launcher (Lambda functions, or processes started by ``lambda_shim.launch``).
 
 Ranks meet at the rendezvous server, get the job's address table, then open connections
-only to the peers they talk to, on first use: ``direct`` (connect to the peer's listener)
-or ``relay`` (a pipe through the server), and ``auto`` tries direct, then relay. Every
+only to the peers they talk to, on first use: ``punch`` (TCP hole punching: both ranks
+connect from the port they reached the server from, to the address the server saw the
+other come from, and also listen there), ``direct`` (connect to the peer's listener) or
+``relay`` (a pipe through the server); ``auto`` tries punch, then direct, then relay. Every
 connection is authenticated before anything is read from it. Messages are framed (kind,
 source, tag, length). Collectives are binomial trees (bcast, reduce, gather, scatter and the
 buffer forms) and a dissemination barrier: O(log N) rounds for N ranks.
@@ -42,7 +44,7 @@ from lambda_shim.wire import (
     send_control,
 )
 
-MODES = ("auto", "direct", "relay")
+MODES = ("auto", "punch", "direct", "relay")
 GONE_GRACE_S = 2.0  # a rank reported gone may still have a connection being set up
 _RANK = struct.Struct("!i")
 _PART = struct.Struct("!iq")
@@ -104,6 +106,16 @@ class _Link:
         self.lock = threading.Lock()
 
 
+def _reusable_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to (host, port) that other sockets of this process may share the
+    port with: the listener, the server connection and the punched peer connections."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    return sock
+
+
 def _tune(sock: socket.socket) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     # A peer whose machine vanishes without closing is noticed within about 20 s.
@@ -129,11 +141,20 @@ class TcpComm:
         self._dead: dict[int, str] = {}
         self._seq = 0
         self._closed = False
-        # Loopback jobs listen on loopback only; others on every interface (for direct mode).
+        self._control_lock = threading.Lock()
+        # Loopback jobs listen on loopback only; others on every interface.
         loopback = config.server[0] in ("127.0.0.1", "localhost", "::1")
-        self._listener = socket.create_server(("127.0.0.1" if loopback else "", 0), backlog=1024)
+        self._bind_host = "127.0.0.1" if loopback else ""
+        # Direct mode: peers connect to this listener.
+        self._listener = socket.create_server((self._bind_host, 0), backlog=1024)
+        # Punch mode: the port this rank reaches the server from is also where it listens and
+        # where its outgoing peer connections start, as TCP hole punching through a NAT needs.
+        self._punch_listener = _reusable_socket(self._bind_host, 0)
+        self._punch_port = self._punch_listener.getsockname()[1]
+        self._punch_listener.listen(1024)
         self._control = self._register()
-        threading.Thread(target=self._accept_loop, daemon=True, name="tcpcomm-accept").start()
+        for listener, punched in ((self._listener, False), (self._punch_listener, True)):
+            threading.Thread(target=self._accept_loop, args=(listener, punched), daemon=True).start()
         threading.Thread(target=self._control_loop, daemon=True, name="tcpcomm-control").start()
 
     @classmethod
@@ -141,13 +162,16 @@ class TcpComm:
         return cls(ShimConfig.from_env(environ))
 
     # ---------------------------------------------------------------- wiring up
-    def _server_connection(self) -> socket.socket:
+    def _server_connection(self, local_port: int = 0) -> socket.socket:
         deadline = time.monotonic() + self.config.connect_timeout
         while True:
+            sock = _reusable_socket(self._bind_host, local_port) if local_port else socket.socket()
+            sock.settimeout(10)
             try:
-                sock = socket.create_connection(self.config.server, timeout=10)
+                sock.connect(self.config.server)
                 break
             except OSError as exc:
+                sock.close()
                 if time.monotonic() > deadline:
                     host, port = self.config.server
                     raise CommError(f"rank {self.rank}: rendezvous server {host}:{port} unreachable: {exc}") from None
@@ -166,7 +190,7 @@ class TcpComm:
         return sock
 
     def _register(self) -> socket.socket:
-        sock = self._server_connection()
+        sock = self._server_connection(local_port=self._punch_port)
         host = sock.getsockname()[0]
         port = self._listener.getsockname()[1]
         send_control(
@@ -187,8 +211,15 @@ class TcpComm:
         if reply.get("op") != "table":
             raise CommError(f"rank {self.rank}: rendezvous: {reply.get('message', reply)}")
         self._table = {int(r): [tuple(a) for a in addrs] for r, addrs in reply["addrs"].items()}
+        # Where the server saw each rank come from: the outside of its NAT, for punching.
+        self._observed = {int(r): tuple(a) for r, a in reply["observed"].items()}
+        self._observed_rank = {a: r for r, a in self._observed.items()}
         sock.settimeout(None)
         return sock
+
+    def _send_control(self, message: dict) -> None:
+        with self._control_lock:
+            send_control(self._control, message)
 
     def _control_loop(self) -> None:
         """Relay requests and departures reported by the server, until it closes."""
@@ -198,6 +229,10 @@ class TcpComm:
                 if message.get("op") == "relay-request":
                     peer = int(message["peer"])
                     threading.Thread(target=self._join_relay, args=(peer,), daemon=True).start()
+                elif message.get("op") == "punch-request":
+                    peer = int(message["peer"])
+                    deadline = time.monotonic() + self.config.connect_timeout
+                    threading.Thread(target=self._punch_back, args=(peer, deadline), daemon=True).start()
                 elif message.get("op") == "gone":
                     threading.Timer(GONE_GRACE_S, self._peer_gone, args=(int(message["rank"]),)).start()
         except (OSError, EOFError, ValueError):
@@ -211,27 +246,74 @@ class TcpComm:
                 self._dead.setdefault(peer, "it left the job without connecting to this rank")
                 self._cond.notify_all()
 
-    def _accept_loop(self) -> None:
+    def _accept_loop(self, listener: socket.socket, punched: bool) -> None:
         while not self._closed:
             try:
-                sock, _ = self._listener.accept()
+                sock, addr = listener.accept()
             except OSError:
                 return
-            threading.Thread(target=self._accept_one, args=(sock,), daemon=True).start()
+            threading.Thread(target=self._accept_one, args=(sock, addr, punched), daemon=True).start()
 
-    def _accept_one(self, sock: socket.socket) -> None:
+    def _accept_one(self, sock: socket.socket, addr: tuple, punched: bool) -> None:
         try:
             _tune(sock)
             sock.settimeout(10)
-            job, _ = handshake_accept(sock, self.config.key)
-            if job != self.config.job_id:
-                raise AuthError(f"peer is in job {job!r}")
-            (peer,) = _RANK.unpack(recv_exact(sock, _RANK.size))
-            sock.settimeout(None)
-        except (AuthError, OSError, EOFError):
+            if punched:
+                peer = self._observed_rank.get(tuple(addr[:2]))
+                if peer is None:
+                    raise AuthError(f"{addr} is no rank's punched address")
+                link = self._paired_handshake(sock, peer)
+            else:
+                job, _ = handshake_accept(sock, self.config.key)
+                if job != self.config.job_id:
+                    raise AuthError(f"peer is in job {job!r}")
+                (peer,) = _RANK.unpack(recv_exact(sock, _RANK.size))
+                sock.settimeout(None)
+                link = _Link(sock, peer)
+        except (AuthError, OSError, EOFError, CommError):
             sock.close()  # never read anything else from an unauthenticated connection
             return
-        self._adopt(_Link(sock, peer))
+        self._adopt(link)
+
+    def _paired_handshake(self, sock: socket.socket, peer: int) -> _Link:
+        """Authenticate a connection whose two ends both think they opened it (a relay pipe,
+        a punched or simultaneously opened connection): the lower rank plays the acceptor."""
+        if self.rank < peer:
+            handshake_accept(sock, self.config.key)
+        else:
+            handshake_connect(sock, self.config.key, self.config.job_id)
+        sock.sendall(_RANK.pack(self.rank))
+        (their_rank,) = _RANK.unpack(recv_exact(sock, _RANK.size))
+        if their_rank != peer:
+            raise CommError(f"rank {self.rank}: expected rank {peer} on this connection, got {their_rank}")
+        sock.settimeout(None)
+        return _Link(sock, peer)
+
+    def _punch_link(self, peer: int, deadline: float) -> _Link | None:
+        """Connect from our punched port to the peer's, asking it (through the server) to do
+        the same towards us; the first connection that authenticates wins. None when the
+        peer's own attempt won (it is then in ``self._links``)."""
+        self._send_control({"op": "punch", "peer": peer})
+        return self._punch_back(peer, deadline)
+
+    def _punch_back(self, peer: int, deadline: float) -> _Link | None:
+        last: Exception | None = None
+        while time.monotonic() < deadline and peer not in self._links:
+            sock = _reusable_socket(self._bind_host, self._punch_port)
+            sock.settimeout(max(0.1, min(2.0, deadline - time.monotonic())))
+            try:
+                sock.connect(self._observed[peer])
+                _tune(sock)
+                link = self._paired_handshake(sock, peer)
+                self._adopt(link)
+                return link
+            except (OSError, EOFError, AuthError) as exc:
+                sock.close()
+                last = exc
+                time.sleep(0.02)
+        if peer in self._links:
+            return None
+        raise CommError(f"rank {self.rank}: could not punch through to rank {peer} at {self._observed[peer]}: {last}")
 
     def _join_relay(self, peer: int) -> None:
         try:
@@ -246,17 +328,7 @@ class TcpComm:
         reply = recv_control(sock)
         if reply.get("op") != "relay-ready":
             raise CommError(f"rank {self.rank}: relay to rank {peer}: {reply.get('message', reply)}")
-        # End-to-end authentication over the pipe; the lower rank plays the acceptor.
-        if self.rank < peer:
-            handshake_accept(sock, self.config.key)
-        else:
-            handshake_connect(sock, self.config.key, self.config.job_id)
-        sock.sendall(_RANK.pack(self.rank))
-        (their_rank,) = _RANK.unpack(recv_exact(sock, _RANK.size))
-        if their_rank != peer:
-            raise CommError(f"rank {self.rank}: relay delivered rank {their_rank}, not {peer}")
-        sock.settimeout(None)
-        return _Link(sock, peer)
+        return self._paired_handshake(sock, peer)  # end-to-end authentication over the pipe
 
     def _direct_link(self, peer: int, deadline: float) -> _Link:
         last: Exception | None = None
@@ -290,19 +362,27 @@ class TcpComm:
                 return link
             if peer in self._dead:
                 raise CommError(f"rank {self.rank}: peer rank {peer} is gone: {self._dead[peer]}")
-            mode = self.config.mode
-            deadline = time.monotonic() + self.config.connect_timeout
-            if mode in ("direct", "auto"):
-                try:
-                    new = self._direct_link(peer, deadline if mode == "direct" else time.monotonic() + 5)
-                except CommError:
-                    if mode == "direct":
-                        raise
-                    new = self._relay_link(peer)
-            else:
-                new = self._relay_link(peer)
-            self._adopt(new)
+            self._connect(peer, self.config.mode, time.monotonic() + self.config.connect_timeout)
             return self._links[peer]
+
+    def _connect(self, peer: int, mode: str, deadline: float) -> None:
+        """Open a link to ``peer``: one mode, or ``auto``: punch, then direct, then relay, each
+        with a share of the connect deadline."""
+        if mode == "punch":
+            self._punch_link(peer, deadline)
+        elif mode == "direct":
+            self._adopt(self._direct_link(peer, deadline))
+        elif mode == "relay":
+            self._adopt(self._relay_link(peer))
+        else:
+            for attempt, share in (("punch", 5.0), ("direct", 5.0)):
+                try:
+                    self._connect(peer, attempt, min(deadline, time.monotonic() + share))
+                    return
+                except CommError:
+                    if peer in self._links:
+                        return
+            self._adopt(self._relay_link(peer))
 
     def _read_loop(self, link: _Link) -> None:
         header = bytearray(FRAME.size)

@@ -21,7 +21,7 @@ from lambda_shim.wire import job_key, new_secret
 PROGRAMS = Path(__file__).with_name("programs")
 SUITE = Path(__file__).with_name("test_parallel_engine.py")
 MPIEXEC = shutil.which("mpiexec", path=str(Path(sys.executable).parent)) or shutil.which("mpiexec")
-MODES = ["direct", "relay", "auto"]
+MODES = ["punch", "direct", "relay", "auto"]
 
 
 def clean_env() -> dict[str, str]:
