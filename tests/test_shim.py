@@ -253,3 +253,39 @@ def test_an_unreachable_server_is_one_clear_error(tmp_path) -> None:
         f"cai-hpc: error: CommError: rank 0: rendezvous server 127.0.0.1:{port} unreachable: "
         "[Errno 111] Connection refused"
     ]
+
+
+def test_bench_prints_a_row_per_backend() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "lambda_shim.bench", "--ranks", "2", "--repeat", "3"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=clean_env(),
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert lines[0].split()[:3] == ["backend", "ranks", "lat"]
+    names = [line.split()[0] for line in lines[1:]]
+    assert names[-3:] == ["tcp-punch", "tcp-direct", "tcp-relay"]
+    assert all(float(line.split()[2]) > 0 for line in lines[1:])
+
+
+def test_an_operation_timeout_bounds_a_wait_on_a_live_but_silent_peer(server) -> None:
+    job = uuid.uuid4().hex
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(PROGRAMS / "stall.py")],
+            stdout=subprocess.PIPE,
+            text=True,
+            env=server.rank_env(rank, 2, job, CAI_HPC_OP_TIMEOUT="1"),
+        )
+        for rank in range(2)
+    ]
+    t0 = time.monotonic()
+    out, _ = procs[0].communicate(timeout=60)
+    assert time.monotonic() - t0 < 20
+    procs[1].kill()
+    procs[1].communicate()
+    assert procs[0].returncode == 3
+    assert "no message from rank 1 (tag 0) within 1.0 s" in out

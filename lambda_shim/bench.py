@@ -1,0 +1,145 @@
+"""Communicator micro-benchmarks: TcpComm (each connection mode) beside mpi4py + MPICH,
+measured on the same machine in the same run.
+
+    python -m lambda_shim.bench [--ranks 2,4,8] [--repeat 200]
+
+Point to point (ranks 0 and 1 of a 2-rank job): latency of an 8-byte message (half a round
+trip) and bandwidth of 1 MB and 64 MB messages. Collectives at each rank count: allreduce of
+one float, bcast of 1 MB, gather of 1 KB per rank. Times are medians over repeats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+MODES = ("punch", "direct", "relay")
+
+
+def _world(backend: str):
+    if backend == "mpi":
+        from mpi4py import MPI
+
+        return MPI.COMM_WORLD
+    from lambda_shim.tcpcomm import TcpComm
+
+    return TcpComm.from_env()
+
+
+def _median_time(comm, step, repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        comm.barrier()
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def worker(backend: str, repeat: int, out: Path) -> None:
+    comm = _world(backend)
+    rank, size = comm.Get_rank(), comm.Get_size()
+    row: dict[str, float] = {}
+    if size == 2:
+        for label, nbytes, reps in (
+            ("lat_8B_us", 8, repeat),
+            ("bw_1MB", 2**20, max(5, repeat // 10)),
+            ("bw_64MB", 64 * 2**20, 3),
+        ):
+            data = bytes(nbytes)
+
+            def pingpong(data=data) -> None:
+                if rank == 0:
+                    comm.send(data, dest=1, tag=1)
+                    comm.recv(source=1, tag=2)
+                else:
+                    comm.recv(source=0, tag=1)
+                    comm.send(data, dest=0, tag=2)
+
+            half_rtt = _median_time(comm, pingpong, reps) / 2
+            row[label] = half_rtt * 1e6 if label.startswith("lat") else nbytes / half_rtt / 1e6
+    mb = bytes(2**20)
+    kb = bytes(1024)
+    row["allreduce_us"] = _median_time(comm, lambda: comm.allreduce(1.0), repeat) * 1e6
+    row["bcast_1MB_ms"] = _median_time(comm, lambda: comm.bcast(mb if rank == 0 else None), max(5, repeat // 10)) * 1e3
+    row["gather_1KB_us"] = _median_time(comm, lambda: comm.gather(kb), repeat) * 1e6
+    if rank == 0:
+        out.write_text(json.dumps(row))
+
+
+def _run(command: list[str], env: dict[str, str]) -> None:
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(command[:6])} ... failed: {result.stderr.strip()[-500:]}")
+
+
+def driver(ranks: list[int], repeat: int) -> list[dict]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "MPI_LOCAL", "CAI_HPC_", "SLURM_"))}
+    mpiexec = shutil.which("mpiexec", path=str(Path(sys.executable).parent)) or shutil.which("mpiexec")
+    me = [sys.executable, "-m", "lambda_shim.bench", "--repeat", str(repeat), "--worker"]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in ranks:
+            runs = [("mpi4py+MPICH", [mpiexec, "-n", str(n), *me, "mpi"])] if mpiexec else []
+            runs += [
+                (f"tcp-{m}", [sys.executable, "-m", "lambda_shim.launch", "-n", str(n), "--mode", m, "--", *me, "tcp"])
+                for m in MODES
+            ]
+            for name, command in runs:
+                out = Path(tmp) / f"{name}-{n}.json"
+                _run([*command, "--out", str(out)], env)
+                rows.append({"backend": name, "ranks": n, **json.loads(out.read_text())})
+    return rows
+
+
+COLUMNS = (  # key, heading, width, number format
+    ("backend", "backend", 13, "s"),
+    ("ranks", "ranks", 5, "d"),
+    ("lat_8B_us", "lat 8B us", 10, ".1f"),
+    ("bw_1MB", "1MB MB/s", 9, ".0f"),
+    ("bw_64MB", "64MB MB/s", 9, ".0f"),
+    ("allreduce_us", "allreduce us", 12, ".1f"),
+    ("bcast_1MB_ms", "bcast 1MB ms", 12, ".2f"),
+    ("gather_1KB_us", "gather 1KB us", 13, ".1f"),
+)
+
+
+def format_rows(rows: list[dict]) -> str:
+    def cell(text: str, width: int, left: bool) -> str:
+        return text.ljust(width) if left else text.rjust(width)
+
+    lines = [" ".join(cell(head, w, fmt == "s") for _, head, w, fmt in COLUMNS)]
+    for row in rows:
+        lines.append(
+            " ".join(
+                cell("-" if row.get(key) is None else format(row[key], fmt), w, fmt == "s")
+                for key, _, w, fmt in COLUMNS
+            )
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lambda_shim.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ranks", default="2,4,8", help="rank counts for the collectives (2 also runs point to point)")
+    parser.add_argument("--repeat", type=int, default=200)
+    parser.add_argument("--worker", choices=["mpi", "tcp"], help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        worker(args.worker, args.repeat, args.out)
+        return 0
+    print(format_rows(driver([int(n) for n in args.ranks.split(",")], args.repeat)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
