@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
 import hmac
 import json
 import logging
@@ -35,6 +34,8 @@ from lambda_shim.wire import (
     MAX_JOB_ID,
     NONCE,
     AuthError,
+    acceptor_mac,
+    initiator_mac,
     job_key,
     load_secret,
 )
@@ -107,9 +108,9 @@ class Rendezvous:
         except UnicodeDecodeError:
             raise AuthError("job id is not ASCII") from None
         key = job_key(self.master, job_id)
-        if not hmac.compare_digest(mac, hmac.new(key, b"I" + nonce_a + nonce_b + raw_job, hashlib.sha256).digest()):
+        if not hmac.compare_digest(mac, initiator_mac(key, nonce_a, nonce_b, raw_job)):
             raise AuthError(f"wrong key for job {job_id!r}")
-        writer.write(hmac.new(key, b"A" + nonce_b + nonce_a + raw_job, hashlib.sha256).digest())
+        writer.write(acceptor_mac(key, nonce_a, nonce_b, raw_job))
         await writer.drain()
         return job_id
 

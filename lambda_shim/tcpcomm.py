@@ -137,6 +137,7 @@ class TcpComm:
         self._inbox: collections.deque = collections.deque()  # (source, tag, kind, payload)
         self._cond = threading.Condition()
         self._links: dict[int, _Link] = {}
+        self._open_links: collections.Counter = collections.Counter()
         self._connecting: dict[int, threading.Lock] = collections.defaultdict(threading.Lock)
         self._dead: dict[int, str] = {}
         self._seq = 0
@@ -264,7 +265,7 @@ class TcpComm:
                     raise AuthError(f"{addr} is no rank's punched address")
                 link = self._paired_handshake(sock, peer)
             else:
-                job, _ = handshake_accept(sock, self.config.key)
+                job = handshake_accept(sock, self.config.key)
                 if job != self.config.job_id:
                     raise AuthError(f"peer is in job {job!r}")
                 (peer,) = _RANK.unpack(recv_exact(sock, _RANK.size))
@@ -279,7 +280,8 @@ class TcpComm:
         """Authenticate a connection whose two ends both think they opened it (a relay pipe,
         a punched or simultaneously opened connection): the lower rank plays the acceptor."""
         if self.rank < peer:
-            handshake_accept(sock, self.config.key)
+            if handshake_accept(sock, self.config.key) != self.config.job_id:
+                raise AuthError("the peer named another job")
         else:
             handshake_connect(sock, self.config.key, self.config.job_id)
         sock.sendall(_RANK.pack(self.rank))
@@ -347,9 +349,11 @@ class TcpComm:
         raise CommError(f"rank {self.rank}: cannot connect to rank {peer} at {self._table[peer]}: {last}")
 
     def _adopt(self, link: _Link) -> None:
-        """Start reading a new link; the first link to a peer is the one we send on."""
+        """Start reading a new link; the first link to a peer is the one we send on. (Two
+        ranks may open a link each way; the other side may send on either.)"""
         with self._cond:
             self._links.setdefault(link.peer, link)
+            self._open_links[link.peer] += 1
         threading.Thread(target=self._read_loop, args=(link,), daemon=True, name=f"tcpcomm-read-{link.peer}").start()
 
     def _link(self, peer: int) -> _Link:
@@ -399,7 +403,9 @@ class TcpComm:
                     self._cond.notify_all()
         except (OSError, EOFError) as exc:
             with self._cond:
-                if self._links.get(link.peer) is link:
+                # Gone only once every link to it has closed: another may still hold its last frames.
+                self._open_links[link.peer] -= 1
+                if self._open_links[link.peer] == 0:
                     self._dead.setdefault(link.peer, f"connection closed ({type(exc).__name__})")
                 self._cond.notify_all()
 

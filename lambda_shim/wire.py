@@ -93,9 +93,17 @@ def recv_into(sock: socket.socket, view: memoryview) -> None:
         got += k
 
 
-def handshake_accept(sock: socket.socket, key: bytes | None, *, job_keys=None) -> tuple[str, bytes]:
-    """Acceptor side. Returns (job id, key). ``job_keys(job_id) -> key`` serves a server that
-    knows many jobs; a rank passes its own ``key``."""
+def initiator_mac(key: bytes, nonce_a: bytes, nonce_b: bytes, raw_job: bytes) -> bytes:
+    return hmac.new(key, b"I" + nonce_a + nonce_b + raw_job, hashlib.sha256).digest()
+
+
+def acceptor_mac(key: bytes, nonce_a: bytes, nonce_b: bytes, raw_job: bytes) -> bytes:
+    return hmac.new(key, b"A" + nonce_b + nonce_a + raw_job, hashlib.sha256).digest()
+
+
+def handshake_accept(sock: socket.socket, key: bytes) -> str:
+    """Acceptor side (a rank; the server runs the same exchange on asyncio streams).
+    Returns the job id the initiator named, which the caller must check."""
     nonce_a = secrets.token_bytes(NONCE)
     sock.sendall(HELLO + nonce_a)
     nonce_b = recv_exact(sock, NONCE)
@@ -108,12 +116,10 @@ def handshake_accept(sock: socket.socket, key: bytes | None, *, job_keys=None) -
         job_id = raw_job.decode("ascii")
     except UnicodeDecodeError:
         raise AuthError("job id is not ASCII") from None
-    key = job_keys(job_id) if job_keys else key
-    expected = hmac.new(key, b"I" + nonce_a + nonce_b + raw_job, hashlib.sha256).digest()
-    if not hmac.compare_digest(mac, expected):
+    if not hmac.compare_digest(mac, initiator_mac(key, nonce_a, nonce_b, raw_job)):
         raise AuthError(f"wrong key for job {job_id!r}")
-    sock.sendall(hmac.new(key, b"A" + nonce_b + nonce_a + raw_job, hashlib.sha256).digest())
-    return job_id, key
+    sock.sendall(acceptor_mac(key, nonce_a, nonce_b, raw_job))
+    return job_id
 
 
 def handshake_connect(sock: socket.socket, key: bytes, job_id: str) -> None:
@@ -124,10 +130,9 @@ def handshake_connect(sock: socket.socket, key: bytes, job_id: str) -> None:
         raise AuthError("the other side does not speak the cai-hpc shim protocol")
     nonce_a = hello[len(HELLO) :]
     nonce_b = secrets.token_bytes(NONCE)
-    mac = hmac.new(key, b"I" + nonce_a + nonce_b + raw_job, hashlib.sha256).digest()
-    sock.sendall(nonce_b + bytes([len(raw_job)]) + raw_job + mac)
+    sock.sendall(nonce_b + bytes([len(raw_job)]) + raw_job + initiator_mac(key, nonce_a, nonce_b, raw_job))
     reply = recv_exact(sock, MAC)
-    if not hmac.compare_digest(reply, hmac.new(key, b"A" + nonce_b + nonce_a + raw_job, hashlib.sha256).digest()):
+    if not hmac.compare_digest(reply, acceptor_mac(key, nonce_a, nonce_b, raw_job)):
         raise AuthError("the other side does not know the job key")
 
 

@@ -289,3 +289,9 @@ def test_an_operation_timeout_bounds_a_wait_on_a_live_but_silent_peer(server) ->
     procs[1].communicate()
     assert procs[0].returncode == 3
     assert "no message from rank 1 (tag 0) within 1.0 s" in out
+
+
+def test_jobs_run_side_by_side_on_one_server(server) -> None:
+    jobs = [uuid.uuid4().hex for _ in range(3)]
+    procs = [server.start(rank, 3, job) for job in jobs for rank in range(3)]
+    assert [code for code, _ in finish(procs)] == [0] * 9
