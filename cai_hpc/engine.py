@@ -28,6 +28,7 @@ from cai_hpc import predictions
 from cai_hpc.batches import Batch, Prefetcher, iter_batches
 from cai_hpc.checkpoint import build_model, weights_id
 from cai_hpc.errors import InputError
+from cai_hpc.fast import fuse
 from cai_hpc.flops import gflop_per_sample
 from cai_hpc.metrics import regression_metrics
 from cai_hpc.model import parameter_count
@@ -93,12 +94,12 @@ def run(comm: Any, config: RunConfig) -> dict[str, Any] | None:
 
     model, checkpoint = _agreed(comm, lambda: build_model(config.checkpoint, config.seed))
     stamp = {"checkpoint": checkpoint, "weights": job.weights}
-    model.to(device)
+    runner = fuse(model).to(device)
     if rank == 0:
         _announce(job, size, threads, config, checkpoint)
     startup_s = seconds_since_process_start() - scan_s  # the input check is counted in load_s
 
-    pred, loop = _infer(model, device, shards, rows, mine, config, stamp, rank)
+    pred, loop = _infer(runner, device, shards, rows, mine, config, stamp, rank)
     t0 = time.perf_counter()
     _gather_split_shards(comm, plan, shards, rows, pred, config.out, stamp)
     write_s = loop["write_s"] + time.perf_counter() - t0
@@ -129,7 +130,7 @@ def run(comm: Any, config: RunConfig) -> dict[str, Any] | None:
         },
         model={
             "parameters": parameter_count(model),
-            "gflop_per_sample": gflop_per_sample(model.cpu()),
+            "gflop_per_sample": gflop_per_sample(model),
             "checkpoint": checkpoint,
         },
         extra={"data": str(config.data), "shards": len(job.shards), "skipped_shards": len(job.done)},

@@ -46,7 +46,7 @@ def test_bench_kernel_prints_an_efficiency_table() -> None:
     result = cai_hpc("bench", "kernel", "--batch-sizes", "4,8", "--threads", "1", "--seconds", "0.05")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
-    assert lines[0].split() == ["threads", "batch", "GEMM", "GFLOP/s", "samples/s", "efficiency"]
+    assert lines[0].split() == ["threads", "batch", "GEMM", "GFLOP/s", "samples/s", "efficiency", "eager/s"]
     rows = [line.split() for line in lines[1:]]
     assert [r[:2] for r in rows] == [["1", "4"], ["1", "8"]]
     assert all(0 < float(r[4]) < 2 for r in rows)
