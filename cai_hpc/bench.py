@@ -29,10 +29,10 @@ def _rate(step: Callable[[], None], seconds: float) -> tuple[int, float]:
     return calls, time.perf_counter() - t0
 
 
-def gemm_gflops(seconds: float) -> float:
-    """float32 GEMM rate of this process at its current thread count, in GFLOP/s."""
-    a = torch.randn(GEMM_SIZE, GEMM_SIZE)
-    b = torch.randn(GEMM_SIZE, GEMM_SIZE)
+def gemm_gflops(seconds: float, dtype: torch.dtype = torch.float32) -> float:
+    """GEMM rate of this process at its current thread count and ``dtype``, in GFLOP/s."""
+    a = torch.randn(GEMM_SIZE, GEMM_SIZE).to(dtype)
+    b = torch.randn(GEMM_SIZE, GEMM_SIZE).to(dtype)
     calls, elapsed = _rate(lambda: torch.mm(a, b), seconds)
     return 2 * GEMM_SIZE**3 * calls / elapsed / 1e9
 
@@ -49,17 +49,20 @@ def model_samples_per_s(model: torch.nn.Module, batch: int, seconds: float) -> f
     return batch * calls / elapsed
 
 
-def kernel_table(batch_sizes: list[int], threads: list[int], seconds: float) -> list[dict[str, float]]:
-    """One row per (threads, batch): GEMM rate, samples/s of the fused model ``infer`` runs
-    and of the plain eager model, and the fused model's compute efficiency."""
+def kernel_table(
+    batch_sizes: list[int], threads: list[int], seconds: float, precision: str = "fp32"
+) -> list[dict[str, float]]:
+    """One row per (threads, batch): GEMM rate in the run's precision, samples/s of the fused
+    model ``infer`` runs and of the plain float32 eager model, and the fused model's compute
+    efficiency."""
     torch.manual_seed(0)
     model = AstroMAE().eval()
-    fused = fuse(model)
+    fused = fuse(model, precision)
     gflop = gflop_per_sample(model)
     rows = []
     for t in threads:
         torch.set_num_threads(t)
-        gemm = gemm_gflops(seconds)
+        gemm = gemm_gflops(seconds, torch.bfloat16 if precision == "bf16" else torch.float32)
         for batch in batch_sizes:
             rate = model_samples_per_s(fused, batch, seconds)
             rows.append(

@@ -94,6 +94,8 @@ def _infer(comm: Any, args: argparse.Namespace) -> dict | None:
         limit=args.limit,
         overwrite=args.overwrite,
         device=args.device,
+        precision=args.precision,
+        compare_fp32=args.compare_fp32,
         seed=args.seed,
         progress=not args.quiet,
     )
@@ -171,7 +173,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from cai_hpc.resources import usable_cores
 
     threads = args.threads or list(range(1, usable_cores() + 1))
-    print(format_table(kernel_table(args.batch_sizes, threads, args.seconds)))
+    print(format_table(kernel_table(args.batch_sizes, threads, args.seconds, args.precision)))
     return 0
 
 
@@ -211,6 +213,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--backend", default="auto", choices=["auto", "self", "mpi", "tcp"], help="communicator (default: auto)"
     )
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument(
+        "--precision",
+        default="fp32",
+        choices=["fp32", "bf16"],
+        help="bf16: image branches in bfloat16 (CPUs with bf16 instructions, GPUs)",
+    )
+    p.add_argument(
+        "--compare-fp32",
+        action="store_true",
+        help="with --precision bf16: also run float32 and report max/mean |Δz| in the summary",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights when no checkpoint is given")
 
     p = sub.add_parser("synth", parents=[common], help="make a synthetic survey")
@@ -241,5 +254,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-sizes", type=_int_list, default=[32, 64, 128, 256, 512, 1024])
     p.add_argument("--threads", type=_int_list, help="thread counts (default: 1..cores)")
     p.add_argument("--seconds", type=float, default=2.0, help="time per measurement")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     p.set_defaults(handler=cmd_bench)
     return parser

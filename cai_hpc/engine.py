@@ -28,7 +28,7 @@ from cai_hpc import predictions
 from cai_hpc.batches import Batch, Prefetcher, iter_batches
 from cai_hpc.checkpoint import build_model, weights_id
 from cai_hpc.errors import InputError
-from cai_hpc.fast import fuse
+from cai_hpc.fast import PRECISIONS, fuse
 from cai_hpc.flops import gflop_per_sample
 from cai_hpc.metrics import regression_metrics
 from cai_hpc.model import parameter_count
@@ -52,6 +52,8 @@ class RunConfig:
     limit: int | None = None
     overwrite: bool = False
     device: str = "cpu"
+    precision: str = "fp32"
+    compare_fp32: bool = False  # with bf16: also run float32 and report the difference
     seed: int = 0
     progress: bool = True
 
@@ -76,6 +78,8 @@ def run(comm: Any, config: RunConfig) -> dict[str, Any] | None:
     rank, size = comm.Get_rank(), comm.Get_size()
     if config.batch_size < 1:
         raise InputError(f"--batch-size must be at least 1, got {config.batch_size}", agreed=True)
+    if config.precision not in PRECISIONS:
+        raise InputError(f"--precision must be one of {', '.join(PRECISIONS)}, got {config.precision!r}", agreed=True)
     comm.barrier()
     t_start = time.perf_counter()
     threads, device = _agreed(comm, lambda: (threads_per_rank(config.threads), pick_device(config.device)))
@@ -94,18 +98,20 @@ def run(comm: Any, config: RunConfig) -> dict[str, Any] | None:
 
     model, checkpoint = _agreed(comm, lambda: build_model(config.checkpoint, config.seed))
     stamp = {"checkpoint": checkpoint, "weights": job.weights}
-    runner = fuse(model).to(device)
+    runner = fuse(model, config.precision).to(device)
+    reference = fuse(model).to(device) if config.compare_fp32 and config.precision != "fp32" else None
     if rank == 0:
         _announce(job, size, threads, config, checkpoint)
     startup_s = seconds_since_process_start() - scan_s  # the input check is counted in load_s
 
-    pred, loop = _infer(runner, device, shards, rows, mine, config, stamp, rank)
+    pred, loop = _infer(runner, reference, device, shards, rows, mine, config, stamp, rank)
     t0 = time.perf_counter()
     _gather_split_shards(comm, plan, shards, rows, pred, config.out, stamp)
     write_s = loop["write_s"] + time.perf_counter() - t0
 
     z_pred, z_true = _labelled_residuals(comm, job, mine, pred, labels, config.out)
     metrics = regression_metrics(comm, z_pred, z_true)
+    precision_error = _precision_error(comm, loop) if reference is not None else None
     timing = {
         "startup_s": startup_s,
         "load_s": scan_s + loop["wait_s"],
@@ -123,7 +129,7 @@ def run(comm: Any, config: RunConfig) -> dict[str, Any] | None:
         wall_s=wall_s,
         metrics=metrics,
         settings={
-            "precision": "fp32",
+            "precision": config.precision,
             "device": device.split(":")[0],
             "batch_size": config.batch_size,
             "threads_per_rank": threads,
@@ -133,7 +139,12 @@ def run(comm: Any, config: RunConfig) -> dict[str, Any] | None:
             "gflop_per_sample": gflop_per_sample(model),
             "checkpoint": checkpoint,
         },
-        extra={"data": str(config.data), "shards": len(job.shards), "skipped_shards": len(job.done)},
+        extra={
+            "data": str(config.data),
+            "shards": len(job.shards),
+            "skipped_shards": len(job.done),
+            "precision_error": precision_error,
+        },
     )
     write_json_atomic(config.out / "summary.json", summary)
     return summary
@@ -152,7 +163,8 @@ def _prepare(config: RunConfig) -> Job:
             left -= rows[i]
         keep = [i for i, n in enumerate(rows) if n > 0]
         shards, rows = [shards[i] for i in keep], [rows[i] for i in keep]
-    weights = weights_id(config.checkpoint, config.seed)
+    # What made the numbers: the weights and the precision they ran in.
+    weights = f"{weights_id(config.checkpoint, config.seed)}/{config.precision}"
     done = (
         []
         if config.overwrite
@@ -185,6 +197,7 @@ def _prescan(shards: list[ShardInfo], mine: list[Piece], batch_size: int) -> lis
 
 def _infer(
     model: torch.nn.Module,
+    reference: torch.nn.Module | None,
     device: str,
     shards: list[ShardInfo],
     rows: list[int],
@@ -196,7 +209,7 @@ def _infer(
     """Predict this rank's pieces; write every shard this rank read whole as soon as it is done."""
     pred = [np.empty(p.rows, np.float32) for p in mine]
     missing = [p.rows for p in mine]
-    timing = {"infer_s": 0.0, "write_s": 0.0, "wait_s": 0.0}
+    timing = {"infer_s": 0.0, "write_s": 0.0, "wait_s": 0.0, "dz_sum": 0.0, "dz_max": 0.0, "dz_count": 0}
     bar = tqdm(
         total=sum(missing),
         unit="sample",
@@ -209,9 +222,14 @@ def _infer(
         for batch, images, mags in reader:
             t0 = time.perf_counter()
             with torch.inference_mode():
-                out = model(images.to(device, non_blocking=True), mags.to(device, non_blocking=True))
-                out = out.float().cpu().numpy()
-            timing["infer_s"] += time.perf_counter() - t0
+                images, mags = images.to(device, non_blocking=True), mags.to(device, non_blocking=True)
+                out = model(images, mags).float().cpu().numpy()
+                timing["infer_s"] += time.perf_counter() - t0
+                if reference is not None:
+                    dz = np.abs(out - reference(images, mags).float().cpu().numpy())
+                    timing["dz_sum"] += float(dz.sum())
+                    timing["dz_max"] = max(timing["dz_max"], float(dz.max()))
+                    timing["dz_count"] += len(dz)
             pos = 0
             for k, offset, n in batch.segments:
                 pred[k][offset : offset + n] = out[pos : pos + n]
@@ -237,6 +255,16 @@ def _host_tensors(batches: Iterator[Batch], pin: bool) -> Iterator[tuple[Batch, 
         if pin:
             images, mags = images.pin_memory(), mags.pin_memory()
         yield batch, images, mags
+
+
+def _precision_error(comm: Any, loop: dict[str, float]) -> dict[str, float | str | None]:
+    """Max and mean |Δz| of this precision against float32, over every rank's samples."""
+    total, count = comm.allreduce(np.array([loop["dz_sum"], loop["dz_count"]], dtype=np.float64))
+    return {
+        "against": "fp32",
+        "max_abs_dz": max(comm.allgather(loop["dz_max"])),
+        "mean_abs_dz": float(total / count) if count else None,
+    }
 
 
 def _gather_split_shards(

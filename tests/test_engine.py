@@ -188,7 +188,7 @@ def test_predictions_made_with_other_weights_are_redone(small_dataset, tmp_path,
     assert again["skipped_shards"] == 0 and again["samples"] == 96
     files = read_predictions(out)
     assert {f["attrs"]["checkpoint"] for f in files.values()} == {"astromae.safetensors"}
-    assert {f["attrs"]["weights"] for f in files.values()} != {"random-seed-0"}
+    assert {f["attrs"]["weights"] for f in files.values()} != {"random-seed-0/fp32"}
     assert infer(small_dataset, out, limit=96, seed=1)["skipped_shards"] == 0  # other random weights
 
 
@@ -199,3 +199,13 @@ def test_a_limited_rerun_keeps_complete_files_and_scores_only_its_rows(first_run
     assert limited["samples"] == 0 and limited["skipped_shards"] == 3
     assert limited["metrics"]["labelled"] == 100
     assert {p: p.stat().st_mtime_ns for p in (out / "predictions").iterdir()} == before
+
+
+def test_bf16_run_reports_its_error_against_float32(small_dataset, tmp_path) -> None:
+    summary = infer(small_dataset, tmp_path / "out", precision="bf16", compare_fp32=True, limit=96)
+    assert summary["precision"] == "bf16"
+    error = summary["precision_error"]
+    assert error["against"] == "fp32" and 0 < error["mean_abs_dz"] <= error["max_abs_dz"] <= 5e-3
+    assert infer(small_dataset, tmp_path / "out32", limit=96)["precision_error"] is None
+    # float32 does not take the bfloat16 predictions for its own
+    assert infer(small_dataset, tmp_path / "out", limit=96)["skipped_shards"] == 0

@@ -46,3 +46,16 @@ def test_fused_equals_eager_on_random_weights_and_any_batch(batch) -> None:
 def test_fuse_refuses_a_model_in_training_mode() -> None:
     with pytest.raises(ValueError, match="eval mode"):
         fuse(AstroMAE().train())
+
+
+def test_bf16_stays_within_5e_3_of_float32_on_the_golden_inputs(golden, golden_model) -> None:
+    fp32 = run(fuse(golden_model), golden["images"], golden["magnitudes"])
+    bf16 = run(fuse(golden_model, "bf16"), golden["images"], golden["magnitudes"])
+    error = np.abs(bf16 - fp32)
+    assert 0 < error.max() <= 5e-3  # not zero: bfloat16 really ran
+    assert bf16.dtype == np.float32
+
+
+def test_unknown_precision_is_refused() -> None:
+    with pytest.raises(ValueError, match="precision"):
+        fuse(AstroMAE().eval(), "fp8")
