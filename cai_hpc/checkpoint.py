@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import time
 import types
 import zipfile
 from pathlib import Path
@@ -59,15 +60,21 @@ def weights_id(checkpoint: Path | None, seed: int = 0) -> str:
     return f"sha256:{digest.hexdigest()}"
 
 
-def build_model(checkpoint: Path | None, seed: int = 0) -> tuple[AstroMAE, str]:
+def build_model(
+    checkpoint: Path | None, seed: int = 0, timings: dict[str, float] | None = None
+) -> tuple[AstroMAE, str]:
     """The model in eval mode, and a label for the records: the checkpoint's name, or a
-    statement that the weights are random."""
+    statement that the weights are random. ``timings`` gets ``build_s`` and ``weights_s``."""
+    t0 = time.perf_counter()
     if checkpoint is None:
         torch.manual_seed(seed)
-        return AstroMAE().eval(), random_weights_label(seed)
-    model = AstroMAE()
-    load_weights(model, checkpoint)
-    return model.eval(), checkpoint.name
+    model = AstroMAE().eval()
+    t1 = time.perf_counter()
+    if checkpoint is not None:
+        load_weights(model, checkpoint)
+    if timings is not None:
+        timings.update(build_s=t1 - t0, weights_s=time.perf_counter() - t1)
+    return model, checkpoint.name if checkpoint is not None else random_weights_label(seed)
 
 
 def load_weights(model: AstroMAE, path: Path) -> None:
