@@ -136,7 +136,7 @@ class SelfComm:
 
     def Allreduce(self, sendbuf: Any, recvbuf: Any, op: Op = SUM) -> None:  # noqa: N802
         if sendbuf is not IN_PLACE:
-            _array(recvbuf)[...] = _array(sendbuf)
+            buffer_array(recvbuf)[...] = buffer_array(sendbuf)
 
     def Reduce(self, sendbuf: Any, recvbuf: Any, op: Op = SUM, root: int = 0) -> None:  # noqa: N802
         self._check_root(root)
@@ -144,8 +144,8 @@ class SelfComm:
 
     def Gatherv(self, sendbuf: Any, recvbuf: Any, root: int = 0) -> None:  # noqa: N802
         self._check_root(root)
-        src = _array(sendbuf).ravel()
-        _array(recvbuf).ravel()[: src.size] = src
+        src = buffer_array(sendbuf).ravel()
+        buffer_array(recvbuf).ravel()[: src.size] = src
 
     def Abort(self, errorcode: int = 1) -> None:  # noqa: N802
         sys.stdout.flush()
@@ -153,7 +153,7 @@ class SelfComm:
         os._exit(errorcode)
 
 
-def _array(buf: Any) -> np.ndarray:
+def buffer_array(buf: Any) -> np.ndarray:
     """The array of an mpi4py buffer spec: ``arr``, ``[arr, counts]`` or ``[arr, counts, displs, type]``."""
     return buf[0] if isinstance(buf, (list, tuple)) else buf
 

@@ -124,7 +124,11 @@ def main(argv: list[str] | None = None) -> int:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command or args.ranks < 1:
         parser.error("give -n N (N >= 1) and a command after --")
-    return launch(args.ranks, command, args.mode, args.grace, args.verbose)
+    try:
+        return launch(args.ranks, command, args.mode, args.grace, args.verbose)
+    except (OSError, RuntimeError) as exc:  # a command that cannot start, a server that did not
+        print(f"launch: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from cai_hpc.comm import ANY_SOURCE, ANY_TAG, IN_PLACE, SUM, Status
+from cai_hpc.comm import ANY_SOURCE, ANY_TAG, IN_PLACE, SUM, Status, buffer_array
 from lambda_shim.wire import (
     FRAME,
     KIND_BYTES,
@@ -585,7 +585,7 @@ class TcpComm:
     # ---------------------------------------------------------------- buffer forms
     def Bcast(self, buf: Any, root: int = 0) -> None:  # noqa: N802
         self._check_root(root)
-        array = _array(buf)
+        array = buffer_array(buf)
         data = self._tree_bcast(
             memoryview(np.ascontiguousarray(array)).cast("B") if self.rank == root else None, root, self._tag()
         )
@@ -594,7 +594,7 @@ class TcpComm:
 
     def Reduce(self, sendbuf: Any, recvbuf: Any, op=SUM, root: int = 0) -> None:  # noqa: N802
         self._check_root(root)
-        source = _array(recvbuf) if sendbuf is IN_PLACE else _array(sendbuf)
+        source = buffer_array(recvbuf) if sendbuf is IN_PLACE else buffer_array(sendbuf)
         value = np.array(source, copy=True)
         tag = self._tag()
 
@@ -612,7 +612,7 @@ class TcpComm:
             memoryview(np.ascontiguousarray(result)).cast("B") if self.rank == 0 else None, root, tag
         )
         if self.rank == root:
-            _fill(_array(recvbuf), memoryview(np.ascontiguousarray(result)).cast("B") if root == 0 else payload)
+            _fill(buffer_array(recvbuf), memoryview(np.ascontiguousarray(result)).cast("B") if root == 0 else payload)
 
     def Allreduce(self, sendbuf: Any, recvbuf: Any, op=SUM) -> None:  # noqa: N802
         self.Reduce(sendbuf, recvbuf, op, root=0)
@@ -620,11 +620,11 @@ class TcpComm:
 
     def Gatherv(self, sendbuf: Any, recvbuf: Any, root: int = 0) -> None:  # noqa: N802
         self._check_root(root)
-        mine = memoryview(np.ascontiguousarray(_array(sendbuf))).cast("B").tobytes()
+        mine = memoryview(np.ascontiguousarray(buffer_array(sendbuf))).cast("B").tobytes()
         parts = self._gather_parts(mine, root)
         if parts is None:
             return
-        out = _array(recvbuf).reshape(-1)
+        out = buffer_array(recvbuf).reshape(-1)
         counts, displs = _counts_displs(recvbuf, self.size)
         for rank, data in parts:
             chunk = np.frombuffer(data, dtype=out.dtype)
@@ -641,10 +641,6 @@ class TcpComm:
         os._exit(errorcode)
 
 
-def _array(buf: Any) -> np.ndarray:
-    return buf[0] if isinstance(buf, (list, tuple)) else buf
-
-
 def _fill(array: np.ndarray, data: bytes | memoryview) -> None:
     target = memoryview(array).cast("B") if array.flags.c_contiguous else None
     if len(data) != array.nbytes:
@@ -657,7 +653,7 @@ def _fill(array: np.ndarray, data: bytes | memoryview) -> None:
 
 def _counts_displs(recvbuf: Any, size: int) -> tuple[list[int], list[int]]:
     if not isinstance(recvbuf, (list, tuple)) or len(recvbuf) < 2:
-        n = _array(recvbuf).size // size
+        n = buffer_array(recvbuf).size // size
         return [n] * size, [i * n for i in range(size)]
     spec = recvbuf[1]
     if len(recvbuf) >= 3 and not isinstance(recvbuf[2], type):

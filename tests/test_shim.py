@@ -295,3 +295,11 @@ def test_jobs_run_side_by_side_on_one_server(server) -> None:
     jobs = [uuid.uuid4().hex for _ in range(3)]
     procs = [server.start(rank, 3, job) for job in jobs for rank in range(3)]
     assert [code for code, _ in finish(procs)] == [0] * 9
+
+
+def test_launch_of_a_missing_command_is_one_line() -> None:
+    result = launch(2, "/no/such/command")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "launch: error: [Errno 2] No such file or directory: '/no/such/command'"
+    ]
