@@ -4,6 +4,7 @@ synthetic sample, made once and cached under ``data/``."""
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import traceback
@@ -12,7 +13,7 @@ from typing import Any
 
 from cai_hpc.errors import InputError
 
-COMMANDS = ("infer", "synth", "convert", "convert-checkpoint", "plot", "bench")
+COMMANDS = ("infer", "synth", "convert", "convert-checkpoint", "plot", "bench", "cloud")
 SAMPLE_SAMPLES = 2048
 SAMPLE_SHARD_MB = 10.0
 log = logging.getLogger("cai_hpc")
@@ -27,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO,
         format="cai-hpc: %(message)s",
     )
+    for noisy in ("botocore", "boto3", "urllib3", "werkzeug", "s3transfer"):  # -v is about cai-hpc
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     if args.command == "infer":
         return run_infer(args)
     try:
@@ -116,7 +119,7 @@ def _sample_dataset(comm: Any) -> Path:
     return sample
 
 
-def _report(summary: dict, out: Path) -> None:
+def _report(summary: dict, out: str | Path) -> None:
     m, tp, t = summary["metrics"], summary["throughput"], summary["timing"]
     log.info(
         "%d samples on %d rank(s) in %.2f s wall (%.1f samples/s); summary: %s",
@@ -124,7 +127,7 @@ def _report(summary: dict, out: Path) -> None:
         summary["world_size"],
         t["wall_s"],
         tp["samples_per_s"],
-        out / "summary.json",
+        f"{str(out).rstrip('/')}/summary.json",
     )
     if m:
         log.info(
@@ -200,8 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("infer", parents=[common], help="predict redshifts for a dataset of shards")
-    p.add_argument("--data", type=Path, help="directory of .h5 shards (default: the embedded sample)")
-    p.add_argument("--out", type=Path, default=Path("out"), help="output directory (default: ./out)")
+    p.add_argument("--data", help="directory or s3:// prefix of .h5 shards (default: the embedded sample)")
+    p.add_argument("--out", default="out", help="output directory or s3:// prefix (default: ./out)")
     p.add_argument("--checkpoint", type=Path, help="AstroMAE weights (.safetensors); default: seeded random weights")
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument(
@@ -256,4 +259,125 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, default=2.0, help="time per measurement")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     p.set_defaults(handler=cmd_bench)
+
+    _cloud_parser(sub, common)
     return parser
+
+
+def _cloud_parser(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("cloud", parents=[common], help="run on AWS Lambda + Step Functions (or emulate it locally)")
+    verbs = p.add_subparsers(dest="verb", required=True)
+    job = argparse.ArgumentParser(add_help=False)
+    job.add_argument("--data", required=True, help="s3:// prefix of .h5 shards (with --local: a directory)")
+    job.add_argument("--out", required=True, help="s3:// prefix for the outputs (with --local: a directory)")
+    job.add_argument("--model", help="s3:// URI of a .safetensors checkpoint (with --local: a file); default: random")
+    size = job.add_mutually_exclusive_group()
+    size.add_argument("--ranks", type=int, help="ranks (Lambda functions); default: one per shard")
+    size.add_argument("--shards-per-rank", type=int, help="whole shards per rank")
+    job.add_argument("--max-ranks", type=int, default=1000, help="ranks the deployment runs at once (MaxRanks)")
+    job.add_argument("--memory-mb", type=int, default=4096, help="function memory (sets its vCPUs)")
+    job.add_argument("--rendezvous", default="", help="host:port of the rendezvous server the functions reach")
+    job.add_argument("--token-secret", default="cai-hpc/rendezvous", help="Secrets Manager name of its secret")
+    job.add_argument("--batch-size", type=int, default=512)
+    job.add_argument("--threads", type=int, help="threads per rank (default: the function's vCPUs)")
+    job.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    job.add_argument("--rate", type=float, default=270.0, help="samples/s per vCPU assumed by the cost estimate")
+
+    v = verbs.add_parser("plan", parents=[common, job], help="print the plan and its cost estimate (writes nothing)")
+    v.set_defaults(handler=cmd_cloud_plan)
+    v = verbs.add_parser("run", parents=[common, job], help="start a job and follow it to its summary")
+    v.add_argument("--state-machine", help="ARN of the deployed state machine (lambda_shim/template.yaml)")
+    v.add_argument("--dry-run", action="store_true", help="print the plan and its cost estimate, start nothing")
+    v.add_argument("--local", action="store_true", help="emulate the whole cloud path on this machine")
+    v.add_argument("-n", "--local-ranks", type=int, default=2, help="with --local: ranks (functions)")
+    v.set_defaults(handler=cmd_cloud_run)
+    v = verbs.add_parser("status", parents=[common], help="one progress line for an execution")
+    v.add_argument("execution", help="execution ARN (printed by cloud run)")
+    v.set_defaults(handler=cmd_cloud_status)
+    v = verbs.add_parser("fetch", parents=[common], help="copy summary.json and predictions to a directory")
+    v.add_argument("--out", required=True, help="the run's s3:// output prefix")
+    v.add_argument("--to", type=Path, required=True, help="local directory")
+    v.add_argument("--summary-only", action="store_true")
+    v.set_defaults(handler=cmd_cloud_fetch)
+
+
+def _plan_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "ranks": args.ranks,
+        "shards_per_rank": args.shards_per_rank,
+        "max_ranks": args.max_ranks,
+        "memory_mb": args.memory_mb,
+        "batch_size": args.batch_size,
+        "threads": args.threads,
+        "precision": args.precision,
+    }
+
+
+def _aws_plan(args: argparse.Namespace) -> Any:
+    from lambda_shim.cloud import make_plan
+
+    if args.batch_size < 1:
+        raise InputError(f"--batch-size must be at least 1, got {args.batch_size}")
+    return make_plan(
+        args.data,
+        args.out,
+        model=args.model,
+        rendezvous=args.rendezvous or "unset:0",
+        token_secret=args.token_secret,
+        **_plan_options(args),
+    )
+
+
+def cmd_cloud_plan(args: argparse.Namespace) -> int:
+    print(_aws_plan(args).describe(args.rate))
+    return 0
+
+
+def cmd_cloud_run(args: argparse.Namespace) -> int:
+    if args.local:
+        from lambda_shim.local import run_local
+
+        options = _plan_options(args)
+        options.pop("ranks")
+        options.pop("memory_mb")
+        summary = run_local(
+            args.local_ranks,
+            Path(args.data),
+            Path(args.out),
+            checkpoint=Path(args.model) if args.model else None,
+            verbose=args.verbose,
+            **options,
+        )
+        _report(summary, args.out)
+        return 0
+    from lambda_shim import cloud
+
+    plan = _aws_plan(args)
+    print(plan.describe(args.rate))
+    if args.dry_run:
+        return 0
+    if not args.state_machine or not args.rendezvous:
+        raise InputError("cloud run needs --state-machine ARN and --rendezvous host:port (or --dry-run, --local)")
+    execution = cloud.start(plan, args.state_machine)
+    print(f"execution {execution}", flush=True)
+    state = cloud.follow(execution, plan.memory_mb)
+    if state["status"] != "SUCCEEDED":
+        raise cloud.JobFailedError(f"{state['status']}: {state.get('error')}: {state.get('cause')}")
+    summary = json.loads((plan.out / "summary.json").read_bytes())
+    _report(summary, str(plan.out))
+    return 0
+
+
+def cmd_cloud_status(args: argparse.Namespace) -> int:
+    from lambda_shim import cloud
+
+    print(cloud.progress_line(cloud.status(args.execution)))
+    return 0
+
+
+def cmd_cloud_fetch(args: argparse.Namespace) -> int:
+    from lambda_shim import cloud
+
+    summary = cloud.fetch(args.out, args.to, predictions=not args.summary_only)
+    _report(summary, args.to)
+    return 0

@@ -3,7 +3,9 @@
 It only talks to ``comm`` through the DESIGN.md subset of mpi4py's ``Comm``, and never
 assumes a size. Phases, every rank in step:
 
-1. rank 0 validates the dataset's headers, applies ``--limit`` and finds finished shards;
+1. rank 0 validates the dataset's headers, applies ``--limit``, finds finished shards and
+   plans contiguous, balanced row ranges; or, when each rank was handed its own shards (a
+   Lambda function per rank), every rank checks its own and they share what they found;
 2. every rank scans its planned pieces for unreadable rows and NaN/inf, and the ranks agree
    on the outcome before anything is written;
 3. batches stream through the model (reading runs ahead on a thread); a shard read whole by
@@ -16,7 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -35,7 +37,8 @@ from cai_hpc.model import parameter_count
 from cai_hpc.plan import Piece, plan_pieces, shard_owners
 from cai_hpc.records import build_summary, rank_record, seconds_since_process_start, write_json_atomic
 from cai_hpc.resources import pick_device, threads_per_rank
-from cai_hpc.shards import ShardInfo, ShardReader, scan_dataset
+from cai_hpc.shards import ShardInfo, ShardReader, inspect_shard, scan_dataset
+from cai_hpc.storage import Location
 
 log = logging.getLogger("cai_hpc")
 T = TypeVar("T")
@@ -44,8 +47,8 @@ PIECE_TAG = 17  # a rank sends at most one piece (its first) to one owner, so on
 
 @dataclass
 class RunConfig:
-    data: Path
-    out: Path
+    data: Location | Path | str  # a directory or S3 prefix of shards
+    out: Location | Path | str  # a directory or S3 prefix
     checkpoint: Path | None = None
     batch_size: int = 512
     threads: int | None = None
@@ -56,26 +59,37 @@ class RunConfig:
     compare_fp32: bool = False  # with bf16: also run float32 and report the difference
     seed: int = 0
     progress: bool = True
+    shards: list[str] | None = None  # this rank's own whole shards (cloud); None: plan by rows
+    started: float | None = None  # epoch seconds this rank's cold start counts from (default: process start)
+
+    def __post_init__(self) -> None:
+        self.data, self.out = Location(self.data), Location(self.out)
 
 
 @dataclass
 class Job:
-    """What rank 0 decided and broadcast: the shards, the rows to use of each, what is done."""
+    """What the ranks agreed on: every shard of the run and the rows to use of each, which
+    an earlier run finished, and each rank's pieces (``Piece.shard`` indexes ``shards``)."""
 
     shards: list[ShardInfo]
     rows: list[int]
     done: list[int]
     weights: str
-    todo: list[int] = field(init=False)
+    plan: list[list[Piece]]
+    rereads: list[list[int]]  # per rank: finished shards whose predictions it reads for metrics
 
-    def __post_init__(self) -> None:
-        finished = set(self.done)
-        self.todo = [i for i in range(len(self.shards)) if i not in finished]
+    @property
+    def todo(self) -> list[int]:
+        return sorted({p.shard for pieces in self.plan for p in pieces})
 
 
 def run(comm: Any, config: RunConfig) -> dict[str, Any] | None:
     """Run inference over ``config.data``; returns the summary on rank 0, None elsewhere."""
-    imports_s = seconds_since_process_start()  # interpreter, imports and argument parsing
+
+    def since_start() -> float:
+        return seconds_since_process_start() if config.started is None else time.time() - config.started
+
+    imports_s = since_start()  # interpreter, imports and argument parsing
     rank, size = comm.Get_rank(), comm.Get_size()
     if config.batch_size < 1:
         raise InputError(f"--batch-size must be at least 1, got {config.batch_size}", agreed=True)
@@ -86,10 +100,11 @@ def run(comm: Any, config: RunConfig) -> dict[str, Any] | None:
     threads, device = _agreed(comm, lambda: (threads_per_rank(config.threads), pick_device(config.device)))
     torch.set_num_threads(threads)
 
-    job = _decided_by_root(comm, lambda: _prepare(config))
-    shards = [job.shards[i] for i in job.todo]
-    rows = [job.rows[i] for i in job.todo]
-    plan = plan_pieces(rows, size)
+    if config.shards is None:
+        job = _decided_by_root(comm, lambda: _prepare(config, size))
+    else:
+        job = _assigned(comm, config)
+    shards, rows, plan = job.shards, job.rows, job.plan
     mine = plan[rank]
 
     t0 = time.perf_counter()
@@ -106,7 +121,7 @@ def run(comm: Any, config: RunConfig) -> dict[str, Any] | None:
     reference = fuse(model).to(device) if config.compare_fp32 and config.precision != "fp32" else None
     if rank == 0:
         _announce(job, size, threads, config, checkpoint)
-    startup_s = seconds_since_process_start() - scan_s  # the input check is counted in load_s
+    startup_s = since_start() - scan_s  # the input check is counted in load_s
 
     pred, loop = _infer(runner, reference, device, shards, rows, mine, config, stamp, rank)
     t0 = time.perf_counter()
@@ -155,8 +170,9 @@ def run(comm: Any, config: RunConfig) -> dict[str, Any] | None:
     return summary
 
 
-def _prepare(config: RunConfig) -> Job:
-    """Rank 0: validate the headers, apply the limit, find the shards an earlier run finished."""
+def _prepare(config: RunConfig, size: int) -> Job:
+    """Rank 0: validate the headers, apply the limit, find the shards an earlier run finished,
+    and split the rest into ``size`` balanced runs of rows."""
     shards = scan_dataset(config.data)
     rows = [s.rows for s in shards]
     if config.limit is not None:
@@ -175,13 +191,50 @@ def _prepare(config: RunConfig) -> Job:
         if config.overwrite
         else [i for i, shard in enumerate(shards) if predictions.is_complete(config.out, shard, rows[i], weights)]
     )
-    return Job(shards, rows, done, weights)
+    todo = [i for i in range(len(shards)) if i not in set(done)]
+    plan = [
+        [Piece(todo[p.shard], p.start, p.stop) for p in pieces] for pieces in plan_pieces([rows[i] for i in todo], size)
+    ]
+    return Job(shards, rows, done, weights, plan, [done[rank::size] for rank in range(size)])
 
 
-def _make_output_dir(out: Path) -> None:
+def _assigned(comm: Any, config: RunConfig) -> Job:
+    """Every rank checks the whole shards it was handed and whether an earlier run finished
+    them; the ranks then share what they found. Nothing here grows with the world size on
+    one rank but the small allgather, so a thousand functions start as fast as one."""
+    if config.limit is not None:
+        raise InputError("--limit applies to a dataset planned by rows, not to shards handed to each rank", agreed=True)
+    weights = f"{weights_id(config.checkpoint, config.seed)}/{config.precision}"
+
+    def check_mine() -> list[tuple[ShardInfo, bool]]:
+        infos = [inspect_shard(where) for where in config.shards or []]
+        return [(i, not config.overwrite and predictions.is_complete(config.out, i, i.rows, weights)) for i in infos]
+
+    found = _agreed(comm, check_mine)
+    everyone = comm.allgather(found)
+    names = [info.name for theirs in everyone for info, _ in theirs]
+    if len(set(names)) != len(names):
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise InputError(f"shards handed to more than one rank: {', '.join(twice[:5])}", agreed=True)
+    shards, done, plan, rereads = [], [], [], []
+    for theirs in everyone:
+        plan.append([])
+        rereads.append([])
+        for info, finished in theirs:
+            index = len(shards)
+            shards.append(info)
+            if finished:
+                done.append(index)
+                rereads[-1].append(index)
+            else:
+                plan[-1].append(Piece(index, 0, info.rows))
+    return Job(shards, [s.rows for s in shards], done, weights, plan, rereads)
+
+
+def _make_output_dir(out: Location) -> None:
     """Created only once the input passed every check, so bad input leaves no trace."""
     try:
-        (out / "predictions").mkdir(parents=True, exist_ok=True)
+        (out / "predictions").make_dir()
     except OSError as exc:
         raise InputError(f"{out}: cannot create the output directory: {exc.strerror}") from None
     predictions.remove_stale_temporaries(out)
@@ -281,7 +334,7 @@ def _gather_split_shards(
     shards: list[ShardInfo],
     rows: list[int],
     pred: list[np.ndarray],
-    out: Path,
+    out: Location,
     stamp: dict[str, str],
 ) -> None:
     """Send the piece of a shard this rank does not own; assemble and write the ones it owns.
@@ -304,19 +357,19 @@ def _gather_split_shards(
             _write(out, shards[piece.shard], np.concatenate(parts), stamp)
 
 
-def _write(out: Path, shard: ShardInfo, pred: np.ndarray, stamp: dict[str, str]) -> None:
+def _write(out: Location, shard: ShardInfo, pred: np.ndarray, stamp: dict[str, str]) -> None:
     if not np.isfinite(pred).all():
         raise RuntimeError(f"{shard.path}: the model predicted NaN/inf (is the checkpoint sound?)")
     predictions.write_predictions(out, shard, pred, stamp)
 
 
 def _labelled_residuals(
-    comm: Any, job: Job, mine: list[Piece], pred: list[np.ndarray], labels: list[np.ndarray | None], out: Path
+    comm: Any, job: Job, mine: list[Piece], pred: list[np.ndarray], labels: list[np.ndarray | None], out: Location
 ) -> tuple[np.ndarray, np.ndarray]:
-    """This rank's (predicted, true) pairs: its own pieces, plus a round-robin share of the
-    shards an earlier run finished, so the metrics always cover the whole dataset."""
+    """This rank's (predicted, true) pairs: its own pieces, plus its share of the shards an
+    earlier run finished, so the metrics always cover the whole dataset."""
     pairs = [(p, t) for p, t in zip(pred, labels, strict=True) if t is not None]
-    for i in job.done[comm.Get_rank() :: comm.Get_size()]:
+    for i in job.rereads[comm.Get_rank()]:
         pairs.append(predictions.read_labelled(out, job.shards[i], job.rows[i]))
     if not pairs:
         return np.empty(0, np.float32), np.empty(0, np.float32)

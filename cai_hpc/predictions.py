@@ -1,60 +1,54 @@
-"""Per-shard prediction files: ``OUT/predictions/<shard stem>.h5``, written atomically."""
+"""Per-shard prediction files: ``OUT/predictions/<shard stem>.h5``, written atomically
+(a renamed temporary file on disk, a single PUT on S3)."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-import h5py
 import numpy as np
 
 from cai_hpc.shards import ShardInfo
+from cai_hpc.storage import Location
 
 FORMAT = "cai-hpc-predictions"
 FORMAT_VERSION = 1
 
 
-def prediction_path(out: Path, shard: ShardInfo) -> Path:
+def prediction_path(out: Location, shard: ShardInfo) -> Location:
     return out / "predictions" / f"{shard.path.stem}.h5"
 
 
-def write_predictions(out: Path, shard: ShardInfo, pred: np.ndarray, stamp: dict[str, str]) -> Path:
+def write_predictions(out: Location, shard: ShardInfo, pred: np.ndarray, stamp: dict[str, str]) -> Location:
     """Write ``pred`` (the shard's first ``len(pred)`` rows) with the shard's ids and labels,
     stamped with the weights that made them (``checkpoint`` label and ``weights`` id).
 
-    The temporary file is renamed into place only once complete, so a crash never leaves a
-    file that looks whole.
+    The file appears only once complete, so a crash never leaves a file that looks whole.
     """
     rows = len(pred)
     path = prediction_path(out, shard)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with h5py.File(shard.path, "r") as src, h5py.File(tmp, "w") as f:
-            f.attrs["format"] = FORMAT
-            f.attrs["format_version"] = FORMAT_VERSION
-            f.attrs["source"] = shard.name
-            f.attrs["source_rows"] = shard.rows
-            f.attrs["rows"] = rows
-            for key, value in stamp.items():
-                f.attrs[key] = value
-            f.create_dataset("redshift_pred", data=pred.astype(np.float32, copy=False))
-            for name in ("object_id", "redshift"):
-                if name in src:
-                    f.create_dataset(name, data=src[name][:rows])
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with shard.path.open_h5() as src, path.writing_h5() as f:
+        f.attrs["format"] = FORMAT
+        f.attrs["format_version"] = FORMAT_VERSION
+        f.attrs["source"] = shard.name
+        f.attrs["source_rows"] = shard.rows
+        f.attrs["rows"] = rows
+        for key, value in stamp.items():
+            f.attrs[key] = value
+        f.create_dataset("redshift_pred", data=pred.astype(np.float32, copy=False))
+        for name in ("object_id", "redshift"):
+            if name in src:
+                f.create_dataset(name, data=src[name][:rows])
     return path
 
 
-def is_complete(out: Path, shard: ShardInfo, rows: int, weights: str) -> bool:
+def is_complete(out: Location, shard: ShardInfo, rows: int, weights: str) -> bool:
     """True when the shard's predictions file is readable, was made from this shard with
     these weights, and holds at least its first ``rows`` rows."""
     path = prediction_path(out, shard)
-    if not path.is_file():
+    if not path.exists():
         return False
     try:
-        with h5py.File(path, "r") as f:
+        with path.open_h5() as f:
             held = int(f.attrs.get("rows", -1))
             return (
                 f.attrs.get("format") == FORMAT
@@ -68,16 +62,18 @@ def is_complete(out: Path, shard: ShardInfo, rows: int, weights: str) -> bool:
         return False
 
 
-def read_labelled(out: Path, shard: ShardInfo, rows: int) -> tuple[np.ndarray, np.ndarray]:
+def read_labelled(out: Location, shard: ShardInfo, rows: int) -> tuple[np.ndarray, np.ndarray]:
     """(predicted, true) redshift of the first ``rows`` rows of a finished shard; empty when it
     has no labels."""
-    with h5py.File(prediction_path(out, shard), "r") as f:
+    with prediction_path(out, shard).open_h5() as f:
         if "redshift" not in f:
             return np.empty(0, np.float32), np.empty(0, np.float32)
         return f["redshift_pred"][:rows], f["redshift"][:rows]
 
 
-def remove_stale_temporaries(out: Path) -> None:
-    """Temporary files of a run that was killed mid-write (they are never taken for results)."""
-    for tmp in (out / "predictions").glob(".*.h5.tmp-*"):
-        tmp.unlink(missing_ok=True)
+def remove_stale_temporaries(out: Location) -> None:
+    """Temporary files of a run that was killed mid-write (they are never taken for results);
+    S3 has none, a PUT is all or nothing."""
+    if not out.s3:
+        for tmp in (Path(out) / "predictions").glob(".*.h5.tmp-*"):
+            tmp.unlink(missing_ok=True)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import platform
 import resource
 import socket
@@ -14,6 +13,7 @@ from typing import Any
 import psutil
 
 import cai_hpc
+from cai_hpc.storage import Location
 
 BITS_PER_SAMPLE = 164_160  # (5*32*32 + 5) float32 values, as the reference counts them
 
@@ -98,10 +98,5 @@ def build_summary(
     }
 
 
-def write_json_atomic(path: Path, record: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(record, indent=2, allow_nan=False) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+def write_json_atomic(where: Location | Path, record: dict[str, Any]) -> None:
+    Location(where).write_bytes((json.dumps(record, indent=2, allow_nan=False) + "\n").encode())

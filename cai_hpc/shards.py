@@ -1,8 +1,8 @@
 """The HDF5 shard format (DESIGN.md): writing, validating and streaming reads.
 
 A shard holds ``images`` float32 (N, 5, 32, 32), ``magnitudes`` float32 (N, 5) and optionally
-``redshift`` float32 (N,) and ``object_id`` int64 (N,). A dataset is a directory of shards;
-sorted file-name order defines the global sample index.
+``redshift`` float32 (N,) and ``object_id`` int64 (N,). A dataset is a directory (or S3 prefix)
+of shards; sorted file-name order defines the global sample index.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import h5py
 import numpy as np
 
 from cai_hpc.errors import InputError
+from cai_hpc.storage import Location
 
 FORMAT = "cai-hpc-shard"
 FORMAT_VERSION = 1
@@ -39,7 +40,7 @@ DATASETS = {
 class ShardInfo:
     """What validation learnt from a shard's header: enough to plan without reopening it."""
 
-    path: Path
+    path: Location
     rows: int
     labelled: bool
     has_object_id: bool
@@ -189,10 +190,11 @@ def _slice(cols: Columns, a: int, b: int) -> Columns:
     return Columns(cols.images[a:b], cols.magnitudes[a:b], cut(cols.redshift), cut(cols.object_id))
 
 
-def inspect_shard(path: Path) -> ShardInfo:
+def inspect_shard(where: Location | Path | str) -> ShardInfo:
     """Validate a shard's header (format, datasets, dtypes, shapes); raise InputError if bad."""
+    path = Location(where)
     try:
-        f = h5py.File(path, "r")
+        f = path.open_h5()
     except OSError as exc:
         raise InputError(f"{path}: not a readable HDF5 file (truncated or corrupt?): {_short(exc)}") from None
     with f:
@@ -224,18 +226,20 @@ def inspect_shard(path: Path) -> ShardInfo:
         return ShardInfo(path, rows, "redshift" in f, "object_id" in f, version)
 
 
-def list_shards(data: Path) -> list[Path]:
-    """The shards of a dataset directory, in the sorted order that defines the global index."""
+def list_shards(where: Location | Path | str) -> list[Location]:
+    """The shards of a dataset directory or S3 prefix, in the sorted order that defines the
+    global index."""
+    data = Location(where)
     if not data.is_dir():
         raise InputError(f"{data}: no such dataset directory")
-    paths = sorted(p for p in data.iterdir() if p.suffix == ".h5" and not p.name.startswith("."))
+    paths = data.list(".h5")
     if not paths:
         raise InputError(f"{data}: no .h5 shards in this directory")
     return paths
 
 
-def scan_dataset(data: Path) -> list[ShardInfo]:
-    """Validate every shard header of a dataset directory."""
+def scan_dataset(data: Location | Path | str) -> list[ShardInfo]:
+    """Validate every shard header of a dataset directory or S3 prefix."""
     return [inspect_shard(p) for p in list_shards(data)]
 
 
@@ -245,7 +249,7 @@ class ShardReader:
     def __init__(self, info: ShardInfo) -> None:
         self.info = info
         try:
-            self._file = h5py.File(info.path, "r")
+            self._file = info.path.open_h5()
         except OSError as exc:
             raise InputError(f"{info.path}: cannot open: {_short(exc)}") from None
 

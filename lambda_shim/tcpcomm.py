@@ -137,6 +137,7 @@ class TcpComm:
         self._inbox: collections.deque = collections.deque()  # (source, tag, kind, payload)
         self._cond = threading.Condition()
         self._links: dict[int, _Link] = {}
+        self._sockets: list[socket.socket] = []  # every adopted link, to close on leaving
         self._open_links: collections.Counter = collections.Counter()
         self._connecting: dict[int, threading.Lock] = collections.defaultdict(threading.Lock)
         self._dead: dict[int, str] = {}
@@ -354,6 +355,7 @@ class TcpComm:
         with self._cond:
             self._links.setdefault(link.peer, link)
             self._open_links[link.peer] += 1
+            self._sockets.append(link.sock)
         threading.Thread(target=self._read_loop, args=(link,), daemon=True, name=f"tcpcomm-read-{link.peer}").start()
 
     def _link(self, peer: int) -> _Link:
@@ -631,6 +633,25 @@ class TcpComm:
             if len(chunk) != counts[rank]:
                 raise ValueError(f"Gatherv: rank {rank} sent {len(chunk)} items, recvbuf expects {counts[rank]}")
             out[displs[rank] : displs[rank] + len(chunk)] = chunk
+
+    def close(self) -> None:
+        """Leave the job: close every connection and listener, which ends the threads that
+        serve them. A warm Lambda process runs job after job, so nothing may linger."""
+        if self._closed:
+            return
+        self._closed = True
+        for sock in (self._listener, self._punch_listener, self._control, *self._sockets):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)  # wakes a thread blocked in accept() or recv()
+            except OSError:
+                pass
+            sock.close()
+
+    def __enter__(self) -> TcpComm:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def Abort(self, errorcode: int = 1) -> None:  # noqa: N802
         """End this process at once; peers see its connections close and raise CommError."""

@@ -56,6 +56,12 @@ def load_secret(environ: dict[str, str] | None = None) -> bytes:
         text = env.get(TOKEN_ENV, "").strip()
     if not text:
         raise AuthError(f"no secret: set {TOKEN_FILE_ENV} (a file holding it) or {TOKEN_ENV}")
+    return secret_bytes(text)
+
+
+def secret_bytes(text: str) -> bytes:
+    """A secret as written in a file or a secret store: hex digits, or any other text."""
+    text = text.strip()
     return bytes.fromhex(text) if _is_hex(text) else text.encode()
 
 

@@ -1,0 +1,229 @@
+"""Where datasets and outputs live: a local directory or an S3 prefix, used the same way.
+
+A ``Location`` is a path on local disk or an ``s3://bucket/key`` URI. Local shards are read
+straight from disk (streamed by h5py); S3 shards are fetched whole into memory, once per
+process, since a Lambda function has no disk to spare and reads them all anyway. Writes are
+atomic on both: a temporary file renamed into place, or one S3 PUT, so a reader never sees a
+half-written file.
+
+boto3 is imported only when an S3 location is first touched, so local runs never load it.
+The client takes its endpoint, region and credentials from boto3's standard chain
+(``AWS_ENDPOINT_URL_S3`` points it at a local S3 such as moto's server).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import h5py
+
+from cai_hpc.errors import InputError
+
+S3 = "s3://"
+# S3 objects fetched by this process (location -> bytes); see ``forget``.
+_fetched: dict[str, bytes] = {}
+
+
+class Location:
+    """A file or directory on local disk or in S3, with the few operations the engine needs."""
+
+    def __init__(self, where: str | Path | Location) -> None:
+        text = str(where)
+        self.s3 = text.startswith(S3)
+        if self.s3:
+            self.bucket, _, self.key = text[len(S3) :].partition("/")
+            self.key = self.key.strip("/")
+            if not self.bucket:
+                raise InputError(f"{text}: an S3 location needs a bucket (s3://bucket/prefix)")
+            self.text = f"{S3}{self.bucket}/{self.key}" if self.key else f"{S3}{self.bucket}"
+        else:
+            self.text = text
+
+    def __str__(self) -> str:
+        return self.text
+
+    def __repr__(self) -> str:
+        return f"Location({self.text!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Location) and other.text == self.text
+
+    def __hash__(self) -> int:
+        return hash(self.text)
+
+    def __fspath__(self) -> str:
+        if self.s3:
+            raise TypeError(f"{self.text} is not on local disk")
+        return self.text
+
+    def __truediv__(self, name: str) -> Location:
+        if self.s3:
+            return Location(f"{self.text}/{name}")
+        return Location(Path(self.text) / name)
+
+    @property
+    def name(self) -> str:
+        return self.text.rstrip("/").rpartition("/")[2]
+
+    @property
+    def stem(self) -> str:
+        return Path(self.name).stem
+
+    @property
+    def path(self) -> Path:
+        """The local path (only for local locations)."""
+        if self.s3:
+            raise ValueError(f"{self.text} is not on local disk")
+        return Path(self.text)
+
+    # ------------------------------------------------------------------ reading
+    def list(self, suffix: str) -> list[Location]:
+        """Files directly inside this directory or prefix ending in ``suffix``, hidden ones
+        skipped, sorted by name (every S3 listing page is read)."""
+        if not self.s3:
+            return sorted(
+                (Location(p) for p in Path(self.text).iterdir() if p.name.endswith(suffix) and p.name[0] != "."),
+                key=lambda loc: loc.name,
+            )
+        found = []
+        for obj in self.objects():
+            name = obj["Key"][len(self._prefix()) :]
+            if "/" not in name and name.endswith(suffix) and not name.startswith("."):
+                found.append(self / name)
+        return sorted(found, key=lambda loc: loc.name)
+
+    def objects(self) -> Iterator[dict[str, Any]]:
+        """Every S3 object under this prefix (``Key``, ``Size``, ...), page after page."""
+        pages = _s3().get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self._prefix())
+        with _s3_errors(self):
+            for page in pages:
+                yield from page.get("Contents", [])
+
+    def is_dir(self) -> bool:
+        if not self.s3:
+            return Path(self.text).is_dir()
+        with _s3_errors(self):
+            reply = _s3().list_objects_v2(Bucket=self.bucket, Prefix=self._prefix(), MaxKeys=1)
+        return reply.get("KeyCount", 0) > 0
+
+    def exists(self) -> bool:
+        if not self.s3:
+            return Path(self.text).is_file()
+        if self.text in _fetched:
+            return True
+        from botocore.exceptions import ClientError
+
+        try:
+            with _s3_errors(self, missing_ok=True):
+                _s3().head_object(Bucket=self.bucket, Key=self.key)
+        except ClientError:
+            return False
+        return True
+
+    def etag(self) -> str:
+        """The S3 object's ETag: changes whenever the object is replaced."""
+        with _s3_errors(self):
+            return _s3().head_object(Bucket=self.bucket, Key=self.key)["ETag"].strip('"')
+
+    def read_bytes(self) -> bytes:
+        if not self.s3:
+            try:
+                return Path(self.text).read_bytes()
+            except OSError as exc:
+                raise InputError(f"{self.text}: cannot read: {exc.strerror}") from None
+        if self.text not in _fetched:
+            with _s3_errors(self):
+                _fetched[self.text] = _s3().get_object(Bucket=self.bucket, Key=self.key)["Body"].read()
+        return _fetched[self.text]
+
+    def open_h5(self) -> h5py.File:
+        """The HDF5 file, read-only: from disk, or from this process's in-memory copy."""
+        if not self.s3:
+            return h5py.File(self.text, "r")
+        return h5py.File(io.BytesIO(self.read_bytes()), "r")
+
+    # ------------------------------------------------------------------ writing
+    def make_dir(self) -> None:
+        """Create the directory (S3 has none to create: check the bucket can be reached)."""
+        if not self.s3:
+            Path(self.text).mkdir(parents=True, exist_ok=True)
+            return
+        with _s3_errors(self):
+            _s3().head_bucket(Bucket=self.bucket)
+
+    def write_bytes(self, data: bytes) -> None:
+        """Write the whole file atomically."""
+        if self.s3:
+            with _s3_errors(self):
+                _s3().put_object(Bucket=self.bucket, Key=self.key, Body=data)
+            _fetched.pop(self.text, None)
+            return
+        path = Path(self.text)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    @contextmanager
+    def writing_h5(self) -> Iterator[h5py.File]:
+        """An HDF5 file to fill; it appears at this location only if the block succeeds."""
+        if self.s3:
+            buffer = io.BytesIO()
+            with h5py.File(buffer, "w") as f:
+                yield f
+            self.write_bytes(buffer.getvalue())
+            return
+        path = Path(self.text)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            with h5py.File(tmp, "w") as f:
+                yield f
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _prefix(self) -> str:
+        return f"{self.key}/" if self.key else ""
+
+
+def forget() -> None:
+    """Drop this process's in-memory copies of S3 objects (a warm Lambda reuses the process)."""
+    _fetched.clear()
+
+
+@cache
+def _s3() -> Any:
+    import boto3
+    from botocore.config import Config
+
+    # Standard retries ride out S3's throttling replies; a short connect timeout makes an
+    # unreachable endpoint an error in seconds rather than minutes.
+    config = Config(retries={"mode": "standard", "max_attempts": 5}, connect_timeout=10, read_timeout=120)
+    return boto3.client("s3", config=config)
+
+
+@contextmanager
+def _s3_errors(where: Location, missing_ok: bool = False) -> Iterator[None]:
+    """S3 failures as one-line InputErrors naming the location."""
+    from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+
+    try:
+        yield
+    except NoCredentialsError:
+        raise InputError(f"{where}: no AWS credentials (set AWS_PROFILE or AWS_ACCESS_KEY_ID/...)") from None
+    except ClientError as exc:
+        code = exc.response.get("Error", {}).get("Code", "")
+        if missing_ok and code in ("404", "NoSuchKey", "NotFound"):
+            raise
+        message = exc.response.get("Error", {}).get("Message") or code
+        raise InputError(f"{where}: S3 refused: {code}: {message}") from None
+    except BotoCoreError as exc:
+        raise InputError(f"{where}: S3 unreachable: {exc}") from None

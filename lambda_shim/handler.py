@@ -1,0 +1,249 @@
+"""The Lambda functions: ``handler`` runs one rank of a job, ``summarize`` closes the job.
+
+A rank's event (one item of the Step Functions Distributed Map, written by ``cai-hpc cloud``)::
+
+    {"job": "9f0c...", "rank": 3, "world_size": 8,
+     "data": "s3://bucket/survey/", "shards": ["s3://bucket/survey/shard-00003.h5"],
+     "model": "s3://bucket/models/astromae.safetensors",      # or null: seeded random weights
+     "out": "s3://bucket/runs/r1/", "rendezvous": "203.0.113.7:7000",
+     "token_secret": "cai-hpc/rendezvous",                    # Secrets Manager secret name
+     "batch_size": 128, "threads": null, "precision": "fp32"}
+
+The function joins the job's communicator through the rendezvous server (its key is derived
+from the secret, which never appears in the event or the logs), then runs the same
+``cai_hpc.engine.run`` as a laptop or an MPI rank: shards are read from S3 into memory, each
+shard's predictions go back as one PUT, and rank 0 writes ``summary.json``. Finally the rank
+PUTs its record (``OUT/ranks/rank-NNNNN.json``: billed time, memory, cold start); a retried
+invocation that finds its record returns it and does nothing else.
+
+Importing this module is cheap (Lambda gives an init phase 10 s); torch, the model and the
+communicator are loaded inside the first invocation, timed, and reported as its cold start.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import MISSING, dataclass, fields
+from functools import cache
+from typing import Any
+
+LOADED_AT = time.time()
+MODEL_CACHE = "/tmp/cai-hpc-models"  # survives between warm invocations of one sandbox
+_invocations = 0
+log = logging.getLogger("lambda_shim")
+
+
+class RankFailedError(RuntimeError):
+    """One line naming the rank and what went wrong; Lambda reports it as the error."""
+
+
+@dataclass(frozen=True)
+class RankEvent:
+    job: str
+    rank: int
+    world_size: int
+    data: str
+    shards: list[str]
+    out: str
+    rendezvous: str
+    token_secret: str
+    model: str | None = None
+    batch_size: int = 512
+    threads: int | None = None
+    precision: str = "fp32"
+    seed: int = 0
+    connect: str = "auto"
+    connect_timeout_s: float = 120.0
+    op_timeout_s: float | None = None
+
+    @classmethod
+    def parse(cls, event: Any) -> RankEvent:
+        """Check the event field by field, so a malformed one fails in one clear line."""
+        if not isinstance(event, dict):
+            raise ValueError(f"the event must be a JSON object, got {type(event).__name__}")
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(event) - set(known))
+        if unknown:
+            raise ValueError(f"unknown event field(s): {', '.join(unknown)}")
+        missing = [n for n, f in known.items() if f.default is MISSING and n not in event]
+        if missing:
+            raise ValueError(f"event field(s) missing: {', '.join(missing)}")
+        parsed = cls(**event)
+        ok = (
+            isinstance(parsed.rank, int)
+            and isinstance(parsed.world_size, int)
+            and 0 <= parsed.rank < parsed.world_size
+            and isinstance(parsed.shards, list)
+            and all(isinstance(s, str) for s in parsed.shards)
+        )
+        if not ok:
+            raise ValueError(f"event: need 0 <= rank < world_size and shards a list of URIs, got {event!r}"[:300])
+        if not parsed.rendezvous.rpartition(":")[2].isdigit():
+            raise ValueError(f"event: rendezvous must be host:port, got {parsed.rendezvous!r}")
+        return parsed
+
+
+def handler(event: Any, context: Any) -> dict[str, Any]:
+    """Run one rank; return its record (also stored at ``OUT/ranks/rank-NNNNN.json``)."""
+    global _invocations
+    started = time.time()
+    _invocations += 1
+    cold = _invocations == 1
+    rank = event.get("rank", "?") if isinstance(event, dict) else "?"
+    try:
+        ev = RankEvent.parse(event)
+        from cai_hpc import storage
+        from cai_hpc.records import write_json_atomic
+
+        where = storage.Location(ev.out) / "ranks" / f"rank-{ev.rank:05d}.json"
+        if where.exists() and (previous := json.loads(where.read_bytes())).get("job") == ev.job:
+            log.info("rank %d of job %s already finished: returning its record", ev.rank, ev.job)
+            return previous
+        # A cold start counts the sandbox's init (process start to this module loaded) but not
+        # the time the sandbox then sat waiting for its first event.
+        init_s = LOADED_AT - _process_start() if cold else 0.0
+        record = _run_rank(ev, context, started=started - init_s)
+        record["cold"] = cold
+        record["init_s"] = round(init_s, 3)
+        record["duration_s"] = round(time.time() - started, 3)
+        write_json_atomic(where, record)
+        return record
+    except Exception as exc:  # one line for the Step Functions history and the logs
+        message = _one_line(exc)
+        prefix = f"rank {rank}: "
+        raise RankFailedError(message if message.startswith(prefix) else prefix + message) from exc
+    finally:
+        if "cai_hpc.storage" in sys.modules:
+            sys.modules["cai_hpc.storage"].forget()
+
+
+def _run_rank(ev: RankEvent, context: Any, started: float | None) -> dict[str, Any]:
+    t0 = time.time()
+    from cai_hpc.engine import RunConfig, run
+    from lambda_shim.tcpcomm import ShimConfig, TcpComm
+    from lambda_shim.wire import job_key
+
+    imports_s = time.time() - t0
+    checkpoint = _cached_model(ev.model) if ev.model else None
+    host, _, port = ev.rendezvous.rpartition(":")
+    shim = ShimConfig(
+        rank=ev.rank,
+        size=ev.world_size,
+        job_id=ev.job,
+        key=job_key(_secret(ev.token_secret), ev.job),
+        server=(host, int(port)),
+        mode=ev.connect,
+        connect_timeout=ev.connect_timeout_s,
+        op_timeout=ev.op_timeout_s,
+    )
+    config = RunConfig(
+        data=ev.data,
+        out=ev.out,
+        checkpoint=checkpoint,
+        batch_size=ev.batch_size,
+        threads=ev.threads,
+        precision=ev.precision,
+        seed=ev.seed,
+        progress=False,
+        shards=ev.shards,
+        started=started,
+    )
+    with TcpComm(shim) as comm:
+        run(comm, config)
+    return {
+        "job": ev.job,
+        "rank": ev.rank,
+        "world_size": ev.world_size,
+        "shards": len(ev.shards),
+        "request_id": getattr(context, "aws_request_id", None),
+        "memory_mb": int(getattr(context, "memory_limit_in_mb", 0) or 0),
+        "heavy_imports_s": round(imports_s, 3),
+    }
+
+
+@cache
+def _secret(name: str) -> bytes:
+    """The rendezvous master secret from Secrets Manager (never logged, never in the event)."""
+    import boto3
+
+    from lambda_shim.wire import secret_bytes
+
+    value = boto3.client("secretsmanager").get_secret_value(SecretId=name)["SecretString"]
+    return secret_bytes(value)
+
+
+def _cached_model(uri: str) -> Any:
+    """The checkpoint in /tmp, fetched once per sandbox (keyed by its S3 ETag, so a new
+    upload under the same name is fetched again)."""
+    from pathlib import Path
+
+    from cai_hpc.storage import Location
+
+    model = Location(uri)
+    if not model.s3:
+        return Path(uri)
+    etag = model.etag()
+    path = Path(MODEL_CACHE) / f"{etag}-{model.name}"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            tmp.write_bytes(model.read_bytes())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return path
+
+
+def summarize(event: Any, context: Any) -> dict[str, Any]:
+    """After every rank: read every rank record (all listing pages), check the job is whole,
+    add the cloud bill to rank 0's ``summary.json``, and return a short digest."""
+    from cai_hpc.records import write_json_atomic
+    from cai_hpc.storage import Location
+    from lambda_shim.cost import job_cost
+
+    try:
+        out, world = Location(event["out"]), int(event["world_size"])
+        records = read_rank_records(out, world)
+        summary = json.loads((out / "summary.json").read_bytes())
+        summary["cloud"] = job_cost(records)
+        write_json_atomic(out / "summary.json", summary)
+    except Exception as exc:
+        raise RankFailedError(f"summarize: {_one_line(exc)}") from exc
+    return {
+        "out": str(out),
+        "world_size": world,
+        "samples": summary["samples"],
+        "metrics": summary["metrics"],
+        "cost_usd": summary["cloud"]["usd"]["total"],
+    }
+
+
+def read_rank_records(out: Any, world: int) -> list[dict[str, Any]]:
+    """Every rank's record under ``OUT/ranks/``, in rank order; a missing one is an error."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    keys = [o for o in (out / "ranks").list(".json")]
+    with ThreadPoolExecutor(32) as pool:
+        records = list(pool.map(lambda loc: json.loads(loc.read_bytes()), keys))
+    by_rank = {r["rank"]: r for r in records if isinstance(r.get("rank"), int)}
+    missing = [r for r in range(world) if r not in by_rank]
+    if missing:
+        shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
+        raise RankFailedError(f"{len(missing)} of {world} rank records missing under {out}/ranks: {shown}")
+    return [by_rank[r] for r in range(world)]
+
+
+def _process_start() -> float:
+    import psutil
+
+    return psutil.Process().create_time()
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

@@ -1,0 +1,208 @@
+"""The whole cloud path on one machine: ``cai-hpc cloud run --local -n N``.
+
+Real parts wherever they can run here: S3 and Secrets Manager are moto's server (a real HTTP
+AWS API on loopback), the ranks are N processes of AWS's own runtime client (``awslambdaric``)
+running ``lambda_shim.handler.handler`` against a local Lambda Runtime API, they meet at the
+rendezvous server and talk over TcpComm, and ``statemachine.asl.json`` itself is what runs,
+through ``lambda_shim.workflow``. What is not real: one machine instead of a fleet (the ranks
+share its cores), loopback instead of Lambda's network, and no Step Functions service.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+from cai_hpc.errors import InputError
+from cai_hpc.resources import usable_cores
+from lambda_shim.cloud import JobFailedError, Plan, execution_input, fetch, make_plan, write_items
+from lambda_shim.launch import start_server
+from lambda_shim.runtime_api import InvocationError, RuntimeAPI, runtime_client_command
+from lambda_shim.wire import new_secret
+from lambda_shim.workflow import LocalWorkflow, TaskError, load_definition
+
+BUCKET = "cai-hpc-local"
+TOKEN_SECRET = "cai-hpc/rendezvous"
+ACCOUNT = "000000000000"
+REGION = "us-east-1"
+RANK_ARN = f"arn:aws:lambda:{REGION}:{ACCOUNT}:function:cai-hpc-rank"
+SUMMARIZE_ARN = f"arn:aws:lambda:{REGION}:{ACCOUNT}:function:cai-hpc-summarize"
+COLD_START_WAIT_S = 120.0
+
+
+class LocalCloud:
+    """moto's S3 + Secrets Manager, a rendezvous server, and warm pools of runtime clients for
+    the rank and summarize functions. Use as a context manager; everything stops on exit."""
+
+    def __init__(self, ranks: int, memory_mb: int = 4096, timeout_s: float = 900.0, verbose: bool = False) -> None:
+        self.ranks = ranks
+        self.memory_mb = memory_mb
+        self.timeout_s = timeout_s
+        self.verbose = verbose
+        self._stack: list[Any] = []
+        self._procs: list[tuple[subprocess.Popen, threading.Thread]] = []
+        self._saved_env: dict[str, str | None] = {}
+
+    # ------------------------------------------------------------------ lifecycle
+    def __enter__(self) -> LocalCloud:
+        try:
+            self._start()
+        except BaseException:
+            self.__exit__(None)
+            raise
+        return self
+
+    def _start(self) -> None:
+        from moto.server import ThreadedMotoServer
+
+        self._tmp = tempfile.TemporaryDirectory(prefix="cai-hpc-cloud-")
+        work = Path(self._tmp.name)
+        self._moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        self._moto.start()
+        host, port = self._moto.get_host_and_port()
+        self.env = {
+            "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+            "AWS_ACCESS_KEY_ID": "local-emulation",
+            "AWS_SECRET_ACCESS_KEY": "local-emulation",
+            "AWS_DEFAULT_REGION": REGION,
+            "AWS_REGION": REGION,
+        }
+        for key, value in self.env.items():  # this process talks to the same endpoint
+            self._saved_env[key] = os.environ.get(key)
+            os.environ[key] = value
+        self.s3 = _boto("s3")
+        self.s3.create_bucket(Bucket=BUCKET)
+        master = new_secret()
+        _boto("secretsmanager").create_secret(Name=TOKEN_SECRET, SecretString=master)
+        secret_file = work / "server.secret"
+        secret_file.touch(mode=0o600)
+        secret_file.write_text(master)
+        self._server, self.rendezvous = start_server(work, secret_file, self.verbose)
+        self.rank_api = RuntimeAPI(function_arn=RANK_ARN).start()
+        self.summarize_api = RuntimeAPI(function_arn=SUMMARIZE_ARN).start()
+        for i in range(self.ranks):
+            self._spawn(self.rank_api, "lambda_shim.handler.handler", "cai-hpc-rank", f"[rank fn {i}] ")
+        self._spawn(self.summarize_api, "lambda_shim.handler.summarize", "cai-hpc-summarize", "[summarize] ", 1024)
+
+    def _spawn(self, api: RuntimeAPI, handler: str, name: str, prefix: str, memory_mb: int | None = None) -> None:
+        env = {
+            **os.environ,
+            **self.env,
+            "AWS_LAMBDA_RUNTIME_API": api.address,
+            "AWS_LAMBDA_FUNCTION_NAME": name,
+            "AWS_LAMBDA_FUNCTION_MEMORY_SIZE": str(memory_mb or self.memory_mb),
+            "PYTHONUNBUFFERED": "1",
+        }
+        for var in ("CAI_HPC_TOKEN", "CAI_HPC_TOKEN_FILE", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
+            env.pop(var, None)
+        proc = subprocess.Popen(
+            runtime_client_command(handler), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
+        reader = threading.Thread(target=self._stream, args=(proc, prefix), daemon=True)
+        reader.start()
+        self._procs.append((proc, reader))
+
+    def _stream(self, proc: subprocess.Popen, prefix: str) -> None:
+        for line in iter(proc.stdout.readline, b""):
+            if self.verbose:
+                sys.stderr.buffer.write(prefix.encode() + line)
+                sys.stderr.flush()
+
+    def __exit__(self, *exc: object) -> None:
+        for proc, _ in self._procs:
+            proc.kill()
+        for proc, reader in self._procs:
+            proc.wait(timeout=30)
+            reader.join(timeout=10)  # it reads to the end of the dead process's output
+            proc.stdout.close()
+        for api in (getattr(self, "rank_api", None), getattr(self, "summarize_api", None)):
+            if api is not None:
+                api.close()
+        server = getattr(self, "_server", None)
+        if server is not None:
+            server.terminate()
+            server.wait(timeout=10)
+        if getattr(self, "_moto", None) is not None:
+            self._moto.stop()
+        for key, value in self._saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        if getattr(self, "_tmp", None) is not None:
+            self._tmp.cleanup()
+
+    # ------------------------------------------------------------------ use
+    def upload(self, local: Path, prefix: str) -> str:
+        """Copy the ``.h5`` files of a directory (or one file) to ``s3://BUCKET/prefix/``."""
+        files = [local] if local.is_file() else sorted(p for p in local.glob("*.h5") if not p.name.startswith("."))
+        if not files:
+            raise InputError(f"{local}: no .h5 shards in this directory")
+        for path in files:
+            self.s3.upload_file(str(path), BUCKET, f"{prefix}/{path.name}")
+        return f"s3://{BUCKET}/{prefix}/{files[0].name}" if local.is_file() else f"s3://{BUCKET}/{prefix}"
+
+    def plan(self, data: str, out: str, **options: Any) -> Plan:
+        return make_plan(
+            data, out, rendezvous=self.rendezvous, token_secret=TOKEN_SECRET, memory_mb=self.memory_mb, **options
+        )
+
+    def invoke_rank(self, event: dict[str, Any]) -> Any:
+        """One invocation of the rank function, as the Map's Task makes it."""
+        return self._invoke(self.rank_api, event)
+
+    def run(self, plan: Plan) -> dict[str, Any]:
+        """Execute the state machine on the plan; return Summarize's output."""
+        if not self.rank_api.wait_idle(self.ranks, COLD_START_WAIT_S):
+            raise RuntimeError(f"the {self.ranks} local rank functions did not start within {COLD_START_WAIT_S:.0f} s")
+        functions = {
+            RANK_ARN: self.invoke_rank,
+            SUMMARIZE_ARN: lambda payload: self._invoke(self.summarize_api, payload),
+        }
+        definition = load_definition({"RankFunctionArn": RANK_ARN, "SummarizeFunctionArn": SUMMARIZE_ARN})
+        self.workflow = LocalWorkflow(definition, functions, self.s3)
+        return self.workflow.run(execution_input(plan, write_items(plan)))
+
+    def _invoke(self, api: RuntimeAPI, payload: Any) -> Any:
+        try:
+            return api.invoke(payload, self.timeout_s).result(timeout=self.timeout_s + 60)
+        except InvocationError as exc:
+            raise TaskError(exc.error_type, exc.message) from None
+
+
+def _boto(service: str) -> Any:
+    import boto3
+
+    return boto3.client(service)
+
+
+def run_local(
+    ranks: int,
+    data: Path,
+    out: Path,
+    checkpoint: Path | None = None,
+    verbose: bool = False,
+    threads: int | None = None,
+    **options: Any,
+) -> dict[str, Any]:
+    """``cloud run --local``: upload, plan one rank per group of shards, run, fetch into ``out``.
+
+    ``out`` is written only after the job succeeded, so a failed run leaves nothing there."""
+    if threads is None:  # ranks x threads within the cores, as on any shared node
+        threads = max(1, usable_cores() // ranks)
+    with LocalCloud(ranks, verbose=verbose) as cloud:
+        data_uri = cloud.upload(data, "data")
+        model = cloud.upload(checkpoint, "models") if checkpoint is not None else None
+        plan = cloud.plan(
+            data_uri, f"s3://{BUCKET}/runs/{data.name}", model=model, ranks=ranks, threads=threads, **options
+        )
+        try:
+            cloud.run(plan)
+        except TaskError as exc:
+            raise JobFailedError(f"{exc.error}: {exc.cause}") from None
+        return fetch(str(plan.out), out)

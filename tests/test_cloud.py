@@ -1,0 +1,249 @@
+"""The cloud path on this machine: moto's S3 server, awslambdaric runtime clients running the
+handler against a local Runtime API, the rendezvous server, and the state machine file run
+by the local workflow. Compared with the HPC path (mpiexec) on the same shards."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from cai_hpc.errors import InputError
+from tests.conftest import cai_hpc
+
+pytest.importorskip("moto.server", reason="moto[server] is in the test extras")
+pytest.importorskip("awslambdaric", reason="awslambdaric is in the test extras")
+
+from lambda_shim import handler
+from lambda_shim.cloud import make_plan
+from lambda_shim.local import BUCKET, LocalCloud
+
+MPIEXEC = shutil.which("mpiexec", path=str(Path(sys.executable).parent)) or shutil.which("mpiexec")
+NO_AWS = {  # an environment in which boto3's chain finds nothing, quickly
+    "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
+    "AWS_CONFIG_FILE": "/nonexistent",
+    "AWS_EC2_METADATA_DISABLED": "true",
+}
+
+
+def _clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    return {**env, **extra}
+
+
+def _predictions(out: Path) -> dict[str, np.ndarray]:
+    return {p.name: h5py.File(p)["redshift_pred"][:] for p in sorted((out / "predictions").glob("*.h5"))}
+
+
+@pytest.mark.skipif(MPIEXEC is None, reason="no mpiexec")
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_local_cloud_run_matches_mpiexec(ranks, small_dataset, tmp_path) -> None:
+    cloud = cai_hpc(
+        "cloud", "run", "--local", "-n", str(ranks), "--data", str(small_dataset), "--out", str(tmp_path / "cloud"),
+        "--batch-size", "32", "-q",
+    )  # fmt: skip
+    assert cloud.returncode == 0, cloud.stderr
+    hpc = subprocess.run(
+        [MPIEXEC, "-n", str(ranks), sys.executable, "-m", "cai_hpc", "infer", "--backend", "mpi", "-q",
+         "--data", str(small_dataset), "--out", str(tmp_path / "hpc"), "--batch-size", "32", "--threads", "1"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert hpc.returncode == 0, hpc.stderr
+    c = json.loads((tmp_path / "cloud" / "summary.json").read_text())
+    h = json.loads((tmp_path / "hpc" / "summary.json").read_text())
+    assert (c["backend"], c["world_size"], c["samples"]) == ("tcp", ranks, 300)
+    assert c["metrics"].keys() == h["metrics"].keys()
+    for key, value in h["metrics"].items():
+        assert c["metrics"][key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
+    cloud_pred, hpc_pred = _predictions(tmp_path / "cloud"), _predictions(tmp_path / "hpc")
+    assert cloud_pred.keys() == hpc_pred.keys() and len(cloud_pred) == 7
+    for name, values in hpc_pred.items():
+        np.testing.assert_allclose(cloud_pred[name], values, atol=1e-5, rtol=0)
+    # The bill covers every rank and Summarize, from the ranks' own records.
+    assert c["cloud"]["lambda_requests"] == ranks + 1
+    assert c["cloud"]["lambda_gb_s"] > 0 and c["cloud"]["usd"]["total"] > 0
+
+
+@pytest.fixture(scope="module")
+def local_cloud():
+    with LocalCloud(2, timeout_s=300) as cloud:
+        yield cloud
+
+
+def _listing(cloud: LocalCloud, prefix: str) -> dict[str, tuple[str, str]]:
+    pages = cloud.s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
+    return {o["Key"]: (o["ETag"], str(o["LastModified"])) for page in pages for o in page.get("Contents", [])}
+
+
+@pytest.mark.timeout(300)
+def test_a_retried_rank_returns_its_record_and_changes_nothing(local_cloud, small_dataset) -> None:
+    data = local_cloud.upload(small_dataset, "retry-data")
+    plan = local_cloud.plan(data, f"s3://{BUCKET}/retry-out", model=None, ranks=2, batch_size=64, threads=1)
+    first = local_cloud.run(plan)
+    assert first["samples"] == 300 and first["world_size"] == 2
+    before = _listing(local_cloud, "retry-out/")
+    assert sum(k.startswith("retry-out/predictions/") for k in before) == 7
+    summary = local_cloud.s3.get_object(Bucket=BUCKET, Key="retry-out/summary.json")["Body"].read()
+
+    record = json.loads(local_cloud.s3.get_object(Bucket=BUCKET, Key="retry-out/ranks/rank-00001.json")["Body"].read())
+    again = local_cloud.invoke_rank(plan.events[1])  # the same event, through the runtime client
+    assert again == record
+    assert _listing(local_cloud, "retry-out/") == before  # no second set of outputs, nothing rewritten
+    assert local_cloud.s3.get_object(Bucket=BUCKET, Key="retry-out/summary.json")["Body"].read() == summary
+
+
+@pytest.mark.timeout(120)
+def test_handler_errors_are_one_line_and_name_the_rank(local_cloud, small_dataset) -> None:
+    data = local_cloud.upload(small_dataset, "err-data")
+    plan = local_cloud.plan(data, f"s3://{BUCKET}/err-out", model=None, ranks=2, threads=1)
+    event = dict(plan.events[0])
+
+    from lambda_shim.workflow import TaskError
+
+    with pytest.raises(TaskError) as missing:
+        local_cloud.invoke_rank({k: v for k, v in event.items() if k != "job"})
+    assert missing.value.error == "RankFailedError" and "rank 0: event field(s) missing: job" in missing.value.cause
+
+    unreachable = {
+        **event,
+        "job": "j-unreachable",
+        "world_size": 1,
+        "rendezvous": "127.0.0.1:9",
+        "connect_timeout_s": 2,
+    }
+    with pytest.raises(TaskError) as down:
+        local_cloud.invoke_rank(unreachable)
+    assert down.value.cause.startswith("rank 0: rendezvous server 127.0.0.1:9 unreachable"), down.value.cause
+
+    local_cloud.s3_secrets = __import__("boto3").client("secretsmanager")
+    local_cloud.s3_secrets.create_secret(Name="wrong-secret", SecretString="not the server's secret")
+    impostor = {**event, "job": "j-impostor", "world_size": 1, "token_secret": "wrong-secret", "connect_timeout_s": 5}
+    with pytest.raises(TaskError) as refused:
+        local_cloud.invoke_rank(impostor)
+    assert refused.value.cause.startswith("rank 0: rendezvous server") and "wrong token" in refused.value.cause
+    assert "\n" not in refused.value.cause
+    assert not _listing(local_cloud, "err-out/")  # nothing written by any of them
+
+
+@pytest.mark.timeout(300)
+def test_a_corrupt_shard_fails_the_run_in_one_line_and_writes_nothing(small_dataset, tmp_path) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(small_dataset, data)
+    victim = sorted(data.glob("*.h5"))[5]
+    victim.write_bytes(victim.read_bytes()[:5000])
+    result = cai_hpc("cloud", "run", "--local", "-n", "2", "--data", str(data), "--out", str(tmp_path / "out"), "-q")
+    assert result.returncode == 1
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("cai-hpc: error:") and victim.name in lines[0], result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------ pagination at 1,500 objects
+@pytest.fixture(scope="module")
+def moto_s3():
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {
+        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    import boto3
+
+    s3 = boto3.client("s3")
+    s3.create_bucket(Bucket="many")
+    yield s3
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k)
+        else:
+            os.environ[k] = v
+    server.stop()
+
+
+def _put_many(s3, keys: list[str], body: bytes) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda key: s3.put_object(Bucket="many", Key=key, Body=body), keys))
+
+
+@pytest.mark.timeout(300)
+def test_planner_reads_every_listing_page(moto_s3) -> None:
+    names = [f"survey/shard-{i:05d}.h5" for i in range(1500)]
+    _put_many(moto_s3, [*names, "survey/README.txt", "survey/old/shard-99999.h5", "survey/.hidden.h5"], b"x" * 100)
+    common = {"model": None, "rendezvous": "127.0.0.1:1", "token_secret": "s"}
+    plan = make_plan("s3://many/survey", "s3://many/out", max_ranks=2000, **common)
+    assert plan.world_size == 1500
+    assert [e["shards"] for e in plan.events] == [[f"s3://many/{n}"] for n in names]
+    assert {e["job"] for e in plan.events} == {plan.job} and [e["rank"] for e in plan.events] == list(range(1500))
+    assert make_plan("s3://many/survey", "s3://many/out", shards_per_rank=2, **common).world_size == 750
+    with pytest.raises(InputError, match="1500 ranks running at once but the deployment runs at most 1000"):
+        make_plan("s3://many/survey", "s3://many/out", **common)
+
+
+@pytest.mark.timeout(300)
+def test_summarize_reads_every_rank_record(moto_s3) -> None:
+    world = 1500
+    records = [
+        {"job": "j", "rank": r, "shards": 1, "memory_mb": 2048, "duration_s": 1.0, "init_s": 0.5, "cold": True}
+        for r in range(world)
+    ]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(16) as pool:
+        list(
+            pool.map(
+                lambda r: moto_s3.put_object(
+                    Bucket="many", Key=f"run/ranks/rank-{r['rank']:05d}.json", Body=json.dumps(r).encode()
+                ),
+                records,
+            )
+        )
+    moto_s3.put_object(Bucket="many", Key="run/summary.json", Body=json.dumps({"samples": 7, "metrics": None}))
+    digest = handler.summarize({"out": "s3://many/run", "world_size": world, "memory_mb": 2048}, None)
+    assert digest["samples"] == 7
+    summary = json.loads(moto_s3.get_object(Bucket="many", Key="run/summary.json")["Body"].read())
+    assert summary["cloud"]["lambda_requests"] == world + 1
+    assert summary["cloud"]["lambda_gb_s"] == pytest.approx(world * 1.5 * 2)  # 1.5 s billed at 2 GB each
+    moto_s3.delete_object(Bucket="many", Key="run/ranks/rank-01234.json")
+    with pytest.raises(handler.RankFailedError, match=r"1 of 1500 rank records missing .*: 1234"):
+        handler.summarize({"out": "s3://many/run", "world_size": world, "memory_mb": 2048}, None)
+
+
+# ------------------------------------------------------------------ the client without AWS
+def test_plan_and_dry_run_need_no_aws(small_dataset) -> None:
+    env = _clean_env(**NO_AWS)
+    for verb in (["plan"], ["run", "--dry-run"]):
+        result = cai_hpc("cloud", *verb, "--data", str(small_dataset), "--out", "s3://b/o", "--ranks", "3", env=env)
+        assert result.returncode == 0, result.stderr
+        assert "7 shards" in result.stdout and "3 ranks, 2-3 shards each" in result.stdout
+        assert "$" in result.stdout and "estimate" in result.stdout
+
+
+def test_missing_credentials_is_one_line(tmp_path) -> None:
+    env = _clean_env(**NO_AWS, AWS_DEFAULT_REGION="us-east-1")
+    result = cai_hpc("cloud", "plan", "--data", "s3://some-bucket/survey", "--out", "s3://some-bucket/o", env=env)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "no AWS credentials" in result.stderr, result.stderr
+
+
+def test_too_many_ranks_for_the_deployment_is_refused(small_dataset) -> None:
+    result = cai_hpc("cloud", "plan", "--data", str(small_dataset), "--out", "s3://b/o", "--max-ranks", "4")
+    assert result.returncode == 2
+    assert "7 ranks running at once but the deployment runs at most 4" in result.stderr
+    assert "--shards-per-rank 2" in result.stderr
