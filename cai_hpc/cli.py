@@ -175,6 +175,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from cai_hpc.bench import format_table, kernel_table
     from cai_hpc.resources import usable_cores
 
+    if args.what == "compare":
+        from cai_hpc.compare import compare, format_rows
+
+        if args.data is None:
+            raise InputError("bench compare needs --data DIR (a directory of shards, e.g. from cai-hpc synth)")
+        if args.batch_size < 1:
+            raise InputError(f"--batch-size must be at least 1, got {args.batch_size}")
+        rows = compare(args.data, args.to, args.batch_size, args.max_ranks, progress=not args.quiet)
+        print(format_rows(rows))
+        log.info("wrote %s/runs.csv, runs.json and compare.png", args.to)
+        return 0
+
     threads = args.threads or list(range(1, usable_cores() + 1))
     print(format_table(kernel_table(args.batch_sizes, threads, args.seconds, args.precision)))
     return 0
@@ -253,11 +265,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_plot)
 
     p = sub.add_parser("bench", parents=[common], help="benchmarks")
-    p.add_argument("what", choices=["kernel"], help="kernel: GEMM rate, model samples/s and efficiency")
+    p.add_argument(
+        "what",
+        choices=["kernel", "compare"],
+        help="kernel: GEMM rate, model samples/s and efficiency; compare: laptop vs HPC vs cloud runs",
+    )
     p.add_argument("--batch-sizes", type=_int_list, default=[32, 64, 128, 256, 512, 1024])
     p.add_argument("--threads", type=_int_list, help="thread counts (default: 1..cores)")
     p.add_argument("--seconds", type=float, default=2.0, help="time per measurement")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--data", type=Path, help="compare: the directory of shards every run reads")
+    p.add_argument("--to", type=Path, default=Path("bench-compare"), help="compare: where rows and plots go")
+    p.add_argument("--batch-size", type=int, default=128, help="compare: the batch size of every run")
+    p.add_argument("--max-ranks", type=int, help="compare: most ranks (default: the cores)")
     p.set_defaults(handler=cmd_bench)
 
     _cloud_parser(sub, common)

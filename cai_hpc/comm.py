@@ -153,6 +153,32 @@ class SelfComm:
         os._exit(errorcode)
 
 
+class TimedComm:
+    """Wraps a communicator and adds up the seconds spent inside its calls (``seconds``):
+    the communication time of a run, waiting for slower ranks included, as MPI profilers
+    count it."""
+
+    _UNTIMED = frozenset({"Get_rank", "Get_size", "Wtime", "Abort"})
+
+    def __init__(self, comm: Any) -> None:
+        self._comm = comm
+        self.seconds = 0.0
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._comm, name)
+        if name in self._UNTIMED or not callable(attr):
+            return attr
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return attr(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - t0
+
+        return timed
+
+
 def buffer_array(buf: Any) -> np.ndarray:
     """The array of an mpi4py buffer spec: ``arr``, ``[arr, counts]`` or ``[arr, counts, displs, type]``."""
     return buf[0] if isinstance(buf, (list, tuple)) else buf

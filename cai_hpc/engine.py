@@ -29,6 +29,7 @@ from tqdm import tqdm
 from cai_hpc import predictions
 from cai_hpc.batches import Batch, Prefetcher, iter_batches
 from cai_hpc.checkpoint import build_model, weights_id
+from cai_hpc.comm import TimedComm
 from cai_hpc.errors import InputError
 from cai_hpc.fast import PRECISIONS, fuse
 from cai_hpc.flops import gflop_per_sample
@@ -97,6 +98,7 @@ def run(comm: Any, config: RunConfig) -> dict[str, Any] | None:
         raise InputError(f"--precision must be one of {', '.join(PRECISIONS)}, got {config.precision!r}", agreed=True)
     comm.barrier()
     t_start = time.perf_counter()
+    comm = TimedComm(comm)  # from here on, time inside the communicator is this rank's comm_s
     threads, device = _agreed(comm, lambda: (threads_per_rank(config.threads), pick_device(config.device)))
     torch.set_num_threads(threads)
 
@@ -136,6 +138,7 @@ def run(comm: Any, config: RunConfig) -> dict[str, Any] | None:
         "load_s": scan_s + loop["wait_s"],
         "infer_s": loop["infer_s"],
         "write_s": write_s,
+        "comm_s": comm.seconds,
     }
     split["first_batch_s"] = loop["first_batch_s"]
     records = comm.gather(rank_record(rank, sum(p.rows for p in mine), timing, split), root=0)

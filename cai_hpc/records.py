@@ -85,6 +85,7 @@ def build_summary(
             "load_s": worst("load_s"),
             "infer_s": worst("infer_s"),
             "write_s": worst("write_s"),
+            "comm_s": worst("comm_s"),
         },
         "throughput": {
             "samples_per_s": samples_per_s,

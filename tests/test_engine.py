@@ -91,7 +91,7 @@ def test_summary_follows_the_design_and_its_metrics_match_numpy(first_run) -> No
     assert SUMMARY_KEYS <= set(on_disk)
     assert on_disk["backend"] == "self" and on_disk["world_size"] == 1 and on_disk["samples"] == 300
     assert on_disk["precision"] == "fp32" and on_disk["device"] == "cpu" and on_disk["threads_per_rank"] == 1
-    assert set(on_disk["timing"]) == {"wall_s", "startup_s", "load_s", "infer_s", "write_s"}
+    assert set(on_disk["timing"]) == {"wall_s", "startup_s", "load_s", "infer_s", "write_s", "comm_s"}
     assert set(on_disk["throughput"]) == {"samples_per_s", "bits_per_s", "sum_rank_samples_per_s"}
     assert on_disk["throughput"]["bits_per_s"] == pytest.approx(on_disk["throughput"]["samples_per_s"] * 164_160)
     (rank,) = on_disk["ranks"]
