@@ -247,3 +247,23 @@ def test_too_many_ranks_for_the_deployment_is_refused(small_dataset) -> None:
     assert result.returncode == 2
     assert "7 ranks running at once but the deployment runs at most 4" in result.stderr
     assert "--shards-per-rank 2" in result.stderr
+
+
+@pytest.mark.timeout(300)
+def test_infer_reads_and_writes_s3_like_a_directory(moto_s3, small_dataset, tmp_path) -> None:
+    from cai_hpc.comm import SelfComm
+    from cai_hpc.engine import RunConfig, run
+
+    for shard in sorted(small_dataset.glob("*.h5")):
+        moto_s3.upload_file(str(shard), "many", f"ds/{shard.name}")
+    options = {"batch_size": 64, "threads": 1, "progress": False}
+    on_s3 = run(SelfComm(), RunConfig(data="s3://many/ds", out="s3://many/infer-out", **options))
+    local = run(SelfComm(), RunConfig(data=small_dataset, out=tmp_path / "local", **options))
+    assert on_s3["metrics"] == local["metrics"] and on_s3["samples"] == 300
+    listing = moto_s3.list_objects_v2(Bucket="many", Prefix="infer-out/")["Contents"]
+    assert sorted(o["Key"] for o in listing) == sorted(
+        ["infer-out/summary.json"] + [f"infer-out/predictions/{p.name}" for p in small_dataset.glob("*.h5")]
+    )
+    again = run(SelfComm(), RunConfig(data="s3://many/ds", out="s3://many/infer-out", **options))
+    assert (again["samples"], again["skipped_shards"]) == (0, 7)  # finished shards found on S3
+    assert again["metrics"] == pytest.approx(local["metrics"])
