@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 from cai_hpc import layout
+from cai_hpc.flops import ASTROMAE_GFLOP_PER_SAMPLE, gflop_per_sample
 from cai_hpc.model import AstroMAE, parameter_count
 from tests.conftest import REFERENCE
 
@@ -30,6 +31,11 @@ def test_state_dict_keys_and_shapes_match_the_reference() -> None:
 
 def test_the_layout_the_fused_model_is_checked_against_is_the_reference_one() -> None:
     assert layout.state_dict_shapes() == reference_shapes()
+
+
+def test_the_reported_work_per_sample_is_what_the_flop_counter_counts_on_the_reference_model() -> None:
+    assert gflop_per_sample(AstroMAE().eval()) == ASTROMAE_GFLOP_PER_SAMPLE
+    assert round(ASTROMAE_GFLOP_PER_SAMPLE, 4) == 0.2215
 
 
 def test_golden_outputs_reproduced(golden, golden_model) -> None:
