@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from cai_hpc.checkpoint import save_weights
@@ -44,3 +45,14 @@ def test_inference_with_a_checkpoint_imports_no_timm_torchvision_or_matplotlib(
     assert summary["samples"] == 96 and summary["model"]["checkpoint"] == "w.safetensors"
     assert summary["model"]["parameters"] == 15_902_889
     assert round(summary["model"]["gflop_per_sample"], 4) == 0.2215
+
+
+def test_the_process_age_is_not_longer_than_the_process_has_lived() -> None:
+    # The parent's clock brackets the child's life: its age when it reads it lies between 0 and
+    # the time since the parent started it (plus a 10 ms tick of rounding).
+    script = "import time; from cai_hpc.records import seconds_since_process_start as age; print(age(), time.time())"
+    t0 = time.time()
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    age, at = (float(v) for v in result.stdout.split())
+    assert 0 <= age <= at - t0 + 0.011
