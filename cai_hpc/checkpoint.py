@@ -1,5 +1,9 @@
 """Model weights: the native safetensors format, and converters from the reference's files.
 
+Inference reads a checkpoint's tensors by name (``read_weights``) and builds the fused model
+from them, never the timm-based reference model; only the converters, ``build_model`` and
+seeded random weights build ``AstroMAE`` (and so import timm, lazily).
+
 Nothing here executes code from a file. safetensors holds raw tensors only; a plain
 state_dict ``.pt`` goes through ``torch.load(weights_only=True)``; the published checkpoint,
 a pickled whole ``DataParallel(ViT_Astro)``, goes through an unpickler that maps the
@@ -15,14 +19,17 @@ import time
 import types
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_model
 
 from cai_hpc.errors import InputError
-from cai_hpc.model import AstroMAE
+from cai_hpc.fast import checked_weights
+
+if TYPE_CHECKING:
+    from cai_hpc.model import AstroMAE
 
 # Module prefixes whose classes may appear in the published checkpoint's pickle: the
 # reference's own modules, timm's and torch's layers. All of them become inert stand-ins.
@@ -65,6 +72,8 @@ def build_model(
 ) -> tuple[AstroMAE, str]:
     """The model in eval mode, and a label for the records: the checkpoint's name, or a
     statement that the weights are random. ``timings`` gets ``build_s`` and ``weights_s``."""
+    from cai_hpc.model import AstroMAE
+
     t0 = time.perf_counter()
     if checkpoint is None:
         torch.manual_seed(seed)
@@ -77,8 +86,36 @@ def build_model(
     return model, checkpoint.name if checkpoint is not None else random_weights_label(seed)
 
 
-def load_weights(model: AstroMAE, path: Path) -> None:
-    """Load a safetensors checkpoint with strict key and shape checking."""
+def inference_weights(checkpoint: Path | None, seed: int = 0) -> tuple[dict[str, torch.Tensor], str]:
+    """The tensors inference builds its model from, checked strictly, and the label of
+    ``build_model``: a checkpoint's tensors as stored, or those of the reference model
+    initialised under ``seed`` (the same random weights, and predictions, as ``build_model``)."""
+    if checkpoint is not None:
+        return read_weights(checkpoint), checkpoint.name
+    from cai_hpc.model import AstroMAE  # random weights need the reference model's initialisation
+
+    torch.manual_seed(seed)
+    return checked_weights(AstroMAE().eval().state_dict()), random_weights_label(seed)
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors checkpoint's tensors, checked like a strict load into AstroMAE (keys and
+    shapes), without building a model."""
+    _check_checkpoint_path(path)
+    try:
+        # Copied out of the file's mapping: mapped tensors sit at the file's byte offsets, and
+        # on unaligned memory the same matmul may round differently from a model loaded with
+        # ``load_weights`` (the copy keeps the predictions bit for bit and costs ~20 ms).
+        state = {name: tensor.clone() for name, tensor in load_file(path).items()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise InputError(f"{path}: not a readable safetensors file: {exc}") from None
+    try:
+        return checked_weights(state)
+    except InputError as exc:
+        raise InputError(f"{path}: {exc}") from None
+
+
+def _check_checkpoint_path(path: Path) -> None:
     if not path.is_file():
         raise InputError(f"{path}: no such checkpoint file")
     if path.suffix != ".safetensors":
@@ -86,6 +123,11 @@ def load_weights(model: AstroMAE, path: Path) -> None:
             f"{path}: checkpoints are read as .safetensors; convert it first with "
             f"'cai-hpc convert-checkpoint {path} {path.with_suffix('.safetensors').name}'"
         )
+
+
+def load_weights(model: AstroMAE, path: Path) -> None:
+    """Load a safetensors checkpoint into the reference model with strict key and shape checking."""
+    _check_checkpoint_path(path)
     try:
         missing, unexpected = load_model(model, str(path), strict=False)
     except (SafetensorError, OSError, ValueError) as exc:
@@ -114,6 +156,8 @@ def convert_checkpoint(src: Path, dst: Path) -> int:
     Returns the number of tensors loaded; the weights are checked against AstroMAE with
     strict=True before anything is written.
     """
+    from cai_hpc.model import AstroMAE
+
     state = read_reference_checkpoint(src)
     model = AstroMAE()
     try:

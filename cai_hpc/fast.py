@@ -1,6 +1,8 @@
-"""An inference-only form of a loaded AstroMAE: the same function in fewer, larger kernels.
+"""AstroMAE's inference form: the same function in fewer, larger kernels, built from weights.
 
-``fuse(model)`` rewrites an eval-mode ``AstroMAE`` whose weights are final:
+``FusedAstroMAE.from_state_dict(state)`` takes the reference model's tensors by their
+``state_dict`` names (a checkpoint's, or ``AstroMAE().state_dict()``), checks them strictly,
+and rewrites them once:
 
 * every BatchNorm is folded into the convolution before it;
 * the three 1x1 convolutions that open an Inception block's branches (they read the same
@@ -10,55 +12,130 @@
 * ``head`` and the first layer of ``vit_block`` (two linear maps with nothing between them)
   become one linear map.
 
-The plain ``AstroMAE`` stays the reference: tests check that the fused model computes the
-same outputs (within float32 rounding) and the golden outputs.
+Only torch is needed: inference never builds the timm-based reference model (``model.py``),
+so it never imports timm. ``model.AstroMAE`` stays the reference: tests check that the fused
+model computes the same outputs (within float32 rounding) and the golden outputs.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cai_hpc.model import AstroMAE, ConvBlock, InceptionBlock, PcmBlock
+from cai_hpc.errors import InputError
+from cai_hpc.layout import (
+    ALIASES,
+    DEPTH,
+    EMBED_DIM,
+    HEADS,
+    INCEPTION_BLOCKS,
+    INCEPTION_HEAD,
+    INCEPTION_POOLS,
+    MAG_LAYERS,
+    PCM_GROUPS,
+    parameter_count,
+    state_dict_shapes,
+)
 
 PRECISIONS = ("fp32", "bf16")
+BN_EPS = 1e-5  # nn.BatchNorm2d's default, which the reference uses
+LN_EPS = 1e-6
+Weights = Mapping[str, torch.Tensor]
 
 
-def _fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
-    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-    fused = nn.Conv2d(
-        conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, groups=conv.groups
-    )
-    fused.weight.data = conv.weight * scale.reshape(-1, 1, 1, 1)
-    bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
-    fused.bias.data = (bias - bn.running_mean) * scale + bn.bias
-    return fused
+def _names(keys: list[str], most: int = 4) -> str:
+    more = f" and {len(keys) - most} more" if len(keys) > most else ""
+    return ", ".join(keys[:most]) + more
 
 
-def _folded(unit: ConvBlock) -> nn.Conv2d:
-    return _fold_bn(unit.conv, unit.bn)
+def checked_weights(state: Weights) -> dict[str, torch.Tensor]:
+    """The reference's tensors, checked like a strict ``load_state_dict``: every key present
+    (either name of the aliased module will do), none unexpected, every shape right.
+
+    Returns them with both alias names filled in and floating tensors as float32 (what
+    loading into the float32 reference model would make of them); raises ``InputError``
+    naming the keys at fault.
+    """
+    expected = state_dict_shapes()
+    given = dict(state)
+    for alias, name in ALIASES.items():
+        for suffix in ("weight", "bias"):
+            first, second = f"{alias}.{suffix}", f"{name}.{suffix}"
+            if first in given or second in given:
+                given[first] = given[second] = given.get(first, given.get(second))
+    missing = sorted(set(expected) - set(given))
+    unexpected = sorted(set(given) - set(expected))
+    if missing or unexpected:
+        parts = ([f"missing {_names(missing)}"] if missing else []) + (
+            [f"unexpected {_names(unexpected)}"] if unexpected else []
+        )
+        raise InputError(f"weights do not fit AstroMAE: {'; '.join(parts)}")
+    wrong = [f"{k} {tuple(given[k].shape)} (needs {expected[k]})" for k in expected if given[k].shape != expected[k]]
+    if wrong:
+        raise InputError(f"weights do not fit AstroMAE: wrong shape {_names(wrong, 3)}")
+    not_float = [k for k in expected if not k.endswith("num_batches_tracked") and not given[k].is_floating_point()]
+    if not_float:
+        raise InputError(f"weights do not fit AstroMAE: not floating point {_names(not_float)}")
+    return {k: t.detach().float() if t.is_floating_point() else t.detach() for k, t in given.items()}
 
 
-def _stack(convs: list[nn.Conv2d]) -> nn.Conv2d:
-    """Convolutions of one input, as one convolution whose outputs are theirs, concatenated."""
-    first = convs[0]
-    stacked = nn.Conv2d(first.in_channels, sum(c.out_channels for c in convs), first.kernel_size)
-    stacked.weight.data = torch.cat([c.weight for c in convs])
-    stacked.bias.data = torch.cat([c.bias for c in convs])
-    return stacked
+def _frozen(tensor: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(tensor.detach(), requires_grad=False)
+
+
+def _conv(weight: torch.Tensor, bias: torch.Tensor, groups: int = 1, **kwargs: int) -> nn.Conv2d:
+    """A Conv2d holding these tensors (made on the meta device, so no initialisation is wasted)."""
+    out_channels, in_per_group, kernel, _ = weight.shape
+    conv = nn.Conv2d(in_per_group * groups, out_channels, kernel, groups=groups, device="meta", **kwargs)
+    conv.weight, conv.bias = _frozen(weight), _frozen(bias)
+    return conv
+
+
+def _linear(w: Weights, name: str) -> nn.Linear:
+    weight = w[f"{name}.weight"]
+    layer = nn.Linear(weight.shape[1], weight.shape[0], device="meta")
+    layer.weight, layer.bias = _frozen(weight), _frozen(w[f"{name}.bias"])
+    return layer
+
+
+def _layer_norm(w: Weights, name: str) -> nn.LayerNorm:
+    norm = nn.LayerNorm(EMBED_DIM, eps=LN_EPS, device="meta")
+    norm.weight, norm.bias = _frozen(w[f"{name}.weight"]), _frozen(w[f"{name}.bias"])
+    return norm
+
+
+def _fold_bn(w: Weights, conv: str, bn: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight and bias of convolution ``conv`` with the eval-mode BatchNorm ``bn`` after it folded in."""
+    scale = w[f"{bn}.weight"] / torch.sqrt(w[f"{bn}.running_var"] + BN_EPS)
+    weight = w[f"{conv}.weight"] * scale.reshape(-1, 1, 1, 1)
+    bias = (w[f"{conv}.bias"] - w[f"{bn}.running_mean"]) * scale + w[f"{bn}.bias"]
+    return weight, bias
+
+
+def _folded_unit(w: Weights, unit: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A Conv-BN-ReLU unit's convolution, BatchNorm folded in."""
+    return _fold_bn(w, f"{unit}.conv", f"{unit}.bn")
+
+
+def _same_conv(weight_bias: tuple[torch.Tensor, torch.Tensor]) -> nn.Conv2d:
+    weight, bias = weight_bias
+    return _conv(weight, bias, padding=weight.shape[-1] // 2)
 
 
 class FusedInception(nn.Module):
-    def __init__(self, block: InceptionBlock) -> None:
+    def __init__(self, w: Weights, prefix: str, width: int, use_5x5: bool) -> None:
         super().__init__()
-        self.use_5x5 = block.use_5x5
-        self.width = block.branch1.conv.out_channels
-        reducers = [block.branch1, block.branch2[0]] + ([block.branch3[0]] if self.use_5x5 else [])
-        self.reduce = _stack([_folded(u) for u in reducers])
-        self.conv3 = _folded(block.branch2[1])
-        self.conv5 = _folded(block.branch3[1]) if self.use_5x5 else None
-        self.pool_proj = _folded(block.branch4[1])
+        self.width = width
+        reducers = [f"{prefix}.branch1", f"{prefix}.branch2.0"] + ([f"{prefix}.branch3.0"] if use_5x5 else [])
+        folded = [_folded_unit(w, unit) for unit in reducers]
+        # Convolutions of one input, as one convolution whose outputs are theirs, concatenated.
+        self.reduce = _conv(torch.cat([wt for wt, _ in folded]), torch.cat([b for _, b in folded]))
+        self.conv3 = _same_conv(_folded_unit(w, f"{prefix}.branch2.1"))
+        self.conv5 = _same_conv(_folded_unit(w, f"{prefix}.branch3.1")) if use_5x5 else None
+        self.pool_proj = _same_conv(_folded_unit(w, f"{prefix}.branch4.1"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         reduced = F.relu(self.reduce(x)).split(self.width, dim=1)
@@ -69,31 +146,31 @@ class FusedInception(nn.Module):
         return torch.cat(outs, dim=1)
 
 
-def _group_matrices(conv: nn.Conv2d) -> torch.Tensor:
+def _group_matrices(weight: torch.Tensor) -> torch.Tensor:
     """A grouped 1x1 convolution's weight as (groups, in per group, out per group)."""
-    out_channels, in_per_group = conv.weight.shape[:2]
-    return conv.weight.reshape(conv.groups, out_channels // conv.groups, in_per_group).transpose(1, 2).contiguous()
+    out_channels, in_per_group = weight.shape[:2]
+    return weight.reshape(PCM_GROUPS, out_channels // PCM_GROUPS, in_per_group).transpose(1, 2).contiguous()
 
 
 class FusedBlock(nn.Module):
-    def __init__(self, block: PcmBlock) -> None:
+    def __init__(self, w: Weights, prefix: str) -> None:
         super().__init__()
-        attn = block.attn
-        self.num_heads = attn.num_heads
-        self.norm1, self.norm2, self.mlp = block.norm1, block.norm2, block.mlp
-        self.qkv_weight = attn.qkv.weight
-        self.register_buffer("qkv_bias", torch.cat((attn.q_bias, torch.zeros_like(attn.v_bias), attn.v_bias)))
-        self.proj = attn.proj
-        self.scale = (block.attn.qkv.in_features // self.num_heads) ** -0.5
+        self.num_heads = HEADS
+        self.norm1, self.norm2 = _layer_norm(w, f"{prefix}.norm1"), _layer_norm(w, f"{prefix}.norm2")
+        self.mlp = nn.Sequential(_linear(w, f"{prefix}.mlp.fc1"), nn.GELU(), _linear(w, f"{prefix}.mlp.fc2"))
+        q_bias, v_bias = w[f"{prefix}.attn.q_bias"], w[f"{prefix}.attn.v_bias"]
+        self.register_buffer("qkv_weight", w[f"{prefix}.attn.qkv.weight"])
+        self.register_buffer("qkv_bias", torch.cat((q_bias, torch.zeros_like(v_bias), v_bias)))
+        self.proj = _linear(w, f"{prefix}.attn.proj")
+        self.scale = (EMBED_DIM // HEADS) ** -0.5
         # The PCM's grouped 1x1 convolutions act on each patch token alone: as batched matmuls
         # over the groups, (groups, tokens, in) @ (groups, in, out), with the BatchNorm folded in.
-        pcm_in = _fold_bn(block.PCM[0], block.PCM[1])
-        pcm_out = block.PCM[3]
-        self.groups = pcm_in.groups
-        self.register_buffer("pcm_w1", _group_matrices(pcm_in))
-        self.register_buffer("pcm_b1", pcm_in.bias.reshape(self.groups, 1, -1))
-        self.register_buffer("pcm_w2", _group_matrices(pcm_out))
-        self.register_buffer("pcm_b2", pcm_out.bias.reshape(self.groups, 1, -1))
+        pcm_w1, pcm_b1 = _fold_bn(w, f"{prefix}.PCM.0", f"{prefix}.PCM.1")
+        self.groups = PCM_GROUPS
+        self.register_buffer("pcm_w1", _group_matrices(pcm_w1))
+        self.register_buffer("pcm_b1", pcm_b1.reshape(self.groups, 1, -1))
+        self.register_buffer("pcm_w2", _group_matrices(w[f"{prefix}.PCM.3.weight"]))
+        self.register_buffer("pcm_b2", w[f"{prefix}.PCM.3.bias"].reshape(self.groups, 1, -1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, c = x.shape
@@ -110,47 +187,51 @@ class FusedBlock(nn.Module):
 
 
 class FusedAstroMAE(nn.Module):
-    """``forward(images, magnitudes) -> z``, as ``AstroMAE`` computes it.
+    """``forward(images, magnitudes) -> z``, as ``AstroMAE`` computes it; build it with
+    ``from_state_dict``.
 
     ``precision="bf16"`` runs the image branches (ViT and Inception, 92 % of the work) under
     bfloat16 autocast and keeps the magnitude MLP and the fusion head in float32: magnitudes
     near 18 would lose their second decimal in bfloat16.
     """
 
-    def __init__(self, model: AstroMAE, precision: str = "fp32") -> None:
+    def __init__(self, state: Weights, precision: str = "fp32") -> None:
         super().__init__()
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
+        w = checked_weights(state)
         self.bf16 = precision == "bf16"
-        self.patch_embed = model.patch_embed
-        self.register_buffer("cls_pos", (model.cls_token + model.pos_embed[:, :1]).detach())
-        self.register_buffer("patch_pos", model.pos_embed[:, 1:].detach())
-        self.blocks = nn.ModuleList(FusedBlock(b) for b in model.blocks)
-        self.fc_norm = model.fc_norm
-        head, first = model.head, model.vit_block[0]
-        self.vit_in = nn.Linear(head.in_features, first.out_features)
-        self.vit_in.weight.data = first.weight @ head.weight
-        self.vit_in.bias.data = first.weight @ head.bias + first.bias
-        self.vit_out = model.vit_block[2]
-        seq = model.inception_model.vis_inception
-        self.incept = nn.Sequential(
-            seq[0],
-            seq[1],
-            FusedInception(seq[2]),
-            FusedInception(seq[3]),
-            seq[4],
-            FusedInception(seq[5]),
-            FusedInception(seq[6]),
-            seq[7],
-            FusedInception(seq[8]),
+        # What the reference model holds, for the records (its BatchNorm statistics are buffers).
+        self.reference_parameters = parameter_count({k: t.shape for k, t in w.items()})
+        patch = w["patch_embed.proj.weight"]
+        self.patch_embed = _conv(patch, w["patch_embed.proj.bias"], stride=patch.shape[-1])
+        self.register_buffer("cls_pos", w["cls_token"] + w["pos_embed"][:, :1])
+        self.register_buffer("patch_pos", w["pos_embed"][:, 1:])
+        self.blocks = nn.ModuleList(FusedBlock(w, f"blocks.{i}") for i in range(DEPTH))
+        self.fc_norm = _layer_norm(w, "fc_norm")
+        head_w, head_b, first_w, first_b = (w[f"{k}.{p}"] for k in ("head", "vit_block.0") for p in ("weight", "bias"))
+        self.vit_in = nn.Linear(head_w.shape[1], first_w.shape[0], device="meta")
+        self.vit_in.weight, self.vit_in.bias = _frozen(first_w @ head_w), _frozen(first_w @ head_b + first_b)
+        self.vit_out = _linear(w, "vit_block.2")
+        seq = "inception_model.vis_inception"
+        stages: list[nn.Module] = [_conv(w[f"{seq}.0.weight"], w[f"{seq}.0.bias"])]
+        for i in range(1, max(INCEPTION_BLOCKS) + 1):
+            if i in INCEPTION_POOLS:
+                stages.append(nn.AvgPool2d(2))
+            else:
+                _, width, use_5x5 = INCEPTION_BLOCKS[i]
+                stages.append(FusedInception(w, f"{seq}.{i}", width, use_5x5))
+        self.incept = nn.Sequential(*stages)
+        first, second = INCEPTION_HEAD
+        self.incept_head = nn.Sequential(
+            nn.Flatten(), _linear(w, f"{seq}.{first}"), nn.ReLU(), _linear(w, f"{seq}.{second}")
         )
-        self.incept_head = nn.Sequential(*seq[9:])
-        self.magnitude_block = model.inception_model.magnitude_block
-        self.concat_block = model.concat_block
+        self.magnitude_block = _mlp(w, "inception_model.magnitude_block", MAG_LAYERS)
+        self.concat_block = _mlp(w, "concat_block", 2)
 
     def forward(self, images: torch.Tensor, magnitudes: torch.Tensor) -> torch.Tensor:
         with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            x = self.patch_embed(images) + self.patch_pos
+            x = self.patch_embed(images).flatten(2).transpose(1, 2) + self.patch_pos
             x = torch.cat((self.cls_pos.expand(x.shape[0], -1, -1), x), dim=1)
             for block in self.blocks:
                 x = block(x)
@@ -160,10 +241,25 @@ class FusedAstroMAE(nn.Module):
         fused = torch.cat((vit.float(), incept.float(), self.magnitude_block(magnitudes)), dim=1)
         return self.concat_block(fused).squeeze(1)
 
+    @classmethod
+    def from_state_dict(cls, state: Weights, precision: str = "fp32") -> FusedAstroMAE:
+        """The fused model of these weights (keys and shapes of ``AstroMAE().state_dict()``,
+        BatchNorm statistics final), in eval mode. Raises ``InputError`` for missing,
+        unexpected or mis-shaped tensors."""
+        with torch.no_grad():
+            return cls(state, precision).eval()
 
-def fuse(model: AstroMAE, precision: str = "fp32") -> FusedAstroMAE:
-    """The fused inference form of an eval-mode model with final weights."""
+
+def _mlp(w: Weights, name: str, layers: int) -> nn.Sequential:
+    """Linear layers at positions 0, 2, 4, ... of a Sequential, ReLU between them."""
+    modules: list[nn.Module] = [_linear(w, f"{name}.0")]
+    for j in range(1, layers):
+        modules += [nn.ReLU(), _linear(w, f"{name}.{2 * j}")]
+    return nn.Sequential(*modules)
+
+
+def fuse(model: nn.Module, precision: str = "fp32") -> FusedAstroMAE:
+    """The fused inference form of an eval-mode reference model with final weights."""
     if model.training:
         raise ValueError("fuse() needs a model in eval mode (BatchNorm statistics are folded)")
-    with torch.no_grad():
-        return FusedAstroMAE(model, precision).eval()
+    return FusedAstroMAE.from_state_dict(model.state_dict(), precision)

@@ -9,7 +9,9 @@ Three branches meet in a small fusion head:
 
 Module and parameter names follow the reference so that its ``state_dict`` loads with
 ``strict=True``; ``inception_model.conv2d_init`` and ``inception_model.vis_inception.0`` are
-one module registered twice, exactly as in the reference.
+one module registered twice, exactly as in the reference. The sizes, and the weights' names
+and shapes, are in ``layout.py``; inference runs the fused form (``fast.py``), built from the
+weights without this module or timm.
 """
 
 from __future__ import annotations
@@ -19,16 +21,7 @@ import torch.nn.functional as F
 from timm.layers import Mlp, PatchEmbed
 from torch import nn
 
-IMAGE_SIZE = 32
-BANDS = 5
-PATCH = 8
-EMBED_DIM = 192
-DEPTH = 12
-HEADS = 3
-MLP_RATIO = 4
-PCM_GROUPS = 48
-BRANCH_DIM = 1096
-MAG_DIM = 1024
+from cai_hpc.layout import BANDS, BRANCH_DIM, DEPTH, EMBED_DIM, HEADS, IMAGE_SIZE, MAG_DIM, MLP_RATIO, PATCH, PCM_GROUPS
 
 
 class Attention(nn.Module):

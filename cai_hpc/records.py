@@ -10,8 +10,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 import cai_hpc
 from cai_hpc.storage import Location
 
@@ -19,6 +17,20 @@ BITS_PER_SAMPLE = 164_160  # (5*32*32 + 5) float32 values, as the reference coun
 
 
 def seconds_since_process_start() -> float:
+    """This process's age. On Linux: the boot-time clock less the process's start tick (both
+    count from boot; 10 ms ticks). ``psutil``'s ``create_time`` adds a boot time that the kernel
+    gives in whole seconds, so its ages run up to 1 s long (0.95 s on the development machine):
+    it is only the fallback."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime
+        age = time.clock_gettime(time.CLOCK_BOOTTIME) - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):  # not Linux
+        age = -1.0
+    if age >= 0:
+        return age
+    import psutil
+
     return time.time() - psutil.Process().create_time()
 
 

@@ -239,9 +239,9 @@ def read_rank_records(out: Any, world: int) -> list[dict[str, Any]]:
 
 
 def _process_start() -> float:
-    import psutil
+    from cai_hpc.records import seconds_since_process_start
 
-    return psutil.Process().create_time()
+    return time.time() - seconds_since_process_start()
 
 
 def _one_line(exc: BaseException) -> str:

@@ -10,11 +10,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
 from timm.layers import Mlp, PatchEmbed
 
 from cai_hpc import model as m
-from cai_hpc.checkpoint import build_model, convert_checkpoint, load_weights, save_weights
+from cai_hpc.checkpoint import (
+    build_model,
+    convert_checkpoint,
+    inference_weights,
+    load_weights,
+    read_weights,
+    save_weights,
+)
 from cai_hpc.errors import InputError
+from cai_hpc.fast import FusedAstroMAE, fuse
 from tests.conftest import cai_hpc
 
 # Where the reference's classes live, as its pickle names them.
@@ -142,3 +151,40 @@ def test_no_checkpoint_means_seeded_random_weights_and_says_so(golden) -> None:
     b, _ = build_model(None, seed=3)
     assert "random weights" in label
     np.testing.assert_array_equal(outputs(a, golden), outputs(b, golden))
+
+
+def test_inference_reads_a_checkpoint_into_the_fused_model(tmp_path, golden, golden_model) -> None:
+    save_weights(golden_model, tmp_path / "w.safetensors")
+    state, label = inference_weights(tmp_path / "w.safetensors")
+    assert label == "w.safetensors" and len(state) == 508  # the file stores the aliased conv once
+    np.testing.assert_allclose(outputs(FusedAstroMAE.from_state_dict(state), golden), golden["redshift"], atol=1e-4)
+
+
+def test_inference_with_random_weights_uses_the_reference_models_initialisation(golden) -> None:
+    state, label = inference_weights(None, seed=3)
+    model, same_label = build_model(None, seed=3)
+    assert label == same_label
+    np.testing.assert_array_equal(outputs(FusedAstroMAE.from_state_dict(state), golden), outputs(fuse(model), golden))
+
+
+def test_a_checkpoint_of_other_weights_is_refused_naming_the_file_and_the_keys(tmp_path, golden_model) -> None:
+    state = {k: v.contiguous() for k, v in golden_model.state_dict().items() if not k.startswith("vit_block.2.")}
+    state["extra.weight"] = torch.zeros(2)
+    save_file({k: v for k, v in state.items() if "conv2d_init" not in k}, tmp_path / "other.safetensors")
+    with pytest.raises(InputError) as info:
+        read_weights(tmp_path / "other.safetensors")
+    assert str(info.value) == (
+        f"{tmp_path / 'other.safetensors'}: weights do not fit AstroMAE: "
+        "missing vit_block.2.bias, vit_block.2.weight; unexpected extra.weight"
+    )
+
+
+def test_a_truncated_checkpoint_is_refused_for_inference(tmp_path, golden_model) -> None:
+    save_weights(golden_model, tmp_path / "w.safetensors")
+    data = (tmp_path / "w.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputError, match=r"cut\.safetensors: not a readable safetensors file"):
+        read_weights(tmp_path / "cut.safetensors")
+    (tmp_path / "w.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(InputError, match="convert-checkpoint"):
+        read_weights(tmp_path / "w.pt")

@@ -173,6 +173,7 @@ def test_a_checkpoint_is_used_and_named(small_dataset, tmp_path, golden_model) -
     save_weights(golden_model, tmp_path / "astromae.safetensors")
     summary = infer(small_dataset, tmp_path / "out", checkpoint=tmp_path / "astromae.safetensors", limit=48)
     assert summary["model"]["checkpoint"] == "astromae.safetensors"
+    assert summary["model"]["parameters"] == 15_902_889  # counted on the checkpoint's tensors
     got = read_predictions(tmp_path / "out")["shard-00000.h5"]
     with ShardReader(scan_dataset(small_dataset)[0]) as r:
         cols = r.read(0, 48)

@@ -1,4 +1,5 @@
-"""The fused inference model computes what the plain reference model computes."""
+"""The fused inference model computes what the plain reference model computes, and is
+built from a state dict checked as strictly as ``load_state_dict(strict=True)`` checks it."""
 
 from __future__ import annotations
 
@@ -6,8 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from cai_hpc.fast import fuse
+from cai_hpc.errors import InputError
+from cai_hpc.fast import FusedAstroMAE, fuse
 from cai_hpc.model import AstroMAE
+from tests.conftest import reference_weights
 
 
 def run(model, images, mags) -> np.ndarray:
@@ -59,3 +62,79 @@ def test_bf16_stays_within_5e_3_of_float32_on_the_golden_inputs(golden, golden_m
 def test_unknown_precision_is_refused() -> None:
     with pytest.raises(ValueError, match="precision"):
         fuse(AstroMAE().eval(), "fp8")
+
+
+def test_built_from_the_reference_weights_it_reproduces_the_golden_outputs(golden, golden_model) -> None:
+    # The weight rule's own tensors, as the reference loaded them: its two names of the stem
+    # convolution hold different tensors there, and the one loaded last counts.
+    state = reference_weights(golden_model)
+    assert not torch.equal(state["inception_model.conv2d_init.weight"], state["inception_model.vis_inception.0.weight"])
+    fused = FusedAstroMAE.from_state_dict(state)
+    assert not fused.training
+    z = run(fused, golden["images"], golden["magnitudes"])
+    np.testing.assert_allclose(z, golden["redshift"], atol=1e-4, rtol=0)
+    np.testing.assert_array_equal(z, run(fuse(golden_model), golden["images"], golden["magnitudes"]))
+    assert fused.reference_parameters == 15_902_889
+
+
+@pytest.mark.parametrize("kept", ["inception_model.conv2d_init", "inception_model.vis_inception.0"])
+def test_either_name_of_the_aliased_convolution_is_enough(golden, golden_model, kept) -> None:
+    state = golden_model.state_dict()
+    for name in ("inception_model.conv2d_init", "inception_model.vis_inception.0"):
+        if name != kept:
+            del state[f"{name}.weight"], state[f"{name}.bias"]
+    z = run(FusedAstroMAE.from_state_dict(state), golden["images"], golden["magnitudes"])
+    np.testing.assert_allclose(z, golden["redshift"], atol=1e-4, rtol=0)
+
+
+def _without(*keys: str):
+    def spoil(state: dict) -> None:
+        for key in keys:
+            del state[key]
+
+    return spoil
+
+
+def _set(key: str, value: torch.Tensor):
+    def spoil(state: dict) -> None:
+        state[key] = value
+
+    return spoil
+
+
+def _prefixed(state: dict) -> None:
+    for key in list(state):
+        state[f"module.{key}"] = state.pop(key)
+
+
+@pytest.mark.parametrize(
+    ("spoil", "message"),
+    [
+        (_without("blocks.3.mlp.fc1.weight"), r"missing blocks\.3\.mlp\.fc1\.weight$"),
+        (_without("blocks.0.PCM.1.num_batches_tracked"), r"missing blocks\.0\.PCM\.1\.num_batches_tracked$"),
+        (
+            _without(
+                *(f"inception_model.{m}.{p}" for m in ("conv2d_init", "vis_inception.0") for p in ("weight", "bias"))
+            ),
+            r"missing inception_model\.conv2d_init\.bias, inception_model\.conv2d_init\.weight, ",
+        ),
+        (_set("head.extra", torch.zeros(3)), r"unexpected head\.extra$"),
+        (_prefixed, r"missing \S+, \S+, \S+, \S+ and 504 more; unexpected module\.\S+, .* and 504 more$"),
+        (_set("head.weight", torch.zeros(10, 10)), r"wrong shape head\.weight \(10, 10\) \(needs \(192, 192\)\)$"),
+        (_set("pos_embed", torch.zeros(1, 65, 192)), r"wrong shape pos_embed \(1, 65, 192\) \(needs \(1, 17, 192\)\)"),
+        (_set("fc_norm.weight", torch.ones(192, dtype=torch.int64)), r"not floating point fc_norm\.weight$"),
+    ],
+)
+def test_from_state_dict_refuses_weights_that_do_not_fit(golden_model, spoil, message) -> None:
+    state = golden_model.state_dict()
+    spoil(state)
+    with pytest.raises(InputError, match=r"^weights do not fit AstroMAE: " + message):
+        FusedAstroMAE.from_state_dict(state)
+
+
+def test_half_precision_weights_are_used_as_float32(golden, golden_model) -> None:
+    state = {k: v.half() if v.is_floating_point() else v for k, v in golden_model.state_dict().items()}
+    fused = FusedAstroMAE.from_state_dict(state)
+    assert {p.dtype for p in fused.parameters()} | {b.dtype for b in fused.buffers()} == {torch.float32}
+    z = run(fused, golden["images"], golden["magnitudes"])
+    np.testing.assert_allclose(z, golden["redshift"], atol=5e-2, rtol=0)  # float16 weights: close, not equal

@@ -5,21 +5,37 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from cai_hpc import layout
+from cai_hpc.flops import ASTROMAE_GFLOP_PER_SAMPLE, gflop_per_sample
 from cai_hpc.model import AstroMAE, parameter_count
 from tests.conftest import REFERENCE
 
 
-def test_parameter_count_is_the_published_one() -> None:
-    assert parameter_count(AstroMAE()) == 15_902_889
-
-
-def test_state_dict_keys_and_shapes_match_the_reference() -> None:
+def reference_shapes() -> dict[str, tuple[int, ...]]:
     expected = {}
     for line in (REFERENCE / "astromae-state-dict.txt").read_text().splitlines():
         key, shape = line.split(" ", 1)
         expected[key] = tuple(int(d) for d in shape.strip("()").split(",") if d.strip())
+    return expected
+
+
+def test_parameter_count_is_the_published_one() -> None:
+    assert parameter_count(AstroMAE()) == 15_902_889
+    assert layout.parameter_count(layout.state_dict_shapes()) == 15_902_889
+
+
+def test_state_dict_keys_and_shapes_match_the_reference() -> None:
     mine = {k: tuple(v.shape) for k, v in AstroMAE().state_dict().items()}
-    assert mine == expected
+    assert mine == reference_shapes()
+
+
+def test_the_layout_the_fused_model_is_checked_against_is_the_reference_one() -> None:
+    assert layout.state_dict_shapes() == reference_shapes()
+
+
+def test_the_reported_work_per_sample_is_what_the_flop_counter_counts_on_the_reference_model() -> None:
+    assert gflop_per_sample(AstroMAE().eval()) == ASTROMAE_GFLOP_PER_SAMPLE
+    assert round(ASTROMAE_GFLOP_PER_SAMPLE, 4) == 0.2215
 
 
 def test_golden_outputs_reproduced(golden, golden_model) -> None:
