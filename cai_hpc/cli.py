@@ -357,6 +357,9 @@ def cmd_cloud_run(args: argparse.Namespace) -> int:
     if args.local:
         from lambda_shim.local import run_local
 
+        if args.ranks is not None or args.shards_per_rank is not None:
+            raise InputError("with --local, -n N sets the ranks (--ranks and --shards-per-rank are for AWS runs)")
+
         options = _plan_options(args)
         options.pop("ranks")
         options.pop("memory_mb")

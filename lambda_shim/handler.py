@@ -214,6 +214,9 @@ def summarize(event: Any, context: Any) -> dict[str, Any]:
         write_json_atomic(out / "summary.json", summary)
     except Exception as exc:
         raise RankFailedError(f"summarize: {_one_line(exc)}") from exc
+    finally:  # a warm Summarize must not see the last job's records
+        if "cai_hpc.storage" in sys.modules:
+            sys.modules["cai_hpc.storage"].forget()
     return {
         "out": str(out),
         "world_size": world,
