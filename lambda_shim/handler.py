@@ -230,7 +230,7 @@ def read_rank_records(out: Any, world: int) -> list[dict[str, Any]]:
     """Every rank's record under ``OUT/ranks/``, in rank order; a missing one is an error."""
     from concurrent.futures import ThreadPoolExecutor
 
-    keys = [o for o in (out / "ranks").list(".json")]
+    keys = (out / "ranks").list(".json")
     with ThreadPoolExecutor(32) as pool:
         records = list(pool.map(lambda loc: json.loads(loc.read_bytes()), keys))
     by_rank = {r["rank"]: r for r in records if isinstance(r.get("rank"), int)}
