@@ -7,7 +7,8 @@ connect from the port they reached the server from, to the address the server sa
 other come from, and also listen there), ``direct`` (connect to the peer's listener) or
 ``relay`` (a pipe through the server); ``auto`` tries punch, then direct, then relay. Every
 connection is authenticated before anything is read from it. Messages are framed (kind,
-source, tag, length). Collectives are binomial trees (bcast, reduce, gather, scatter and the
+source, tag, length) and every frame carries a MAC that is checked before it is unpickled
+(``wire.FrameSeal``). Collectives are binomial trees (bcast, reduce, gather, scatter and the
 buffer forms) and a dissemination barrier: O(log N) rounds for N ranks.
 
 Nothing blocks forever: connecting has a deadline, an optional per-operation timeout bounds
@@ -34,7 +35,9 @@ from lambda_shim.wire import (
     FRAME,
     KIND_BYTES,
     KIND_OBJECT,
+    MAC,
     AuthError,
+    FrameSeal,
     handshake_accept,
     handshake_connect,
     load_secret,
@@ -98,11 +101,13 @@ class ShimConfig:
 
 
 class _Link:
-    """One authenticated connection to a peer; sends are serialised by a lock."""
+    """One authenticated connection to a peer; sends are serialised by a lock, which also
+    keeps the send side of its seal in frame order."""
 
-    def __init__(self, sock: socket.socket, peer: int) -> None:
+    def __init__(self, sock: socket.socket, peer: int, seal: FrameSeal) -> None:
         self.sock = sock
         self.peer = peer
+        self.seal = seal
         self.lock = threading.Lock()
 
 
@@ -266,12 +271,12 @@ class TcpComm:
                     raise AuthError(f"{addr} is no rank's punched address")
                 link = self._paired_handshake(sock, peer)
             else:
-                job = handshake_accept(sock, self.config.key)
+                job, seal = handshake_accept(sock, self.config.key)
                 if job != self.config.job_id:
                     raise AuthError(f"peer is in job {job!r}")
                 (peer,) = _RANK.unpack(recv_exact(sock, _RANK.size))
                 sock.settimeout(None)
-                link = _Link(sock, peer)
+                link = _Link(sock, peer, seal)
         except (AuthError, OSError, EOFError, CommError):
             sock.close()  # never read anything else from an unauthenticated connection
             return
@@ -281,16 +286,17 @@ class TcpComm:
         """Authenticate a connection whose two ends both think they opened it (a relay pipe,
         a punched or simultaneously opened connection): the lower rank plays the acceptor."""
         if self.rank < peer:
-            if handshake_accept(sock, self.config.key) != self.config.job_id:
+            job, seal = handshake_accept(sock, self.config.key)
+            if job != self.config.job_id:
                 raise AuthError("the peer named another job")
         else:
-            handshake_connect(sock, self.config.key, self.config.job_id)
+            seal = handshake_connect(sock, self.config.key, self.config.job_id)
         sock.sendall(_RANK.pack(self.rank))
         (their_rank,) = _RANK.unpack(recv_exact(sock, _RANK.size))
         if their_rank != peer:
             raise CommError(f"rank {self.rank}: expected rank {peer} on this connection, got {their_rank}")
         sock.settimeout(None)
-        return _Link(sock, peer)
+        return _Link(sock, peer, seal)
 
     def _punch_link(self, peer: int, deadline: float) -> _Link | None:
         """Connect from our punched port to the peer's, asking it (through the server) to do
@@ -340,10 +346,10 @@ class TcpComm:
                 try:
                     sock = socket.create_connection(addr, timeout=max(0.1, min(5.0, deadline - time.monotonic())))
                     _tune(sock)
-                    handshake_connect(sock, self.config.key, self.config.job_id)
+                    seal = handshake_connect(sock, self.config.key, self.config.job_id)
                     sock.sendall(_RANK.pack(self.rank))
                     sock.settimeout(None)
-                    return _Link(sock, peer)
+                    return _Link(sock, peer, seal)
                 except (OSError, EOFError) as exc:
                     last = exc
                     time.sleep(0.05)
@@ -400,15 +406,19 @@ class TcpComm:
                     raise EOFError(f"malformed frame from rank {link.peer}")
                 payload = bytearray(length)
                 recv_into(link.sock, memoryview(payload))
+                link.seal.check(header, payload, recv_exact(link.sock, MAC))
                 with self._cond:
                     self._inbox.append((link.peer, tag, kind, payload))
                     self._cond.notify_all()
-        except (OSError, EOFError) as exc:
+        except (OSError, EOFError, AuthError) as exc:
+            if isinstance(exc, AuthError):
+                link.sock.close()  # nothing more is read from a connection that failed a MAC
+            why = str(exc) if isinstance(exc, AuthError) else f"connection closed ({type(exc).__name__})"
             with self._cond:
                 # Gone only once every link to it has closed: another may still hold its last frames.
                 self._open_links[link.peer] -= 1
                 if self._open_links[link.peer] == 0:
-                    self._dead.setdefault(link.peer, f"connection closed ({type(exc).__name__})")
+                    self._dead.setdefault(link.peer, why)
                 self._cond.notify_all()
 
     # ---------------------------------------------------------------- point to point
@@ -422,9 +432,12 @@ class TcpComm:
             return
         link = self._link(dest)
         try:
+            header = FRAME.pack(kind, self.rank, tag, len(payload))
             with link.lock:
-                link.sock.sendall(FRAME.pack(kind, self.rank, tag, len(payload)))
+                mac = link.seal.seal(header, payload)
+                link.sock.sendall(header)
                 link.sock.sendall(payload)
+                link.sock.sendall(mac)
         except OSError as exc:
             raise CommError(f"rank {self.rank}: sending to rank {dest} failed: {exc}") from None
 

@@ -4,6 +4,12 @@ Every connection, rank to server or rank to rank, starts with a mutual HMAC
 challenge-response over fresh nonces, and nothing else is read from it until the peer has
 proved it knows the job's key. Frames then carry their kind, source, tag and length, so a
 reader always knows how much to expect; partial reads and writes are retried to completion.
+
+The handshake only proves who opened the connection; whoever can write into the TCP stream
+afterwards (a relay in the middle, an attacker on the path) could still inject frames. So
+each frame also carries an HMAC under a key of that connection and direction (derived from
+the job key and both nonces) over a sequence number, the header and the payload: a frame
+is unpickled only once its MAC checks, and a replayed, reordered or spliced frame fails.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import os
 import secrets
 import socket
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 HELLO = b"CAI-SHIM/1"
@@ -107,9 +114,52 @@ def acceptor_mac(key: bytes, nonce_a: bytes, nonce_b: bytes, raw_job: bytes) -> 
     return hmac.new(key, b"A" + nonce_b + nonce_a + raw_job, hashlib.sha256).digest()
 
 
-def handshake_accept(sock: socket.socket, key: bytes) -> str:
+class FrameSeal:
+    """The MACs of one connection's frames: one key and one sequence counter per direction."""
+
+    def __init__(self, send_key: bytes, recv_key: bytes) -> None:
+        self._send_key, self._recv_key = send_key, recv_key
+        self._sent = self._received = 0
+
+    def seal(self, header: bytes, payload: bytes | memoryview) -> bytes:
+        """The MAC to send after this frame (callers serialise sends on a connection)."""
+        mac = _frame_mac(self._send_key, self._sent, header, payload)
+        self._sent += 1
+        return mac
+
+    def check(self, header: bytes | bytearray, payload: bytes | bytearray, mac: bytes) -> None:
+        if not hmac.compare_digest(mac, _frame_mac(self._recv_key, self._received, header, payload)):
+            raise AuthError(f"frame {self._received} failed its MAC (tampered, replayed or reordered)")
+        self._received += 1
+
+
+def _frame_mac(key: bytes, seq: int, header: bytes | bytearray, payload: bytes | bytearray | memoryview) -> bytes:
+    mac = hmac.new(key, seq.to_bytes(8, "big"), hashlib.sha256)
+    mac.update(header)
+    mac.update(payload)
+    return mac.digest()
+
+
+@dataclass(frozen=True)
+class _Exchange:
+    """What both ends know after a handshake, from which the frame keys are derived."""
+
+    key: bytes
+    nonce_a: bytes
+    nonce_b: bytes
+    raw_job: bytes
+
+    def seal(self, initiator: bool) -> FrameSeal:
+        context = self.nonce_a + self.nonce_b + self.raw_job
+        to_acceptor = hmac.new(self.key, b"frames I>A" + context, hashlib.sha256).digest()
+        to_initiator = hmac.new(self.key, b"frames A>I" + context, hashlib.sha256).digest()
+        return FrameSeal(to_acceptor, to_initiator) if initiator else FrameSeal(to_initiator, to_acceptor)
+
+
+def handshake_accept(sock: socket.socket, key: bytes) -> tuple[str, FrameSeal]:
     """Acceptor side (a rank; the server runs the same exchange on asyncio streams).
-    Returns the job id the initiator named, which the caller must check."""
+    Returns the job id the initiator named, which the caller must check, and the seal for
+    the frames that follow."""
     nonce_a = secrets.token_bytes(NONCE)
     sock.sendall(HELLO + nonce_a)
     nonce_b = recv_exact(sock, NONCE)
@@ -125,11 +175,12 @@ def handshake_accept(sock: socket.socket, key: bytes) -> str:
     if not hmac.compare_digest(mac, initiator_mac(key, nonce_a, nonce_b, raw_job)):
         raise AuthError(f"wrong key for job {job_id!r}")
     sock.sendall(acceptor_mac(key, nonce_a, nonce_b, raw_job))
-    return job_id
+    return job_id, _Exchange(key, nonce_a, nonce_b, raw_job).seal(initiator=False)
 
 
-def handshake_connect(sock: socket.socket, key: bytes, job_id: str) -> None:
-    """Initiator side: prove the key, and check that the acceptor knows it too."""
+def handshake_connect(sock: socket.socket, key: bytes, job_id: str) -> FrameSeal:
+    """Initiator side: prove the key, and check that the acceptor knows it too. Returns the
+    seal for the frames that follow."""
     raw_job = job_id.encode("ascii")
     hello = recv_exact(sock, len(HELLO) + NONCE)
     if not hello.startswith(HELLO):
@@ -140,6 +191,7 @@ def handshake_connect(sock: socket.socket, key: bytes, job_id: str) -> None:
     reply = recv_exact(sock, MAC)
     if not hmac.compare_digest(reply, acceptor_mac(key, nonce_a, nonce_b, raw_job)):
         raise AuthError("the other side does not know the job key")
+    return _Exchange(key, nonce_a, nonce_b, raw_job).seal(initiator=True)
 
 
 def send_control(sock: socket.socket, message: dict) -> None:
