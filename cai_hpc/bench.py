@@ -2,17 +2,25 @@
 
 Efficiency = samples/s x GFLOP/sample / GEMM rate, where the GEMM rate is measured by this
 same process with the same threads and precision: a ratio taken in one run, so it holds on a
-noisy shared machine.
+noisy shared machine. At the best setting it also times the model's stages apart and, given
+a dataset, runs the real ``infer`` engine in the same process between two kernel
+measurements, so that end-to-end/kernel ratio is taken in one run too.
 """
 
 from __future__ import annotations
 
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import torch
 
-from cai_hpc.fast import fuse
+from cai_hpc.checkpoint import save_weights
+from cai_hpc.comm import SelfComm
+from cai_hpc.engine import RunConfig, run
+from cai_hpc.fast import FusedAstroMAE, fuse
 from cai_hpc.flops import gflop_per_sample
 from cai_hpc.model import BANDS, IMAGE_SIZE, AstroMAE
 
@@ -37,9 +45,12 @@ def gemm_gflops(seconds: float, dtype: torch.dtype = torch.float32) -> float:
     return 2 * GEMM_SIZE**3 * calls / elapsed / 1e9
 
 
+def _inputs(batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.randn(batch, BANDS, IMAGE_SIZE, IMAGE_SIZE), torch.randn(batch, BANDS) + 18.0
+
+
 def model_samples_per_s(model: torch.nn.Module, batch: int, seconds: float) -> float:
-    images = torch.randn(batch, BANDS, IMAGE_SIZE, IMAGE_SIZE)
-    mags = torch.randn(batch, BANDS) + 18.0
+    images, mags = _inputs(batch)
 
     def step() -> None:
         with torch.inference_mode():
@@ -55,8 +66,7 @@ def kernel_table(
     """One row per (threads, batch): GEMM rate in the run's precision, samples/s of the fused
     model ``infer`` runs and of the plain float32 eager model, and the fused model's compute
     efficiency."""
-    torch.manual_seed(0)
-    model = AstroMAE().eval()
+    model = reference_model()
     fused = fuse(model, precision)
     gflop = gflop_per_sample(model)
     rows = []
@@ -86,4 +96,88 @@ def format_table(rows: list[dict[str, float]]) -> str:
             f"{r['threads']:>7} {r['batch']:>6} {r['gemm_gflops']:>13.1f} "
             f"{r['samples_per_s']:>10.1f} {r['efficiency']:>10.2f} {r['eager_samples_per_s']:>8.1f}"
         )
+    return "\n".join(lines)
+
+
+def reference_model() -> AstroMAE:
+    """The model every measurement here runs: AstroMAE with seeded random weights."""
+    torch.manual_seed(0)
+    return AstroMAE().eval()
+
+
+def stage_profile(model: FusedAstroMAE, batch: int, seconds: float) -> dict[str, float]:
+    """Milliseconds per batch of each stage of the fused model, each stage timed on its own."""
+    images, mags = _inputs(batch)
+    with torch.inference_mode():
+        vit, incept, mag = model.vit_features(images), model.inception_features(images), model.magnitude_block(mags)
+        stages = {
+            "ViT encoder": lambda: model.vit_features(images),
+            "Inception CNN": lambda: model.inception_features(images),
+            "magnitude MLP": lambda: model.magnitude_block(mags),
+            "fusion head": lambda: model.fusion(vit, incept, mag),
+        }
+        timed = {name: _rate(step, seconds / len(stages)) for name, step in stages.items()}
+    return {name: 1e3 * elapsed / calls for name, (calls, elapsed) in timed.items()}
+
+
+def end_to_end(data: Path, threads: int, batch: int, precision: str, seconds: float) -> dict[str, Any]:
+    """``infer`` over ``data`` in this process at these settings, with the model's kernel rate
+    measured just before and just after it; the summary's wall time includes reading,
+    checkpoint loading and writing."""
+    model = reference_model()
+    fused = fuse(model, precision)
+    torch.set_num_threads(threads)
+    before = model_samples_per_s(fused, batch, seconds)
+    with tempfile.TemporaryDirectory(prefix="cai-hpc-bench-") as tmp:
+        checkpoint = Path(tmp) / "model.safetensors"
+        save_weights(model, checkpoint)
+        config = RunConfig(
+            data=data,
+            out=Path(tmp) / "out",
+            checkpoint=checkpoint,
+            batch_size=batch,
+            threads=threads,
+            precision=precision,
+            progress=False,
+            started=time.time(),
+        )
+        summary = run(SelfComm(), config)
+    after = model_samples_per_s(fused, batch, seconds)
+    assert summary is not None  # rank 0 of 1
+    rank = summary["ranks"][0]
+    wall = summary["timing"]["wall_s"]
+    return {
+        "samples": summary["samples"],
+        "wall_s": wall,
+        "samples_per_s": summary["throughput"]["samples_per_s"],
+        "kernel_samples_per_s": (before + after) / 2,
+        "kernel_before_after": (before, after),
+        "shares": {
+            "data read (waited for)": rank["load_s"] / wall,
+            "model": rank["infer_s"] / wall,
+            "write": rank["write_s"] / wall,
+            "checkpoint, build, rest": max(0.0, 1 - (rank["load_s"] + rank["infer_s"] + rank["write_s"]) / wall),
+        },
+    }
+
+
+def format_profile(stages: dict[str, float], threads: int, batch: int) -> str:
+    total = sum(stages.values())
+    lines = [f"where the model's time goes ({threads} thread(s), batch {batch}):"]
+    lines.append(f"{'stage':>16} {'ms/batch':>9} {'share':>6}")
+    lines += [f"{name:>16} {ms:>9.2f} {ms / total:>6.1%}" for name, ms in stages.items()]
+    # The benchmark runs on the CPU, where there is no copy to a device to time.
+    lines.append(f"{'host-to-device':>16} {'-':>9} {'-':>6}  (CPU: batches are used where they are read)")
+    return "\n".join(lines)
+
+
+def format_end_to_end(result: dict[str, Any], data: Path) -> str:
+    before, after = result["kernel_before_after"]
+    ratio = result["samples_per_s"] / result["kernel_samples_per_s"]
+    lines = [
+        f"end to end: infer on {data} ({result['samples']} samples) in this process, same settings:",
+        f"  {result['samples_per_s']:.1f} samples/s over the job wall ({result['wall_s']:.2f} s) = {ratio:.0%} of the "
+        f"kernel's {result['kernel_samples_per_s']:.1f} (before {before:.1f}, after {after:.1f})",
+        "  share of the job wall: " + ", ".join(f"{name} {share:.1%}" for name, share in result["shares"].items()),
+    ]
     return "\n".join(lines)

@@ -172,8 +172,20 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from cai_hpc.bench import format_table, kernel_table
+    import torch
+
+    from cai_hpc.bench import (
+        end_to_end,
+        format_end_to_end,
+        format_profile,
+        format_table,
+        kernel_table,
+        reference_model,
+        stage_profile,
+    )
+    from cai_hpc.fast import fuse
     from cai_hpc.resources import usable_cores
+    from cai_hpc.shards import scan_dataset
 
     if args.what == "compare":
         from cai_hpc.compare import compare, format_rows
@@ -187,8 +199,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
         log.info("wrote %s/runs.csv, runs.json and compare.png", args.to)
         return 0
 
+    if args.data is not None:
+        scan_dataset(args.data)  # a bad dataset stops the run before minutes of measuring
     threads = args.threads or list(range(1, usable_cores() + 1))
-    print(format_table(kernel_table(args.batch_sizes, threads, args.seconds, args.precision)))
+    rows = kernel_table(args.batch_sizes, threads, args.seconds, args.precision)
+    print(format_table(rows), flush=True)
+    best = max(rows, key=lambda r: r["samples_per_s"])
+    torch.set_num_threads(best["threads"])
+    stages = stage_profile(fuse(reference_model(), args.precision), best["batch"], args.seconds)
+    print(format_profile(stages, best["threads"], best["batch"]), flush=True)
+    if args.data is not None:
+        result = end_to_end(args.data, best["threads"], best["batch"], args.precision, args.seconds)
+        print(format_end_to_end(result, args.data))
     return 0
 
 
@@ -274,7 +296,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=_int_list, help="thread counts (default: 1..cores)")
     p.add_argument("--seconds", type=float, default=2.0, help="time per measurement")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
-    p.add_argument("--data", type=Path, help="compare: the directory of shards every run reads")
+    p.add_argument(
+        "--data",
+        type=Path,
+        help="kernel: also run infer on these shards at the best setting; compare: the shards every run reads",
+    )
     p.add_argument("--to", type=Path, default=Path("bench-compare"), help="compare: where rows and plots go")
     p.add_argument("--batch-size", type=int, default=128, help="compare: the batch size of every run")
     p.add_argument("--max-ranks", type=int, help="compare: most ranks (default: the cores)")
@@ -362,7 +388,6 @@ def cmd_cloud_run(args: argparse.Namespace) -> int:
 
         options = _plan_options(args)
         options.pop("ranks")
-        options.pop("memory_mb")
         summary = run_local(
             args.local_ranks,
             Path(args.data),

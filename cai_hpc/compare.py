@@ -6,8 +6,10 @@ Lambda ranks emulated on this machine). Ranks x threads never exceed the cores, 
 run uses the same batch size, so the rows differ only in where the ranks run and how they
 talk. Three sweeps: throughput against ranks (whole dataset), time against data size (the
 first shards of the dataset, at the most ranks), and the reference's batch-size sweep on
-one rank. Each run's ``summary.json`` gives the row; the command's own wall time is kept too
-(for the cloud it includes starting the emulated services and uploading the shards).
+one rank. Every run loads the same checkpoint (seeded random weights, written once), as a
+real job would, rather than initialising a model. Each run's ``summary.json`` gives the row;
+the command's own wall time is kept too (for the cloud it includes starting the emulated
+services and uploading the shards and the checkpoint).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from cai_hpc.checkpoint import build_model, save_weights
 from cai_hpc.resources import usable_cores
 from cai_hpc.shards import list_shards
 
@@ -55,9 +58,11 @@ def compare(data: Path, to: Path, batch: int, max_ranks: int | None = None, prog
     rows = []
     with tempfile.TemporaryDirectory(prefix="cai-hpc-compare-") as tmp:
         work = Path(tmp)
+        checkpoint = work / "model.safetensors"
+        save_weights(build_model(None, seed=0)[0], checkpoint)
         for i, (sweep, backend, ranks, count, b) in enumerate(plan, 1):
             subset = _subset(shards, count, work)
-            row = _run(sweep, backend, ranks, cores // ranks, b, subset, work / f"out-{i}", mpiexec)
+            row = _run(sweep, backend, ranks, cores // ranks, b, subset, checkpoint, work / f"out-{i}", mpiexec)
             rows.append(row)
             if progress:
                 print(
@@ -98,16 +103,25 @@ def _subset(shards: list, count: int, work: Path) -> Path:
 
 
 def _run(
-    sweep: str, backend: str, ranks: int, threads: int, batch: int, data: Path, out: Path, mpiexec: str | None
+    sweep: str,
+    backend: str,
+    ranks: int,
+    threads: int,
+    batch: int,
+    data: Path,
+    checkpoint: Path,
+    out: Path,
+    mpiexec: str | None,
 ) -> Row:
     common = ["--data", str(data), "--out", str(out), "--batch-size", str(batch), "--threads", str(threads), "-q"]
     me = [sys.executable, "-m", "cai_hpc"]
+    infer = ["infer", "--checkpoint", str(checkpoint), *common]
     if backend == "laptop":
-        command = [*me, "infer", "--backend", "self", *common]
+        command = [*me, *infer, "--backend", "self"]
     elif backend == "hpc":
-        command = [mpiexec or "mpiexec", "-n", str(ranks), *me, "infer", "--backend", "mpi", *common]
+        command = [mpiexec or "mpiexec", "-n", str(ranks), *me, *infer, "--backend", "mpi"]
     else:
-        command = [*me, "cloud", "run", "--local", "-n", str(ranks), *common]
+        command = [*me, "cloud", "run", "--local", "-n", str(ranks), "--model", str(checkpoint), *common]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     t0 = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1800)

@@ -230,16 +230,27 @@ class FusedAstroMAE(nn.Module):
         self.concat_block = _mlp(w, "concat_block", 2)
 
     def forward(self, images: torch.Tensor, magnitudes: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+        return self.fusion(self.vit_features(images), self.inception_features(images), self.magnitude_block(magnitudes))
+
+    # The stages, one method each so that ``bench kernel`` can time them apart.
+    def vit_features(self, images: torch.Tensor) -> torch.Tensor:
+        with self._image_precision(images):
             x = self.patch_embed(images).flatten(2).transpose(1, 2) + self.patch_pos
             x = torch.cat((self.cls_pos.expand(x.shape[0], -1, -1), x), dim=1)
             for block in self.blocks:
                 x = block(x)
-            vit = self.vit_out(F.relu(self.vit_in(self.fc_norm(x[:, 1:].mean(dim=1)))))
+            return self.vit_out(F.relu(self.vit_in(self.fc_norm(x[:, 1:].mean(dim=1)))))
+
+    def inception_features(self, images: torch.Tensor) -> torch.Tensor:
+        with self._image_precision(images):
             incept = self.incept(images.contiguous(memory_format=torch.channels_last))
-            incept = self.incept_head(incept.contiguous())
-        fused = torch.cat((vit.float(), incept.float(), self.magnitude_block(magnitudes)), dim=1)
-        return self.concat_block(fused).squeeze(1)
+            return self.incept_head(incept.contiguous())
+
+    def fusion(self, vit: torch.Tensor, incept: torch.Tensor, mag: torch.Tensor) -> torch.Tensor:
+        return self.concat_block(torch.cat((vit.float(), incept.float(), mag), dim=1)).squeeze(1)
+
+    def _image_precision(self, images: torch.Tensor) -> torch.autocast:
+        return torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
     @classmethod
     def from_state_dict(cls, state: Weights, precision: str = "fp32") -> FusedAstroMAE:

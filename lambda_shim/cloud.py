@@ -55,7 +55,8 @@ class Plan:
 
     def estimate(self, rate: float = DEFAULT_RATE) -> dict[str, Any]:
         samples = [b // SAMPLE_BYTES for b in self.shard_bytes]
-        return estimate_cost(samples, self.memory_mb, rate, COLD_START_S)
+        shards = sum(len(e["shards"]) for e in self.events)
+        return estimate_cost(samples, shards, self.memory_mb, rate, COLD_START_S)
 
     def describe(self, rate: float = DEFAULT_RATE) -> str:
         cost = self.estimate(rate)
@@ -178,6 +179,7 @@ def write_items(plan: Plan) -> Location:
 def execution_input(plan: Plan, items: Location) -> dict[str, Any]:
     results = job_prefix(plan) / "map-results"
     return {
+        "job": plan.job,
         "items": {"bucket": items.bucket, "key": items.key},
         "world_size": plan.world_size,
         "out": str(plan.out),
@@ -203,6 +205,11 @@ def start(plan: Plan, state_machine: str) -> str:
     """Write the items and start the execution; return its ARN."""
     from botocore.exceptions import BotoCoreError, ClientError
 
+    model = plan.events[0]["model"]
+    local = [str(where) for where in (plan.data, plan.out) if not where.s3]
+    local += [model] if model is not None and not model.startswith("s3://") else []
+    if local:
+        raise InputError(f"Lambda functions read and write S3 only: {', '.join(local)} is not s3:// (or use --local)")
     items = write_items(plan)
     try:
         reply = _client("stepfunctions").start_execution(
@@ -244,8 +251,10 @@ def progress_line(state: dict[str, Any], memory_mb: int | None = None) -> str:
     if memory_mb:
         from lambda_shim.cost import PRICES
 
-        spent = counts.get("running", 0) * elapsed * memory_mb / 1024 * PRICES["lambda_gb_s"]
-        line += f", at most ~${spent:.4f} so far in Lambda time"
+        # Every rank started since the execution did, so this bounds the Lambda time so far.
+        started = sum(counts.get(k, 0) for k in ("running", "succeeded", "failed", "timedOut", "aborted"))
+        spent = started * elapsed * memory_mb / 1024 * PRICES["lambda_gb_s"]
+        line += f", at most ${spent:.4f} so far in Lambda time"
     return line
 
 

@@ -38,12 +38,15 @@ def job_cost(records: list[dict[str, Any]], summarize_s: float = 0.0, summarize_
     return _bill(gb_s, ranks=len(records), shards=shards, cold=sum(1 for r in records if r.get("cold")))
 
 
-def estimate_cost(rank_samples: list[int], memory_mb: int, samples_per_s_per_vcpu: float, cold_start_s: float) -> dict:
-    """The bill of a planned job: every rank cold, computing at the given per-vCPU rate."""
+def estimate_cost(
+    rank_samples: list[int], shards: int, memory_mb: int, samples_per_s_per_vcpu: float, cold_start_s: float
+) -> dict:
+    """The bill of a planned job of ``shards`` shards: every rank cold, computing at the given
+    per-vCPU rate."""
     rate = samples_per_s_per_vcpu * vcpus(memory_mb)
     seconds = [cold_start_s + n / rate for n in rank_samples]
     gb_s = sum(seconds) * memory_mb / 1024
-    bill = _bill(gb_s, ranks=len(rank_samples), shards=len(rank_samples), cold=len(rank_samples))
+    bill = _bill(gb_s, ranks=len(rank_samples), shards=shards, cold=len(rank_samples))
     bill["estimated_wall_s"] = round(max(seconds, default=0.0), 1)
     return bill
 

@@ -200,17 +200,20 @@ def _cached_model(uri: str) -> Any:
 
 
 def summarize(event: Any, context: Any) -> dict[str, Any]:
-    """After every rank: read every rank record (all listing pages), check the job is whole,
-    add the cloud bill to rank 0's ``summary.json``, and return a short digest."""
+    """After every rank: read every rank record of the job (all listing pages), check the job
+    is whole, add the cloud bill (this invocation's own time included) to rank 0's
+    ``summary.json``, and return a short digest."""
     from cai_hpc.records import write_json_atomic
     from cai_hpc.storage import Location
     from lambda_shim.cost import job_cost
 
+    t0 = time.perf_counter()
     try:
-        out, world = Location(event["out"]), int(event["world_size"])
-        records = read_rank_records(out, world)
+        out, world, job = Location(event["out"]), int(event["world_size"]), str(event["job"])
+        records = read_rank_records(out, world, job)
         summary = json.loads((out / "summary.json").read_bytes())
-        summary["cloud"] = job_cost(records)
+        memory_mb = int(getattr(context, "memory_limit_in_mb", 0) or 0) or 1024
+        summary["cloud"] = job_cost(records, summarize_s=time.perf_counter() - t0, summarize_mb=memory_mb)
         write_json_atomic(out / "summary.json", summary)
     except Exception as exc:
         raise RankFailedError(f"summarize: {_one_line(exc)}") from exc
@@ -218,6 +221,7 @@ def summarize(event: Any, context: Any) -> dict[str, Any]:
         if "cai_hpc.storage" in sys.modules:
             sys.modules["cai_hpc.storage"].forget()
     return {
+        "job": job,
         "out": str(out),
         "world_size": world,
         "samples": summary["samples"],
@@ -226,13 +230,17 @@ def summarize(event: Any, context: Any) -> dict[str, Any]:
     }
 
 
-def read_rank_records(out: Any, world: int) -> list[dict[str, Any]]:
-    """Every rank's record under ``OUT/ranks/``, in rank order; a missing one is an error."""
+def read_rank_records(out: Any, world: int, job: str) -> list[dict[str, Any]]:
+    """Every rank's record of ``job`` under ``OUT/ranks/``, in rank order. A missing one is an
+    error, and so is a record of another job (two jobs writing to one prefix)."""
     from concurrent.futures import ThreadPoolExecutor
 
     keys = (out / "ranks").list(".json")
     with ThreadPoolExecutor(32) as pool:
         records = list(pool.map(lambda loc: json.loads(loc.read_bytes()), keys))
+    others = sorted({str(r.get("job")) for r in records if r.get("job") != job})
+    if others:
+        raise RankFailedError(f"{out}/ranks holds records of another job ({', '.join(others[:3])}), not only {job}")
     by_rank = {r["rank"]: r for r in records if isinstance(r.get("rank"), int)}
     missing = [r for r in range(world) if r not in by_rank]
     if missing:

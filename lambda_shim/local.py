@@ -188,14 +188,16 @@ def run_local(
     checkpoint: Path | None = None,
     verbose: bool = False,
     threads: int | None = None,
+    memory_mb: int = 4096,
     **options: Any,
 ) -> dict[str, Any]:
     """``cloud run --local``: upload, plan one rank per group of shards, run, fetch into ``out``.
+    ``memory_mb`` is what the functions report and are billed for; this machine does not cap it.
 
     ``out`` is written only after the job succeeded, so a failed run leaves nothing there."""
     if threads is None:  # ranks x threads within the cores, as on any shared node
         threads = max(1, usable_cores() // ranks)
-    with LocalCloud(ranks, verbose=verbose) as cloud:
+    with LocalCloud(ranks, memory_mb=memory_mb, verbose=verbose) as cloud:
         data_uri = cloud.upload(data, "data")
         model = cloud.upload(checkpoint, "models") if checkpoint is not None else None
         plan = cloud.plan(

@@ -42,14 +42,25 @@ def test_plot_without_predictions_is_a_clear_error(tmp_path, capsys) -> None:
     assert "no predictions/*.h5 files" in capsys.readouterr().err
 
 
-def test_bench_kernel_prints_an_efficiency_table() -> None:
-    result = cai_hpc("bench", "kernel", "--batch-sizes", "4,8", "--threads", "1", "--seconds", "0.05")
+def test_bench_kernel_prints_efficiency_stages_and_the_end_to_end_ratio(small_dataset) -> None:
+    result = cai_hpc(
+        "bench", "kernel", "--batch-sizes", "4,8", "--threads", "1", "--seconds", "0.05", "--data", str(small_dataset)
+    )
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
     assert lines[0].split() == ["threads", "batch", "GEMM", "GFLOP/s", "samples/s", "efficiency", "eager/s"]
-    rows = [line.split() for line in lines[1:]]
+    rows = [line.split() for line in lines[1:3]]
     assert [r[:2] for r in rows] == [["1", "4"], ["1", "8"]]
     assert all(0 < float(r[4]) < 2 for r in rows)
+    best = max(rows, key=lambda r: float(r[3]))[1]
+    assert lines[3] == f"where the model's time goes (1 thread(s), batch {best}):"
+    stages = {" ".join(line.split()[:-2]): line.split()[-1] for line in lines[5:9]}
+    assert list(stages) == ["ViT encoder", "Inception CNN", "magnitude MLP", "fusion head"]
+    assert abs(sum(float(share.rstrip("%")) for share in stages.values()) - 100) < 0.5
+    assert lines[10].startswith(f"end to end: infer on {small_dataset} (300 samples)")
+    ratio = int(lines[11].split(" = ")[1].split("%")[0])
+    assert 0 < ratio < 200  # at 0.05 s per measurement the kernel rate is rough
+    assert "data read (waited for)" in lines[12] and "write" in lines[12]
 
 
 def test_an_unexpected_failure_is_one_line_too(tmp_path, golden_model, capsys) -> None:

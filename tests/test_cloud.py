@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import h5py
@@ -22,7 +23,8 @@ pytest.importorskip("moto.server", reason="moto[server] is in the test extras")
 pytest.importorskip("awslambdaric", reason="awslambdaric is in the test extras")
 
 from lambda_shim import handler
-from lambda_shim.cloud import make_plan
+from lambda_shim.cloud import make_plan, progress_line, start
+from lambda_shim.cost import PRICES, estimate_cost
 from lambda_shim.local import BUCKET, LocalCloud
 
 MPIEXEC = shutil.which("mpiexec", path=str(Path(sys.executable).parent)) or shutil.which("mpiexec")
@@ -215,17 +217,42 @@ def test_summarize_reads_every_rank_record(moto_s3) -> None:
             )
         )
     moto_s3.put_object(Bucket="many", Key="run/summary.json", Body=json.dumps({"samples": 7, "metrics": None}))
-    digest = handler.summarize({"out": "s3://many/run", "world_size": world, "memory_mb": 2048}, None)
-    assert digest["samples"] == 7
+    event = {"job": "j", "out": "s3://many/run", "world_size": world, "memory_mb": 2048}
+    t0 = time.perf_counter()
+    digest = handler.summarize(event, None)
+    took = time.perf_counter() - t0
+    assert digest["samples"] == 7 and digest["job"] == "j"
     summary = json.loads(moto_s3.get_object(Bucket="many", Key="run/summary.json")["Body"].read())
     assert summary["cloud"]["lambda_requests"] == world + 1
-    assert summary["cloud"]["lambda_gb_s"] == pytest.approx(world * 1.5 * 2)  # 1.5 s billed at 2 GB each
+    # 1.5 s billed at 2 GB for each rank, and Summarize's own time (no context here: 1 GB).
+    assert world * 1.5 * 2 < summary["cloud"]["lambda_gb_s"] <= world * 1.5 * 2 + took + 0.001
+    moto_s3.put_object(Bucket="many", Key="run/ranks/rank-01500.json", Body=json.dumps({**records[0], "job": "k"}))
+    with pytest.raises(handler.RankFailedError, match="records of another job \\(k\\), not only j"):
+        handler.summarize(event, None)
+    moto_s3.delete_object(Bucket="many", Key="run/ranks/rank-01500.json")
     moto_s3.delete_object(Bucket="many", Key="run/ranks/rank-01234.json")
     with pytest.raises(handler.RankFailedError, match=r"1 of 1500 rank records missing .*: 1234"):
-        handler.summarize({"out": "s3://many/run", "world_size": world, "memory_mb": 2048}, None)
+        handler.summarize(event, None)
 
 
 # ------------------------------------------------------------------ the client without AWS
+def test_the_estimate_counts_every_shard_and_the_spend_bound_counts_finished_ranks() -> None:
+    bill = estimate_cost([100, 100], 6, memory_mb=1769, samples_per_s_per_vcpu=100.0, cold_start_s=1.0)
+    assert bill["s3_requests"] == {"get": 2 * 6 + 2 + 2, "put": 6 + 2 + 2}
+    assert bill["lambda_gb_s"] == pytest.approx(2 * 2.0 * 1769 / 1024, abs=1e-3)  # 2 ranks x (1 s cold + 1 s)
+    state = {"status": "RUNNING", "started": time.time() - 100, "stopped": None}
+    line = progress_line({**state, "ranks": {"total": 4, "running": 1, "succeeded": 3}}, memory_mb=1024)
+    assert "ranks done 3/4, running 1" in line
+    spent = float(line.split("$")[1].split()[0])
+    assert spent == pytest.approx(4 * 100 * PRICES["lambda_gb_s"], rel=0.05)  # four ranks have run, 100 s each
+
+
+def test_an_aws_run_refuses_local_paths_before_touching_aws(small_dataset) -> None:
+    plan = make_plan(str(small_dataset), "s3://b/o", model=None, rendezvous="h:1", token_secret="s")
+    with pytest.raises(InputError, match=f"S3 only: {small_dataset} is not s3://"):
+        start(plan, "arn:aws:states:us-east-1:1:stateMachine:m")
+
+
 def test_plan_and_dry_run_need_no_aws(small_dataset) -> None:
     env = _clean_env(**NO_AWS)
     for verb in (["plan"], ["run", "--dry-run"]):

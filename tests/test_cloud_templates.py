@@ -209,7 +209,7 @@ def test_summary_reads_what_the_map_left_of_the_input(asl):
     assert summarize["Resource"] == "arn:aws:states:::lambda:invoke"
     assert summarize["Parameters"]["FunctionName"] == "${SummarizeFunctionArn}"
     payload = summarize["Parameters"]["Payload"]
-    assert payload == {"out.$": "$.out", "world_size.$": "$.world_size", "memory_mb.$": "$.memory_mb"}
+    assert payload == {"job.$": "$.job", "out.$": "$.out", "world_size.$": "$.world_size", "memory_mb.$": "$.memory_mb"}
     assert summarize["OutputPath"] == "$.Payload"
     # The Map's result goes beside the execution input, not over it or over a field the summary reads.
     result = ranks["ResultPath"]

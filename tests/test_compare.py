@@ -1,6 +1,6 @@
-"""``bench compare``: which runs it makes, and what it writes. (The runs themselves are the
-infer, mpiexec and cloud --local commands tested on their own in test_cli, test_mpi_launch and
-test_cloud; the whole sweep is a benchmark, run by hand.)"""
+"""``bench compare``: which runs it makes, what one run reports, and what it writes. (The
+mpiexec and cloud --local commands are tested on their own in test_mpi_launch and test_cloud;
+the whole sweep is a benchmark, run by hand.)"""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import json
 
 import pytest
 
-from cai_hpc.compare import BATCH_SWEEP, Row, _write, plan_runs
+from cai_hpc.checkpoint import save_weights
+from cai_hpc.compare import BATCH_SWEEP, Row, _run, _write, plan_runs
 from tests.conftest import cai_hpc
 
 
@@ -26,6 +27,17 @@ def test_every_run_fits_the_cores_and_shares_the_batch_size(shards, cores) -> No
 
 def test_max_ranks_caps_the_sweep() -> None:
     assert max(ranks for _, _, ranks, _, _ in plan_runs(16, 8, 2, 128, ["laptop", "cloud"])) == 2
+
+
+def test_a_run_is_a_real_command_and_its_row_is_its_summary(small_dataset, golden_model, tmp_path) -> None:
+    save_weights(golden_model, tmp_path / "w.safetensors")
+    out = tmp_path / "out"
+    row = _run("batch", "laptop", 1, 1, 64, small_dataset, tmp_path / "w.safetensors", out, None)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["model"]["checkpoint"] == "w.safetensors" and summary["batch_size"] == 64
+    assert (row.backend, row.ranks, row.threads, row.samples) == ("laptop", 1, 1, summary["samples"])
+    assert row.samples_per_s == round(summary["throughput"]["samples_per_s"], 1)
+    assert row.command_s > row.wall_s > 0
 
 
 def test_rows_and_plots_are_written(tmp_path) -> None:
