@@ -1,10 +1,11 @@
 """``cai-hpc bench kernel``: per-rank compute efficiency, measured in one process.
 
 Efficiency = samples/s x GFLOP/sample / GEMM rate, where the GEMM rate is measured by this
-same process with the same threads and precision: a ratio taken in one run, so it holds on a
-noisy shared machine. At the best setting it also times the model's stages apart and, given
-a dataset, runs the real ``infer`` engine in the same process between two kernel
-measurements, so that end-to-end/kernel ratio is taken in one run too.
+same process with the same threads and precision, just before and just after the model: a
+ratio taken in one run, so it holds on a noisy shared machine. At the best setting it also
+times the model's stages apart and, given a dataset, runs the real ``infer`` engine in the
+same process between two kernel measurements, so that end-to-end/kernel ratio is taken in
+one run too.
 """
 
 from __future__ import annotations
@@ -69,12 +70,15 @@ def kernel_table(
     model = reference_model()
     fused = fuse(model, precision)
     gflop = gflop_per_sample(model)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     rows = []
     for t in threads:
         torch.set_num_threads(t)
-        gemm = gemm_gflops(seconds, torch.bfloat16 if precision == "bf16" else torch.float32)
         for batch in batch_sizes:
+            # GEMM just before and just after the model, so a drifting machine moves both alike.
+            before = gemm_gflops(seconds / 2, dtype)
             rate = model_samples_per_s(fused, batch, seconds)
+            gemm = (before + gemm_gflops(seconds / 2, dtype)) / 2
             rows.append(
                 {
                     "threads": t,

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from cai_hpc.errors import InputError
+from cai_hpc.resources import DEFAULT_BATCH_SIZE
 
 COMMANDS = ("infer", "synth", "convert", "convert-checkpoint", "plot", "bench", "cloud")
 SAMPLE_SAMPLES = 2048
@@ -184,7 +185,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         stage_profile,
     )
     from cai_hpc.fast import fuse
-    from cai_hpc.resources import usable_cores
+    from cai_hpc.resources import cpu_has_bf16, usable_cores
     from cai_hpc.shards import scan_dataset
 
     if args.what == "compare":
@@ -201,6 +202,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     if args.data is not None:
         scan_dataset(args.data)  # a bad dataset stops the run before minutes of measuring
+    if args.precision == "bf16" and cpu_has_bf16() is False:
+        log.warning("this CPU has no bf16 instructions: bfloat16 is emulated here, so expect it slower than fp32")
     threads = args.threads or list(range(1, usable_cores() + 1))
     rows = kernel_table(args.batch_sizes, threads, args.seconds, args.precision)
     print(format_table(rows), flush=True)
@@ -240,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="directory or s3:// prefix of .h5 shards (default: the embedded sample)")
     p.add_argument("--out", default="out", help="output directory or s3:// prefix (default: ./out)")
     p.add_argument("--checkpoint", type=Path, help="AstroMAE weights (.safetensors); default: seeded random weights")
-    p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="samples per batch (default: %(default)s)")
     p.add_argument(
         "--threads", type=int, help="threads per rank (default: SLURM_CPUS_PER_TASK, else cores / local ranks)"
     )
@@ -324,7 +327,7 @@ def _cloud_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     job.add_argument("--memory-mb", type=int, default=4096, help="function memory (sets its vCPUs)")
     job.add_argument("--rendezvous", default="", help="host:port of the rendezvous server the functions reach")
     job.add_argument("--token-secret", default="cai-hpc/rendezvous", help="Secrets Manager name of its secret")
-    job.add_argument("--batch-size", type=int, default=512)
+    job.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
     job.add_argument("--threads", type=int, help="threads per rank (default: the function's vCPUs)")
     job.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     job.add_argument("--rate", type=float, default=270.0, help="samples/s per vCPU assumed by the cost estimate")

@@ -36,7 +36,7 @@ from cai_hpc.flops import ASTROMAE_GFLOP_PER_SAMPLE
 from cai_hpc.metrics import regression_metrics
 from cai_hpc.plan import Piece, plan_pieces, shard_owners
 from cai_hpc.records import build_summary, rank_record, seconds_since_process_start, write_json_atomic
-from cai_hpc.resources import pick_device, threads_per_rank
+from cai_hpc.resources import DEFAULT_BATCH_SIZE, cpu_has_bf16, pick_device, threads_per_rank
 from cai_hpc.shards import ShardInfo, ShardReader, inspect_shard, scan_dataset
 from cai_hpc.storage import Location
 
@@ -50,7 +50,7 @@ class RunConfig:
     data: Location | Path | str  # a directory or S3 prefix of shards
     out: Location | Path | str  # a directory or S3 prefix
     checkpoint: Path | None = None
-    batch_size: int = 512
+    batch_size: int = DEFAULT_BATCH_SIZE
     threads: int | None = None
     limit: int | None = None
     overwrite: bool = False
@@ -395,6 +395,8 @@ def _announce(job: Job, size: int, threads: int, config: RunConfig, checkpoint: 
     )
     if config.checkpoint is None:
         log.warning("no --checkpoint: %s", checkpoint)
+    if config.precision == "bf16" and config.device == "cpu" and cpu_has_bf16() is False:
+        log.warning("--precision bf16: this CPU has no bf16 instructions, so bfloat16 is emulated and slower than fp32")
 
 
 def _decided_by_root(comm: Any, decide: Callable[[], T]) -> T:

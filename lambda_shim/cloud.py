@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from cai_hpc.errors import InputError
+from cai_hpc.resources import DEFAULT_BATCH_SIZE
 from cai_hpc.shards import SAMPLE_BYTES
 from cai_hpc.storage import Location
 from lambda_shim.cost import estimate_cost, vcpus
@@ -125,7 +126,7 @@ def make_plan(
     shards_per_rank: int | None = None,
     max_ranks: int = DEFAULT_MAX_RANKS,
     memory_mb: int = DEFAULT_MEMORY_MB,
-    batch_size: int = 512,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     threads: int | None = None,
     precision: str = "fp32",
     connect: str = "auto",

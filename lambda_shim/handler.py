@@ -31,6 +31,8 @@ from dataclasses import MISSING, dataclass, fields
 from functools import cache
 from typing import Any
 
+from cai_hpc.resources import DEFAULT_BATCH_SIZE
+
 LOADED_AT = time.time()
 MODEL_CACHE = "/tmp/cai-hpc-models"  # survives between warm invocations of one sandbox
 _invocations = 0
@@ -52,7 +54,7 @@ class RankEvent:
     rendezvous: str
     token_secret: str
     model: str | None = None
-    batch_size: int = 512
+    batch_size: int = DEFAULT_BATCH_SIZE
     threads: int | None = None
     precision: str = "fp32"
     seed: int = 0

@@ -13,6 +13,7 @@ import torch
 from cai_hpc.checkpoint import build_model, save_weights
 from cai_hpc.comm import SelfComm
 from cai_hpc.engine import RunConfig, run
+from cai_hpc.resources import cpu_has_bf16
 from cai_hpc.shards import Columns, ShardReader, scan_dataset, write_shard
 
 SUMMARY_KEYS = {
@@ -204,8 +205,11 @@ def test_a_limited_rerun_keeps_complete_files_and_scores_only_its_rows(first_run
     assert {p: p.stat().st_mtime_ns for p in (out / "predictions").iterdir()} == before
 
 
-def test_bf16_run_reports_its_error_against_float32(small_dataset, tmp_path) -> None:
+def test_bf16_run_reports_its_error_against_float32(small_dataset, tmp_path, caplog) -> None:
     summary = infer(small_dataset, tmp_path / "out", precision="bf16", compare_fp32=True, limit=96)
+    # Asked for bf16 on a CPU that only emulates it, the user hears so.
+    warned = any("no bf16 instructions" in r.getMessage() for r in caplog.records)
+    assert warned == (cpu_has_bf16() is False)
     assert summary["precision"] == "bf16"
     error = summary["precision_error"]
     assert error["against"] == "fp32" and 0 < error["mean_abs_dz"] <= error["max_abs_dz"] <= 5e-3

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from cai_hpc.errors import InputError
-from cai_hpc.resources import local_rank, local_ranks, pick_device, threads_per_rank
+from cai_hpc.resources import cpu_has_bf16, local_rank, local_ranks, pick_device, threads_per_rank
 
 
 def test_threads_flag_wins_then_slurm_then_cores_over_local_ranks() -> None:
@@ -35,3 +35,10 @@ def test_cuda_without_a_gpu_is_a_clear_error() -> None:
     with pytest.raises(InputError, match="--device cuda: no CUDA device is visible"):
         pick_device("cuda", {}, gpus=0)
     assert pick_device("cpu", {}) == "cpu"
+
+
+def test_bf16_instructions_are_read_from_the_cpu_flags() -> None:
+    assert cpu_has_bf16("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16\n") is True
+    assert cpu_has_bf16("flags\t\t: fpu avx2 fma\nflags\t\t: fpu avx2 fma\n") is False  # AVX2 only
+    assert cpu_has_bf16("Features\t: fp asimd sve bf16\n") is True  # Arm
+    assert cpu_has_bf16("processor\t: 0\n") is None  # no flags line: cannot tell
