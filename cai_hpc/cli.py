@@ -243,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="directory or s3:// prefix of .h5 shards (default: the embedded sample)")
     p.add_argument("--out", default="out", help="output directory or s3:// prefix (default: ./out)")
     p.add_argument("--checkpoint", type=Path, help="AstroMAE weights (.safetensors); default: seeded random weights")
-    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="samples per batch (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="default: %(default)s")
     p.add_argument(
         "--threads", type=int, help="threads per rank (default: SLURM_CPUS_PER_TASK, else cores / local ranks)"
     )

@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
+from importlib.metadata import version
 from pathlib import Path
 
 from cai_hpc.checkpoint import build_model, save_weights
@@ -153,9 +154,24 @@ def _write(rows: list[Row], to: Path) -> None:
         writer = csv.DictWriter(f, fieldnames=list(asdict(rows[0])))
         writer.writeheader()
         writer.writerows(asdict(r) for r in rows)
-    machine = {"cores": usable_cores(), "python": sys.version.split()[0], "host": os.uname().machine}
+    machine = {
+        "cpu": _cpu_model(),
+        "cores": usable_cores(),
+        "arch": os.uname().machine,
+        "python": sys.version.split()[0],
+        "torch": version("torch"),
+    }
     (to / "runs.json").write_text(json.dumps({"machine": machine, "runs": [asdict(r) for r in rows]}, indent=2))
     _plot(rows, to)
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+    except OSError:
+        names = []
+    return names[0] if names else "unknown"
 
 
 def _plot(rows: list[Row], to: Path) -> None:
@@ -174,7 +190,8 @@ def _plot(rows: list[Row], to: Path) -> None:
         by_size = sorted(
             (r for r in mine if r.sweep == "size" or (r.sweep == "ranks" and r.ranks == top)), key=lambda r: r.samples
         )
-        size_ax.plot([r.samples for r in by_size], [r.wall_s for r in by_size], "o-", label=f"{backend} ({top} ranks)")
+        label = f"{backend} ({top} rank{'s' if top > 1 else ''})"
+        size_ax.plot([r.samples for r in by_size], [r.wall_s for r in by_size], "o-", label=label)
     sweep = sorted((r for r in rows if r.backend == "laptop" and r.ranks == 1 and r.sweep in ("batch", "ranks")),
                    key=lambda r: r.batch)  # fmt: skip
     batch_ax.plot([r.batch for r in sweep], [r.samples_per_s for r in sweep], "o-", label="laptop (1 rank)")

@@ -86,17 +86,23 @@ class Location:
     def list(self, suffix: str) -> list[Location]:
         """Files directly inside this directory or prefix ending in ``suffix``, hidden ones
         skipped, sorted by name (every S3 listing page is read)."""
+        return [where for where, _ in self.list_sized(suffix)]
+
+    def list_sized(self, suffix: str) -> list[tuple[Location, int]]:
+        """``list`` with each file's size in bytes (from the same S3 listing: no extra requests)."""
         if not self.s3:
-            return sorted(
-                (Location(p) for p in Path(self.text).iterdir() if p.name.endswith(suffix) and p.name[0] != "."),
-                key=lambda loc: loc.name,
-            )
-        found = []
-        for obj in self.objects():
-            name = obj["Key"][len(self._prefix()) :]
-            if "/" not in name and name.endswith(suffix) and not name.startswith("."):
-                found.append(self / name)
-        return sorted(found, key=lambda loc: loc.name)
+            found = [
+                (Location(p), p.stat().st_size)
+                for p in Path(self.text).iterdir()
+                if p.name.endswith(suffix) and p.name[0] != "."
+            ]
+        else:
+            found = []
+            for obj in self.objects():
+                name = obj["Key"][len(self._prefix()) :]
+                if "/" not in name and name.endswith(suffix) and not name.startswith("."):
+                    found.append((self / name, obj["Size"]))
+        return sorted(found, key=lambda item: item[0].name)
 
     def objects(self) -> Iterator[dict[str, Any]]:
         """Every S3 object under this prefix (``Key``, ``Size``, ...), page after page."""
@@ -199,8 +205,14 @@ def forget() -> None:
     _fetched.clear()
 
 
-@cache
 def _s3() -> Any:
+    """This process's S3 client for the endpoint the environment names now (tests and the
+    local emulation point one process at several S3 servers in turn)."""
+    return _s3_for(os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"))
+
+
+@cache
+def _s3_for(endpoint: str | None) -> Any:
     import boto3
     from botocore.config import Config
 

@@ -78,19 +78,9 @@ class Plan:
 
 def list_shard_sizes(data: Location) -> list[tuple[Location, int]]:
     """Every ``.h5`` directly under the prefix (or directory) with its size, in name order."""
-    if data.s3:
-        found = [
-            (data / obj["Key"].rpartition("/")[2], obj["Size"])
-            for obj in data.objects()
-            if obj["Key"].endswith(".h5")
-            and "/" not in obj["Key"][len(data.key) :].strip("/")
-            and not obj["Key"].rpartition("/")[2].startswith(".")
-        ]
-        found.sort(key=lambda item: item[0].name)
-    else:
-        if not data.is_dir():
-            raise InputError(f"{data}: no such dataset directory")
-        found = [(loc, Path(loc).stat().st_size) for loc in data.list(".h5")]
+    if not data.s3 and not data.is_dir():
+        raise InputError(f"{data}: no such dataset directory")
+    found = data.list_sized(".h5")
     if not found:
         raise InputError(f"{data}: no .h5 shards here")
     return found

@@ -159,7 +159,13 @@ class TcpComm:
         self._punch_listener = _reusable_socket(self._bind_host, 0)
         self._punch_port = self._punch_listener.getsockname()[1]
         self._punch_listener.listen(1024)
-        self._control = self._register()
+        try:
+            self._control = self._register()
+        except BaseException:
+            # A warm Lambda process lives on after a failed invocation: leave no listener behind.
+            self._listener.close()
+            self._punch_listener.close()
+            raise
         for listener, punched in ((self._listener, False), (self._punch_listener, True)):
             threading.Thread(target=self._accept_loop, args=(listener, punched), daemon=True).start()
         threading.Thread(target=self._control_loop, daemon=True, name="tcpcomm-control").start()
@@ -359,6 +365,9 @@ class TcpComm:
         """Start reading a new link; the first link to a peer is the one we send on. (Two
         ranks may open a link each way; the other side may send on either.)"""
         with self._cond:
+            if self._closed:  # an accept that raced close(): nobody will read or close it
+                link.sock.close()
+                return
             self._links.setdefault(link.peer, link)
             self._open_links[link.peer] += 1
             self._sockets.append(link.sock)
@@ -650,10 +659,12 @@ class TcpComm:
     def close(self) -> None:
         """Leave the job: close every connection and listener, which ends the threads that
         serve them. A warm Lambda process runs job after job, so nothing may linger."""
-        if self._closed:
-            return
-        self._closed = True
-        for sock in (self._listener, self._punch_listener, self._control, *self._sockets):
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+            sockets = [self._listener, self._punch_listener, self._control, *self._sockets]
+        for sock in sockets:
             try:
                 sock.shutdown(socket.SHUT_RDWR)  # wakes a thread blocked in accept() or recv()
             except OSError:

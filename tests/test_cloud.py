@@ -236,6 +236,18 @@ def test_summarize_reads_every_rank_record(moto_s3) -> None:
 
 
 # ------------------------------------------------------------------ the client without AWS
+def test_the_s3_client_follows_the_endpoint_the_environment_names(monkeypatch) -> None:
+    from cai_hpc import storage
+
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:1")
+    first = storage._s3()
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:2")
+    assert storage._s3().meta.endpoint_url == "http://127.0.0.1:2" and first.meta.endpoint_url == "http://127.0.0.1:1"
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:1")
+    assert storage._s3() is first
+
+
 def test_the_estimate_counts_every_shard_and_the_spend_bound_counts_finished_ranks() -> None:
     bill = estimate_cost([100, 100], 6, memory_mb=1769, samples_per_s_per_vcpu=100.0, cold_start_s=1.0)
     assert bill["s3_requests"] == {"get": 2 * 6 + 2 + 2, "put": 6 + 2 + 2}

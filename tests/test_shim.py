@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from lambda_shim.launch import start_server
+from lambda_shim.tcpcomm import CommError, ShimConfig, TcpComm
 from lambda_shim.wire import job_key, new_secret
 
 PROGRAMS = Path(__file__).with_name("programs")
@@ -253,6 +254,19 @@ def test_an_unreachable_server_is_one_clear_error(tmp_path) -> None:
         f"cai-hpc: error: CommError: rank 0: rendezvous server 127.0.0.1:{port} unreachable: "
         "[Errno 111] Connection refused"
     ]
+
+
+def test_a_failed_registration_leaves_no_socket_open() -> None:
+    # A warm Lambda process survives a failed invocation: its listeners must not linger.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = ShimConfig(0, 2, "x", bytes(32), ("127.0.0.1", port), connect_timeout=0.3)
+    before = set(os.listdir("/proc/self/fd"))
+    for _ in range(3):
+        with pytest.raises(CommError, match="unreachable"):
+            TcpComm(config)
+    assert set(os.listdir("/proc/self/fd")) <= before
 
 
 def test_bench_prints_a_row_per_backend() -> None:
