@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -33,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if args.command == "infer":
         return run_infer(args)
+    # Commands that start processes of their own unwind on SIGTERM, so they can stop them.
+    signal.signal(signal.SIGTERM, _exit_on_signal)
     try:
         return args.handler(args)
     except InputError as exc:
@@ -43,6 +46,10 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"cai-hpc: error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
+
+
+def _exit_on_signal(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
 
 
 def run_infer(args: argparse.Namespace) -> int:

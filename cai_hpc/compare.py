@@ -18,6 +18,7 @@ import csv
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -125,10 +126,10 @@ def _run(
         command = [*me, "cloud", "run", "--local", "-n", str(ranks), "--model", str(checkpoint), *common]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     t0 = time.perf_counter()
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1800)
+    returncode, stderr = _run_group(command, env, timeout_s=1800)
     command_s = time.perf_counter() - t0
-    if result.returncode != 0:
-        last = (result.stderr.strip().splitlines() or ["(no output)"])[-1]
+    if returncode != 0:
+        last = (stderr.strip().splitlines() or ["(no output)"])[-1]
         raise RuntimeError(f"{backend} with {ranks} rank(s) failed: {last}")
     summary = json.loads((out / "summary.json").read_text())
     timing = summary["timing"]
@@ -146,6 +147,29 @@ def _run(
         comm_s=round(timing["comm_s"], 3),
         command_s=round(command_s, 3),
     )
+
+
+def _run_group(command: list[str], env: dict[str, str], timeout_s: float) -> tuple[int, str]:
+    """Run a command in its own process group; if it overruns, or this process is stopped,
+    the whole group goes (mpiexec's ranks, the emulated functions), not only its leader."""
+    proc = subprocess.Popen(
+        command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        _, stderr = proc.communicate(timeout=timeout_s)
+    except BaseException:
+        os.killpg(proc.pid, signal.SIGTERM)  # lets cloud run --local stop its servers
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+        raise
+    return proc.returncode, stderr
 
 
 def _write(rows: list[Row], to: Path) -> None:

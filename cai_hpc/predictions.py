@@ -48,7 +48,7 @@ def is_complete(out: Location, shard: ShardInfo, rows: int, weights: str) -> boo
     if not path.exists():
         return False
     try:
-        with path.open_h5() as f:
+        with path.open_h5(header_only=True) as f:
             held = int(f.attrs.get("rows", -1))
             return (
                 f.attrs.get("format") == FORMAT

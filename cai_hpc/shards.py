@@ -194,7 +194,7 @@ def inspect_shard(where: Location | Path | str) -> ShardInfo:
     """Validate a shard's header (format, datasets, dtypes, shapes); raise InputError if bad."""
     path = Location(where)
     try:
-        f = path.open_h5()
+        f = path.open_h5(header_only=True)
     except OSError as exc:
         raise InputError(f"{path}: not a readable HDF5 file (truncated or corrupt?): {_short(exc)}") from None
     with f:

@@ -2,7 +2,8 @@
 
 A ``Location`` is a path on local disk or an ``s3://bucket/key`` URI. Local shards are read
 straight from disk (streamed by h5py); S3 shards are fetched whole into memory, once per
-process, since a Lambda function has no disk to spare and reads them all anyway. Writes are
+process, since a Lambda function has no disk to spare and reads them all anyway, while
+checking a file's header takes only the byte ranges HDF5 reads. Writes are
 atomic on both: a temporary file renamed into place, or one S3 PUT, so a reader never sees a
 half-written file.
 
@@ -26,6 +27,7 @@ import h5py
 from cai_hpc.errors import InputError
 
 S3 = "s3://"
+HEADER_BLOCK = 1 << 20  # bytes per ranged GET when only a file's header is read
 # S3 objects fetched by this process (location -> bytes); see ``forget``.
 _fetched: dict[str, bytes] = {}
 
@@ -148,10 +150,14 @@ class Location:
                 _fetched[self.text] = _s3().get_object(Bucket=self.bucket, Key=self.key)["Body"].read()
         return _fetched[self.text]
 
-    def open_h5(self) -> h5py.File:
-        """The HDF5 file, read-only: from disk, or from this process's in-memory copy."""
+    def open_h5(self, header_only: bool = False) -> h5py.File:
+        """The HDF5 file, read-only: from disk, or from this process's in-memory copy of the
+        S3 object. ``header_only``: to read attributes, dtypes and shapes, fetch from S3 only
+        the byte ranges HDF5 asks for (so checking a thousand shards downloads none whole)."""
         if not self.s3:
             return h5py.File(self.text, "r")
+        if header_only and self.text not in _fetched:
+            return h5py.File(io.BufferedReader(_RangedObject(self), HEADER_BLOCK), "r")
         return h5py.File(io.BytesIO(self.read_bytes()), "r")
 
     # ------------------------------------------------------------------ writing
@@ -198,6 +204,40 @@ class Location:
 
     def _prefix(self) -> str:
         return f"{self.key}/" if self.key else ""
+
+
+class _RangedObject(io.RawIOBase):
+    """A read-only, seekable S3 object whose reads are ranged GETs."""
+
+    def __init__(self, where: Location) -> None:
+        self._where, self._pos = where, 0
+        with _s3_errors(where):
+            self._size = _s3().head_object(Bucket=where.bucket, Key=where.key)["ContentLength"]
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def readinto(self, buffer: Any) -> int:
+        n = min(len(buffer), self._size - self._pos)
+        if n <= 0:
+            return 0
+        span = f"bytes={self._pos}-{self._pos + n - 1}"
+        with _s3_errors(self._where):
+            data = _s3().get_object(Bucket=self._where.bucket, Key=self._where.key, Range=span)["Body"].read()
+        buffer[: len(data)] = data
+        self._pos += len(data)
+        return len(data)
 
 
 def forget() -> None:

@@ -11,6 +11,7 @@ share its cores), loopback instead of Lambda's network, and no Step Functions se
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -33,6 +34,7 @@ REGION = "us-east-1"
 RANK_ARN = f"arn:aws:lambda:{REGION}:{ACCOUNT}:function:cai-hpc-rank"
 SUMMARIZE_ARN = f"arn:aws:lambda:{REGION}:{ACCOUNT}:function:cai-hpc-summarize"
 COLD_START_WAIT_S = 120.0
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class LocalCloud:
@@ -50,12 +52,22 @@ class LocalCloud:
 
     # ------------------------------------------------------------------ lifecycle
     def __enter__(self) -> LocalCloud:
+        if threading.current_thread() is threading.main_thread():
+            self._previous_handlers = {sig: signal.signal(sig, self._on_signal) for sig in STOP_SIGNALS}
         try:
             self._start()
         except BaseException:
             self.__exit__(None)
             raise
         return self
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        """Stop the functions first: that fails their open invocations, so the workflow's
+        waits end at once and the unwinding that follows has nothing left to wait for."""
+        name = signal.Signals(signum).name
+        print(f"cai-hpc: stopped by {name}; stopping the emulated functions and servers", file=sys.stderr, flush=True)
+        self._stop_functions()
+        raise SystemExit(128 + signum)
 
     def _start(self) -> None:
         from moto.server import ThreadedMotoServer
@@ -113,16 +125,19 @@ class LocalCloud:
                 sys.stderr.buffer.write(prefix.encode() + line)
                 sys.stderr.flush()
 
-    def __exit__(self, *exc: object) -> None:
+    def _stop_functions(self) -> None:
         for proc, _ in self._procs:
             proc.kill()
+        for api in (getattr(self, "rank_api", None), getattr(self, "summarize_api", None)):
+            if api is not None:
+                api.close()
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop_functions()
         for proc, reader in self._procs:
             proc.wait(timeout=30)
             reader.join(timeout=10)  # it reads to the end of the dead process's output
             proc.stdout.close()
-        for api in (getattr(self, "rank_api", None), getattr(self, "summarize_api", None)):
-            if api is not None:
-                api.close()
         server = getattr(self, "_server", None)
         if server is not None:
             server.terminate()
@@ -136,6 +151,8 @@ class LocalCloud:
                 os.environ[key] = value
         if getattr(self, "_tmp", None) is not None:
             self._tmp.cleanup()
+        for sig, handler in getattr(self, "_previous_handlers", {}).items():
+            signal.signal(sig, handler)
 
     # ------------------------------------------------------------------ use
     def upload(self, local: Path, prefix: str) -> str:

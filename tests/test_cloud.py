@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -83,6 +84,61 @@ def local_cloud():
 def _listing(cloud: LocalCloud, prefix: str) -> dict[str, tuple[str, str]]:
     pages = cloud.s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
     return {o["Key"]: (o["ETag"], str(o["LastModified"])) for page in pages for o in page.get("Contents", [])}
+
+
+def _descendants(pid: int) -> set[int]:
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parents[int(entry.name)] = int((entry / "stat").read_text().rpartition(")")[2].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    found, todo = set(), [pid]
+    while todo:
+        parent_pid = todo.pop()
+        kids = {child for child, parent in parents.items() if parent == parent_pid}
+        todo += kids - found
+        found |= kids
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.timeout(200)
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_stops_a_local_cloud_run_and_every_process_it_started(stop, small_dataset, tmp_path) -> None:
+    out = tmp_path / "out"
+    run = subprocess.Popen(
+        [sys.executable, "-m", "cai_hpc", "cloud", "run", "--local", "-n", "2", "--data", str(small_dataset),
+         "--out", str(out), "-q"],
+        stderr=subprocess.PIPE, text=True, env=_clean_env(), start_new_session=True,
+    )  # fmt: skip
+    try:
+        started: set[int] = set()
+        deadline = time.monotonic() + 60
+        while len(started) < 4 and time.monotonic() < deadline:  # 2 ranks, summarize, rendezvous
+            started |= _descendants(run.pid)
+            time.sleep(0.05)
+        assert len(started) >= 4 and run.poll() is None
+        run.send_signal(stop)  # to the leader only: a terminal's Ctrl-C would reach the whole group
+        _, stderr = run.communicate(timeout=60)
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+    assert run.returncode == 128 + stop
+    said = f"cai-hpc: stopped by {stop.name}; stopping the emulated functions and servers"
+    assert stderr.strip().splitlines() == [said]
+    deadline = time.monotonic() + 10
+    while any(_alive(pid) for pid in started) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [pid for pid in started if _alive(pid)]
+    assert not out.exists()  # nothing fetched from a job that did not finish
 
 
 @pytest.mark.timeout(300)
@@ -196,6 +252,32 @@ def test_planner_reads_every_listing_page(moto_s3) -> None:
     assert make_plan("s3://many/survey", "s3://many/out", shards_per_rank=2, **common).world_size == 750
     with pytest.raises(InputError, match="1500 ranks running at once but the deployment runs at most 1000"):
         make_plan("s3://many/survey", "s3://many/out", **common)
+
+
+def test_checking_s3_shards_reads_their_headers_not_their_data(moto_s3, tmp_path) -> None:
+    from cai_hpc import storage
+    from cai_hpc.shards import inspect_shard, scan_dataset
+    from cai_hpc.synth import synthesize
+
+    synthesize(tmp_path / "d", 800, 8.0, seed=2)  # 8 MB shards: 390 rows each
+    local = sorted((tmp_path / "d").glob("*.h5"))
+    for path in local:
+        moto_s3.upload_file(str(path), "many", f"big/{path.name}")
+    moto_s3.put_object(Bucket="many", Key="big/zz-truncated.h5", Body=local[0].read_bytes()[:5000])
+    storage.forget()
+    with pytest.raises(InputError, match=r"zz-truncated\.h5: not a readable HDF5 file"):
+        scan_dataset("s3://many/big")
+    moto_s3.delete_object(Bucket="many", Key="big/zz-truncated.h5")
+    infos = scan_dataset("s3://many/big")
+    assert [(i.name, i.rows, i.labelled) for i in infos] == [(p.name, inspect_shard(p).rows, True) for p in local]
+    assert sum(i.rows for i in infos) == 800
+    assert not storage._fetched  # not one shard was downloaded whole
+    # Reading data still fetches the whole object once, and later header checks use that copy.
+    shard = storage.Location(f"s3://many/big/{local[0].name}")
+    with shard.open_h5() as f:
+        assert f["images"].shape[0] == infos[0].rows
+    assert list(storage._fetched) == [str(shard)] and inspect_shard(shard).rows == infos[0].rows
+    storage.forget()
 
 
 @pytest.mark.timeout(300)
