@@ -50,7 +50,9 @@ def _inputs(batch: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(batch, BANDS, IMAGE_SIZE, IMAGE_SIZE), torch.randn(batch, BANDS) + 18.0
 
 
-def model_samples_per_s(model: torch.nn.Module, batch: int, seconds: float) -> float:
+def model_samples_per_s(
+    model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], batch: int, seconds: float
+) -> float:
     images, mags = _inputs(batch)
 
     def step() -> None:
@@ -62,11 +64,11 @@ def model_samples_per_s(model: torch.nn.Module, batch: int, seconds: float) -> f
 
 
 def kernel_table(
-    batch_sizes: list[int], threads: list[int], seconds: float, precision: str = "fp32"
+    batch_sizes: list[int], threads: list[int], seconds: float, precision: str = "fp32", compile: bool = False
 ) -> list[dict[str, float]]:
     """One row per (threads, batch): GEMM rate in the run's precision, samples/s of the fused
-    model ``infer`` runs and of the plain float32 eager model, and the fused model's compute
-    efficiency."""
+    model ``infer`` runs (compiled, with ``compile``) and of the plain float32 eager model, and
+    the fused model's compute efficiency."""
     model = reference_model()
     fused = fuse(model, precision)
     gflop = gflop_per_sample(model)
@@ -75,9 +77,10 @@ def kernel_table(
     for t in threads:
         torch.set_num_threads(t)
         for batch in batch_sizes:
+            runner = _compiled(fused, batch) if compile else fused
             # GEMM just before and just after the model, so a drifting machine moves both alike.
             before = gemm_gflops(seconds / 2, dtype)
-            rate = model_samples_per_s(fused, batch, seconds)
+            rate = model_samples_per_s(runner, batch, seconds)
             gemm = (before + gemm_gflops(seconds / 2, dtype)) / 2
             rows.append(
                 {
@@ -91,6 +94,17 @@ def kernel_table(
                 }
             )
     return rows
+
+
+def _compiled(model: FusedAstroMAE, batch: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``model`` compiled for this batch size and the current thread count, which Inductor
+    writes into its kernels: so every row compiles afresh, forgetting the previous row's."""
+    from cai_hpc.compiled import CompiledModel
+
+    torch._dynamo.reset()
+    compiled = CompiledModel(model, batch)
+    compiled.warm_up()
+    return compiled
 
 
 def format_table(rows: list[dict[str, float]]) -> str:
@@ -124,13 +138,15 @@ def stage_profile(model: FusedAstroMAE, batch: int, seconds: float) -> dict[str,
     return {name: 1e3 * elapsed / calls for name, (calls, elapsed) in timed.items()}
 
 
-def end_to_end(data: Path, threads: int, batch: int, precision: str, seconds: float) -> dict[str, Any]:
+def end_to_end(
+    data: Path, threads: int, batch: int, precision: str, seconds: float, compile: bool = False
+) -> dict[str, Any]:
     """``infer`` over ``data`` in this process at these settings, with the model's kernel rate
     measured just before and just after it; the summary's wall time includes reading,
-    checkpoint loading and writing."""
+    checkpoint loading, compiling (with ``compile``) and writing."""
     model = reference_model()
-    fused = fuse(model, precision)
     torch.set_num_threads(threads)
+    fused = _compiled(fuse(model, precision), batch) if compile else fuse(model, precision)
     before = model_samples_per_s(fused, batch, seconds)
     with tempfile.TemporaryDirectory(prefix="cai-hpc-bench-") as tmp:
         checkpoint = Path(tmp) / "model.safetensors"
@@ -142,6 +158,7 @@ def end_to_end(data: Path, threads: int, batch: int, precision: str, seconds: fl
             batch_size=batch,
             threads=threads,
             precision=precision,
+            compile=compile,
             progress=False,
             started=time.time(),
         )
@@ -150,6 +167,7 @@ def end_to_end(data: Path, threads: int, batch: int, precision: str, seconds: fl
     assert summary is not None  # rank 0 of 1
     rank = summary["ranks"][0]
     wall = summary["timing"]["wall_s"]
+    compile_s = rank["startup_split"].get("compile_s", 0.0)
     return {
         "samples": summary["samples"],
         "wall_s": wall,
@@ -160,7 +178,10 @@ def end_to_end(data: Path, threads: int, batch: int, precision: str, seconds: fl
             "data read (waited for)": rank["load_s"] / wall,
             "model": rank["infer_s"] / wall,
             "write": rank["write_s"] / wall,
-            "checkpoint, build, rest": max(0.0, 1 - (rank["load_s"] + rank["infer_s"] + rank["write_s"]) / wall),
+            **({"compile": compile_s / wall} if compile else {}),
+            "checkpoint, build, rest": max(
+                0.0, 1 - (rank["load_s"] + rank["infer_s"] + rank["write_s"] + compile_s) / wall
+            ),
         },
     }
 

@@ -107,6 +107,7 @@ def _infer(comm: Any, args: argparse.Namespace) -> dict | None:
         device=args.device,
         precision=args.precision,
         compare_fp32=args.compare_fp32,
+        compile=args.compile,
         seed=args.seed,
         progress=not args.quiet,
     )
@@ -212,14 +213,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.precision == "bf16" and cpu_has_bf16() is False:
         log.warning("this CPU has no bf16 instructions: bfloat16 is emulated here, so expect it slower than fp32")
     threads = args.threads or list(range(1, usable_cores() + 1))
-    rows = kernel_table(args.batch_sizes, threads, args.seconds, args.precision)
+    rows = kernel_table(args.batch_sizes, threads, args.seconds, args.precision, args.compile)
     print(format_table(rows), flush=True)
     best = max(rows, key=lambda r: r["samples_per_s"])
     torch.set_num_threads(best["threads"])
-    stages = stage_profile(fuse(reference_model(), args.precision), best["batch"], args.seconds)
-    print(format_profile(stages, best["threads"], best["batch"]), flush=True)
+    if not args.compile:  # a compiled model is one graph: its stages cannot be timed apart
+        stages = stage_profile(fuse(reference_model(), args.precision), best["batch"], args.seconds)
+        print(format_profile(stages, best["threads"], best["batch"]), flush=True)
     if args.data is not None:
-        result = end_to_end(args.data, best["threads"], best["batch"], args.precision, args.seconds)
+        result = end_to_end(args.data, best["threads"], best["batch"], args.precision, args.seconds, args.compile)
         print(format_end_to_end(result, args.data))
     return 0
 
@@ -271,6 +273,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="with --precision bf16: also run float32 and report max/mean |Δz| in the summary",
     )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the model first (14-28 s, counted in startup_s; pays on long runs)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights when no checkpoint is given")
 
     p = sub.add_parser("synth", parents=[common], help="make a synthetic survey")
@@ -306,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=_int_list, help="thread counts (default: 1..cores)")
     p.add_argument("--seconds", type=float, default=2.0, help="time per measurement")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--compile", action="store_true", help="kernel: measure the torch.compile'd model")
     p.add_argument(
         "--data",
         type=Path,

@@ -57,6 +57,7 @@ class RunConfig:
     device: str = "cpu"
     precision: str = "fp32"
     compare_fp32: bool = False  # with bf16: also run float32 and report the difference
+    compile: bool = False  # torch.compile the model before the first batch (counted in startup_s)
     seed: int = 0
     progress: bool = True
     shards: list[str] | None = None  # this rank's own whole shards (cloud); None: plan by rows
@@ -120,6 +121,11 @@ def run(comm: Any, config: RunConfig) -> dict[str, Any] | None:
     runner = FusedAstroMAE.from_state_dict(state, config.precision).to(device)
     # weights_s: reading the checkpoint (or initialising the seeded random weights).
     split |= {"build_s": time.perf_counter() - t1, "weights_s": t1 - t0}
+    if config.compile:
+        from cai_hpc.compiled import CompiledModel  # pulls in Inductor: only when asked for
+
+        runner = CompiledModel(runner, config.batch_size)
+        split["compile_s"] = runner.warm_up()
     stamp = {"checkpoint": checkpoint, "weights": job.weights}
     compare = config.compare_fp32 and config.precision != "fp32"
     reference = FusedAstroMAE.from_state_dict(state).to(device) if compare else None
@@ -260,7 +266,7 @@ def _prescan(shards: list[ShardInfo], mine: list[Piece], batch_size: int) -> lis
 
 
 def _infer(
-    model: torch.nn.Module,
+    model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     reference: torch.nn.Module | None,
     device: str,
     shards: list[ShardInfo],

@@ -63,6 +63,15 @@ def test_bench_kernel_prints_efficiency_stages_and_the_end_to_end_ratio(small_da
     assert "data read (waited for)" in lines[12] and "write" in lines[12]
 
 
+def test_bench_kernel_compile_measures_the_compiled_model_and_skips_the_stage_profile() -> None:
+    result = cai_hpc("bench", "kernel", "--compile", "--batch-sizes", "8", "--threads", "1", "--seconds", "0.05")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 2  # the header and one row: a compiled model is one graph, not stages
+    threads, batch, _, samples_per_s, efficiency, _ = lines[1].split()
+    assert (threads, batch) == ("1", "8") and float(samples_per_s) > 0 and 0 < float(efficiency) < 2
+
+
 def test_an_unexpected_failure_is_one_line_too(tmp_path, golden_model, capsys) -> None:
     import torch
 

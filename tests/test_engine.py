@@ -216,3 +216,20 @@ def test_bf16_run_reports_its_error_against_float32(small_dataset, tmp_path, cap
     assert infer(small_dataset, tmp_path / "out32", limit=96)["precision_error"] is None
     # float32 does not take the bfloat16 predictions for its own
     assert infer(small_dataset, tmp_path / "out", limit=96)["skipped_shards"] == 0
+
+
+def test_a_compiled_run_predicts_what_eager_does_and_counts_its_compile_in_startup(
+    first_run, small_dataset, tmp_path, monkeypatch
+) -> None:
+    torch._dynamo.reset()
+    # One compile for the whole run: neither the short last batch (300 = 128 + 128 + 44) nor
+    # the reader's tensors may make Dynamo compile again.
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    summary = infer(small_dataset, tmp_path / "out", batch_size=128, compile=True)
+    ref = read_predictions(first_run[0])
+    got = read_predictions(tmp_path / "out")
+    assert got.keys() == ref.keys()
+    for name in ref:
+        np.testing.assert_allclose(got[name]["redshift_pred"], ref[name]["redshift_pred"], atol=1e-5, rtol=0)
+    rank = summary["ranks"][0]
+    assert 0 < rank["startup_split"]["compile_s"] < rank["startup_s"]

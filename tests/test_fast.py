@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from cai_hpc.compiled import CompiledModel
 from cai_hpc.errors import InputError
 from cai_hpc.fast import FusedAstroMAE, fuse
 from cai_hpc.model import AstroMAE
@@ -57,6 +58,14 @@ def test_bf16_stays_within_5e_3_of_float32_on_the_golden_inputs(golden, golden_m
     error = np.abs(bf16 - fp32)
     assert 0 < error.max() <= 5e-3  # not zero: bfloat16 really ran
     assert bf16.dtype == np.float32
+
+
+def test_compiled_bf16_stays_within_5e_3_of_float32_on_the_golden_inputs(golden, golden_model) -> None:
+    torch._dynamo.reset()
+    fp32 = run(fuse(golden_model), golden["images"], golden["magnitudes"])
+    compiled = CompiledModel(fuse(golden_model, "bf16"), batch_size=len(fp32))
+    error = np.abs(run(compiled, golden["images"], golden["magnitudes"]) - fp32)
+    assert 0 < error.max() <= 5e-3
 
 
 def test_unknown_precision_is_refused() -> None:
