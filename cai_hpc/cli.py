@@ -213,6 +213,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.precision == "bf16" and cpu_has_bf16() is False:
         log.warning("this CPU has no bf16 instructions: bfloat16 is emulated here, so expect it slower than fp32")
     threads = args.threads or list(range(1, usable_cores() + 1))
+    if args.compile:
+        compiles = len(threads) * len(args.batch_sizes)
+        log.info("--compile: each of the %d rows compiles first (14-28 s each); fewer --batch-sizes cut that", compiles)
     rows = kernel_table(args.batch_sizes, threads, args.seconds, args.precision, args.compile)
     print(format_table(rows), flush=True)
     best = max(rows, key=lambda r: r["samples_per_s"])

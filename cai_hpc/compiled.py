@@ -14,11 +14,16 @@ size, so the last, shorter batch of a rank does not compile a second time.
 
 from __future__ import annotations
 
+import os
+import shutil
+import sysconfig
 import time
+from pathlib import Path
 
 import torch
 import torch._inductor.config as inductor_config
 from torch import nn
+from torch._inductor.async_compile import shutdown_compile_workers
 
 from cai_hpc.layout import BANDS, IMAGE_SIZE
 
@@ -36,8 +41,9 @@ class CompiledModel:
         n = images.shape[0]
         if n > self.batch_size:
             raise ValueError(f"a batch of {n} is larger than the compiled batch size {self.batch_size}")
-        # Freezing needs the weights to be constants, which holds only without autograd.
-        with torch.inference_mode(), inductor_config.patch(freezing=True):
+        # Freezing needs the weights to be constants, which holds only without autograd. The
+        # compile's worker processes are as many as this rank's threads, not the node's cores.
+        with torch.inference_mode(), inductor_config.patch(freezing=True, compile_threads=torch.get_num_threads()):
             return self._compiled(_as_batch(images, self.batch_size), _as_batch(magnitudes, self.batch_size))[:n]
 
     def warm_up(self) -> float:
@@ -45,7 +51,17 @@ class CompiledModel:
         t0 = time.perf_counter()
         images = torch.zeros(self.batch_size, BANDS, IMAGE_SIZE, IMAGE_SIZE, device=self._device)
         self(images, torch.zeros(self.batch_size, BANDS, device=self._device))
+        shutdown_compile_workers()  # idle for the rest of the run
         return time.perf_counter() - t0
+
+
+def missing_toolchain() -> str | None:
+    """What Inductor's C++ code generation needs and this machine lacks, or None."""
+    if not (os.environ.get("CXX") or shutil.which("g++")):
+        return "a C++ compiler (g++, or CXX naming one)"
+    if not (Path(sysconfig.get_paths()["include"]) / "Python.h").is_file():
+        return "the Python headers (Python.h, e.g. from python3-dev)"
+    return None
 
 
 def _as_batch(rows: torch.Tensor, size: int) -> torch.Tensor:

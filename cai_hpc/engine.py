@@ -101,6 +101,8 @@ def run(comm: Any, config: RunConfig) -> dict[str, Any] | None:
     comm = TimedComm(comm)  # from here on, time inside the communicator is this rank's comm_s
     threads, device = _agreed(comm, lambda: (threads_per_rank(config.threads), pick_device(config.device)))
     torch.set_num_threads(threads)
+    if config.compile:
+        _agreed(comm, _check_toolchain)
 
     if config.shards is None:
         job = _decided_by_root(comm, lambda: _prepare(config, size))
@@ -165,6 +167,7 @@ def run(comm: Any, config: RunConfig) -> dict[str, Any] | None:
             "device": device.split(":")[0],
             "batch_size": config.batch_size,
             "threads_per_rank": threads,
+            "compile": config.compile,
         },
         model={
             "parameters": runner.reference_parameters,
@@ -180,6 +183,14 @@ def run(comm: Any, config: RunConfig) -> dict[str, Any] | None:
     )
     write_json_atomic(config.out / "summary.json", summary)
     return summary
+
+
+def _check_toolchain() -> None:
+    from cai_hpc.compiled import missing_toolchain  # pulls in Inductor: only when asked for
+
+    missing = missing_toolchain()
+    if missing is not None:
+        raise InputError(f"--compile needs {missing}, which this machine lacks; install it or drop --compile")
 
 
 def _prepare(config: RunConfig, size: int) -> Job:
@@ -324,9 +335,10 @@ def _host_tensors(batches: Iterator[Batch], pin: bool) -> Iterator[tuple[Batch, 
     """Batches as torch tensors, page-locked for a GPU so the copies can run asynchronously;
     this runs on the reader thread, off the compute path."""
     for batch in batches:
-        images, mags = torch.from_numpy(batch.images), torch.from_numpy(batch.magnitudes)
-        if pin:
-            images, mags = images.pin_memory(), mags.pin_memory()
+        with torch.inference_mode():  # inference tensors, which a compiled model takes without a copy
+            images, mags = torch.from_numpy(batch.images), torch.from_numpy(batch.magnitudes)
+            if pin:
+                images, mags = images.pin_memory(), mags.pin_memory()
         yield batch, images, mags
 
 

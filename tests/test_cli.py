@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
 
 from cai_hpc.cli import main
@@ -70,6 +72,17 @@ def test_bench_kernel_compile_measures_the_compiled_model_and_skips_the_stage_pr
     assert len(lines) == 2  # the header and one row: a compiled model is one graph, not stages
     threads, batch, _, samples_per_s, efficiency, _ = lines[1].split()
     assert (threads, batch) == ("1", "8") and float(samples_per_s) > 0 and 0 < float(efficiency) < 2
+
+
+def test_compile_without_a_compiler_stops_in_one_line_before_any_output(small_dataset, tmp_path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "CXX"} | {"PATH": str(Path(sys.executable).parent)}
+    result = cai_hpc("infer", "--data", str(small_dataset), "--out", str(tmp_path / "out"), "--compile", env=env)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "cai-hpc: error: --compile needs a C++ compiler (g++, or CXX naming one), which this machine lacks; "
+        "install it or drop --compile"
+    ]
+    assert not (tmp_path / "out").exists()
 
 
 def test_an_unexpected_failure_is_one_line_too(tmp_path, golden_model, capsys) -> None:

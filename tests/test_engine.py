@@ -233,3 +233,4 @@ def test_a_compiled_run_predicts_what_eager_does_and_counts_its_compile_in_start
         np.testing.assert_allclose(got[name]["redshift_pred"], ref[name]["redshift_pred"], atol=1e-5, rtol=0)
     rank = summary["ranks"][0]
     assert 0 < rank["startup_split"]["compile_s"] < rank["startup_s"]
+    assert summary["compile"] is True and first_run[1]["compile"] is False
