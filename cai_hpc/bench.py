@@ -146,7 +146,9 @@ def end_to_end(
     checkpoint loading, compiling (with ``compile``) and writing."""
     model = reference_model()
     torch.set_num_threads(threads)
-    fused = _compiled(fuse(model, precision), batch) if compile else fuse(model, precision)
+    fused = fuse(model, precision)
+    if compile:
+        fused = _compiled(fused, batch)
     before = model_samples_per_s(fused, batch, seconds)
     with tempfile.TemporaryDirectory(prefix="cai-hpc-bench-") as tmp:
         checkpoint = Path(tmp) / "model.safetensors"

@@ -44,8 +44,15 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - one line for the user; -v shows the traceback
         if args.verbose:
             traceback.print_exc()
-        print(f"cai-hpc: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"cai-hpc: error: {_unexpected(exc)}", file=sys.stderr)
         return 1
+
+
+def _unexpected(exc: Exception) -> str:
+    """An unforeseen error as one line: its type and the first line of its message (some,
+    such as torch.compile's, run to many lines of hints; -v prints everything)."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
 def _exit_on_signal(signum: int, frame: Any) -> None:
@@ -67,7 +74,7 @@ def run_infer(args: argparse.Namespace) -> int:
         print(f"cai-hpc: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except Exception as exc:  # noqa: BLE001 - a communicator that cannot wire up: one line
-        print(f"cai-hpc: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"cai-hpc: error: {_unexpected(exc)}", file=sys.stderr)
         return 1
     rank, size = comm.Get_rank(), comm.Get_size()
     where = f"rank {rank}: " if size > 1 else ""
@@ -81,7 +88,7 @@ def run_infer(args: argparse.Namespace) -> int:
     except Exception as exc:  # noqa: BLE001 - this is the one place that ends the job
         if args.verbose:
             traceback.print_exc()
-        print(f"cai-hpc: error: {where}{type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        print(f"cai-hpc: error: {where}{_unexpected(exc)}", file=sys.stderr, flush=True)
         code, abort = 1, True
     else:
         if summary is not None:

@@ -14,6 +14,7 @@ size, so the last, shorter batch of a rank does not compile a second time.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import sysconfig
@@ -26,6 +27,10 @@ from torch import nn
 from torch._inductor.async_compile import shutdown_compile_workers
 
 from cai_hpc.layout import BANDS, IMAGE_SIZE
+
+# Inductor loads torch's C++ extension helper, which logs a warning about CUDA_HOME on a CUDA
+# build of torch without a GPU: noise for a CPU compile, and not one of our lines.
+logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
 
 class CompiledModel:

@@ -85,6 +85,15 @@ def test_compile_without_a_compiler_stops_in_one_line_before_any_output(small_da
     assert not (tmp_path / "out").exists()
 
 
+def test_a_failing_compile_is_one_line_naming_the_compiler(small_dataset, tmp_path) -> None:
+    env = os.environ | {"CXX": "/bin/false", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    result = cai_hpc("infer", "--data", str(small_dataset), "--out", str(tmp_path / "out"), "--compile", "-q", env=env)
+    assert result.returncode == 1
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("cai-hpc: error: ") and "No working C++ compiler" in line and "/bin/false" in line
+    assert not list((tmp_path / "out" / "predictions").iterdir())
+
+
 def test_an_unexpected_failure_is_one_line_too(tmp_path, golden_model, capsys) -> None:
     import torch
 
