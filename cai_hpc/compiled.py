@@ -40,7 +40,7 @@ class CompiledModel:
         self.batch_size = batch_size
         self.reference_parameters = getattr(model, "reference_parameters", None)
         self._device = next(model.parameters()).device
-        self._compiled = torch.compile(model, dynamic=False)
+        self._compiled = torch.compile(model, dynamic=False, fullgraph=True)  # one graph, or an error
 
     def __call__(self, images: torch.Tensor, magnitudes: torch.Tensor) -> torch.Tensor:
         n = images.shape[0]

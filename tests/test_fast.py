@@ -9,7 +9,7 @@ import torch
 
 from cai_hpc.compiled import CompiledModel
 from cai_hpc.errors import InputError
-from cai_hpc.fast import FusedAstroMAE, fuse
+from cai_hpc.fast import ACTIVATIONS, FusedAstroMAE, fuse, linear, max_pool_3x3
 from cai_hpc.model import AstroMAE
 from tests.conftest import reference_weights
 
@@ -45,6 +45,42 @@ def test_fused_equals_eager_on_random_weights_and_any_batch(batch) -> None:
     images = rng.normal(size=(batch, 5, 32, 32)).astype(np.float32)
     mags = rng.uniform(14, 20, (batch, 5)).astype(np.float32)
     np.testing.assert_allclose(run(fuse(model), images, mags), run(model, images, mags), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+def test_linear_is_f_linear_then_its_activation_in_float32_and_under_autocast(activation) -> None:
+    torch.manual_seed(0)
+    x, w, b = torch.randn(2, 17, 192), torch.randn(576, 192) / 14, torch.randn(576)
+    expected = ACTIVATIONS[activation](torch.nn.functional.linear(x, w, b))
+    torch.testing.assert_close(linear(x, w, b, activation), expected, atol=1e-5, rtol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = linear(x, w, b, activation)
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.float(), expected, atol=0.1, rtol=0.02)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+def test_float32_linear_maps_run_through_onednn_not_the_default_blas() -> None:
+    # On AMD CPUs the default (MKL) float32 GEMM runs at half oneDNN's rate (README).
+    fused = fuse(AstroMAE().eval())
+    images, mags = torch.zeros(2, 5, 32, 32), torch.full((2, 5), 18.0)
+    with torch.inference_mode(), torch.profiler.profile() as prof:
+        fused(images, mags)
+    ops = {event.key: event.count for event in prof.key_averages()}
+    assert ops.get("mkldnn::_linear_pointwise") == 12 * 4 + 2 + 2 + 5 + 2  # blocks, ViT and Inception heads, MLPs
+    assert not {"aten::addmm", "aten::mm", "aten::linear"} & set(ops)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 16, 16), (1, 4, 5, 7), (2, 2, 1, 3)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_max_pool_3x3_is_aten_max_pool_exactly(shape, channels_last) -> None:
+    torch.manual_seed(0)
+    x = torch.randint(-3, 4, shape).float()  # few values: ties everywhere, and all-negative windows
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    pooled = max_pool_3x3(x)
+    assert torch.equal(pooled, torch.nn.functional.max_pool2d(x, 3, stride=1, padding=1))
+    assert pooled.is_contiguous(memory_format=torch.channels_last) == channels_last
 
 
 def test_fuse_refuses_a_model_in_training_mode() -> None:
