@@ -210,10 +210,12 @@ class FusedBlock(nn.Module):
         self.norm1, self.norm2 = _layer_norm(w, f"{prefix}.norm1"), _layer_norm(w, f"{prefix}.norm2")
         self.mlp = nn.Sequential(_linear(w, f"{prefix}.mlp.fc1", "gelu"), _linear(w, f"{prefix}.mlp.fc2"))
         q_bias, v_bias = w[f"{prefix}.attn.q_bias"], w[f"{prefix}.attn.v_bias"]
-        self.register_buffer("qkv_weight", w[f"{prefix}.attn.qkv.weight"])
-        self.register_buffer("qkv_bias", torch.cat((q_bias, torch.zeros_like(v_bias), v_bias)))
+        # The attention's scale, 1/8 (a power of two, so exact), is folded into q's rows.
+        scale = torch.ones(3 * EMBED_DIM, 1)
+        scale[:EMBED_DIM] = (EMBED_DIM // HEADS) ** -0.5
+        qkv_bias = torch.cat((q_bias, torch.zeros_like(v_bias), v_bias))
+        self.qkv = Linear(w[f"{prefix}.attn.qkv.weight"] * scale, qkv_bias * scale[:, 0])
         self.proj = _linear(w, f"{prefix}.attn.proj")
-        self.scale = (EMBED_DIM // HEADS) ** -0.5
         # The PCM's grouped 1x1 convolutions act on each patch token alone: as batched matmuls
         # over the groups, (groups, tokens, in) @ (groups, in, out), with the BatchNorm folded in.
         pcm_w1, pcm_b1 = _fold_bn(w, f"{prefix}.PCM.0", f"{prefix}.PCM.1")
@@ -228,12 +230,16 @@ class FusedBlock(nn.Module):
         tokens = x[:, 1:].reshape(b * (n - 1), self.groups, -1).transpose(0, 1)
         hidden = F.silu(torch.baddbmm(self.pcm_b1, tokens, self.pcm_w1))
         conv = torch.baddbmm(self.pcm_b2, hidden, self.pcm_w2).transpose(0, 1).reshape(b, n - 1, c)
-        qkv = linear(self.norm1(x), self.qkv_weight, self.qkv_bias)
+        qkv = self.qkv(self.norm1(x))
         q, k, v = qkv.reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
         # 17 tokens: plain matmuls beat the fused attention kernel's set-up cost here.
-        attended = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
+        attended = (q @ k.transpose(-2, -1)).softmax(dim=-1) @ v
         x = x + self.proj(attended.transpose(1, 2).reshape(b, n, c))
-        x = torch.cat((x[:, :1], x[:, 1:] + conv), dim=1)
+        if torch.compiler.is_compiling():
+            # Inductor fuses the concatenation (and fails on the in-place form after a GEMM).
+            x = torch.cat((x[:, :1], x[:, 1:] + conv), dim=1)
+        else:
+            x[:, 1:] += conv  # x is this block's own tensor: in place, no concatenation
         return x + self.mlp(self.norm2(x))
 
 
