@@ -11,8 +11,14 @@ and rewrites them once:
 * the attention's q/v bias vector is built once, not on every call;
 * ``head`` and the first layer of ``vit_block`` (two linear maps with nothing between them)
   become one linear map;
+* the attention's scale (1/8, so exact) is folded into q's weights;
+* the Inception stem's average pool runs before its 1x1 convolution, and the 3x3 max-pools as
+  row and column maxima (``max_pool_3x3``);
 * float32 linear maps run through oneDNN rather than torch's default BLAS, with the ReLU or
   GELU after them applied inside the GEMM (``linear``).
+
+It is an inference model: its weights are frozen, and its oneDNN linear maps and in-place
+steps have no gradients.
 
 Only torch is needed: inference never builds the timm-based reference model (``model.py``),
 so it never imports timm. ``model.AstroMAE`` stays the reference: tests check that the fused
@@ -98,7 +104,7 @@ def _conv(weight: torch.Tensor, bias: torch.Tensor, groups: int = 1, **kwargs: i
 
 # What ``linear`` can apply to its output inside the GEMM's own kernel (oneDNN post-ops).
 ACTIVATIONS = {"none": lambda x: x, "relu": F.relu, "gelu": F.gelu}
-_ONEDNN = torch.backends.mkldnn.is_available()
+_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str = "none") -> torch.Tensor:
@@ -110,11 +116,21 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act
     saves a pass over it. Under autocast the call is left to ``F.linear``, which autocast casts
     (bfloat16 already goes through oneDNN).
     """
-    if x.dtype == torch.float32 and x.device.type == "cpu" and _ONEDNN and not torch.is_autocast_enabled("cpu"):
+    if _onednn_float32(x, weight):
         # The "none" algorithm of oneDNN's GELU is the exact (erf) one, as F.gelu's default.
         algorithm = "none" if activation == "gelu" else ""
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, activation, [], algorithm)
     return ACTIVATIONS[activation](F.linear(x, weight, bias))
+
+
+def _onednn_float32(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (
+        _ONEDNN
+        and torch.backends.mkldnn.enabled
+        and x.dtype == weight.dtype == torch.float32
+        and x.device.type == weight.device.type == "cpu"
+        and not torch.is_autocast_enabled("cpu")
+    )
 
 
 class Linear(nn.Linear):
@@ -189,8 +205,8 @@ def max_pool_3x3(x: torch.Tensor) -> torch.Tensor:
         # Inductor writes its own pooling kernel; the writes into views below would split its graph.
         return F.max_pool2d(x, 3, stride=1, padding=1)
     rows = x.clone()
-    torch.maximum(rows[:, :, 1:], x[:, :, :-1], out=rows[:, :, 1:])
-    torch.maximum(rows[:, :, :-1], x[:, :, 1:], out=rows[:, :, :-1])
+    torch.maximum(rows[..., 1:, :], x[..., :-1, :], out=rows[..., 1:, :])
+    torch.maximum(rows[..., :-1, :], x[..., 1:, :], out=rows[..., :-1, :])
     out = rows.clone()
     torch.maximum(out[..., 1:], rows[..., :-1], out=out[..., 1:])
     torch.maximum(out[..., :-1], rows[..., 1:], out=out[..., :-1])
@@ -270,9 +286,9 @@ class FusedAstroMAE(nn.Module):
         self.vit_in = Linear(first_w @ head_w, first_w @ head_b + first_b, "relu")
         self.vit_out = _linear(w, "vit_block.2")
         seq = "inception_model.vis_inception"
-        # The stem, a 1x1 convolution, is followed by a 2x2 average pool (stage 1). Both act on
-        # each pixel linearly, so ``inception_features`` pools the 5-band image first: the same
-        # numbers from a quarter of the pixels.
+        # The stem, a 1x1 convolution (an affine map of each pixel's bands), is followed by a
+        # 2x2 average pool (stage 1), whose weights sum to 1: the two commute, so
+        # ``inception_features`` pools the 5-band image first, a quarter of the pixels.
         stages: list[nn.Module] = [_conv(w[f"{seq}.0.weight"], w[f"{seq}.0.bias"])]
         for i in range(2, max(INCEPTION_BLOCKS) + 1):
             if i in INCEPTION_POOLS:

@@ -10,6 +10,7 @@ import torch
 from cai_hpc.compiled import CompiledModel
 from cai_hpc.errors import InputError
 from cai_hpc.fast import ACTIVATIONS, FusedAstroMAE, fuse, linear, max_pool_3x3
+from cai_hpc.layout import DEPTH, MAG_LAYERS
 from cai_hpc.model import AstroMAE
 from tests.conftest import reference_weights
 
@@ -60,15 +61,30 @@ def test_linear_is_f_linear_then_its_activation_in_float32_and_under_autocast(ac
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
-def test_float32_linear_maps_run_through_onednn_not_the_default_blas() -> None:
-    # On AMD CPUs the default (MKL) float32 GEMM runs at half oneDNN's rate (README).
-    fused = fuse(AstroMAE().eval())
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_float32_linear_maps_run_through_onednn_not_the_default_blas(precision) -> None:
+    # On AMD CPUs the default (MKL) float32 GEMM runs at half oneDNN's rate (README). In bf16
+    # only the float32 heads (magnitude MLP, fusion) are float32 linear maps.
+    fused = fuse(AstroMAE().eval(), precision)
     images, mags = torch.zeros(2, 5, 32, 32), torch.full((2, 5), 18.0)
     with torch.inference_mode(), torch.profiler.profile() as prof:
         fused(images, mags)
     ops = {event.key: event.count for event in prof.key_averages()}
-    assert ops.get("mkldnn::_linear_pointwise") == 12 * 4 + 2 + 2 + 5 + 2  # blocks, ViT and Inception heads, MLPs
-    assert not {"aten::addmm", "aten::mm", "aten::linear"} & set(ops)
+    heads = MAG_LAYERS + 2
+    image_branches = DEPTH * 4 + 2 + 2  # per block qkv, proj, fc1, fc2; the ViT and Inception heads
+    assert ops.get("mkldnn::_linear_pointwise") == heads + (image_branches if precision == "fp32" else 0)
+    if precision == "fp32":
+        assert not {"aten::addmm", "aten::mm", "aten::linear"} & set(ops)
+
+
+def test_a_block_leaves_its_input_alone() -> None:
+    # The block adds the PCM's output in place: into its own tensor, never the caller's.
+    block = fuse(AstroMAE().eval()).blocks[0]
+    x = torch.randn(2, 17, 192)
+    before = x.clone()
+    with torch.inference_mode():
+        out = block(x)
+    assert torch.equal(x, before) and not torch.equal(out, x)
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 16, 16), (1, 4, 5, 7), (2, 2, 1, 3)])
