@@ -21,7 +21,7 @@ import torch
 from cai_hpc.checkpoint import save_weights
 from cai_hpc.comm import SelfComm
 from cai_hpc.engine import RunConfig, run
-from cai_hpc.fast import FusedAstroMAE, fuse, linear
+from cai_hpc.fast import FusedAstroMAE, Linear, fuse
 from cai_hpc.flops import gflop_per_sample
 from cai_hpc.model import BANDS, IMAGE_SIZE, AstroMAE
 
@@ -40,14 +40,15 @@ def _rate(step: Callable[[], None], seconds: float) -> tuple[int, float]:
 
 def gemm_gflops(seconds: float, dtype: torch.dtype = torch.float32) -> float:
     """GEMM rate of this process at its current thread count and ``dtype``, in GFLOP/s: the
-    faster of torch's matmul and the model's ``linear``. Which library is faster depends on
-    the CPU (float32 on AMD: oneDNN, at twice MKL's rate), and the machine's limit is the
-    faster one."""
+    faster of torch's matmul and, in float32, the model's own ``Linear`` (oneDNN). Which library
+    is faster depends on the CPU (float32 on AMD: oneDNN, at twice MKL's rate), and the
+    machine's limit is the faster one."""
     a = torch.randn(GEMM_SIZE, GEMM_SIZE).to(dtype)
     b = torch.randn(GEMM_SIZE, GEMM_SIZE).to(dtype)
     steps = [lambda: torch.mm(a, b)]
     if dtype == torch.float32:  # bf16 goes to oneDNN either way
-        steps.append(lambda: linear(a, b, None))
+        layer = Linear(b, torch.zeros(GEMM_SIZE))
+        steps.append(lambda: layer(a))
     rates = []
     for step in steps:
         calls, elapsed = _rate(step, seconds / len(steps))

@@ -104,33 +104,22 @@ def _conv(weight: torch.Tensor, bias: torch.Tensor, groups: int = 1, **kwargs: i
 
 # What ``linear`` can apply to its output inside the GEMM's own kernel (oneDNN post-ops).
 ACTIVATIONS = {"none": lambda x: x, "relu": F.relu, "gelu": F.gelu}
-_ONEDNN = torch.backends.mkldnn.is_available() and all(
-    hasattr(torch.ops.mkldnn, op) for op in ("_linear_pointwise", "_reorder_linear_weight")
-)
+_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
-def linear(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    activation: str = "none",
-    packed: torch.Tensor | None = None,
-) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str = "none") -> torch.Tensor:
     """``activation(F.linear(x, weight, bias))``, float32 on the CPU through oneDNN.
 
     torch's float32 GEMM is MKL's, and MKL runs its AVX2 code on AMD CPUs: on a Zen 5 VM,
     measured, 105 GFLOP/s per core where oneDNN's AVX-512 kernels reach 230, with the same
     float32 accuracy. oneDNN also applies the activation while the output is in cache, which
-    saves a pass over it, and takes ``packed``, ``weight`` in its own layout, if given. Under
-    autocast the call is left to ``F.linear``, which autocast casts (bfloat16 already goes
-    through oneDNN).
+    saves a pass over it. Under autocast the call is left to ``F.linear``, which autocast casts
+    (bfloat16 already goes through oneDNN).
     """
     if _onednn_float32(x, weight):
         # The "none" algorithm of oneDNN's GELU is the exact (erf) one, as F.gelu's default.
         algorithm = "none" if activation == "gelu" else ""
-        return torch.ops.mkldnn._linear_pointwise(
-            x, weight if packed is None else packed, bias, activation, [], algorithm
-        )
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, activation, [], algorithm)
     return ACTIVATIONS[activation](F.linear(x, weight, bias))
 
 
@@ -151,16 +140,9 @@ class Linear(nn.Linear):
         super().__init__(weight.shape[1], weight.shape[0], device="meta")  # meta: nothing initialised
         self.weight, self.bias = _frozen(weight), _frozen(bias)
         self.activation = activation
-        # The weight in oneDNN's blocked layout, made once: the float32 model runs 1.05-1.14x
-        # faster than when oneDNN reorders the plain weight on every call (interleaved A/B on a
-        # Zen 5 VM, same outputs). An opaque oneDNN tensor, so not a buffer; only eager float32
-        # calls on the CPU use it.
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight) if _ONEDNN else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Compiled, Inductor lays out the weight itself (and cannot trace an opaque tensor).
-        packed = None if torch.compiler.is_compiling() else self.packed
-        return linear(x, self.weight, self.bias, self.activation, packed)
+        return linear(x, self.weight, self.bias, self.activation)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, activation={self.activation}"
@@ -356,8 +338,8 @@ class FusedAstroMAE(nn.Module):
 
 
 def _mlp(w: Weights, name: str, layers: int) -> nn.Sequential:
-    """Linear layers at positions 0, 2, 4, ... of a Sequential, ReLU between them (applied by
-    the layer before)."""
+    """The reference's linear layers ``name.0``, ``name.2``, ``name.4``, ... (ReLU between them)
+    as one Sequential of ``Linear``s, each but the last applying the ReLU itself."""
     last = layers - 1
     return nn.Sequential(*(_linear(w, f"{name}.{2 * j}", "none" if j == last else "relu") for j in range(layers)))
 

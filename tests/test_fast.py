@@ -54,9 +54,6 @@ def test_linear_is_f_linear_then_its_activation_in_float32_and_under_autocast(ac
     x, w, b = torch.randn(2, 17, 192), torch.randn(576, 192) / 14, torch.randn(576)
     expected = ACTIVATIONS[activation](torch.nn.functional.linear(x, w, b))
     torch.testing.assert_close(linear(x, w, b, activation), expected, atol=1e-5, rtol=1e-5)
-    if torch.backends.mkldnn.is_available():  # the weight in oneDNN's own layout: the same numbers
-        packed = torch.ops.mkldnn._reorder_linear_weight(w)
-        assert torch.equal(linear(x, w, b, activation, packed), linear(x, w, b, activation))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         low = linear(x, w, b, activation)
     assert low.dtype == torch.bfloat16
