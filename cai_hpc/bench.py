@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from cai_hpc.allocator import reuse_freed_memory
 from cai_hpc.checkpoint import save_weights
 from cai_hpc.comm import SelfComm
 from cai_hpc.engine import RunConfig, run
@@ -40,9 +41,9 @@ def _rate(step: Callable[[], None], seconds: float) -> tuple[int, float]:
 
 def gemm_gflops(seconds: float, dtype: torch.dtype = torch.float32) -> float:
     """GEMM rate of this process at its current thread count and ``dtype``, in GFLOP/s: the
-    faster of torch's matmul and, in float32, the model's own ``Linear`` (oneDNN). Which library
-    is faster depends on the CPU (float32 on AMD: oneDNN, at twice MKL's rate), and the
-    machine's limit is the faster one."""
+    faster of torch's matmul and, in float32, the model's own ``Linear`` (oneDNN, its weight
+    packed as the model's are). Which library is faster depends on the CPU (float32 on AMD:
+    oneDNN, at twice MKL's rate), and the machine's limit is the faster one."""
     a = torch.randn(GEMM_SIZE, GEMM_SIZE).to(dtype)
     b = torch.randn(GEMM_SIZE, GEMM_SIZE).to(dtype)
     steps = [lambda: torch.mm(a, b)]
@@ -79,6 +80,7 @@ def kernel_table(
     """One row per (threads, batch): GEMM rate in the run's precision, samples/s of the fused
     model ``infer`` runs (compiled, with ``compile``) and of the plain float32 eager model, and
     the fused model's compute efficiency."""
+    reuse_freed_memory()  # as ``infer`` runs
     model = reference_model()
     fused = fuse(model, precision)
     gflop = gflop_per_sample(model)

@@ -27,6 +27,7 @@ import torch
 from tqdm import tqdm
 
 from cai_hpc import predictions
+from cai_hpc.allocator import reuse_freed_memory
 from cai_hpc.batches import Batch, Prefetcher, iter_batches
 from cai_hpc.checkpoint import inference_weights, weights_id
 from cai_hpc.comm import TimedComm
@@ -101,6 +102,7 @@ def run(comm: Any, config: RunConfig) -> dict[str, Any] | None:
     comm = TimedComm(comm)  # from here on, time inside the communicator is this rank's comm_s
     threads, device = _agreed(comm, lambda: (threads_per_rank(config.threads), pick_device(config.device)))
     torch.set_num_threads(threads)
+    reuse_freed_memory()
     if config.compile:
         _agreed(comm, _check_toolchain)
 

@@ -9,7 +9,7 @@ import torch
 
 from cai_hpc.compiled import CompiledModel
 from cai_hpc.errors import InputError
-from cai_hpc.fast import ACTIVATIONS, FusedAstroMAE, fuse, linear, max_pool_3x3
+from cai_hpc.fast import _ONEDNN, ACTIVATIONS, FusedAstroMAE, Linear, fuse, linear, max_pool_3x3
 from cai_hpc.layout import DEPTH, MAG_LAYERS
 from cai_hpc.model import AstroMAE
 from tests.conftest import reference_weights
@@ -60,7 +60,23 @@ def test_linear_is_f_linear_then_its_activation_in_float32_and_under_autocast(ac
     torch.testing.assert_close(low.float(), expected, atol=0.1, rtol=0.02)
 
 
-@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+@pytest.mark.skipif(not _ONEDNN, reason="torch built without oneDNN's linear ops")
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+def test_a_linear_packs_its_weight_on_its_first_float32_call_and_computes_the_same(activation) -> None:
+    torch.manual_seed(0)
+    x, w, b = torch.randn(3, 17, 192), torch.randn(576, 192) / 14, torch.randn(576)
+    layer = Linear(w, b, activation)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        layer(x)
+    assert layer.packed is None  # autocast's bfloat16 calls leave the weight as it is
+    with torch.inference_mode():
+        first, second = layer(x), layer(x)
+    assert layer.packed is not None
+    assert torch.equal(first, second)
+    torch.testing.assert_close(first, linear(x, w, b, activation), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.skipif(not _ONEDNN, reason="torch built without oneDNN's linear ops")
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_float32_linear_maps_run_through_onednn_not_the_default_blas(precision) -> None:
     # On AMD CPUs the default (MKL) float32 GEMM runs at half oneDNN's rate (README). In bf16
