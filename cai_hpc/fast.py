@@ -105,9 +105,8 @@ def _conv(weight: torch.Tensor, bias: torch.Tensor, groups: int = 1, **kwargs: i
 
 # What ``linear`` can apply to its output inside the GEMM's own kernel (oneDNN post-ops).
 ACTIVATIONS = {"none": lambda x: x, "relu": F.relu, "gelu": F.gelu}
-_ONEDNN = torch.backends.mkldnn.is_available() and all(
-    hasattr(torch.ops.mkldnn, op) for op in ("_linear_pointwise", "_reorder_linear_weight")
-)
+_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+_PACKS = _ONEDNN and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
 
 def linear(
@@ -161,16 +160,24 @@ class Linear(nn.Linear):
         self.activation = activation
         # Packed once rather than reordered by oneDNN on every call: the float32 model ran
         # 1.03-1.06x faster (interleaved A/B on a Zen 5 VM, same outputs). Not a buffer, being
-        # opaque; made on first use, so a bf16 model's autocast layers never hold one.
+        # opaque; made on first use, so a bf16 model's autocast layers never hold one, and
+        # made again if the weight is replaced or changed in place (``_packed_from``).
         self.packed: torch.Tensor | None = None
+        self._packed_from: tuple[int, int | None] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Compiled, Inductor sees the plain weight (it cannot trace an opaque tensor).
-        if torch.compiler.is_compiling() or not _onednn_float32(x, self.weight):
+        if not _PACKS or torch.compiler.is_compiling() or not _onednn_float32(x, self.weight):
             return linear(x, self.weight, self.bias, self.activation)
-        if self.packed is None:
-            self.packed = pack(self.weight)
+        weight = self.weight  # an inference tensor (made in inference mode) has no version
+        source = (weight.data_ptr(), None if weight.is_inference() else weight._version)
+        if self._packed_from != source:
+            self.packed, self._packed_from = pack(self.weight), source
         return linear(x, self.weight, self.bias, self.activation, self.packed)
+
+    def __getstate__(self) -> dict:
+        # An opaque oneDNN tensor has no storage to copy or pickle; the copy packs its own.
+        return {**super().__getstate__(), "packed": None, "_packed_from": None}
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, activation={self.activation}"
