@@ -172,7 +172,7 @@ class Linear(nn.Linear):
         weight = self.weight  # an inference tensor (made in inference mode) has no version
         source = (weight.data_ptr(), None if weight.is_inference() else weight._version)
         if self._packed_from != source:
-            self.packed, self._packed_from = pack(self.weight), source
+            self.packed, self._packed_from = pack(weight), source
         return linear(x, self.weight, self.bias, self.activation, self.packed)
 
     def __getstate__(self) -> dict:
