@@ -39,9 +39,12 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
-def rank_record(rank: int, samples: int, timing: dict[str, float], startup_split: dict[str, float]) -> dict[str, Any]:
+def rank_record(
+    rank: int, samples: int, timing: dict[str, float], startup_split: dict[str, float], kernels: str
+) -> dict[str, Any]:
     """One rank's line in summary.json; ``startup_split`` breaks its cold start down into
-    imports, model build, weight load and the first batch."""
+    imports, model build, weight load, finding (or building) the kernels and the first batch;
+    ``kernels`` says which the ViT blocks ran on ("native" or "torch")."""
     infer_s = timing["infer_s"]
     return {
         "rank": rank,
@@ -51,6 +54,7 @@ def rank_record(rank: int, samples: int, timing: dict[str, float], startup_split
         "samples_per_s": samples / infer_s if infer_s > 0 else 0.0,
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "startup_split": {k: round(v, 6) for k, v in startup_split.items()},
+        "kernels": kernels,
     }
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import h5py
@@ -98,8 +100,9 @@ def test_summary_follows_the_design_and_its_metrics_match_numpy(first_run) -> No
     (rank,) = on_disk["ranks"]
     assert {"rank", "host", "samples", "infer_s", "samples_per_s", "peak_rss_mb"} <= set(rank)
     assert rank["samples"] == 300 and rank["peak_rss_mb"] > 100
-    assert set(rank["startup_split"]) == {"imports_s", "build_s", "weights_s", "first_batch_s"}
+    assert set(rank["startup_split"]) == {"imports_s", "build_s", "weights_s", "kernels_s", "first_batch_s"}
     assert all(v >= 0 for v in rank["startup_split"].values()) and rank["startup_split"]["build_s"] > 0
+    assert rank["kernels"] == ("native" if shutil.which(os.environ.get("CXX", "g++")) else "torch")
     assert on_disk["model"]["parameters"] == 15_902_889
     assert 0.2 < on_disk["model"]["gflop_per_sample"] < 0.25
     assert "random weights" in on_disk["model"]["checkpoint"]

@@ -1,0 +1,323 @@
+// The float32 ViT block's memory-bound steps, each one pass over its tensors (see native.py).
+//
+// Shapes are AstroMAE's: 17 tokens (class token first) of 192 channels, 3 heads of 64, and the
+// PCM's 48 groups of 4 channels -> 16 hidden -> 4. Tensors are C-contiguous float32; Python checks
+// that before calling. Samples are spread over torch's intra-op threads (at::parallel_for).
+//
+// No -ffast-math: exp_approx's range reduction relies on the order of its operations, so the
+// sums that should use vector lanes are written with 16 explicit lanes instead.
+#include <ATen/Parallel.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int64_t TOKENS = 17, PATCHES = 16, CHANNELS = 192, HEADS = 3, HEAD_DIM = 64;
+constexpr int64_t GROUPS = 48, GROUP_IN = 4, GROUP_HIDDEN = 16;
+constexpr int64_t LANES = 16;
+
+// 16 floats, for loops whose accumulators must stay in registers (GCC/Clang vector extension:
+// one AVX-512 register, two AVX2 ones).
+typedef float vec16 __attribute__((vector_size(64), aligned(4)));
+
+inline vec16 load16(const float* p) {
+  vec16 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline void store16(float* p, vec16 v) { std::memcpy(p, &v, sizeof v); }
+
+inline float bits_to_float(int32_t bits) {
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+// exp(x) within 1e-7 relative for x in [-87, 80] (Cephes' expf: Cody-Waite reduction, degree-6
+// polynomial), inline so that the loops calling it vectorise. Clamped to that range: softmax
+// and SiLU need no more.
+inline float exp_approx(float x) {
+  x = std::min(std::max(x, -87.0f), 80.0f);
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  float r = x - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  return (p * r * r + r + 1.0f) * bits_to_float((static_cast<int32_t>(n) + 127) << 23);
+}
+
+// 1/d for 1 <= d <= e^80 without a division, which measured the bottleneck of the SiLU loop (a
+// vector division's latency): a first guess from the bit pattern, good to 12 %, then three
+// Newton steps, each squaring the relative error (to 1.2e-7).
+inline float reciprocal(float d) {
+  int32_t bits;
+  std::memcpy(&bits, &d, sizeof bits);
+  float y = bits_to_float(0x7EF311C3 - bits);
+  y = y * (2.f - d * y);
+  y = y * (2.f - d * y);
+  return y * (2.f - d * y);
+}
+
+inline float silu(float a) { return a * reciprocal(1.f + exp_approx(-a)); }
+
+#if defined(__AVX512F__)
+// The same two on 16 lanes with AVX-512's own instructions: rounding, scaling by 2^n and a 14-bit
+// reciprocal (one Newton step: 2^-28) in one instruction each. The PCM's SiLU is most of its time.
+inline __m512 exp16(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(80.0f));
+  const __m512 n =
+      _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  const __m512 y = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(y, n);
+}
+
+inline void silu_inplace(float* v, int64_t n) {
+  for (int64_t e = 0; e < n; e += LANES) {
+    const __m512 a = _mm512_loadu_ps(v + e);
+    const __m512 d = _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), a)));
+    __m512 y = _mm512_rcp14_ps(d);
+    y = _mm512_mul_ps(y, _mm512_fnmadd_ps(d, y, _mm512_set1_ps(2.0f)));
+    _mm512_storeu_ps(v + e, _mm512_mul_ps(a, y));
+  }
+}
+// A 16 x 16 block from rows of ``in`` to rows of ``out``, transposed in registers: 64 shuffles
+// instead of 256 scalar moves, half of them to addresses 64 bytes apart.
+inline void transpose16(const float* in, int64_t in_stride, float* out, int64_t out_stride) {
+  __m512 rows[16], quads[4][4];
+  for (int64_t i = 0; i < 16; ++i) rows[i] = _mm512_loadu_ps(in + i * in_stride);
+  // quads[q][c], 128-bit lane k: column 4k + c of rows 4q .. 4q + 3.
+  for (int64_t q = 0; q < 4; ++q) {
+    const __m512 lo01 = _mm512_unpacklo_ps(rows[4 * q], rows[4 * q + 1]);
+    const __m512 hi01 = _mm512_unpackhi_ps(rows[4 * q], rows[4 * q + 1]);
+    const __m512 lo23 = _mm512_unpacklo_ps(rows[4 * q + 2], rows[4 * q + 3]);
+    const __m512 hi23 = _mm512_unpackhi_ps(rows[4 * q + 2], rows[4 * q + 3]);
+    quads[q][0] = _mm512_shuffle_ps(lo01, lo23, _MM_SHUFFLE(1, 0, 1, 0));
+    quads[q][1] = _mm512_shuffle_ps(lo01, lo23, _MM_SHUFFLE(3, 2, 3, 2));
+    quads[q][2] = _mm512_shuffle_ps(hi01, hi23, _MM_SHUFFLE(1, 0, 1, 0));
+    quads[q][3] = _mm512_shuffle_ps(hi01, hi23, _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  // Then a 4 x 4 transpose of 128-bit lanes: column 4k + c gathers lane k of quads[0..3][c].
+  for (int64_t c = 0; c < 4; ++c) {
+    const __m512 even01 = _mm512_shuffle_f32x4(quads[0][c], quads[1][c], 0x88);
+    const __m512 odd01 = _mm512_shuffle_f32x4(quads[0][c], quads[1][c], 0xdd);
+    const __m512 even23 = _mm512_shuffle_f32x4(quads[2][c], quads[3][c], 0x88);
+    const __m512 odd23 = _mm512_shuffle_f32x4(quads[2][c], quads[3][c], 0xdd);
+    _mm512_storeu_ps(out + c * out_stride, _mm512_shuffle_f32x4(even01, even23, 0x88));
+    _mm512_storeu_ps(out + (4 + c) * out_stride, _mm512_shuffle_f32x4(odd01, odd23, 0x88));
+    _mm512_storeu_ps(out + (8 + c) * out_stride, _mm512_shuffle_f32x4(even01, even23, 0xdd));
+    _mm512_storeu_ps(out + (12 + c) * out_stride, _mm512_shuffle_f32x4(odd01, odd23, 0xdd));
+  }
+}
+#else
+inline void silu_inplace(float* v, int64_t n) {
+  for (int64_t e = 0; e < n; ++e) v[e] = silu(v[e]);
+}
+
+inline void transpose16(const float* in, int64_t in_stride, float* out, int64_t out_stride) {
+  for (int64_t i = 0; i < 16; ++i)
+    for (int64_t j = 0; j < 16; ++j) out[j * out_stride + i] = in[i * in_stride + j];
+}
+#endif
+
+inline float lane_total(const float* lanes) {
+  float total = 0.f;
+  for (int64_t l = 0; l < LANES; ++l) total += lanes[l];
+  return total;
+}
+
+// LayerNorm of one token, as torch computes it: mean, then the mean square deviation.
+inline void layer_norm(const float* v, const float* weight, const float* bias, float eps, float* out) {
+  float lanes[LANES] = {};
+  for (int64_t c = 0; c < CHANNELS; c += LANES)
+    for (int64_t l = 0; l < LANES; ++l) lanes[l] += v[c + l];
+  const float mean = lane_total(lanes) / CHANNELS;
+  float squares[LANES] = {};
+  for (int64_t c = 0; c < CHANNELS; c += LANES)
+    for (int64_t l = 0; l < LANES; ++l) squares[l] += (v[c + l] - mean) * (v[c + l] - mean);
+  const float scale = 1.f / std::sqrt(lane_total(squares) / CHANNELS + eps);
+  for (int64_t c = 0; c < CHANNELS; ++c) out[c] = (v[c] - mean) * scale * weight[c] + bias[c];
+}
+
+// The PCM of one sample's 16 patch tokens (x: 16 x 192), the tokens in the vector lanes so that
+// each group's 4 -> 16 -> 4 maps are broadcast weights times token vectors, with no sums across
+// lanes. Weights in the layouts of FusedBlock's batched matmuls: w1 (48, 4, 16), b1 (48, 16),
+// w2 (48, 16, 4), b2 (48, 4). Writes out[token][channel].
+void pcm_sample(const float* x, const float* w1, const float* b1, const float* w2, const float* b2,
+                float out[PATCHES][CHANNELS]) {
+  alignas(64) float by_channel[CHANNELS][PATCHES];
+  alignas(64) float xt[CHANNELS][PATCHES];
+  for (int64_t c = 0; c < CHANNELS; c += LANES) transpose16(x + c, CHANNELS, xt[c], PATCHES);
+  for (int64_t g = 0; g < GROUPS; ++g) {
+    const float* xg = xt[g * GROUP_IN];
+    const float* w1g = w1 + g * GROUP_IN * GROUP_HIDDEN;
+    const float* w2g = w2 + g * GROUP_HIDDEN * GROUP_IN;
+    alignas(64) float hidden[GROUP_HIDDEN][PATCHES];
+    for (int64_t j = 0; j < GROUP_HIDDEN; ++j) {
+      vec16 a = b1[g * GROUP_HIDDEN + j] + vec16{};
+      for (int64_t i = 0; i < GROUP_IN; ++i) a += w1g[i * GROUP_HIDDEN + j] * load16(xg + i * PATCHES);
+      store16(hidden[j], a);
+    }
+    // One loop over all 256 values: independent iterations, so the SiLU's long dependency
+    // chain of one vector overlaps the next one's.
+    silu_inplace(hidden[0], GROUP_HIDDEN * PATCHES);
+    // Two accumulators per output channel (even and odd hidden channels): one chain of 16
+    // dependent additions each would leave the FMA units waiting on their latency.
+    vec16 acc[2][GROUP_IN] = {};
+    for (int64_t j = 0; j < GROUP_HIDDEN; ++j) {
+      const vec16 h = load16(hidden[j]);
+      for (int64_t m = 0; m < GROUP_IN; ++m) acc[j % 2][m] += w2g[j * GROUP_IN + m] * h;
+    }
+    for (int64_t m = 0; m < GROUP_IN; ++m)
+      store16(by_channel[g * GROUP_IN + m], b2[g * GROUP_IN + m] + acc[0][m] + acc[1][m]);
+  }
+  for (int64_t c = 0; c < CHANNELS; c += LANES) transpose16(by_channel[c], PATCHES, out[0] + c, CHANNELS);
+}
+
+}  // namespace
+
+extern "C" {
+
+// After the attention: p <- x + p + [0; PCM(x's patch tokens)], normed <- LayerNorm(p).
+// x, p, normed: (batch, 17, 192).
+void cai_pcm_residual_norm(const float* x, float* p, const float* w1, const float* b1, const float* w2,
+                           const float* b2, const float* norm_weight, const float* norm_bias, float eps,
+                           float* normed, int64_t batch) {
+  at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+    alignas(64) float pcm[PATCHES][CHANNELS];
+    for (int64_t s = begin; s < end; ++s) {
+      const float* xs = x + s * TOKENS * CHANNELS;
+      float* ps = p + s * TOKENS * CHANNELS;
+      pcm_sample(xs + CHANNELS, w1, b1, w2, b2, pcm);
+      for (int64_t c = 0; c < CHANNELS; ++c) ps[c] += xs[c];
+      for (int64_t t = 0; t < PATCHES; ++t)
+        for (int64_t c = 0; c < CHANNELS; ++c)
+          ps[(t + 1) * CHANNELS + c] += xs[(t + 1) * CHANNELS + c] + pcm[t][c];
+      for (int64_t t = 0; t < TOKENS; ++t)
+        layer_norm(ps + t * CHANNELS, norm_weight, norm_bias, eps, normed + (s * TOKENS + t) * CHANNELS);
+    }
+  });
+}
+
+// After the MLP: m <- m + x, normed <- LayerNorm(m) (the next block's first norm); rows of 192.
+void cai_add_norm(float* m, const float* x, const float* norm_weight, const float* norm_bias, float eps,
+                  float* normed, int64_t rows) {
+  at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      float* mr = m + r * CHANNELS;
+      for (int64_t c = 0; c < CHANNELS; ++c) mr[c] += x[r * CHANNELS + c];
+      layer_norm(mr, norm_weight, norm_bias, eps, normed + r * CHANNELS);
+    }
+  });
+}
+
+// out[s, i, 64h:64h+64] = sum_j softmax_j(q_i . k_j) v_j for head h, read straight from the qkv
+// map's output (batch, 17, 3 x 192: q, k, v, each head by head; q already scaled) and written in
+// the layout the output projection reads, so no tensor is permuted or copied.
+void cai_attention(const float* qkv, float* out, int64_t batch) {
+  // Keys padded to 32 (two vectors of scores), queries to 20 (blocks of 4 rows); the padding
+  // is zeros, and only the 17 x 17 block is used.
+  constexpr int64_t KEYS = 32, QUERIES = 20, ROWS = 4, ROW = 3 * CHANNELS;
+  at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+    alignas(64) float keys[HEAD_DIM][KEYS] = {};
+    alignas(64) float queries[QUERIES][HEAD_DIM] = {};
+    alignas(64) float scores[QUERIES][KEYS];
+    float inverse_sum[QUERIES];
+    for (int64_t s = begin; s < end; ++s) {
+      const float* base = qkv + s * TOKENS * ROW;
+      for (int64_t h = 0; h < HEADS; ++h) {
+        for (int64_t j = 0; j < TOKENS; ++j)
+          for (int64_t d = 0; d < HEAD_DIM; ++d) {
+            queries[j][d] = base[j * ROW + h * HEAD_DIM + d];
+            keys[d][j] = base[j * ROW + CHANNELS + h * HEAD_DIM + d];
+          }
+        for (int64_t i0 = 0; i0 < QUERIES; i0 += ROWS) {
+          vec16 low[ROWS] = {}, high[ROWS] = {};
+          for (int64_t d = 0; d < HEAD_DIM; ++d) {
+            const vec16 k_low = load16(keys[d]), k_high = load16(keys[d] + LANES);
+            for (int64_t r = 0; r < ROWS; ++r) {
+              low[r] += queries[i0 + r][d] * k_low;
+              high[r] += queries[i0 + r][d] * k_high;
+            }
+          }
+          for (int64_t r = 0; r < ROWS; ++r) {
+            store16(scores[i0 + r], low[r]);
+            store16(scores[i0 + r] + LANES, high[r]);
+          }
+        }
+        for (int64_t i = 0; i < TOKENS; ++i) {
+          float* row = scores[i];
+          const float top = *std::max_element(row, row + TOKENS);
+          for (int64_t j = 0; j < TOKENS; ++j) row[j] = exp_approx(row[j] - top);
+          float sum = 0.f;
+          for (int64_t j = 0; j < TOKENS; ++j) sum += row[j];
+          inverse_sum[i] = 1.f / sum;
+        }
+        for (int64_t i0 = 0; i0 < TOKENS; i0 += ROWS) {
+          vec16 acc[ROWS][HEAD_DIM / LANES] = {};
+          for (int64_t j = 0; j < TOKENS; ++j) {
+            const float* v = base + j * ROW + 2 * CHANNELS + h * HEAD_DIM;
+            vec16 vj[HEAD_DIM / LANES];
+            for (int64_t k = 0; k < HEAD_DIM / LANES; ++k) vj[k] = load16(v + k * LANES);
+            for (int64_t r = 0; r < ROWS; ++r)
+              for (int64_t k = 0; k < HEAD_DIM / LANES; ++k) acc[r][k] += scores[i0 + r][j] * vj[k];
+          }
+          for (int64_t r = 0; r < ROWS && i0 + r < TOKENS; ++r) {
+            float* o = out + (s * TOKENS + i0 + r) * CHANNELS + h * HEAD_DIM;
+            for (int64_t k = 0; k < HEAD_DIM / LANES; ++k) store16(o + k * LANES, acc[r][k] * inverse_sum[i0 + r]);
+          }
+        }
+      }
+    }
+  });
+}
+
+// out = max_pool2d(x, 3, stride=1, padding=1) for channels-last x and out: (batch, height, width,
+// channels) in memory. Rows are reduced over their 3 neighbours first, then columns, in one pass.
+void cai_max_pool_3x3(const float* x, float* out, int64_t batch, int64_t height, int64_t width, int64_t channels) {
+  at::parallel_for(0, batch * height, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> column_max(width * channels);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t h = bh % height;
+      const float* row = x + bh * width * channels;
+      float* m = column_max.data();
+      std::copy(row, row + width * channels, m);
+      for (const int64_t dh : {-1, 1}) {
+        if (h + dh < 0 || h + dh >= height) continue;
+        const float* other = row + dh * width * channels;
+        for (int64_t e = 0; e < width * channels; ++e) m[e] = std::max(m[e], other[e]);
+      }
+      float* o = out + bh * width * channels;
+      for (int64_t w = 0; w < width; ++w) {
+        const float* centre = m + w * channels;
+        for (int64_t c = 0; c < channels; ++c) {
+          float v = centre[c];
+          if (w > 0) v = std::max(v, centre[c - channels]);
+          if (w + 1 < width) v = std::max(v, centre[c + channels]);
+          o[w * channels + c] = v;
+        }
+      }
+    }
+  });
+}
+
+}  // extern "C"
