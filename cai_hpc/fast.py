@@ -12,9 +12,10 @@ and rewrites them once:
 * ``head`` and the first layer of ``vit_block`` (two linear maps with nothing between them)
   become one linear map;
 * the attention's scale (1/8, so exact) is folded into q's weights;
-* the Inception stem's average pool runs before its 1x1 convolution, the 3x3 max-pools as
-  row and column maxima (``max_pool_3x3``), and in float32 each convolution applies its ReLU
-  inside oneDNN's kernel (``conv_relu``);
+* the Inception stem's 1x1 convolution and 2x2 average pool become one 2x2 convolution of
+  stride 2 (with channels-last weights, so that the Inception branch runs channels-last), the
+  3x3 max-pools are taken as row and column maxima or by a native kernel (``max_pool_3x3``),
+  and in float32 each convolution applies its ReLU inside oneDNN's kernel (``conv_relu``);
 * float32 linear maps run through oneDNN rather than torch's default BLAS, with the ReLU or
   GELU after them applied inside the GEMM (``linear``) and their weights packed in oneDNN's
   layout on first use (``Linear``);
@@ -379,9 +380,11 @@ class FusedAstroMAE(nn.Module):
         self.vit_out = _linear(w, "vit_block.2")
         seq = "inception_model.vis_inception"
         # The stem, a 1x1 convolution (an affine map of each pixel's bands), is followed by a
-        # 2x2 average pool (stage 1), whose weights sum to 1: the two commute, so
-        # ``inception_features`` pools the 5-band image first, a quarter of the pixels.
-        stages: list[nn.Module] = [_conv(w[f"{seq}.0.weight"], w[f"{seq}.0.bias"])]
+        # 2x2 average pool (stage 1), whose weights sum to 1: together, a 2x2 convolution of
+        # stride 2 whose taps are the 1x1 weights over 4 (Inception branch 1.04-1.06x faster).
+        stem_weight = (w[f"{seq}.0.weight"] / 4).expand(-1, -1, 2, 2)
+        stem = _conv(stem_weight.contiguous(memory_format=torch.channels_last), w[f"{seq}.0.bias"], stride=2)
+        stages: list[nn.Module] = [stem]
         for i in range(2, max(INCEPTION_BLOCKS) + 1):
             if i in INCEPTION_POOLS:
                 stages.append(nn.AvgPool2d(2))
@@ -409,9 +412,7 @@ class FusedAstroMAE(nn.Module):
 
     def inception_features(self, images: torch.Tensor) -> torch.Tensor:
         with self._image_precision(images):
-            pooled = F.avg_pool2d(images, 2)
-            incept = self.incept(pooled.contiguous(memory_format=torch.channels_last))
-            return self.incept_head(incept.contiguous())
+            return self.incept_head(self.incept(images).contiguous())
 
     def fusion(self, vit: torch.Tensor, incept: torch.Tensor, mag: torch.Tensor) -> torch.Tensor:
         return self.concat_block(torch.cat((vit.float(), incept.float(), mag), dim=1)).squeeze(1)
