@@ -223,6 +223,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.compile:
         compiles = len(threads) * len(args.batch_sizes)
         log.info("--compile: each of the %d rows compiles first (14-28 s each); fewer --batch-sizes cut that", compiles)
+    if args.precision == "fp32" and not args.compile:
+        from cai_hpc import native
+
+        log.info("float32 steps between the linear maps: %s kernels", "native" if native.kernels() else "torch's")
     rows = kernel_table(args.batch_sizes, threads, args.seconds, args.precision, args.compile)
     print(format_table(rows), flush=True)
     best = max(rows, key=lambda r: r["samples_per_s"])

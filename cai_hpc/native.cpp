@@ -1,8 +1,11 @@
-// The float32 ViT block's memory-bound steps, each one pass over its tensors (see native.py).
+// The fused model's memory-bound float32 steps, each one pass over its tensors (see native.py):
+// the ViT block's attention, PCM, residual adds and LayerNorms, and the Inception's 3x3 max-pool.
 //
 // Shapes are AstroMAE's: 17 tokens (class token first) of 192 channels, 3 heads of 64, and the
-// PCM's 48 groups of 4 channels -> 16 hidden -> 4. Tensors are C-contiguous float32; Python checks
-// that before calling. Samples are spread over torch's intra-op threads (at::parallel_for).
+// PCM's 48 groups of 4 channels -> 16 hidden -> 4. Tensors are C-contiguous float32 (channels-last
+// for the max-pool); Python checks that before calling. Samples are spread over torch's intra-op
+// threads (at::parallel_for). The hot loops have an AVX-512 form, built where the compiling CPU
+// has AVX-512 (-march=native), and a portable one for every other CPU.
 //
 // No -ffast-math: exp_approx's range reduction relies on the order of its operations, so the
 // sums that should use vector lanes are written with 16 explicit lanes instead.

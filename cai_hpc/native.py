@@ -37,6 +37,7 @@ import os
 import platform
 import shlex
 import shutil
+import stat
 import subprocess
 import tempfile
 import time
@@ -55,7 +56,12 @@ _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-e
 
 
 class UnavailableError(Exception):
-    """Why the kernels cannot be had here (one line)."""
+    """Why the kernels cannot be had here (one line). ``expected``: a setting or the machine
+    (turned off, no compiler), not a fault (a failed build)."""
+
+    def __init__(self, reason: str, expected: bool = False) -> None:
+        super().__init__(reason)
+        self.expected = expected
 
 
 class Kernels:
@@ -141,23 +147,27 @@ def kernels() -> Kernels | None:
     t0 = time.perf_counter()
     try:
         library = load()
-    except UnavailableError as why:
-        log.info("native kernels: %s; the ViT blocks run on torch's kernels", why)
+        loaded = Kernels(ctypes.CDLL(str(library)))
+    except (UnavailableError, OSError) as why:  # OSError: a lock or a load that failed
+        expected = isinstance(why, UnavailableError) and why.expected
+        reason = str(why).splitlines()[0] if str(why) else type(why).__name__
+        level = logging.INFO if expected else logging.WARNING
+        log.log(level, "native kernels: %s; the ViT blocks run on torch's kernels", reason)
         return None
     log.debug("native kernels: %s (%.2f s)", library, time.perf_counter() - t0)
-    return Kernels(ctypes.CDLL(str(library)))
+    return loaded
 
 
 def load() -> Path:
     """The path of the compiled library for this machine, building it if the cache lacks it.
     Raises ``UnavailableError``."""
     if os.environ.get("CAI_HPC_NATIVE", "1") == "0":
-        raise UnavailableError("turned off by CAI_HPC_NATIVE=0")
+        raise UnavailableError("turned off by CAI_HPC_NATIVE=0", expected=True)
     if platform.system() != "Linux":
-        raise UnavailableError(f"built only on Linux, not {platform.system()}")
+        raise UnavailableError(f"built only on Linux, not {platform.system()}", expected=True)
     compiler = shlex.split(os.environ.get("CXX", "g++"))
     if not compiler or shutil.which(compiler[0]) is None:
-        raise UnavailableError(f"no C++ compiler ({os.environ.get('CXX', 'g++')!r} not found; set CXX)")
+        raise UnavailableError(f"no C++ compiler ({os.environ.get('CXX', 'g++')!r} not found; set CXX)", expected=True)
     command = _command(compiler)
     library = _cache_dir() / f"cai-hpc-native-{_key(command)}.so"
     if library.exists():
@@ -219,16 +229,23 @@ def _cpu_features() -> str:
 
 
 def _cache_dir() -> Path:
+    """The first of ``$CAI_HPC_CACHE`` (default ``~/.cache/cai-hpc``) and a directory of ours in
+    the temporary directory that we can write and nobody else can: the process loads code from
+    it, so a directory someone else could write to (say, one they made first in /tmp under the
+    name we would use) is passed over."""
     default = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cai-hpc"
     fallback = Path(tempfile.gettempdir()) / f"cai-hpc-{os.getuid()}"
     for candidate in (Path(os.environ.get("CAI_HPC_CACHE") or default), fallback):
         try:
-            candidate.mkdir(parents=True, exist_ok=True)
+            candidate.mkdir(mode=0o700, parents=True, exist_ok=True)
+            info = candidate.stat()
         except OSError:
             continue
-        if os.access(candidate, os.W_OK):
+        private = info.st_uid == os.getuid() and not info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+        if private and os.access(candidate, os.W_OK):
             return candidate
-    raise UnavailableError("no writable cache directory (set CAI_HPC_CACHE)")
+        log.debug("native kernels: cache %s passed over (not ours alone, or not writable)", candidate)
+    raise UnavailableError("no cache directory that only this user can write (set CAI_HPC_CACHE)")
 
 
 def _build(command: list[str], library: Path) -> None:

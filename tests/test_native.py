@@ -193,3 +193,17 @@ def test_without_kernels_the_reason_is_logged_once(env, reason, tmp_path) -> Non
     out = _load_in_a_process({"CAI_HPC_CACHE": str(tmp_path), **env}).communicate(timeout=300)[0]
     assert "kernels: False" in out and out.count(reason) == 1 and "torch's kernels" in out, out
     assert not list(tmp_path.glob("*.so"))
+
+
+def test_a_cache_directory_others_can_write_is_passed_over(tmp_path, monkeypatch) -> None:
+    # The process loads code from the cache: one that someone else could have written to is not used.
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    monkeypatch.setenv("CAI_HPC_CACHE", str(shared))
+    chosen = native._cache_dir()
+    assert chosen != shared
+    assert chosen.stat().st_uid == os.getuid() and not chosen.stat().st_mode & 0o022
+    mine = tmp_path / "mine"
+    monkeypatch.setenv("CAI_HPC_CACHE", str(mine))
+    assert native._cache_dir() == mine and mine.stat().st_mode & 0o777 == 0o700
