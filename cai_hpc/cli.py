@@ -290,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--compile",
         action="store_true",
-        help="torch.compile the model first (14-28 s, counted in startup_s; pays on long runs)",
+        help="torch.compile the model first (14-28 s, counted in startup_s; pays on long bf16 runs)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights when no checkpoint is given")
 

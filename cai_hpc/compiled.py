@@ -4,7 +4,9 @@ Freezing lets Inductor treat the weights as constants: it folds them, pre-casts 
 ones and prepacks them and the convolutions' for oneDNN, and fuses the element-wise work
 (LayerNorm, GELU, softmax, the residual adds, the casts) into generated C++ kernels around the
 GEMMs. That is where a bf16 run loses its time in eager mode (compiled, measured: 1.3x faster
-in bf16; in float32, whose linear maps already run through oneDNN, 1.05-1.1x).
+in bf16). In float32 the eager model with the native kernels (``native.py``) is faster than the
+compiled one: Inductor's own kernels for those steps measured slower (0.54-0.63 of the GEMM rate
+against 0.71-0.80, on a 2-core Zen 5 VM).
 
 The price is a compile when a process first calls the model: 25-28 s on an empty Inductor
 cache, 14-18 s once the cache holds the generated kernels (measured on a 2-core AVX-512 VM), so
