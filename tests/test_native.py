@@ -5,6 +5,7 @@ runs on torch's kernels, with the same outputs)."""
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import shlex
 import shutil
@@ -207,3 +208,21 @@ def test_a_cache_directory_others_can_write_is_passed_over(tmp_path, monkeypatch
     mine = tmp_path / "mine"
     monkeypatch.setenv("CAI_HPC_CACHE", str(mine))
     assert native._cache_dir() == mine and mine.stat().st_mode & 0o777 == 0o700
+
+
+@needs_compiler
+def test_infer_with_and_without_native_kernels_predicts_the_same(small_dataset, tmp_path) -> None:
+    # Two real runs of the command line, the second with the kernels turned off.
+    from tests.conftest import cai_hpc
+    from tests.test_engine import read_predictions
+
+    preds, kernels = [], []
+    for name, env in (("native", {}), ("torch", {"CAI_HPC_NATIVE": "0"})):
+        out = tmp_path / name
+        done = cai_hpc("infer", "-q", "--data", str(small_dataset), "--out", str(out), env={**os.environ, **env})
+        assert done.returncode == 0, done.stderr
+        summary = json.loads((out / "summary.json").read_text())
+        kernels.append({rank["kernels"] for rank in summary["ranks"]})
+        preds.append(np.concatenate([f["redshift_pred"] for f in read_predictions(out).values()]))
+    assert kernels == [{"native"}, {"torch"}]
+    np.testing.assert_allclose(preds[0], preds[1], atol=1e-5, rtol=0)
