@@ -13,6 +13,9 @@
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -256,6 +259,9 @@ inline void attention_head(const float* q, float* out) {
 }
 #endif
 
+// max(a, b) that keeps a NaN of either (std::max drops one in b).
+inline float max_nan(float a, float b) { return (b > a || b != b) ? b : a; }
+
 inline float lane_total(const float* lanes) {
   float total = 0.f;
   for (int64_t l = 0; l < LANES; ++l) total += lanes[l];
@@ -360,6 +366,7 @@ void cai_attention(const float* qkv, float* out, int64_t batch) {
 
 // out = max_pool2d(x, 3, stride=1, padding=1) for channels-last x and out: (batch, height, width,
 // channels) in memory. Rows are reduced over their 3 neighbours first, then columns, in one pass.
+// A NaN anywhere in a window comes out, as from aten's kernel (max_nan).
 void cai_max_pool_3x3(const float* x, float* out, int64_t batch, int64_t height, int64_t width, int64_t channels) {
   at::parallel_for(0, batch * height, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> column_max(width * channels);
@@ -371,20 +378,30 @@ void cai_max_pool_3x3(const float* x, float* out, int64_t batch, int64_t height,
       for (const int64_t dh : {-1, 1}) {
         if (h + dh < 0 || h + dh >= height) continue;
         const float* other = row + dh * width * channels;
-        for (int64_t e = 0; e < width * channels; ++e) m[e] = std::max(m[e], other[e]);
+        for (int64_t e = 0; e < width * channels; ++e) m[e] = max_nan(m[e], other[e]);
       }
       float* o = out + bh * width * channels;
       for (int64_t w = 0; w < width; ++w) {
         const float* centre = m + w * channels;
         for (int64_t c = 0; c < channels; ++c) {
           float v = centre[c];
-          if (w > 0) v = std::max(v, centre[c - channels]);
-          if (w + 1 < width) v = std::max(v, centre[c + channels]);
+          if (w > 0) v = max_nan(v, centre[c - channels]);
+          if (w + 1 < width) v = max_nan(v, centre[c + channels]);
           o[w * channels + c] = v;
         }
       }
     }
   });
+}
+
+// How many threads this library's parallel loops would use: torch's count, unless the library
+// was linked to an OpenMP runtime other than torch's (Python checks before using it).
+int64_t cai_threads() {
+#if defined(_OPENMP)
+  return omp_get_max_threads();
+#else
+  return at::get_num_threads();
+#endif
 }
 
 }  // extern "C"

@@ -12,18 +12,22 @@ softmax, the residual adds and LayerNorms. The kernels do them in three passes p
   registers), both residual adds and the second LayerNorm;
 * ``add_norm``: the MLP's residual add and the next block's first LayerNorm.
 
-They compute what the torch path of ``fast.FusedBlock`` computes, to float32 rounding (tests
-hold them to it). Measured on a 2-core Zen 5 VM (interleaved A/B in one process, batch 128):
-the fused model 1.16x faster at 1 thread and 1.2x at 2.
+Plus ``max_pool_3x3``, the Inception's 3x3 max-pool in one pass over a channels-last tensor.
+They compute what the torch code of ``fast`` computes, to float32 rounding (tests hold them to
+it). Measured on a 2-core Zen 5 VM (interleaved A/B in one process, batch 128): the fused model
+1.28x faster at 1 thread and 1.24x at 2.
 
 The library is built with ``$CXX`` (default ``g++``) and ``-march=native``, about a second, and
-cached under ``$CAI_HPC_CACHE`` (default ``~/.cache/cai-hpc``; a temporary directory if that is
-not writable) keyed by the source, compiler, torch and the CPU's instruction set, so nodes of
-different CPUs sharing a home directory never load each other's builds. Ranks of one node take
-turns through a lock file: one builds, the others load its build. Without a compiler, on a
-failed build, or with ``CAI_HPC_NATIVE=0``, ``kernels()`` returns None and the model runs on
-torch's kernels, as it does in bfloat16, under ``torch.compile`` and on GPUs; the reason is
-logged once.
+cached under ``$CAI_HPC_CACHE`` (default ``$XDG_CACHE_HOME/cai-hpc`` or ``~/.cache/cai-hpc``;
+if that is not a directory only this user can write, one in the temporary directory) keyed by
+the source, compiler, torch and the CPU's instruction set, so nodes of different CPUs sharing a
+home directory never load each other's builds. Ranks of one node take turns through a lock
+file: one builds, the others load its build; a failed build is recorded beside it
+(``.failed``), so the other ranks do not repeat it. Before use, the library must show that its
+parallel loops run on torch's OpenMP runtime (it follows ``torch.set_num_threads``). Without a
+compiler, on a failed build or check, or with ``CAI_HPC_NATIVE=0``, ``kernels()`` returns None
+and the model runs on torch's kernels, as it does in bfloat16, under ``torch.compile`` and on
+GPUs; the reason is logged once.
 """
 
 from __future__ import annotations
@@ -78,6 +82,8 @@ class Kernels:
         self._add_norm.argtypes, self._add_norm.restype = (p, p, p, p, f, p, n), None
         self._max_pool = library.cai_max_pool_3x3
         self._max_pool.argtypes, self._max_pool.restype = (p, p, n, n, n, n), None
+        self._threads = library.cai_threads
+        self._threads.argtypes, self._threads.restype = (), n
 
     def attention(self, qkv: torch.Tensor) -> torch.Tensor:
         """The heads' softmax(q kᵀ) v, (batch, 17, 192), of ``qkv`` (batch, 17, 576) as the
@@ -146,21 +152,20 @@ def kernels() -> Kernels | None:
     """The kernels, built or found in the cache, or None (the reason logged once)."""
     t0 = time.perf_counter()
     try:
-        library = load()
-        loaded = Kernels(ctypes.CDLL(str(library)))
+        loaded = _load()
     except (UnavailableError, OSError) as why:  # OSError: a lock or a load that failed
         expected = isinstance(why, UnavailableError) and why.expected
         reason = str(why).splitlines()[0] if str(why) else type(why).__name__
         level = logging.INFO if expected else logging.WARNING
         log.log(level, "native kernels: %s; the ViT blocks run on torch's kernels", reason)
         return None
-    log.debug("native kernels: %s (%.2f s)", library, time.perf_counter() - t0)
+    log.debug("native kernels: ready in %.2f s", time.perf_counter() - t0)
     return loaded
 
 
-def load() -> Path:
-    """The path of the compiled library for this machine, building it if the cache lacks it.
-    Raises ``UnavailableError``."""
+def _load() -> Kernels:
+    """The kernels of the cached library for this machine, built first if the cache lacks it
+    (or holds a damaged one). Raises ``UnavailableError`` or ``OSError``."""
     if os.environ.get("CAI_HPC_NATIVE", "1") == "0":
         raise UnavailableError("turned off by CAI_HPC_NATIVE=0", expected=True)
     if platform.system() != "Linux":
@@ -170,12 +175,36 @@ def load() -> Path:
         raise UnavailableError(f"no C++ compiler ({os.environ.get('CXX', 'g++')!r} not found; set CXX)", expected=True)
     command = _command(compiler)
     library = _cache_dir() / f"cai-hpc-native-{_key(command)}.so"
-    if library.exists():
-        return library
+    with contextlib.suppress(OSError, AttributeError):  # missing or damaged: (re)built below
+        return _open(library)
     with _locked(library.with_suffix(".lock")):
-        if not library.exists():  # unless built by whoever held the lock before
-            _build(command, library)
-    return library
+        failed = library.with_suffix(".failed")
+        if failed.exists():
+            raise UnavailableError(f"{failed.read_text().strip()}, in an earlier run (delete {failed} to try again)")
+        with contextlib.suppress(OSError, AttributeError):  # built by whoever held the lock before
+            return _open(library)
+        library.unlink(missing_ok=True)  # damaged: a process that has it loaded keeps its copy
+        _build(command, library, failed)
+    return _open(library)
+
+
+def _open(library: Path) -> Kernels:
+    """The library's kernels, once it shows that its parallel loops follow torch's thread
+    count: a library linked to another OpenMP runtime (e.g. built with clang's libomp) would use
+    every core in every rank."""
+    loaded = Kernels(ctypes.CDLL(str(library)))  # AttributeError: a symbol missing
+    before = torch.get_num_threads()
+    try:
+        for threads in sorted({1, before}):
+            torch.set_num_threads(threads)
+            if loaded._threads() != threads:
+                raise UnavailableError(
+                    f"the build's OpenMP runtime is not torch's ({loaded._threads()} threads where torch "
+                    f"uses {threads}); set CXX to the compiler family torch was built with"
+                )
+    finally:
+        torch.set_num_threads(before)
+    return loaded
 
 
 @contextlib.contextmanager
@@ -237,30 +266,44 @@ def _cache_dir() -> Path:
     fallback = Path(tempfile.gettempdir()) / f"cai-hpc-{os.getuid()}"
     for candidate in (Path(os.environ.get("CAI_HPC_CACHE") or default), fallback):
         try:
+            if candidate == fallback and candidate.is_symlink():
+                raise OSError("a symbolic link in a shared directory")  # could be repointed later
+            candidate = candidate.resolve()  # the directory itself, checked and used from here on
             candidate.mkdir(mode=0o700, parents=True, exist_ok=True)
-            info = candidate.stat()
+            info = candidate.lstat()
         except OSError:
             continue
         private = info.st_uid == os.getuid() and not info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
-        if private and os.access(candidate, os.W_OK):
+        if private and stat.S_ISDIR(info.st_mode) and os.access(candidate, os.W_OK):
             return candidate
         log.debug("native kernels: cache %s passed over (not ours alone, or not writable)", candidate)
     raise UnavailableError("no cache directory that only this user can write (set CAI_HPC_CACHE)")
 
 
-def _build(command: list[str], library: Path) -> None:
+def _build(command: list[str], library: Path, failed: Path) -> None:
+    """Compiles the library into a private temporary file and renames it into place; on a
+    failure, writes why to ``failed`` (so that other processes do not repeat it) and raises."""
     t0 = time.perf_counter()
-    partial = library.with_name(f"{library.name}.{os.getpid()}.tmp")
+    fd, name = tempfile.mkstemp(dir=library.parent, prefix=f"{library.name}.", suffix=".tmp")
+    os.close(fd)
+    partial = Path(name)
     try:
-        done = subprocess.run(
-            [*command, "-o", str(partial)], capture_output=True, text=True, timeout=BUILD_TIMEOUT_S, check=False
-        )
-        if done.returncode != 0:
-            first = next((line for line in done.stderr.splitlines() if "error" in line), done.stderr.strip()[:200])
-            raise UnavailableError(f"build failed ({command[0]} exit {done.returncode}: {first})")
+        try:
+            done = subprocess.run(
+                [*command, "-o", str(partial)], capture_output=True, text=True, timeout=BUILD_TIMEOUT_S, check=False
+            )
+        except subprocess.TimeoutExpired:
+            reason = f"build took over {BUILD_TIMEOUT_S:.0f} s"
+        else:
+            lines = done.stderr.splitlines()
+            first = next((line for line in lines if "error" in line), done.stderr.strip()[:200])
+            reason = f"build failed ({command[0]} exit {done.returncode}: {first})" if done.returncode else ""
+        if reason:
+            failed.write_text(reason + "\n")
+            raise UnavailableError(reason)
+        with open(partial, "rb") as built:
+            os.fsync(built.fileno())  # on disk before its name is, for a crash in between
         os.replace(partial, library)  # whole or not at all, for the processes that load it
-    except subprocess.TimeoutExpired:
-        raise UnavailableError(f"build took over {BUILD_TIMEOUT_S:.0f} s") from None
     finally:
         partial.unlink(missing_ok=True)
     log.info("native kernels: built for this CPU in %.1f s (%s)", time.perf_counter() - t0, library)

@@ -123,6 +123,9 @@ def test_native_max_pool_is_aten_max_pool_exactly(kernels, shape) -> None:
     assert torch.equal(pooled, torch.nn.functional.max_pool2d(x, 3, stride=1, padding=1))
     assert pooled.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(max_pool_3x3(x), pooled)
+    x[torch.rand(shape) < 0.1] = float("nan")  # NaNs come out of every window they are in
+    expected = torch.nn.functional.max_pool2d(x, 3, stride=1, padding=1)
+    torch.testing.assert_close(kernels.max_pool_3x3(x), expected, atol=0, rtol=0, equal_nan=True)
 
 
 @pytest.mark.parametrize(
@@ -180,6 +183,36 @@ def test_one_process_builds_and_the_others_load_its_build(tmp_path) -> None:
     assert len(list(tmp_path.glob("*.so"))) == 1 and not list(tmp_path.glob("*.tmp"))
     again = _load_in_a_process({"CAI_HPC_CACHE": str(tmp_path)}).communicate(timeout=300)[0]
     assert "kernels: True" in again and "built" not in again
+
+
+@needs_compiler
+def test_a_failed_build_is_not_repeated_and_a_damaged_one_is_rebuilt(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("CAI_HPC_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", "false")  # a compiler that fails
+    with pytest.raises(native.UnavailableError, match="build failed"):
+        native._load()
+    with pytest.raises(native.UnavailableError, match="in an earlier run"):  # not built again
+        native._load()
+    monkeypatch.delenv("CXX")
+    library = tmp_path / f"cai-hpc-native-{native._key(native._command(['g++']))}.so"
+    library.write_bytes(b"not a shared library")  # say, a disk filled up mid-write
+    loaded = native._load()
+    torch.testing.assert_close(loaded.attention(torch.zeros(1, 17, 576)), torch.zeros(1, 17, 192))
+    assert library.read_bytes()[:4] == b"\x7fELF"
+
+
+def test_a_library_on_another_openmp_runtime_is_refused(tmp_path) -> None:
+    # Stand-ins for the entry points, with a thread count that ignores torch's setting, as a
+    # build linked to another OpenMP runtime would report.
+    if shutil.which("cc") is None:
+        pytest.skip("no C compiler")
+    names = ["cai_attention", "cai_pcm_residual_norm", "cai_add_norm", "cai_max_pool_3x3"]
+    source = tmp_path / "other.c"
+    source.write_text("".join(f"void {n}(void) {{}}\n" for n in names) + "long cai_threads(void) { return 99; }\n")
+    library = tmp_path / "other.so"
+    subprocess.run(["cc", "-shared", "-fPIC", str(source), "-o", str(library)], check=True, timeout=60)
+    with pytest.raises(native.UnavailableError, match="OpenMP runtime is not torch's"):
+        native._open(library)
 
 
 @pytest.mark.parametrize(
