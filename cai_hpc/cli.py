@@ -8,6 +8,7 @@ import json
 import logging
 import signal
 import sys
+import time
 import traceback
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ COMMANDS = ("infer", "synth", "convert", "convert-checkpoint", "plot", "bench", 
 SAMPLE_SAMPLES = 2048
 SAMPLE_SHARD_MB = 10.0
 log = logging.getLogger("cai_hpc")
+ABORT_GRACE_S = 0.5
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,6 +97,9 @@ def run_infer(args: argparse.Namespace) -> int:
             _report(summary, args.out)
         return 0
     if abort and size > 1:
+        # mpiexec forwards a rank's stderr on its own time and stops when the job is aborted:
+        # a moment first, so that the line above reaches the user (CI once saw it lost).
+        time.sleep(ABORT_GRACE_S)
         comm.Abort(code)
     return code
 
