@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from cai_hpc import native, predictions
+from cai_hpc import predictions
 from cai_hpc.allocator import reuse_freed_memory
 from cai_hpc.batches import Batch, Prefetcher, iter_batches
 from cai_hpc.checkpoint import inference_weights, weights_id
@@ -126,7 +126,9 @@ def run(comm: Any, config: RunConfig) -> dict[str, Any] | None:
     # weights_s: reading the checkpoint (or initialising the seeded random weights).
     split |= {"build_s": time.perf_counter() - t1, "weights_s": t1 - t0}
     t0 = time.perf_counter()
-    kernels = _kernels(config, device)
+    # Found or built now, so that a first build counts as startup, not as the first batch;
+    # compiled, Inductor writes its own kernels instead.
+    kernels = "native" if not config.compile and runner.runs_native() else "torch"
     split["kernels_s"] = time.perf_counter() - t0
     if config.compile:
         from cai_hpc.compiled import CompiledModel  # pulls in Inductor: only when asked for
@@ -188,15 +190,6 @@ def run(comm: Any, config: RunConfig) -> dict[str, Any] | None:
     )
     write_json_atomic(config.out / "summary.json", summary)
     return summary
-
-
-def _kernels(config: RunConfig, device: str) -> str:
-    """Which kernels this rank's ViT blocks run on: "native" (``native.py``, float32 on the CPU
-    where they build) or "torch". Finds or builds the native ones now, so that a first build
-    counts as startup (``kernels_s``), not as the first batch."""
-    if config.precision != "fp32" or config.compile or not device.startswith("cpu"):
-        return "torch"
-    return "native" if native.kernels() is not None else "torch"
 
 
 def _check_toolchain() -> None:

@@ -400,6 +400,12 @@ class FusedAstroMAE(nn.Module):
         self.magnitude_block = _mlp(w, "inception_model.magnitude_block", MAG_LAYERS)
         self.concat_block = _mlp(w, "concat_block", 2)
 
+    def runs_native(self) -> bool:
+        """Whether eager calls run the native kernels (``native.py``): float32 on the CPU, wanted
+        (``use_native``), and built here, which this call does if need be."""
+        on_cpu = self.cls_pos.device.type == "cpu"
+        return self.use_native and not self.bf16 and on_cpu and native.kernels() is not None
+
     def forward(self, images: torch.Tensor, magnitudes: torch.Tensor) -> torch.Tensor:
         return self.fusion(self.vit_features(images), self.inception_features(images), self.magnitude_block(magnitudes))
 

@@ -65,23 +65,8 @@ inline float exp_approx(float x) {
   return (p * r * r + r + 1.0f) * bits_to_float((static_cast<int32_t>(n) + 127) << 23);
 }
 
-// 1/d for 1 <= d <= e^80 without a division, which measured the bottleneck of the SiLU loop (a
-// vector division's latency): a first guess from the bit pattern, good to 12 %, then three
-// Newton steps, each squaring the relative error (to 1.2e-7).
-inline float reciprocal(float d) {
-  int32_t bits;
-  std::memcpy(&bits, &d, sizeof bits);
-  float y = bits_to_float(0x7EF311C3 - bits);
-  y = y * (2.f - d * y);
-  y = y * (2.f - d * y);
-  return y * (2.f - d * y);
-}
-
-inline float silu(float a) { return a * reciprocal(1.f + exp_approx(-a)); }
-
 #if defined(__AVX512F__)
-// The same two on 16 lanes with AVX-512's own instructions: rounding, scaling by 2^n and a 14-bit
-// reciprocal (one Newton step: 2^-28) in one instruction each. The PCM's SiLU is most of its time.
+// exp_approx on 16 lanes with AVX-512's own instructions for rounding and scaling by 2^n.
 inline __m512 exp16(__m512 x) {
   x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(80.0f));
   const __m512 n =
@@ -98,6 +83,8 @@ inline __m512 exp16(__m512 x) {
   return _mm512_scalef_ps(y, n);
 }
 
+// SiLU, most of the PCM's time: a / (1 + exp(-a)) without a division, which measured the
+// bottleneck (a vector division's latency): a 14-bit reciprocal and one Newton step (2^-28).
 inline void silu_inplace(float* v, int64_t n) {
   for (int64_t e = 0; e < n; e += LANES) {
     const __m512 a = _mm512_loadu_ps(v + e);
@@ -107,6 +94,7 @@ inline void silu_inplace(float* v, int64_t n) {
     _mm512_storeu_ps(v + e, _mm512_mul_ps(a, y));
   }
 }
+
 // A 16 x 16 block from rows of ``in`` to rows of ``out``, transposed in registers: 64 shuffles
 // instead of 256 scalar moves, half of them to addresses 64 bytes apart.
 inline void transpose16(const float* in, int64_t in_stride, float* out, int64_t out_stride) {
@@ -135,6 +123,7 @@ inline void transpose16(const float* in, int64_t in_stride, float* out, int64_t 
     _mm512_storeu_ps(out + (12 + c) * out_stride, _mm512_shuffle_f32x4(odd01, odd23, 0xdd));
   }
 }
+
 // Scores q_i . k_j of R query rows from i0 for keys 0-15 (one vector per row; keys transposed in
 // kt), with two accumulators per row (halves of d) so that the FMAs do not wait on each other.
 template <int R>
@@ -200,14 +189,27 @@ inline void attention_head(const float* q, float* out) {
   weigh_values<TOKENS % 4>(v, p, TOKENS - TOKENS % 4, out);
 }
 #else
+// 1/d for 1 <= d <= e^80 without a division, which measured the bottleneck of the SiLU loop (a
+// vector division's latency): a first guess from the bit pattern, good to 12 %, then three
+// Newton steps, each squaring the relative error (to 1.2e-7).
+inline float reciprocal(float d) {
+  int32_t bits;
+  std::memcpy(&bits, &d, sizeof bits);
+  float y = bits_to_float(0x7EF311C3 - bits);
+  y = y * (2.f - d * y);
+  y = y * (2.f - d * y);
+  return y * (2.f - d * y);
+}
+
 inline void silu_inplace(float* v, int64_t n) {
-  for (int64_t e = 0; e < n; ++e) v[e] = silu(v[e]);
+  for (int64_t e = 0; e < n; ++e) v[e] = v[e] * reciprocal(1.f + exp_approx(-v[e]));
 }
 
 inline void transpose16(const float* in, int64_t in_stride, float* out, int64_t out_stride) {
   for (int64_t i = 0; i < 16; ++i)
     for (int64_t j = 0; j < 16; ++j) out[j * out_stride + i] = in[i * in_stride + j];
 }
+
 // One head of one sample (see the AVX-512 version): keys padded to 32 (two vectors of scores),
 // queries to 20 (blocks of 4 rows), the padding zeros.
 inline void attention_head(const float* q, float* out) {
