@@ -297,7 +297,8 @@ def _build(command: list[str], library: Path, failed: Path) -> None:
         else:
             lines = done.stderr.splitlines()
             first = next((line for line in lines if "error" in line), done.stderr.strip()[:200])
-            reason = f"build failed ({command[0]} exit {done.returncode}: {first})" if done.returncode else ""
+            detail = f": {first}" if first else ", no message"
+            reason = f"build failed ({command[0]} exit {done.returncode}{detail})" if done.returncode else ""
         if reason:
             failed.write_text(reason + "\n")
             raise UnavailableError(reason)
