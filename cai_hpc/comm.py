@@ -184,25 +184,78 @@ def buffer_array(buf: Any) -> np.ndarray:
     return buf[0] if isinstance(buf, (list, tuple)) else buf
 
 
-# Variables that an MPI launcher (Hydra, Open MPI, PMIx) or srun sets in every rank.
-_LAUNCHER_VARS = ("PMI_RANK", "PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS")
+# Launcher detection. An MPI's own launcher may start its ranks through srun (Hydra's mpiexec
+# and Open MPI's mpirun do inside an allocation: one srun task per node, the ranks below it),
+# so Slurm's step describes the ranks only when no MPI variable is set.
+#
+# World sizes and ranks announced by an MPI launcher or process manager, in every rank it
+# starts: PMI (Hydra, Intel MPI, Cray PALS's MPICH, srun --mpi=pmi2), Open MPI, MVAPICH.
+_MPI_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+_MPI_RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK", "PMIX_RANK", "PALS_RANKID")
+# Set only by an MPI's own launcher, never by srun: Hydra's and Open MPI's per-node counts.
+_OWN_LAUNCHER_VARS = ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE", "MV2_COMM_WORLD_LOCAL_SIZE")
+_MPI_VARS = (*_MPI_SIZE_VARS, *_MPI_RANK_VARS, *_OWN_LAUNCHER_VARS, "PMIX_NAMESPACE", "PALS_APID")
+
+
+@dataclass(frozen=True)
+class Launch:
+    """Who started this process, and the world it announced (None: not announced).
+
+    ``launcher`` is ``"srun"`` when Slurm started the ranks itself, ``"mpiexec"`` for an MPI's
+    own launcher (mpiexec, mpirun, prterun; inside an allocation too); ``interface`` is how
+    the ranks are told to find each other: ``"PMI"``, ``"PMIx"``, ``"PALS"`` or None (srun
+    without an MPI plugin).
+    """
+
+    launcher: str
+    size: int | None
+    rank: int | None
+    interface: str | None
+
+
+def _first_int(env: Mapping[str, str], names: Sequence[str]) -> int | None:
+    for name in names:
+        if env.get(name, "").isdigit():
+            return int(env[name])
+    return None
+
+
+def detect_launch(environ: Mapping[str, str] | None = None) -> Launch | None:
+    """The launch described by the environment; None when no launcher started this process
+    (a laptop, or a batch script, which sees its job's task count but is one process)."""
+    env = os.environ if environ is None else environ
+    in_step = "SLURM_STEP_ID" in env
+    step_tasks = _first_int(env, ("SLURM_STEP_NUM_TASKS", "SLURM_NTASKS")) if in_step else None
+    if not any(name in env for name in _MPI_VARS):
+        if not in_step:
+            return None
+        return Launch("srun", step_tasks, _first_int(env, ("SLURM_PROCID",)), None)
+    size = _first_int(env, _MPI_SIZE_VARS)
+    rank = _first_int(env, _MPI_RANK_VARS)
+    by_srun = (
+        in_step
+        and not any(name in env for name in _OWN_LAUNCHER_VARS)
+        and size in (None, step_tasks)
+        and rank in (None, _first_int(env, ("SLURM_PROCID",)))
+    )
+    if "PMIX_RANK" in env or "PMIX_NAMESPACE" in env:  # not PMIX_MCA_*: modules set those for every shell
+        interface = "PMIx"
+    elif "PALS_APID" in env or "PALS_RANKID" in env:
+        interface = "PALS"
+    else:
+        interface = "PMI"
+    return Launch("srun" if by_srun else "mpiexec", size, rank, interface)
 
 
 def launched_by_mpi(environ: Mapping[str, str] | None = None) -> bool:
     """True when the environment says an MPI launcher or ``srun`` started this process."""
-    env = os.environ if environ is None else environ
-    return any(v in env for v in _LAUNCHER_VARS) or "SLURM_STEP_ID" in env
+    return detect_launch(environ) is not None
 
 
 def launcher_world_size(environ: Mapping[str, str] | None = None) -> int | None:
-    """The world size the launcher announced (srun, Hydra/PMI, Open MPI), if any."""
-    env = os.environ if environ is None else environ
-    # SLURM_NTASKS only counts under srun (SLURM_STEP_ID set): a batch script sees the job's.
-    names = ("SLURM_NTASKS",) if "SLURM_STEP_ID" in env else ()
-    for var in (*names, "PMI_SIZE", "OMPI_COMM_WORLD_SIZE"):
-        if env.get(var, "").isdigit():
-            return int(env[var])
-    return None
+    """The world size the launcher announced (an MPI launcher's own first, else srun's), if any."""
+    launch = detect_launch(environ)
+    return None if launch is None else launch.size
 
 
 def get_comm(backend: str = "auto") -> Any:
@@ -210,8 +263,8 @@ def get_comm(backend: str = "auto") -> Any:
 
     ``"auto"`` picks mpi4py's ``COMM_WORLD`` when a launcher started this process and
     mpi4py imports, and ``SelfComm`` otherwise; ``"tcp"`` is lambda_shim's TcpComm, set up
-    from the environment that ``python -m lambda_shim.launch`` gives its ranks. Under an MPI
-    launcher, a world smaller than the one it announced is refused: N processes that each
+    from the environment that ``python -m lambda_shim.launch`` gives its ranks. Under a
+    launcher, a world other than the one it announced is refused: N processes that each
     think they are rank 0 of 1 would all do the whole job and overwrite each other's output.
     """
     if backend not in ("auto", "self", "mpi", "tcp"):
@@ -220,31 +273,74 @@ def get_comm(backend: str = "auto") -> Any:
         from lambda_shim.tcpcomm import TcpComm  # the serverless side, only when asked for
 
         return TcpComm.from_env()
-    launched = launched_by_mpi()
+    environ = dict(os.environ)  # as the launcher left it: MPI_Init may add variables of its own
+    launched = launched_by_mpi(environ)
     if backend == "self" or (backend == "auto" and not launched):
         return SelfComm()
     try:
         comm = _mpi_world()
     except ImportError as exc:
-        if backend == "auto" and (launcher_world_size() or 1) == 1:
+        if backend == "auto" and (launcher_world_size(environ) or 1) == 1:
             return SelfComm()
         raise InputError(f"MPI run needs mpi4py ({exc}); install it with: pip install 'cai-hpc[mpi]'") from None
-    check_world_size(comm.Get_size())
+    check_world_size(comm.Get_size(), environ, rank=comm.Get_rank(), library=_mpi_library)
     return comm
 
 
-def check_world_size(size: int, environ: Mapping[str, str] | None = None) -> None:
-    """Refuse an MPI world that does not match the tasks the launcher started."""
-    expected = launcher_world_size(environ)
-    if expected is not None and expected != size:
-        raise InputError(
-            f"the launcher started {expected} tasks but MPI sees a world of {size}: mpi4py's MPI is not "
-            "wired to this launcher (under srun, try --mpi=pmi2 or --mpi=pmix, or build mpi4py against "
-            "the site MPI)"
+def check_world_size(
+    size: int,
+    environ: Mapping[str, str] | None = None,
+    rank: int | None = None,
+    library: Callable[[], str] | None = None,
+) -> None:
+    """Refuse an MPI world (``size``, this process's ``rank``) other than the launcher's.
+
+    The message names the fix for the launcher at hand; ``library`` names mpi4py's MPI in it.
+    """
+    launch = detect_launch(environ)
+    if launch is None:
+        return
+    if launch.size is not None and launch.size != size:
+        what = f"the launcher started {launch.size} tasks but MPI sees a world of {size}"
+    elif launch.rank is not None and rank is not None and launch.rank != rank:
+        what = f"the launcher started this process as rank {launch.rank} but MPI sees rank {rank} of {size}"
+    else:
+        return
+    mpi = f"mpi4py's MPI ({library()})" if library is not None else "mpi4py's MPI"
+    if launch.launcher == "srun" and launch.interface is None:
+        fix = (
+            "srun gave the tasks no MPI process-management interface (--mpi=none, or none is the site's "
+            "MpiDefault): run srun --mpi=pmi2 for MPICH (the pip wheel) or Intel MPI, --mpi=pmix for Open MPI, "
+            "--mpi=cray_shasta for Cray MPICH; `srun --mpi=list` shows this Slurm's plugins (the slurm/ scripts "
+            "take SRUN_MPI=...)"
         )
+    elif launch.launcher == "srun":
+        fix = (
+            f"srun wired the tasks through {launch.interface}, which {mpi} does not use: choose another plugin "
+            "(srun --mpi=pmi2 for MPICH, --mpi=pmix for Open MPI, --mpi=cray_shasta for Cray MPICH; "
+            "`srun --mpi=list`), or build mpi4py against the site MPI"
+        )
+    else:
+        fix = (
+            f"this mpiexec/mpirun belongs to another MPI than {mpi}: start the job with that MPI's own "
+            "mpiexec, or build mpi4py against the launcher's MPI (module load it, then "
+            "pip install --no-binary mpi4py mpi4py)"
+        )
+    raise InputError(f"{what}: {fix}")
 
 
 def _mpi_world() -> Any:
+    import mpi4py
+
+    # Only the main thread calls MPI (the reader threads never do): FUNNELED, not mpi4py's
+    # default MULTIPLE, which some MPIs serve with slower locked paths or refuse.
+    mpi4py.rc.thread_level = "funneled"
     from mpi4py import MPI
 
     return MPI.COMM_WORLD
+
+
+def _mpi_library() -> str:
+    from mpi4py import MPI
+
+    return MPI.Get_library_version().splitlines()[0].strip()

@@ -37,6 +37,14 @@ def test_pytest_mpi_suite(ranks) -> None:
     assert "3 passed" in result.stdout
 
 
+def test_mpi_is_initialised_funneled() -> None:
+    # Only the main thread calls MPI; mpi4py would ask for MULTIPLE (which MPICH grants).
+    probe = "from cai_hpc.comm import get_comm; get_comm('mpi'); from mpi4py import MPI; print(MPI.Query_thread())"
+    result = mpiexec(2, "-c", probe)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["1", "1"]  # MPI_THREAD_FUNNELED (MPICH's value, and the standard's order)
+
+
 def predictions(out: Path) -> dict[str, np.ndarray]:
     return {p.name: h5py.File(p)["redshift_pred"][:] for p in sorted((out / "predictions").glob("*.h5"))}
 
