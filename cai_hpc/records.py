@@ -8,6 +8,7 @@ import platform
 import resource
 import socket
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,19 @@ def rank_record(
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "startup_split": {k: round(v, 6) for k, v in startup_split.items()},
         "kernels": kernels,
+    }
+
+
+def slurm_job(env: Mapping[str, str] = os.environ) -> dict[str, str | None] | None:
+    """Where a run sat in Slurm (None outside a job): job, step (None in the batch script
+    itself), the job's nodes, and how many times it was requeued (a resumed run counts up)."""
+    if "SLURM_JOB_ID" not in env:
+        return None
+    return {
+        "job_id": env["SLURM_JOB_ID"],
+        "step_id": env.get("SLURM_STEP_ID"),
+        "nodelist": env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST")),
+        "restart_count": env.get("SLURM_RESTART_COUNT", "0"),
     }
 
 
@@ -112,6 +126,7 @@ def build_summary(
         "ranks": ranks,
         "model": model,
         "versions": versions(backend),
+        "slurm": slurm_job(),
         **extra,
     }
 

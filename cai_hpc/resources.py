@@ -12,9 +12,25 @@ from cai_hpc.errors import InputError
 # 64-128 beat 512 by up to 1.5x, the activations of a batch staying in cache.
 DEFAULT_BATCH_SIZE = 128
 
-# Per-node rank counts set by Hydra (MPICH), Open MPI and srun.
-_LOCAL_SIZE_VARS = ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE", "SLURM_STEP_TASKS_PER_NODE")
-_LOCAL_RANK_VARS = ("MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID")
+# Per-node rank counts and ranks that MPI launchers set: Hydra (MPICH, Intel MPI), Open MPI,
+# MVAPICH, Cray PALS (PBS, or srun --mpi=cray_shasta) and Cray MPICH's PMI; srun's last. An MPI
+# launcher inside an allocation starts its ranks below one srun task per node, so there every
+# rank sees SLURM_LOCALID=0 and one task per node: the MPI's own variables come first.
+_LOCAL_SIZE_VARS = (
+    "MPI_LOCALNRANKS",
+    "OMPI_COMM_WORLD_LOCAL_SIZE",
+    "MV2_COMM_WORLD_LOCAL_SIZE",
+    "PMI_LOCAL_SIZE",
+    "SLURM_STEP_TASKS_PER_NODE",
+)
+_LOCAL_RANK_VARS = (
+    "MPI_LOCALRANKID",
+    "OMPI_COMM_WORLD_LOCAL_RANK",
+    "MV2_COMM_WORLD_LOCAL_RANK",
+    "PALS_LOCAL_RANKID",
+    "PMI_LOCAL_RANK",
+    "SLURM_LOCALID",
+)
 
 
 def usable_cores() -> int:
@@ -31,6 +47,7 @@ def local_ranks(env: Mapping[str, str] = os.environ) -> int:
 
 
 def local_rank(env: Mapping[str, str] = os.environ) -> int:
+    """This rank's index on its node (0 when not launched by a launcher)."""
     for var in _LOCAL_RANK_VARS:
         if env.get(var, "").isdigit():
             return int(env[var])

@@ -11,6 +11,7 @@ import pytest
 
 from cai_hpc.comm import Launch, check_world_size, detect_launch, launched_by_mpi, launcher_world_size
 from cai_hpc.errors import InputError
+from cai_hpc.records import slurm_job
 
 JOB = {"SLURM_JOB_ID": "7", "SLURM_NODELIST": "vm", "SLURM_CPUS_ON_NODE": "2"}
 # `mpiexec -n 2` in a batch script: Hydra starts one proxy per node through srun, the proxy
@@ -111,3 +112,13 @@ def test_no_launcher_no_check() -> None:
         assert detect_launch(env) is None and not launched_by_mpi(env) and launcher_world_size(env) is None
         check_world_size(1, env, rank=0)
     assert launched_by_mpi(SRUN_STEP) and launcher_world_size(HYDRA_IN_ALLOCATION) == 2
+
+
+def test_the_summary_names_the_slurm_job_only_inside_one() -> None:
+    assert slurm_job({}) is None and slurm_job(HYDRA) is None
+    assert slurm_job(SRUN_PMI2 | {"SLURM_JOB_NODELIST": "node[01-04]", "SLURM_RESTART_COUNT": "2"}) == {
+        "job_id": "7",
+        "step_id": "1",
+        "nodelist": "node[01-04]",
+        "restart_count": "2",
+    }

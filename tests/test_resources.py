@@ -24,6 +24,18 @@ def test_local_rank_and_size_from_each_launcher() -> None:
     assert local_rank({"MPI_LOCALRANKID": "2"}) == 2
     assert local_rank({"OMPI_COMM_WORLD_LOCAL_RANK": "5"}) == 5
     assert local_rank({"SLURM_LOCALID": "1"}) == 1
+    assert local_rank({"MV2_COMM_WORLD_LOCAL_RANK": "3"}) == 3
+    assert local_rank({"PALS_LOCAL_RANKID": "3", "PALS_RANKID": "7"}) == 3  # PBS/PALS (Aurora, Polaris)
+    assert local_rank({"PMI_LOCAL_RANK": "2", "PMI_RANK": "6"}) == 2  # Cray MPICH
+    assert local_ranks({"PMI_LOCAL_SIZE": "4"}) == 4 and local_ranks({"MV2_COMM_WORLD_LOCAL_SIZE": "2"}) == 2
+
+
+def test_an_mpi_launcher_inside_an_allocation_outranks_sruns_task() -> None:
+    # Hydra's rank 1 of 2 on one node, below the one srun task of its proxy.
+    hydra = {"MPI_LOCALRANKID": "1", "MPI_LOCALNRANKS": "2", "SLURM_LOCALID": "0", "SLURM_STEP_TASKS_PER_NODE": "1"}
+    assert (local_rank(hydra), local_ranks(hydra)) == (1, 2)
+    pals = {"PALS_LOCAL_RANKID": "1", "SLURM_LOCALID": "0"}
+    assert pick_device("cuda", pals, gpus=4) == "cuda:1"
 
 
 @pytest.mark.parametrize("rank, gpus, device", [("0", 4, "cuda:0"), ("5", 4, "cuda:1"), ("3", 1, "cuda:0")])

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +17,7 @@ from cai_hpc.comm import SelfComm
 from cai_hpc.engine import RunConfig, run
 
 REPO = Path(__file__).resolve().parents[1]
+NODE = socket.gethostname().split(".")[0]  # the local cluster's one node
 
 
 def _slurm_is_up() -> str | None:
@@ -81,6 +84,9 @@ def test_mpiexec_inside_an_allocation_runs_its_own_world(small_dataset, tmp_path
     assert result.returncode == 0, result.stderr + job_log(tmp_path)
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["backend"] == "mpi" and summary["world_size"] == 2
+    job = re.search(r"Submitted batch job (\d+)", result.stdout).group(1)
+    # The ranks belong to step 0, the one srun step that Hydra started.
+    assert summary["slurm"] == {"job_id": job, "step_id": "0", "nodelist": NODE, "restart_count": "0"}
     assert_matches_one_process(summary, small_dataset, tmp_path)
 
 
