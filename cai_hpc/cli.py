@@ -209,15 +209,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
     from cai_hpc.bench import (
+        block_step_profile,
         end_to_end,
+        format_block_profile,
         format_end_to_end,
         format_profile,
         format_table,
         kernel_table,
         reference_model,
+        shape_gemm_gflops,
         stage_profile,
     )
     from cai_hpc.fast import fuse
+    from cai_hpc.native import TOKENS
     from cai_hpc.resources import cpu_has_bf16, usable_cores
     from cai_hpc.shards import scan_dataset
 
@@ -254,7 +258,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(format_profile(stages, best["threads"], best["batch"]), flush=True)
     if args.data is not None:
         result = end_to_end(args.data, best["threads"], best["batch"], args.precision, args.seconds, args.compile)
-        print(format_end_to_end(result, args.data))
+        print(format_end_to_end(result, args.data), flush=True)
+    if args.precision == "fp32" and not args.compile:  # where the ViT's time goes, step by step
+        steps = block_step_profile(fuse(reference_model()), best["batch"], args.seconds)
+        shapes = shape_gemm_gflops(best["batch"] * TOKENS, args.seconds)
+        print(format_block_profile(steps, shapes, best["gemm_gflops"], best["batch"]))
     return 0
 
 

@@ -197,6 +197,8 @@ def decide(speedup: Callable[[Kernels], float]) -> Choice:
     once per library, CPU and thread count: its answer is kept in the cache directory, beside
     the builds. ``CAI_HPC_NATIVE=1`` takes the kernels without measuring, ``0`` never loads them.
     """
+    if os.environ.get("CAI_HPC_NATIVE") == "0":
+        return Choice(None, "torch", "turned off by CAI_HPC_NATIVE=0")
     loaded = kernels()
     if loaded is None:
         return Choice(None, "torch", _unavailable_reason or "native kernels unavailable")
@@ -212,7 +214,7 @@ def decide(speedup: Callable[[Kernels], float]) -> Choice:
             with contextlib.suppress(OSError):
                 _write_atomically(record, json.dumps(measured).encode())
     ratio = float(measured["speedup"])
-    when = "measured now" if record is None else f"measured once for this CPU ({record})"
+    when = "measured now" if record is None else f"measured once for this CPU, kept in {record}"
     speed = f"{ratio:.2f}x torch's speed on a block forward, {when}"
     if ratio >= 1.0:
         return Choice(loaded, label, f"{loaded.level} build at {speed}")
