@@ -161,20 +161,20 @@ FORMS = {"x86-64-v4": "avx512", "x86-64-v3": "avx2", "portable": "portable"}
 
 
 @pytest.fixture(scope="module")
-def forms(tmp_path_factory) -> dict[str, native.Kernels]:
-    if not HAS_COMPILER:
-        pytest.skip("no C++ compiler: the native kernels cannot be built")
-    levels = [level for level in native.cpu_levels() if level in FORMS]
+def forms(kernels, tmp_path_factory) -> dict[str, native.Kernels]:
+    # The form already loaded (the session's kernels) is not built again.
+    levels = [level for level in native.cpu_levels() if level in FORMS and FORMS[level] != kernels.isa]
     built = native.build_ahead(tmp_path_factory.mktemp("forms"), levels)
-    return {
+    loaded = {
         level: native.Kernels(ctypes.CDLL(str(path)), path, level) for level, path in zip(levels, built, strict=True)
     }
+    return {next(level for level, isa in FORMS.items() if isa == kernels.isa): kernels, **loaded}
 
 
 def test_every_form_this_cpu_runs_gives_the_same_outputs(forms, model) -> None:
     # On an AVX-512 CPU: the AVX-512, AVX2 and portable forms; on an AVX2 CPU: the last two.
     assert {level: k.isa for level, k in forms.items()} == {level: FORMS[level] for level in forms}
-    assert len(forms) >= (2 if platform.machine() == "x86_64" else 1)
+    assert "portable" in forms
     torch.manual_seed(4)
     block, following = model.blocks[2], model.blocks[3]
     x = torch.randn(3, 17, 192) * 4  # SiLU and softmax inputs out in their tails too
