@@ -18,12 +18,14 @@ from typing import Any
 
 import torch
 
+from cai_hpc import native
 from cai_hpc.allocator import reuse_freed_memory
 from cai_hpc.checkpoint import save_weights
 from cai_hpc.comm import SelfComm
 from cai_hpc.engine import RunConfig, run
-from cai_hpc.fast import FusedAstroMAE, Linear, fuse
+from cai_hpc.fast import FusedAstroMAE, Linear, fuse, kernel_choice
 from cai_hpc.flops import gflop_per_sample
+from cai_hpc.layout import DEPTH, EMBED_DIM, HEADS
 from cai_hpc.model import BANDS, IMAGE_SIZE, AstroMAE
 
 GEMM_SIZE = 2048
@@ -219,4 +221,85 @@ def format_end_to_end(result: dict[str, Any], data: Path) -> str:
         f"kernel's {result['kernel_samples_per_s']:.1f} (before {before:.1f}, after {after:.1f})",
         "  share of the job wall: " + ", ".join(f"{name} {share:.1%}" for name, share in result["shares"].items()),
     ]
+    return "\n".join(lines)
+
+
+def block_step_profile(model: FusedAstroMAE, batch: int, seconds: float) -> list[tuple[str, float, float | None]]:
+    """The ViT encoder's time by step: (step, ms per batch over all blocks, GFLOP/s or None),
+    each step of one block timed on its own at the model's shapes (batch x 17 tokens), on the
+    kernels ``infer`` would run (``kernel_choice``). The linear maps' rates, set beside the
+    GEMM rate, show how far they are from it; the other steps are memory-bound."""
+    block, tokens = model.blocks[0], native.TOKENS
+    kernels = kernel_choice().kernels
+    x = torch.randn(batch, tokens, EMBED_DIM)
+    pcm = (block.pcm_w1, block.pcm_b1, block.pcm_w2, block.pcm_b2)
+    rows = batch * tokens
+    hidden = block.mlp[0].out_features
+    with torch.inference_mode():
+        normed = block.norm1(x)
+        qkv = block.qkv(normed)
+        attended = kernels.attention(qkv) if kernels is not None else _torch_attention(qkv)
+        h = block.mlp[0](normed)
+        steps: dict[str, tuple[Callable[[], object], float | None]] = {
+            "qkv linear": (lambda: block.qkv(normed), 2 * rows * EMBED_DIM * 3 * EMBED_DIM),
+            "attention": (
+                (lambda: kernels.attention(qkv)) if kernels is not None else (lambda: _torch_attention(qkv)),
+                None,
+            ),
+            "proj linear": (lambda: block.proj(attended), 2 * rows * EMBED_DIM * EMBED_DIM),
+        }
+        if kernels is not None:
+            pcm_step = lambda: kernels.pcm_residual_norm(x, attended.clone(), pcm, block.norm2)  # noqa: E731
+            steps["PCM+residual+norm2"] = (pcm_step, None)
+        steps["fc1 linear+GELU"] = (lambda: block.mlp[0](normed), 2 * rows * EMBED_DIM * hidden)
+        steps["fc2 linear"] = (lambda: block.mlp[1](h), 2 * rows * hidden * EMBED_DIM)
+        if kernels is not None:
+            steps["residual+norm1"] = (lambda: kernels.add_norm(attended.clone(), x, block.norm1), None)
+        else:  # torch's block in one piece; its steps besides the above, by difference
+            steps["whole block"] = (lambda: block.norm1(block(x)), None)
+        timed = {name: (_rate(step, seconds / len(steps)), flop) for name, (step, flop) in steps.items()}
+    profile = []
+    for name, ((calls, elapsed), flop) in timed.items():
+        per_call = elapsed / calls
+        profile.append((name, 1e3 * per_call * DEPTH, flop / per_call / 1e9 if flop else None))
+    if kernels is None:
+        whole = profile.pop()[1]
+        profile.append(("PCM, norms, residuals", max(0.0, whole - sum(ms for _, ms, _ in profile)), None))
+    return profile
+
+
+def _torch_attention(qkv: torch.Tensor) -> torch.Tensor:
+    b, n, _ = qkv.shape
+    q, k, v = qkv.reshape(b, n, 3, HEADS, EMBED_DIM // HEADS).permute(2, 0, 3, 1, 4)
+    return ((q @ k.transpose(-2, -1)).softmax(dim=-1) @ v).transpose(1, 2).reshape(b, n, EMBED_DIM)
+
+
+def shape_gemm_gflops(rows: int, seconds: float) -> dict[str, float]:
+    """GFLOP/s of oneDNN's packed float32 GEMM (the model's ``Linear``) at the ViT's own shapes:
+    M = batch x 17 rows, K = 192 -> N = 768 (fc1's) and K = 768 -> N = 192 (fc2's)."""
+    rates = {}
+    for k, n in ((EMBED_DIM, 4 * EMBED_DIM), (4 * EMBED_DIM, EMBED_DIM)):
+        x, layer = torch.randn(rows, k), Linear(torch.randn(n, k), torch.zeros(n))
+        with torch.inference_mode():
+            calls, elapsed = _rate(lambda layer=layer, x=x: layer(x), seconds / 2)
+        rates[f"K={k} N={n}"] = 2 * rows * k * n * calls / elapsed / 1e9
+    return rates
+
+
+def format_block_profile(
+    profile: list[tuple[str, float, float | None]], shapes: dict[str, float], gemm: float, batch: int
+) -> str:
+    choice = kernel_choice()
+    total = sum(ms for _, ms, _ in profile)
+    lines = [f"ViT encoder by step ({DEPTH} blocks, batch {batch}, {choice.label} kernels), each step timed alone:"]
+    lines.append(f"{'step':>20} {'ms/batch':>9} {'share':>6} {'GFLOP/s':>8} {'of 2048²':>8}")
+    for name, ms, rate in profile:
+        rated = f"{rate:>8.1f} {rate / gemm:>8.2f}" if rate is not None else f"{'-':>8} {'-':>8}"
+        lines.append(f"{name:>20} {ms:>9.2f} {ms / total:>6.1%} {rated}")
+    rows = batch * native.TOKENS
+    lines.append(
+        f"GEMM at the model's shapes (M = {batch} x {native.TOKENS} = {rows}): "
+        + ", ".join(f"{shape} {rate:.1f} GFLOP/s ({rate / gemm:.2f})" for shape, rate in shapes.items())
+        + f", against the 2048² rate {gemm:.1f}"
+    )
     return "\n".join(lines)

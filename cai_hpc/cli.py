@@ -16,7 +16,7 @@ from typing import Any
 from cai_hpc.errors import InputError
 from cai_hpc.resources import DEFAULT_BATCH_SIZE
 
-COMMANDS = ("infer", "synth", "convert", "convert-checkpoint", "plot", "bench", "cloud")
+COMMANDS = ("infer", "synth", "convert", "convert-checkpoint", "plot", "bench", "build-kernels", "cloud")
 SAMPLE_SAMPLES = 2048
 SAMPLE_SHARD_MB = 10.0
 log = logging.getLogger("cai_hpc")
@@ -192,19 +192,36 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_build_kernels(args: argparse.Namespace) -> int:
+    from cai_hpc import native
+
+    levels = [level.strip() for level in args.levels.split(",") if level.strip()]
+    try:
+        built = native.build_ahead(args.out, levels)
+    except native.UnavailableError as exc:
+        raise InputError(f"build-kernels: {exc}") from None
+    for level, library in zip(levels, built, strict=True):
+        print(f"{level}: {library}")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
     from cai_hpc.bench import (
+        block_step_profile,
         end_to_end,
+        format_block_profile,
         format_end_to_end,
         format_profile,
         format_table,
         kernel_table,
         reference_model,
+        shape_gemm_gflops,
         stage_profile,
     )
     from cai_hpc.fast import fuse
+    from cai_hpc.native import TOKENS
     from cai_hpc.resources import cpu_has_bf16, usable_cores
     from cai_hpc.shards import scan_dataset
 
@@ -229,9 +246,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         compiles = len(threads) * len(args.batch_sizes)
         log.info("--compile: each of the %d rows compiles first (14-28 s each); fewer --batch-sizes cut that", compiles)
     if args.precision == "fp32" and not args.compile:
-        from cai_hpc import native
+        from cai_hpc.fast import kernel_choice
 
-        log.info("float32 steps between the linear maps: %s kernels", "native" if native.kernels() else "torch's")
+        kernel_choice()  # logs which kernels the ViT blocks run on, and why
     rows = kernel_table(args.batch_sizes, threads, args.seconds, args.precision, args.compile)
     print(format_table(rows), flush=True)
     best = max(rows, key=lambda r: r["samples_per_s"])
@@ -241,7 +258,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(format_profile(stages, best["threads"], best["batch"]), flush=True)
     if args.data is not None:
         result = end_to_end(args.data, best["threads"], best["batch"], args.precision, args.seconds, args.compile)
-        print(format_end_to_end(result, args.data))
+        print(format_end_to_end(result, args.data), flush=True)
+    if args.precision == "fp32" and not args.compile:  # where the ViT's time goes, step by step
+        steps = block_step_profile(fuse(reference_model()), best["batch"], args.seconds)
+        shapes = shape_gemm_gflops(best["batch"] * TOKENS, args.seconds)
+        print(format_block_profile(steps, shapes, best["gemm_gflops"], best["batch"]))
     return 0
 
 
@@ -342,6 +363,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=128, help="compare: the batch size of every run")
     p.add_argument("--max-ranks", type=int, help="compare: most ranks (default: the cores)")
     p.set_defaults(handler=cmd_bench)
+
+    p = sub.add_parser(
+        "build-kernels", parents=[common], help="build the native kernels ahead of time (for nodes without a compiler)"
+    )
+    p.add_argument("--out", type=Path, help="directory for CAI_HPC_KERNELS_DIR (default: the kernel cache)")
+    p.add_argument(
+        "--levels",
+        default="native",
+        help="comma-separated among native, x86-64-v3, x86-64-v4, portable (default: %(default)s, this CPU)",
+    )
+    p.set_defaults(handler=cmd_build_kernels)
 
     _cloud_parser(sub, common)
     return parser

@@ -126,9 +126,10 @@ def run(comm: Any, config: RunConfig) -> dict[str, Any] | None:
     # weights_s: reading the checkpoint (or initialising the seeded random weights).
     split |= {"build_s": time.perf_counter() - t1, "weights_s": t1 - t0}
     t0 = time.perf_counter()
-    # Found or built now, so that a first build counts as startup, not as the first batch;
-    # compiled, Inductor writes its own kernels instead.
-    kernels = "native" if not config.compile and runner.runs_native() else "torch"
+    # Found, built and chosen now, so that a first build counts as startup, not as the first
+    # batch; compiled, Inductor writes its own kernels instead.
+    compiled = ("torch", "--compile: Inductor writes its own kernels")
+    kernels, kernels_reason = compiled if config.compile else runner.kernels_used()
     split["kernels_s"] = time.perf_counter() - t0
     if config.compile:
         from cai_hpc.compiled import CompiledModel  # pulls in Inductor: only when asked for
@@ -159,7 +160,8 @@ def run(comm: Any, config: RunConfig) -> dict[str, Any] | None:
         "comm_s": comm.seconds,
     }
     split["first_batch_s"] = loop["first_batch_s"]
-    records = comm.gather(rank_record(rank, sum(p.rows for p in mine), timing, split, kernels), root=0)
+    record = rank_record(rank, sum(p.rows for p in mine), timing, split, kernels) | {"kernels_reason": kernels_reason}
+    records = comm.gather(record, root=0)
     comm.barrier()
     wall_s = time.perf_counter() - t_start
     if rank != 0:

@@ -33,6 +33,10 @@ model computes the same outputs (within float32 rounding) and the golden outputs
 
 from __future__ import annotations
 
+import functools
+import os
+import statistics
+import time
 from collections.abc import Mapping
 
 import torch
@@ -263,7 +267,7 @@ def max_pool_3x3(x: torch.Tensor, use_native: bool = True) -> torch.Tensor:
         # Inductor writes its own pooling kernel; the writes into views below would split its graph.
         return F.max_pool2d(x, 3, stride=1, padding=1)
     if use_native and native.applies(x) and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
-        kernels = native.kernels()
+        kernels = kernel_choice().kernels
         if kernels is not None:
             return kernels.max_pool_3x3(x)
     return _max_of_neighbours(_max_of_neighbours(x, -2), -1)
@@ -338,9 +342,50 @@ class FusedBlock(nn.Module):
         return mlp, kernels.add_norm(mlp, out, next_norm)
 
 
+def kernel_choice() -> native.Choice:
+    """Whether the ViT blocks and max-pools run on the native kernels here (and why): where they
+    are built and, on this CPU, at least as fast as torch's (``native.decide``)."""
+    return _kernel_choice(os.environ.get("CAI_HPC_NATIVE", "auto"))
+
+
+@functools.cache
+def _kernel_choice(setting: str) -> native.Choice:  # one answer per setting of CAI_HPC_NATIVE
+    choice = native.decide(_native_speedup)
+    native.log.info("ViT blocks' steps between the linear maps: %s kernels (%s)", choice.label, choice.reason)
+    return choice
+
+
+SPEEDUP_BATCH, SPEEDUP_ROUNDS = 64, 7
+
+
+def _native_speedup(kernels: native.Kernels) -> float:
+    """torch's time over the kernels' for one ViT block's forward (norm of the next block
+    included, as ``_encode`` runs it) at this thread count: the median of interleaved rounds,
+    so that load from other processes weighs on both sides alike."""
+    rng = torch.Generator().manual_seed(0)  # its own: the caller's random state stays as it was
+    shapes = {name: shape for name, shape in state_dict_shapes().items() if name.startswith("blocks.0.")}
+    weights = {name: torch.randn(shape, generator=rng) * 0.05 for name, shape in shapes.items()}
+    weights["blocks.0.PCM.1.running_var"] = torch.ones(shapes["blocks.0.PCM.1.running_var"])
+    block = FusedBlock(weights, "blocks.0")
+    x = torch.randn(SPEEDUP_BATCH, native.TOKENS, EMBED_DIM, generator=rng)
+    with torch.inference_mode():
+        normed = block.norm1(x)
+        steps = (lambda: block.norm1(block(x)), lambda: block.forward_native(x, normed, kernels, block.norm1))
+        ratios = []
+        for _ in range(SPEEDUP_ROUNDS + 1):  # the first round warms both up (oneDNN packs the weights)
+            seconds = []
+            for step in steps:
+                t0 = time.perf_counter()
+                step()
+                step()
+                seconds.append(time.perf_counter() - t0)
+            ratios.append(seconds[0] / seconds[1])
+    return statistics.median(ratios[1:])
+
+
 def _encode(blocks: nn.ModuleList, x: torch.Tensor, use_native: bool) -> torch.Tensor:
-    """The ViT blocks on ``x``, through the native kernels when they are wanted, apply and are built."""
-    kernels = native.kernels() if use_native and native.applies(x) else None
+    """The ViT blocks on ``x``, through the native kernels when they are wanted, apply and are chosen."""
+    kernels = kernel_choice().kernels if use_native and native.applies(x) else None
     if kernels is None:
         for block in blocks:
             x = block(x)
@@ -400,11 +445,16 @@ class FusedAstroMAE(nn.Module):
         self.magnitude_block = _mlp(w, "inception_model.magnitude_block", MAG_LAYERS)
         self.concat_block = _mlp(w, "concat_block", 2)
 
-    def runs_native(self) -> bool:
-        """Whether eager calls run the native kernels (``native.py``): float32 on the CPU, wanted
-        (``use_native``), and built here, which this call does if need be."""
-        on_cpu = self.cls_pos.device.type == "cpu"
-        return self.use_native and not self.bf16 and on_cpu and native.kernels() is not None
+    def kernels_used(self) -> tuple[str, str]:
+        """Which kernels eager calls run the ViT blocks on, "native-<form>" (``native.py``) or
+        "torch", and why: the native ones in float32 on the CPU, if wanted (``use_native``), built
+        here and chosen (``kernel_choice``), which this call finds out if need be."""
+        if not self.use_native:
+            return "torch", "the model was built with use_native=False"
+        if self.bf16 or self.cls_pos.device.type != "cpu":
+            return "torch", "the native kernels are for float32 on the CPU"
+        choice = kernel_choice()
+        return choice.label, choice.reason
 
     def forward(self, images: torch.Tensor, magnitudes: torch.Tensor) -> torch.Tensor:
         return self.fusion(self.vit_features(images), self.inception_features(images), self.magnitude_block(magnitudes))

@@ -17,35 +17,53 @@ They compute what the torch code of ``fast`` computes, to float32 rounding (test
 it). Measured on a 2-core Zen 5 VM (interleaved A/B in one process, batch 128): the fused model
 1.28x faster at 1 thread and 1.24x at 2.
 
-The library is built with ``$CXX`` (default ``g++``) and ``-march=native``, about a second, and
-cached under ``$CAI_HPC_CACHE`` (default ``$XDG_CACHE_HOME/cai-hpc`` or ``~/.cache/cai-hpc``;
-if that is not a directory only this user can write, one in the temporary directory) keyed by
-the source, compiler, torch and the CPU's instruction set, so nodes of different CPUs sharing a
-home directory never load each other's builds. Ranks of one node take turns through a lock
-file: one builds, the others load its build; a failed build is recorded beside it
-(``.failed``), so the other ranks do not repeat it. Before use, the library must show that its
-parallel loops run on torch's OpenMP runtime (it follows ``torch.set_num_threads``). Without a
-compiler, on a failed build or check, or with ``CAI_HPC_NATIVE=0``, ``kernels()`` returns None
-and the model runs on torch's kernels, as it does in bfloat16, under ``torch.compile`` and on
-GPUs; the reason is logged once.
+Each kernel has an AVX-512 form, an AVX2 + FMA form (8-lane layouts) and a portable one; which
+one a library holds depends on the level it is built for (``LEVELS``: ``native`` for exactly
+the building CPU, ``x86-64-v4``, ``x86-64-v3``, ``portable``). The loader takes the best level
+this CPU can run (``CAI_HPC_KERNEL_LEVEL`` forces one, say ``x86-64-v3`` to test or measure the
+AVX2 form on an AVX-512 CPU), looking first in ``$CAI_HPC_KERNELS_DIR`` (libraries built ahead
+of time by ``cai-hpc build-kernels --out``; a directory others can write is passed over), then
+in the cache, ``$CAI_HPC_CACHE`` (default ``$XDG_CACHE_HOME/cai-hpc`` or ``~/.cache/cai-hpc``;
+if that is not a directory only this user can write, one in the temporary directory). A build
+is named by its source, flags, torch, ISA level (and for ``native``, the CPU's instruction set)
+and compiler, so nodes of different CPUs sharing a home directory never load each other's
+builds; a machine without a compiler takes any compiler's build. Where a compiler is at hand
+and nothing is prebuilt, the library is built on first use (about a second): ranks of one node
+take turns through a lock file (where the filesystem has no locks, each builds, and the atomic
+rename keeps the result whole); a failed build is recorded beside it (``.failed``, with host and
+time), so the other ranks of that host do not repeat it within the hour. Before use, the
+library must show that its parallel loops run on torch's OpenMP runtime (it follows
+``torch.set_num_threads``).
+
+Whether the kernels run is then ``decide``d by speed: measured once per library, CPU and thread
+count (torch's block forward against the kernels'), they run only where they are at least as
+fast; ``CAI_HPC_NATIVE=1`` takes them unmeasured. Without a compiler or prebuilt build, on a
+failed build or check, or with ``CAI_HPC_NATIVE=0``, ``kernels()`` returns None and the model
+runs on torch's kernels, as it does in bfloat16, under ``torch.compile`` and on GPUs; the reason
+is logged once.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import functools
 import hashlib
+import json
 import logging
 import os
 import platform
+import random
 import shlex
 import shutil
+import socket
 import stat
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -56,7 +74,19 @@ SOURCE = Path(__file__).with_name("native.cpp")
 BUILD_TIMEOUT_S = 300.0  # a build, or the wait for another process's build
 TOKENS, CHANNELS, QKV = 17, 192, 576
 PCM_SHAPES = ((48, 4, 16), (48, 1, 16), (48, 16, 4), (48, 1, 4))  # FusedBlock's pcm_w1, pcm_b1, pcm_w2, pcm_b2
-_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno", "-fno-trapping-math")
+_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno", "-fno-trapping-math")
+# The builds: for exactly the building CPU (``native``), for the x86-64 levels (v4: AVX-512,
+# the kernels' AVX-512 form; v3: AVX2 + FMA, their AVX2 form), and with the compiler's defaults
+# (``portable``: the portable form, on any architecture).
+LEVELS = {
+    "native": ("-march=native",),
+    "x86-64-v4": ("-march=x86-64-v4", "-mtune=generic"),
+    "x86-64-v3": ("-march=x86-64-v3", "-mtune=generic"),
+    "portable": (),
+}
+# What each x86-64 level needs of the CPU, as /proc/cpuinfo names it (abm: lzcnt), best first.
+_V3 = frozenset("avx avx2 bmi1 bmi2 f16c fma abm movbe".split())
+X86_LEVELS = {"x86-64-v4": _V3 | {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}, "x86-64-v3": _V3}
 
 
 class UnavailableError(Exception):
@@ -72,8 +102,12 @@ class Kernels:
     """The compiled library's entry points, each checking its tensors before handing their
     memory to C++ (a wrong shape there would be a silent overrun, not an error)."""
 
-    def __init__(self, library: ctypes.CDLL) -> None:
+    def __init__(self, library: ctypes.CDLL, path: Path | None = None, level: str = "native") -> None:
         p, n, f = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+        self.path, self.level = path, level
+        isa = library.cai_isa
+        isa.argtypes, isa.restype = (), ctypes.c_char_p
+        self.isa: str = isa().decode()  # the form built: "avx512", "avx2" or "portable"
         self._attention = library.cai_attention
         self._attention.argtypes, self._attention.restype = (p, p, n), None
         self._pcm = library.cai_pcm_residual_norm
@@ -147,9 +181,63 @@ def applies(x: torch.Tensor) -> bool:
     )
 
 
+@dataclass(frozen=True)
+class Choice:
+    """Which kernels the ViT blocks run on and why: ``kernels`` None means torch's."""
+
+    kernels: Kernels | None
+    label: str  # "native-avx512", "native-avx2", "native-portable" or "torch"
+    reason: str
+
+
+def decide(speedup: Callable[[Kernels], float]) -> Choice:
+    """The native kernels where they are at least as fast as torch's on this CPU, else torch's.
+
+    ``speedup(kernels)`` measures torch's time over the kernels' on a block forward. It runs
+    once per library, CPU and thread count: its answer is kept in the cache directory, beside
+    the builds. ``CAI_HPC_NATIVE=1`` takes the kernels without measuring, ``0`` never loads them.
+    """
+    if os.environ.get("CAI_HPC_NATIVE") == "0":
+        return Choice(None, "torch", "turned off by CAI_HPC_NATIVE=0")
+    loaded = kernels()
+    if loaded is None:
+        return Choice(None, "torch", _unavailable_reason or "native kernels unavailable")
+    label = f"native-{loaded.isa}"
+    if os.environ.get("CAI_HPC_NATIVE") == "1":
+        return Choice(loaded, label, f"{loaded.level} build, taken without measuring (CAI_HPC_NATIVE=1)")
+    record = _choice_record(loaded)
+    measured = _read_json(record) if record is not None else None
+    if measured is None:
+        ratio = speedup(loaded)
+        measured = {"speedup": round(ratio, 3), "host": socket.gethostname(), "time": time.time()}
+        if record is not None:
+            with contextlib.suppress(OSError):
+                _write_atomically(record, json.dumps(measured).encode())
+    ratio = float(measured["speedup"])
+    when = "measured now" if record is None else f"measured once for this CPU, kept in {record}"
+    speed = f"{ratio:.2f}x torch's speed on a block forward, {when}"
+    if ratio >= 1.0:
+        return Choice(loaded, label, f"{loaded.level} build at {speed}")
+    return Choice(None, "torch", f"the {label} kernels ({loaded.level} build) ran at {speed}")
+
+
+def _choice_record(loaded: Kernels) -> Path | None:
+    """Where this library's measurement on this CPU at this thread count is kept (None: no cache)."""
+    try:
+        cache = _cache_dir()
+    except UnavailableError:
+        return None
+    cpu = hashlib.sha256(f"{_cpu_model()}\0{_cpu_features()}".encode()).hexdigest()[:12]
+    return cache / f"{loaded.path.stem}-{cpu}-t{torch.get_num_threads()}.choice.json"
+
+
+_unavailable_reason: str | None = None
+
+
 @functools.cache
 def kernels() -> Kernels | None:
-    """The kernels, built or found in the cache, or None (the reason logged once)."""
+    """The kernels, prebuilt, found in the cache or built, or None (the reason logged once)."""
+    global _unavailable_reason
     t0 = time.perf_counter()
     try:
         loaded = _load()
@@ -158,41 +246,124 @@ def kernels() -> Kernels | None:
         reason = str(why).splitlines()[0] if str(why) else type(why).__name__
         level = logging.INFO if expected else logging.WARNING
         log.log(level, "native kernels: %s; the ViT blocks run on torch's kernels", reason)
+        _unavailable_reason = reason
         return None
-    log.debug("native kernels: ready in %.2f s", time.perf_counter() - t0)
+    log.debug("native kernels: %s (%s) ready in %.2f s", loaded.path, loaded.isa, time.perf_counter() - t0)
     return loaded
 
 
+def cpu_levels() -> list[str]:
+    """The build levels (``LEVELS``) this CPU can run, best first: ``native`` (built for exactly
+    this CPU), then the x86-64 levels its instruction set covers, then ``portable``."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return ["native", "portable"]
+    flags = set(_cpu_features().split(":", 1)[-1].split())
+    return ["native"] + [level for level in X86_LEVELS if X86_LEVELS[level] <= flags] + ["portable"]
+
+
+def _wanted_levels() -> list[str]:
+    """``cpu_levels()``, or the one level ``CAI_HPC_KERNEL_LEVEL`` asks for (say, the AVX2 form
+    on an AVX-512 CPU, to test or measure it), which the CPU must be able to run."""
+    forced = os.environ.get("CAI_HPC_KERNEL_LEVEL")
+    if not forced:
+        return cpu_levels()
+    if forced not in LEVELS:
+        raise UnavailableError(f"CAI_HPC_KERNEL_LEVEL={forced} is not one of {', '.join(LEVELS)}")
+    if forced not in cpu_levels():
+        raise UnavailableError(f"CAI_HPC_KERNEL_LEVEL={forced}: this CPU cannot run that level's instructions")
+    return [forced]
+
+
 def _load() -> Kernels:
-    """The kernels of the cached library for this machine, built first if the cache lacks it
-    (or holds a damaged one). Raises ``UnavailableError`` or ``OSError``."""
-    if os.environ.get("CAI_HPC_NATIVE", "1") == "0":
+    """The best kernels this CPU can run: prebuilt in ``$CAI_HPC_KERNELS_DIR`` or the cache,
+    else built for it (or rebuilt, if the cache holds a damaged build). Raises
+    ``UnavailableError`` or ``OSError``."""
+    if os.environ.get("CAI_HPC_NATIVE", "auto") == "0":
         raise UnavailableError("turned off by CAI_HPC_NATIVE=0", expected=True)
     if platform.system() != "Linux":
         raise UnavailableError(f"built only on Linux, not {platform.system()}", expected=True)
+    levels = _wanted_levels()
+    prebuilt = _prebuilt_dir()
+    if prebuilt is not None:
+        found = _find(prebuilt, levels, compiler_id=None)
+        if found is not None:
+            return found
     compiler = shlex.split(os.environ.get("CXX", "g++"))
     if not compiler or shutil.which(compiler[0]) is None:
-        raise UnavailableError(f"no C++ compiler ({os.environ.get('CXX', 'g++')!r} not found; set CXX)", expected=True)
-    command = _command(compiler)
-    library = _cache_dir() / f"cai-hpc-native-{_key(command)}.so"
+        cached = _find(_cache_dir(), levels, compiler_id=None)
+        if cached is not None:
+            return cached
+        where = f" nor in {prebuilt}" if prebuilt is not None else ""
+        raise UnavailableError(
+            f"no C++ compiler ({os.environ.get('CXX', 'g++')!r} not found; set CXX) and no prebuilt kernels for this "
+            f"CPU in the cache{where} (see cai-hpc build-kernels)",
+            expected=True,
+        )
+    level = levels[0]
+    library = _cache_dir() / library_name(level, _compiler_id(tuple(compiler)))
     with contextlib.suppress(OSError, AttributeError):  # missing or damaged: (re)built below
-        return _open(library)
+        return _open(library, level)
+    failed = library.with_suffix(".failed")
     with _locked(library.with_suffix(".lock")):
-        failed = library.with_suffix(".failed")
-        if failed.exists():
-            raise UnavailableError(f"{failed.read_text().strip()}, in an earlier run (delete {failed} to try again)")
+        _raise_if_failed_recently(failed)
         with contextlib.suppress(OSError, AttributeError):  # built by whoever held the lock before
-            return _open(library)
+            return _open(library, level)
         library.unlink(missing_ok=True)  # damaged: a process that has it loaded keeps its copy
-        _build(command, library, failed)
-    return _open(library)
+        _build(_command(compiler, level), library, failed)
+    failed.unlink(missing_ok=True)  # an expired failure, now overcome
+    return _open(library, level)
 
 
-def _open(library: Path) -> Kernels:
+def _find(directory: Path, levels: list[str], compiler_id: str | None) -> Kernels | None:
+    """The first library in ``directory`` of these levels, in order, built by any compiler,
+    that loads and passes ``_open``'s check; files that others could have written are skipped."""
+    for level in levels:
+        for library in sorted(directory.glob(library_name(level, "*"))):
+            if not _private_or_root(library):
+                log.warning("native kernels: %s passed over (writable by others)", library)
+                continue
+            try:
+                return _open(library, level)
+            except (OSError, AttributeError, UnavailableError) as why:
+                log.debug("native kernels: %s passed over (%s)", library, why)
+    return None
+
+
+def library_name(level: str, compiler_id: str) -> str:
+    """The file name of a build: what it depends on, its source, torch and ISA level in a key,
+    then the compiler's (``*`` matches any compiler's build, for machines without one)."""
+    return f"cai-hpc-kernels-{level}-{_key(level)}-{compiler_id}.so"
+
+
+def build_ahead(out: Path | None, levels: list[str]) -> list[Path]:
+    """``cai-hpc build-kernels``: builds the kernels for ``levels`` (any, whatever this CPU can
+    run; ``native`` means this CPU) into ``out`` (default: the cache), readable by all, for
+    machines without a compiler to load (``$CAI_HPC_KERNELS_DIR`` or the cache). Raises
+    ``UnavailableError`` on a failed build, naming the level."""
+    unknown = [level for level in levels if level not in LEVELS]
+    if unknown:
+        raise UnavailableError(f"unknown level {', '.join(unknown)}: choose among {', '.join(LEVELS)}")
+    compiler = shlex.split(os.environ.get("CXX", "g++"))
+    if not compiler or shutil.which(compiler[0]) is None:
+        raise UnavailableError(f"no C++ compiler ({os.environ.get('CXX', 'g++')!r} not found; set CXX)")
+    if out is None:
+        out = _cache_dir()
+    else:
+        out.mkdir(mode=0o755, parents=True, exist_ok=True)
+    built = []
+    for level in levels:
+        library = out / library_name(level, _compiler_id(tuple(compiler)))
+        _build(_command(compiler, level), library, failed=None)
+        library.chmod(0o644)
+        built.append(library)
+    return built
+
+
+def _open(library: Path, level: str) -> Kernels:
     """The library's kernels, once it shows that its parallel loops follow torch's thread
     count: a library linked to another OpenMP runtime (e.g. built with clang's libomp) would use
     every core in every rank."""
-    loaded = Kernels(ctypes.CDLL(str(library)))  # AttributeError: a symbol missing
+    loaded = Kernels(ctypes.CDLL(str(library)), library, level)  # AttributeError: a symbol missing
     before = torch.get_num_threads()
     try:
         for threads in sorted({1, before}):
@@ -207,14 +378,25 @@ def _open(library: Path) -> Kernels:
     return loaded
 
 
+# Errors of flock on filesystems without locks: Lustre mounted without -o flock (ENOSYS), NFS
+# without a lock daemon (ENOLCK), some FUSE and network filesystems (EOPNOTSUPP).
+NO_LOCKS = frozenset({errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP})
+LOCK_POLL_S = (0.05, 2.0)  # first and longest wait between tries for a lock another holds
+
+
 @contextlib.contextmanager
 def _locked(path: Path) -> Iterator[None]:
     """Holds an exclusive lock on ``path`` (one builder per cache), waiting at most
-    ``BUILD_TIMEOUT_S`` for it. The lock goes with the process, however it ends."""
+    ``BUILD_TIMEOUT_S`` for it, with waits that double (from 50 ms to 2 s, jittered) so that many
+    ranks polling a lock on a network filesystem do not flood its server. The lock goes with
+    the process, however it ends. Where the filesystem has no locks, it goes ahead without one:
+    builds are written under a private name and renamed into place, so concurrent builders
+    each leave a whole library."""
     import fcntl  # POSIX; load() runs on Linux only
 
     with open(path, "w") as lock:
         deadline = time.monotonic() + BUILD_TIMEOUT_S
+        wait = LOCK_POLL_S[0]
         while True:
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -222,29 +404,83 @@ def _locked(path: Path) -> Iterator[None]:
             except BlockingIOError:
                 if time.monotonic() > deadline:
                     raise UnavailableError(f"waited {BUILD_TIMEOUT_S:.0f} s for another build ({path})") from None
-                time.sleep(0.05)
+                time.sleep(wait * random.uniform(0.75, 1.25))
+                wait = min(2 * wait, LOCK_POLL_S[1])
+            except OSError as why:
+                if why.errno not in NO_LOCKS:
+                    raise
+                log.info("native kernels: no file locks here (%s: %s); building without one", path.parent, why.strerror)
+                break
         yield
 
 
-def _command(compiler: list[str]) -> list[str]:
+FAILED_TTL_S = 3600.0  # a failed build is retried after this, or at once on another host
+
+
+def _raise_if_failed_recently(failed: Path) -> None:
+    """Raises ``UnavailableError`` if a build failed on this host within ``FAILED_TTL_S``, as
+    recorded in ``failed``: so the other ranks, and runs soon after, do not repeat it. A failure
+    on another host (say, a full disk there) or an older one is tried again."""
+    record = _read_json(failed)
+    if record is None:
+        return
+    host, when = record.get("host"), float(record.get("time", 0))
+    age = time.time() - when
+    if host != socket.gethostname() or not 0 <= age < FAILED_TTL_S:
+        return
+    at = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(when))
+    raise UnavailableError(
+        f"{record.get('reason', 'build failed')}, on {host} at {at} (retried after {FAILED_TTL_S / 60:.0f} min; "
+        f"delete {failed} to try again now)"
+    )
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _command(compiler: list[str], level: str) -> list[str]:
     torch_dir = Path(torch.__file__).parent
     include, lib = torch_dir / "include", torch_dir / "lib"
-    openmp = ["-fopenmp"] if "OpenMP" in torch.__config__.parallel_info() else []
-    abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
     return [
-        *compiler, *_FLAGS, *openmp, abi, f"-I{include}", str(SOURCE),
+        *compiler, *_FLAGS, *LEVELS[level], *_torch_flags(), f"-I{include}", str(SOURCE),
         f"-L{lib}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{lib}",
     ]  # fmt: skip
 
 
-def _key(command: list[str]) -> str:
-    """What the build depends on: the source, the command (torch's paths and ABI in it), the
-    compiler binary, torch's version and this CPU's instruction set (``-march=native``)."""
+def _torch_flags() -> list[str]:
+    openmp = ["-fopenmp"] if "OpenMP" in torch.__config__.parallel_info() else []
+    return [*openmp, f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
+
+
+@functools.cache
+def _key(level: str) -> str:
+    """What a build of ``level`` depends on besides the compiler: the source, the flags, torch's
+    version and ABI, and for ``native`` this CPU's instruction set (``-march=native``)."""
     digest = hashlib.sha256(SOURCE.read_bytes())
-    compiler = os.stat(shutil.which(command[0]) or command[0])
-    for part in (*command, f"{compiler.st_size}:{compiler.st_mtime_ns}", torch.__version__, _cpu_features()):
+    cpu = _cpu_features() if level == "native" else ""
+    for part in (*_FLAGS, *LEVELS[level], *_torch_flags(), torch.__version__, platform.machine(), cpu):
         digest.update(part.encode() + b"\0")
     return digest.hexdigest()[:16]
+
+
+@functools.cache
+def _compiler_id(compiler: tuple[str, ...]) -> str:
+    """The compiler's identity for build names: its ``--version`` line and binary."""
+    path = shutil.which(compiler[0]) or compiler[0]
+    try:
+        version = subprocess.run(
+            [*compiler, "--version"], capture_output=True, text=True, timeout=60, check=False
+        ).stdout.partition("\n")[0]
+    except (OSError, subprocess.TimeoutExpired):
+        version = ""
+    info = os.stat(path)
+    identity = f"{' '.join(compiler)}\0{version}\0{info.st_size}:{info.st_mtime_ns}"
+    return hashlib.sha256(identity.encode()).hexdigest()[:8]
 
 
 def _cpu_features() -> str:
@@ -255,6 +491,16 @@ def _cpu_features() -> str:
     except OSError:
         pass
     return platform.machine()
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("model name", "CPU part")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
 
 
 def _cache_dir() -> Path:
@@ -280,9 +526,31 @@ def _cache_dir() -> Path:
     raise UnavailableError("no cache directory that only this user can write (set CAI_HPC_CACHE)")
 
 
-def _build(command: list[str], library: Path, failed: Path) -> None:
+def _prebuilt_dir() -> Path | None:
+    """``$CAI_HPC_KERNELS_DIR``, a directory of prebuilt libraries (``cai-hpc build-kernels
+    --out``), if set and nobody but us or root can write to it (the process loads code from it)."""
+    given = os.environ.get("CAI_HPC_KERNELS_DIR")
+    if not given:
+        return None
+    directory = Path(given).resolve()
+    if not directory.is_dir():
+        log.warning("native kernels: CAI_HPC_KERNELS_DIR=%s is not a directory; passed over", given)
+        return None
+    if not _private_or_root(directory):
+        log.warning("native kernels: CAI_HPC_KERNELS_DIR=%s passed over (others can write to it)", given)
+        return None
+    return directory
+
+
+def _private_or_root(path: Path) -> bool:
+    info = path.stat()
+    return info.st_uid in (os.getuid(), 0) and not info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+
+
+def _build(command: list[str], library: Path, failed: Path | None) -> None:
     """Compiles the library into a private temporary file and renames it into place; on a
-    failure, writes why to ``failed`` (so that other processes do not repeat it) and raises."""
+    failure, records why, where and when in ``failed`` (so that other processes do not repeat it)
+    and raises."""
     t0 = time.perf_counter()
     fd, name = tempfile.mkstemp(dir=library.parent, prefix=f"{library.name}.", suffix=".tmp")
     os.close(fd)
@@ -300,14 +568,27 @@ def _build(command: list[str], library: Path, failed: Path) -> None:
             detail = f": {first}" if first else ", no message"
             reason = f"build failed ({command[0]} exit {done.returncode}{detail})" if done.returncode else ""
         if reason:
-            failed.write_text(reason + "\n")
+            if failed is not None:
+                record = {"reason": reason, "host": socket.gethostname(), "time": time.time()}
+                with contextlib.suppress(OSError):  # a full disk may be why: the error still stands
+                    _write_atomically(failed, json.dumps(record).encode())
             raise UnavailableError(reason)
         with open(partial, "rb") as built:
             os.fsync(built.fileno())  # on disk before its name is, for a crash in between
         os.replace(partial, library)  # whole or not at all, for the processes that load it
     finally:
         partial.unlink(missing_ok=True)
-    log.info("native kernels: built for this CPU in %.1f s (%s)", time.perf_counter() - t0, library)
+    log.info("native kernels: built %s in %.1f s (%s)", library.name, time.perf_counter() - t0, library.parent)
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f"{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+        os.replace(name, path)
+    finally:
+        Path(name).unlink(missing_ok=True)
 
 
 def _check(t: torch.Tensor, shape: tuple[int, ...]) -> None:

@@ -102,7 +102,9 @@ def test_summary_follows_the_design_and_its_metrics_match_numpy(first_run) -> No
     assert rank["samples"] == 300 and rank["peak_rss_mb"] > 100
     assert set(rank["startup_split"]) == {"imports_s", "build_s", "weights_s", "kernels_s", "first_batch_s"}
     assert all(v >= 0 for v in rank["startup_split"].values()) and rank["startup_split"]["build_s"] > 0
-    assert rank["kernels"] == ("native" if shutil.which(os.environ.get("CXX", "g++")) else "torch")
+    # "native-<form>" (e.g. native-avx2) or "torch", and why
+    assert rank["kernels"].split("-")[0] == ("native" if shutil.which(os.environ.get("CXX", "g++")) else "torch")
+    assert rank["kernels_reason"]
     assert on_disk["model"]["parameters"] == 15_902_889
     assert 0.2 < on_disk["model"]["gflop_per_sample"] < 0.25
     assert "random weights" in on_disk["model"]["checkpoint"]

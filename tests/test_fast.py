@@ -233,3 +233,23 @@ def test_half_precision_weights_are_used_as_float32(golden, golden_model) -> Non
     assert {p.dtype for p in fused.parameters()} | {b.dtype for b in fused.buffers()} == {torch.float32}
     z = run(fused, golden["images"], golden["magnitudes"])
     np.testing.assert_allclose(z, golden["redshift"], atol=5e-2, rtol=0)  # float16 weights: close, not equal
+
+
+@pytest.mark.parametrize("setting", ["1", "0"])
+def test_the_block_profile_times_every_step_of_the_kernels_in_use(setting, monkeypatch) -> None:
+    from cai_hpc.bench import block_step_profile, shape_gemm_gflops
+    from cai_hpc.fast import kernel_choice
+
+    monkeypatch.setenv("CAI_HPC_NATIVE", setting)  # native kernels (where built), then torch's
+    torch.manual_seed(0)
+    profile = block_step_profile(fuse(AstroMAE().eval()), batch=2, seconds=0.02)
+    linear_maps = ["qkv linear", "proj linear", "fc1 linear+GELU", "fc2 linear"]
+    if kernel_choice().kernels is not None:
+        others = ["attention", "PCM+residual+norm2", "residual+norm1"]
+    else:
+        others = ["attention", "PCM, norms, residuals"]
+    assert sorted(name for name, _, _ in profile) == sorted(linear_maps + others)
+    assert all(ms > 0 for name, ms, _ in profile if name != "PCM, norms, residuals")
+    assert all((rate is not None and rate > 0) == (name in linear_maps) for name, _, rate in profile)
+    rates = shape_gemm_gflops(rows=34, seconds=0.02)
+    assert list(rates) == ["K=192 N=768", "K=768 N=192"] and all(r > 0 for r in rates.values())

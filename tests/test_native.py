@@ -5,17 +5,23 @@ runs on torch's kernels, with the same outputs)."""
 from __future__ import annotations
 
 import ctypes
+import errno
+import itertools
 import json
 import os
-import shlex
+import platform
 import shutil
+import socket
 import subprocess
 import sys
 import textwrap
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from cai_hpc import native
 from cai_hpc.fast import FusedAstroMAE, fuse, max_pool_3x3
@@ -54,7 +60,11 @@ def model(reference) -> FusedAstroMAE:
 
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("batch", [1, 3, 33])
-def test_native_and_torch_kernels_give_the_same_redshifts(kernels, reference, model, batch, threads) -> None:
+def test_native_and_torch_kernels_give_the_same_redshifts(
+    kernels, reference, model, batch, threads, monkeypatch
+) -> None:
+    monkeypatch.setenv("CAI_HPC_NATIVE", "1")  # the kernels, however fast they measured here
+    assert model.kernels_used()[0] == f"native-{kernels.isa}"
     rng = np.random.default_rng(batch)
     images = torch.as_tensor(rng.normal(size=(batch, 5, 32, 32)).astype(np.float32))
     mags = torch.as_tensor(rng.uniform(14, 20, (batch, 5)).astype(np.float32))
@@ -146,19 +156,51 @@ def test_tensors_the_kernels_were_not_written_for_are_refused(kernels, call) -> 
         call(kernels)
 
 
-def test_the_portable_build_without_avx512_gives_the_same_block(kernels, model, tmp_path) -> None:
-    # The AVX-512 code is what runs here; the loops every other CPU runs must agree with it.
-    command = native._command(shlex.split(os.environ.get("CXX", "g++")))
-    library = tmp_path / "portable.so"
-    subprocess.run([*command, "-mno-avx512f", "-o", str(library)], check=True, timeout=300)
-    portable = native.Kernels(ctypes.CDLL(str(library)))
+# The forms of the kernels this CPU can run, each from a build of its own level.
+FORMS = {"x86-64-v4": "avx512", "x86-64-v3": "avx2", "portable": "portable"}
+
+
+@pytest.fixture(scope="module")
+def forms(kernels, tmp_path_factory) -> dict[str, native.Kernels]:
+    # The form already loaded (the session's kernels) is not built again.
+    levels = [level for level in native.cpu_levels() if level in FORMS and FORMS[level] != kernels.isa]
+    built = native.build_ahead(tmp_path_factory.mktemp("forms"), levels)
+    loaded = {
+        level: native.Kernels(ctypes.CDLL(str(path)), path, level) for level, path in zip(levels, built, strict=True)
+    }
+    return {next(level for level, isa in FORMS.items() if isa == kernels.isa): kernels, **loaded}
+
+
+def test_every_form_this_cpu_runs_gives_the_same_outputs(forms, model) -> None:
+    # On an AVX-512 CPU: the AVX-512, AVX2 and portable forms; on an AVX2 CPU: the last two.
+    assert {level: k.isa for level, k in forms.items()} == {level: FORMS[level] for level in forms}
+    assert "portable" in forms
     torch.manual_seed(4)
-    block = model.blocks[2]
-    x = torch.randn(3, 17, 192)
+    block, following = model.blocks[2], model.blocks[3]
+    x = torch.randn(3, 17, 192) * 4  # SiLU and softmax inputs out in their tails too
+    qkv = torch.randn(2, 17, 576)
+    pooled = torch.randint(-3, 4, (2, 19, 6, 5)).float().contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
-        ours, _ = block.forward_native(x, block.norm1(x), portable, None)
-        theirs, _ = block.forward_native(x, block.norm1(x), kernels, None)
-    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+        expected = block(x)
+        for level, kernels in forms.items():
+            out, normed = block.forward_native(x, block.norm1(x), kernels, following.norm1)
+            torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-5, msg=level)
+            torch.testing.assert_close(normed, following.norm1(expected), atol=1e-4, rtol=1e-4, msg=level)
+            reference = forms["portable"].attention(qkv)
+            torch.testing.assert_close(kernels.attention(qkv), reference, atol=1e-5, rtol=1e-5, msg=level)
+            assert torch.equal(kernels.max_pool_3x3(pooled), F.max_pool2d(pooled, 3, stride=1, padding=1)), level
+
+
+def test_the_portable_form_compiles_for_aarch64(tmp_path) -> None:
+    # Compile only: the portable loops, and nothing x86 in the code every other CPU gets.
+    cross = shutil.which("aarch64-linux-gnu-g++")
+    if cross is None:
+        pytest.skip("no aarch64 cross compiler (apt-get install g++-aarch64-linux-gnu)")
+    include = Path(torch.__file__).parent / "include"
+    flags = [f for f in native._FLAGS if f not in ("-shared",)] + native._torch_flags()
+    obj = tmp_path / "native.o"
+    subprocess.run([cross, *flags, f"-I{include}", "-c", str(native.SOURCE), "-o", str(obj)], check=True, timeout=300)
+    assert obj.read_bytes()[18] == 183  # e_machine: EM_AARCH64
 
 
 _LOAD = textwrap.dedent(
@@ -181,7 +223,7 @@ def test_one_process_builds_and_the_others_load_its_build(tmp_path) -> None:
     procs = [_load_in_a_process({"CAI_HPC_CACHE": str(tmp_path)}) for _ in range(3)]
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs) and all("kernels: True" in out for out in outputs), outputs
-    assert sum("built for this CPU" in out for out in outputs) == 1, outputs
+    assert sum("native kernels: built" in out for out in outputs) == 1, outputs
     assert len(list(tmp_path.glob("*.so"))) == 1 and not list(tmp_path.glob("*.tmp"))
     again = _load_in_a_process({"CAI_HPC_CACHE": str(tmp_path)}).communicate(timeout=300)[0]
     assert "kernels: True" in again and "built" not in again
@@ -193,10 +235,10 @@ def test_a_failed_build_is_not_repeated_and_a_damaged_one_is_rebuilt(tmp_path, m
     monkeypatch.setenv("CXX", "false")  # a compiler that fails
     with pytest.raises(native.UnavailableError, match="build failed"):
         native._load()
-    with pytest.raises(native.UnavailableError, match="in an earlier run"):  # not built again
+    with pytest.raises(native.UnavailableError, match=r"delete .* to try again"):  # not built again
         native._load()
     monkeypatch.delenv("CXX")
-    library = tmp_path / f"cai-hpc-native-{native._key(native._command(['g++']))}.so"
+    library = tmp_path / native.library_name(native._wanted_levels()[0], native._compiler_id(("g++",)))
     library.write_bytes(b"not a shared library")  # say, a disk filled up mid-write
     loaded = native._load()
     torch.testing.assert_close(loaded.attention(torch.zeros(1, 17, 576)), torch.zeros(1, 17, 192))
@@ -210,11 +252,14 @@ def test_a_library_on_another_openmp_runtime_is_refused(tmp_path) -> None:
         pytest.skip("no C compiler")
     names = ["cai_attention", "cai_pcm_residual_norm", "cai_add_norm", "cai_max_pool_3x3"]
     source = tmp_path / "other.c"
-    source.write_text("".join(f"void {n}(void) {{}}\n" for n in names) + "long cai_threads(void) { return 99; }\n")
+    source.write_text(
+        "".join(f"void {n}(void) {{}}\n" for n in names)
+        + 'const char* cai_isa(void) { return "portable"; }\nlong cai_threads(void) { return 99; }\n'
+    )
     library = tmp_path / "other.so"
     subprocess.run(["cc", "-shared", "-fPIC", str(source), "-o", str(library)], check=True, timeout=60)
     with pytest.raises(native.UnavailableError, match="OpenMP runtime is not torch's"):
-        native._open(library)
+        native._open(library, "portable")
 
 
 @pytest.mark.parametrize(
@@ -245,19 +290,147 @@ def test_a_cache_directory_others_can_write_is_passed_over(tmp_path, monkeypatch
     assert native._cache_dir() == mine and mine.stat().st_mode & 0o777 == 0o700
 
 
-@needs_compiler
-def test_infer_with_and_without_native_kernels_predicts_the_same(small_dataset, tmp_path) -> None:
+def test_infer_with_and_without_native_kernels_predicts_the_same(kernels, small_dataset, tmp_path) -> None:
     # Two real runs of the command line, the second with the kernels turned off.
     from tests.conftest import cai_hpc
     from tests.test_engine import read_predictions
 
     preds, kernels = [], []
-    for name, env in (("native", {}), ("torch", {"CAI_HPC_NATIVE": "0"})):
+    for name, env in (("native", {"CAI_HPC_NATIVE": "1"}), ("torch", {"CAI_HPC_NATIVE": "0"})):
         out = tmp_path / name
         done = cai_hpc("infer", "-q", "--data", str(small_dataset), "--out", str(out), env={**os.environ, **env})
         assert done.returncode == 0, done.stderr
         summary = json.loads((out / "summary.json").read_text())
         kernels.append({rank["kernels"] for rank in summary["ranks"]})
         preds.append(np.concatenate([f["redshift_pred"] for f in read_predictions(out).values()]))
-    assert kernels == [{"native"}, {"torch"}]
+    assert kernels == [{f"native-{native.kernels().isa}"}, {"torch"}]
     np.testing.assert_allclose(preds[0], preds[1], atol=1e-5, rtol=0)
+
+
+AVX2_ONLY = "flags : fpu sse2 avx avx2 bmi1 bmi2 f16c fma abm movbe"  # a Zen 3, say
+AVX512 = AVX2_ONLY + " avx512f avx512bw avx512cd avx512dq avx512vl"
+
+
+@pytest.mark.parametrize(
+    ("machine", "flags", "levels"),
+    [
+        ("x86_64", AVX512, ["native", "x86-64-v4", "x86-64-v3", "portable"]),
+        ("x86_64", AVX2_ONLY, ["native", "x86-64-v3", "portable"]),
+        ("x86_64", AVX2_ONLY.replace(" fma", ""), ["native", "portable"]),  # AVX2 without FMA: not v3
+        ("aarch64", "Features : fp asimd", ["native", "portable"]),
+    ],
+)
+def test_the_levels_a_cpu_can_run(monkeypatch, machine, flags, levels) -> None:
+    monkeypatch.setattr(platform, "machine", lambda: machine)
+    monkeypatch.setattr(native, "_cpu_features", lambda: flags)
+    assert native.cpu_levels() == levels
+    monkeypatch.setenv("CAI_HPC_KERNEL_LEVEL", "x86-64-v3")
+    if "x86-64-v3" in levels:
+        assert native._wanted_levels() == ["x86-64-v3"]
+    else:
+        with pytest.raises(native.UnavailableError, match="cannot run"):
+            native._wanted_levels()
+
+
+def test_with_no_compiler_infer_runs_the_kernels_built_ahead_of_time(
+    kernels, small_dataset, tmp_path, monkeypatch, caplog
+) -> None:
+    # build-kernels, as the Lambda image's builder stage runs it; then a machine with no
+    # compiler on PATH and an empty cache.
+    from tests.conftest import cai_hpc
+
+    level = "x86-64-v3" if "x86-64-v3" in native.cpu_levels() else "portable"
+    prebuilt = tmp_path / "kernels"
+    done = cai_hpc("build-kernels", "--out", str(prebuilt), "--levels", level)
+    assert done.returncode == 0, done.stderr
+    assert len(list(prebuilt.glob("*.so"))) == 1
+    env = {k: v for k, v in os.environ.items() if k not in ("CXX", "CAI_HPC_KERNEL_LEVEL")}
+    env |= {"PATH": os.path.dirname(sys.executable), "CAI_HPC_CACHE": str(tmp_path / "cache")}
+    env |= {"CAI_HPC_KERNELS_DIR": str(prebuilt), "CAI_HPC_NATIVE": "1"}
+    out = tmp_path / "out"
+    done = cai_hpc("infer", "-q", "--data", str(small_dataset), "--out", str(out), env=env)
+    assert done.returncode == 0, done.stderr
+    ranks = json.loads((out / "summary.json").read_text())["ranks"]
+    assert {rank["kernels"] for rank in ranks} == {f"native-{FORMS[level]}"}, ranks
+    monkeypatch.setenv("CAI_HPC_KERNELS_DIR", str(prebuilt))
+    assert native._prebuilt_dir() == prebuilt
+    prebuilt.chmod(0o777)  # a directory others can write to is not loaded from
+    assert native._prebuilt_dir() is None and "others can write to it" in caplog.text
+
+
+def _failing_flock(code: int):
+    def flock(fd, operation):
+        raise OSError(code, os.strerror(code))
+
+    return flock
+
+
+@needs_compiler
+def test_where_flock_fails_the_kernels_are_built_without_the_lock(tmp_path, monkeypatch) -> None:
+    # Lustre without -o flock: ENOSYS; NFS without a lock daemon: ENOLCK.
+    import fcntl
+
+    monkeypatch.setenv("CAI_HPC_CACHE", str(tmp_path))
+    monkeypatch.setattr(fcntl, "flock", _failing_flock(errno.ENOSYS))
+    loaded = native._load()
+    torch.testing.assert_close(loaded.attention(torch.zeros(1, 17, 576)), torch.zeros(1, 17, 192))
+    for code in (errno.ENOLCK, errno.EOPNOTSUPP):
+        monkeypatch.setattr(fcntl, "flock", _failing_flock(code))
+        with native._locked(tmp_path / "x.lock"):
+            pass
+    monkeypatch.setattr(fcntl, "flock", _failing_flock(errno.EIO))  # a real error stays one
+    with pytest.raises(OSError), native._locked(tmp_path / "x.lock"):
+        pass
+
+
+def test_waiting_for_the_lock_backs_off(tmp_path, monkeypatch) -> None:
+    import fcntl
+
+    tries = iter(range(12))
+
+    def busy(fd, operation):
+        if next(tries) < 11:
+            raise BlockingIOError(errno.EWOULDBLOCK, "held")
+
+    waits: list[float] = []
+    monkeypatch.setattr(fcntl, "flock", busy)
+    monkeypatch.setattr(native.time, "sleep", waits.append)
+    with native._locked(tmp_path / "x.lock"):
+        pass
+    assert len(waits) == 11 and waits[0] < 0.1 and max(waits) <= 2.5, waits
+    assert all(later > 1.15 * earlier for earlier, later in itertools.pairwise(waits[:6])), waits  # doubling
+
+
+def test_a_failed_build_is_retried_later_or_on_another_host(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("CAI_HPC_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", "false")  # a compiler that fails, at once
+    with pytest.raises(native.UnavailableError, match="build failed"):
+        native._load()
+    (marker,) = tmp_path.glob("*.failed")
+    record = json.loads(marker.read_text())
+    assert record["host"] == socket.gethostname() and abs(record["time"] - time.time()) < 60
+    with pytest.raises(native.UnavailableError, match=rf"on {socket.gethostname()} at .*delete .* to try again"):
+        native._load()
+    for stale in ({**record, "host": "another-node"}, {**record, "time": time.time() - 2 * native.FAILED_TTL_S}):
+        marker.write_text(json.dumps(stale))
+        with pytest.raises(native.UnavailableError, match="build failed"):  # tried again
+            native._load()
+
+
+def test_the_kernels_run_only_where_they_measured_at_least_as_fast(kernels, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("CAI_HPC_CACHE", str(tmp_path))
+    monkeypatch.delenv("CAI_HPC_NATIVE", raising=False)
+    slower = native.decide(lambda k: 0.8)
+    assert slower.kernels is None and slower.label == "torch" and "0.80x" in slower.reason
+
+    def never(k):
+        raise AssertionError("measured again")
+
+    assert native.decide(never).label == "torch"  # measured once, kept beside the builds
+    monkeypatch.setenv("CAI_HPC_NATIVE", "1")
+    assert native.decide(never).kernels is kernels
+    monkeypatch.setenv("CAI_HPC_NATIVE", "auto")
+    for record in tmp_path.glob("*.choice.json"):
+        record.unlink()
+    faster = native.decide(lambda k: 1.3)
+    assert faster.kernels is kernels and faster.label == f"native-{kernels.isa}" and "1.30x" in faster.reason
