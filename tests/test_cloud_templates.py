@@ -251,7 +251,7 @@ def test_functions(template):
     assert params["MemorySize"]["Default"] == 4096
     assert (params["MemorySize"]["MinValue"], params["MemorySize"]["MaxValue"]) == (128, 10240)
     assert params["MaxRanks"]["Default"] == 1000
-    assert params["TokenSecretName"]["Default"] == "cai-hpc/rendezvous"
+    assert params["Architecture"]["AllowedValues"] == ["x86_64", "arm64"]
     functions = resources(template, "AWS::Serverless::Function")
     assert set(functions) == set(HANDLERS)
     for name, fn in functions.items():
@@ -260,13 +260,26 @@ def test_functions(template):
         assert props["ImageUri"] == {"Ref": "ImageUri"}
         assert props["ImageConfig"]["Command"] == [HANDLERS[name]]
         assert props["Timeout"] == 900
-        assert props["Architectures"] == ["x86_64"]
+        assert props["Architectures"] == [{"Ref": "Architecture"}]
     rank = functions["RankFunction"]["Properties"]
     assert rank["MemorySize"] == {"Ref": "MemorySize"}
     assert rank["EphemeralStorage"]["Size"] >= 1024
     assert functions["SummarizeFunction"]["Properties"]["MemorySize"] == 1024
     secret_policies = [p for p in rank["Policies"] if "AWSSecretsManagerGetSecretValuePolicy" in p]
     assert secret_policies == [{"AWSSecretsManagerGetSecretValuePolicy": {"SecretArn": {"Ref": "TokenSecret"}}}]
+    assert rank["Environment"]["Variables"]["CAI_HPC_TOKEN_SECRET"] == {"Ref": "TokenSecret"}
+
+
+def test_rank_concurrency_is_reserved_only_when_asked(template):
+    """Reserved concurrency 0 would throttle every invocation: 0 means no reservation."""
+    param = template["Parameters"]["RankReservedConcurrency"]
+    assert (param["Default"], param["MinValue"]) == (0, 0)
+    rank = template["Resources"]["RankFunction"]["Properties"]
+    reserved = rank["ReservedConcurrentExecutions"]["Fn::If"]
+    assert reserved == ["HasReservedConcurrency", {"Ref": "RankReservedConcurrency"}, {"Ref": "AWS::NoValue"}]
+    assert template["Conditions"]["HasReservedConcurrency"] == {
+        "Fn::Not": [{"Fn::Equals": [{"Ref": "RankReservedConcurrency"}, 0]}]
+    }
 
 
 def test_bucket_and_secret(template):
@@ -275,15 +288,118 @@ def test_bucket_and_secret(template):
     assert bucket["BucketEncryption"]["ServerSideEncryptionConfiguration"]
     secret = template["Resources"]["TokenSecret"]
     assert secret["Type"] == "AWS::SecretsManager::Secret"
-    assert secret["Properties"]["Name"] == {"Ref": "TokenSecretName"}
+    assert "Name" not in secret["Properties"], "a fixed name collides between two stacks of a region"
     generate = secret["Properties"]["GenerateSecretString"]
     assert generate["PasswordLength"] == 64 and generate["ExcludePunctuation"] is True
+
+
+def test_outputs_hold_every_deployment_fact(template):
+    from lambda_shim.cloud import STACK_OUTPUTS
+
     outputs = {name: out["Value"] for name, out in template["Outputs"].items()}
+    assert set(STACK_OUTPUTS) <= set(outputs), (
+        f"cloud run reads outputs the template lacks: {set(STACK_OUTPUTS) - set(outputs)}"
+    )
     assert outputs["StateMachineArn"] == {"Ref": "InferenceStateMachine"}
     assert outputs["ResultsBucketName"] == {"Ref": "ResultsBucket"}
-    assert outputs["RankFunctionName"] == {"Ref": "RankFunction"}
-    assert outputs["SummarizeFunctionName"] == {"Ref": "SummarizeFunction"}
-    assert outputs["TokenSecretName"] == {"Ref": "TokenSecretName"}
+    assert outputs["TokenSecretArn"] == {"Ref": "TokenSecret"}
+    for name in ("MaxRanks", "MemorySize", "Architecture", "RunPrefix"):
+        assert outputs[name] == {"Ref": name}
+    rank_env = template["Resources"]["RankFunction"]["Properties"]["Environment"]["Variables"]
+    assert outputs["RendezvousAddress"] == rank_env["CAI_HPC_RENDEZVOUS"], (
+        "the functions reach the server of the output"
+    )
+    assert outputs["RendezvousAddress"]["Fn::If"][1] == {"Fn::Sub": "${RendezvousInstance.PublicIp}:${RendezvousPort}"}
+
+
+def statements(template: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(resource, statement) of every inline policy statement of the template."""
+    found = []
+    for name, res in template["Resources"].items():
+        props = res.get("Properties", {})
+        for policy in props.get("Policies", []):
+            document = policy.get("PolicyDocument", policy)
+            found += [(name, s) for s in document.get("Statement", [])]
+    return found
+
+
+def test_s3_access_is_least_privilege(template):
+    """Reads anywhere in the stack's bucket (and the read-only buckets), writes only under the run
+    prefix, and nothing the code never does (it deletes nothing and sets no ACL or lifecycle)."""
+    for name, res in template["Resources"].items():
+        for policy in res.get("Properties", {}).get("Policies", []):
+            assert not [k for k in policy if k.startswith("S3")], f"{name}: a SAM S3 policy grants delete: {policy}"
+    allowed = {
+        "s3:GetObject",
+        "s3:PutObject",
+        "s3:ListBucket",
+        "s3:ListMultipartUploadParts",
+        "s3:AbortMultipartUpload",
+    }
+    writes = {"s3:PutObject", "s3:AbortMultipartUpload"}
+    run_prefix = {"Fn::Sub": "${ResultsBucket.Arn}/${RunPrefix}*"}
+    seen = set()
+    for name, statement in statements(template):
+        action = statement["Action"]
+        actions = {a for a in ([action] if isinstance(action, str) else action) if a.startswith("s3:")}
+        seen |= actions
+        assert actions <= allowed, f"{name} may {actions - allowed}"
+        if actions & writes:
+            assert statement["Resource"] == run_prefix, f"{name} writes outside the run prefix: {statement['Resource']}"
+        if "ReadOnlyBuckets" in json.dumps(statement["Resource"]):
+            assert actions <= {"s3:GetObject", "s3:ListBucket"}, f"{name} may {actions} on the read-only buckets"
+    assert {"s3:GetObject", "s3:PutObject", "s3:ListBucket"} <= seen
+    reads = [s for n, s in statements(template) if n == "RankFunction" and s["Action"] == ["s3:GetObject"]]
+    assert len(reads) == 1 and "ReadOnlyBuckets" in json.dumps(reads[0]["Resource"]), "ranks read the read-only buckets"
+
+
+def test_rendezvous_server(template):
+    res = template["Resources"]
+    created = {n for n, r in res.items() if r.get("Condition") == "CreateRendezvous"}
+    assert created == {"RendezvousSecurityGroup", "RendezvousRole", "RendezvousInstanceProfile", "RendezvousInstance"}
+    assert template["Parameters"]["DeployRendezvous"]["Default"] == "true"
+    instance = res["RendezvousInstance"]["Properties"]
+    arm, x86 = instance["ImageId"]["Fn::If"][1:]
+    assert arm == "{{resolve:ssm:/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-arm64}}"
+    assert x86 == "{{resolve:ssm:/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-x86_64}}"
+    assert instance["MetadataOptions"]["HttpTokens"] == "required"
+    (ingress,) = res["RendezvousSecurityGroup"]["Properties"]["SecurityGroupIngress"]
+    assert ingress["FromPort"] == ingress["ToPort"] == {"Ref": "RendezvousPort"}
+    assert ingress["CidrIp"] == {"Ref": "RendezvousIngressCidr"} and ingress["IpProtocol"] == "tcp"
+    role = res["RendezvousRole"]["Properties"]
+    granted = [s for p in role["Policies"] for s in p["PolicyDocument"]["Statement"]]
+    secret = [s for s in granted if s["Action"] == "secretsmanager:GetSecretValue"]
+    assert secret == [
+        {"Effect": "Allow", "Action": "secretsmanager:GetSecretValue", "Resource": {"Ref": "TokenSecret"}}
+    ]
+    assert all(s["Resource"] != "*" for s in granted if s["Action"] != "ecr:GetAuthorizationToken")
+    script = instance["UserData"]["Fn::Base64"]["Fn::Sub"][0]
+    assert "-m lambda_shim.rendezvous --host 0.0.0.0 --port ${RendezvousPort}" in script
+    assert "Restart=always" in script and "systemctl enable --now cai-hpc-rendezvous.service" in script
+    assert "-e CAI_HPC_TOKEN_FILE=/run/secret" in script, "the secret reaches the server as a file"
+    assert "CAI_HPC_TOKEN=" not in script and "umask 077" in script
+
+
+def test_sam_transform_passes_cfn_lint(tmp_path, template, asl, monkeypatch):
+    """What `sam deploy` hands CloudFormation: the template through the SAM translator (the state
+    machine's definition inline, as after `sam package`), linted as plain CloudFormation."""
+    translator = pytest.importorskip("samtranslator.translator.translator", reason="aws-sam-translator: test extras")
+    from samtranslator.parser.parser import Parser
+
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")  # the translator builds ARNs for a region
+    sam = json.loads(json.dumps(template))
+    machine = sam["Resources"]["InferenceStateMachine"]["Properties"]
+    del machine["DefinitionUri"]
+    machine["Definition"] = asl
+    plain = translator.Translator(managed_policy_map={}, sam_parser=Parser()).translate(sam, parameter_values={})
+    kinds = {r["Type"] for r in plain["Resources"].values()}
+    assert {"AWS::Lambda::Function", "AWS::StepFunctions::StateMachine", "AWS::EC2::Instance"} <= kinds
+    rank = plain["Resources"]["RankFunction"]["Properties"]
+    assert rank["Architectures"] == [{"Ref": "Architecture"}]
+    path = tmp_path / "translated.json"
+    path.write_text(json.dumps(plain, indent=1))
+    done = run_cfn_lint(path)
+    assert done.returncode == 0, f"cfn-lint exit {done.returncode}:\n{done.stdout}{done.stderr}"
 
 
 def test_state_machine_may_run_its_own_child_executions(template):
