@@ -146,3 +146,20 @@ def test_a_stack_without_the_outputs_or_missing_is_one_line(aws) -> None:
     assert "stack nowhere: cannot read it" in one_line_error(
         cloud("plan", "--stack", "nowhere", "--data", "s3://b/d/", "--out", "s3://b/runs/x/")
     )
+
+
+def test_arm64_is_priced_below_x86_64() -> None:
+    """The same job on Graviton: the same GB-s at arm64's price (20 % less); requests, transitions
+    and S3 cost the same."""
+    from lambda_shim.cost import LAMBDA_GB_S, estimate_cost, job_cost
+
+    args = ([4800, 4800], 12, 3538, 100.0, 10.0)
+    x86, arm = estimate_cost(*args), estimate_cost(*args, architecture="arm64")
+    assert arm["lambda_gb_s"] == x86["lambda_gb_s"] == pytest.approx(2 * (10 + 4800 / 200) * 3538 / 1024, abs=1e-3)
+    assert arm["usd"]["lambda"] == pytest.approx(0.8 * x86["usd"]["lambda"], rel=1e-3)
+    assert arm["usd"]["lambda"] == pytest.approx(arm["lambda_gb_s"] * LAMBDA_GB_S["arm64"], rel=1e-3)
+    assert (arm["usd"]["s3"], arm["usd"]["step_functions"]) == (x86["usd"]["s3"], x86["usd"]["step_functions"])
+    records = [{"duration_s": 30.0, "init_s": 2.0, "memory_mb": 2048, "shards": 2, "cold": True}] * 2
+    billed = job_cost(records, architecture="arm64")
+    assert billed["architecture"] == "arm64"
+    assert billed["usd"]["lambda"] == pytest.approx(128 * LAMBDA_GB_S["arm64"], rel=1e-3)

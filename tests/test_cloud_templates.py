@@ -27,9 +27,10 @@ TEMPLATE = SHIM / "template.yaml"
 ASL = SHIM / "statemachine.asl.json"
 DOCKERFILE = SHIM / "Dockerfile"
 
-# Errors that the lambda:invoke integration raises when the function did not run (or its answer
-# was lost before it got to Step Functions); nothing else may be retried, since a rank that ran
-# and failed cannot rejoin its communicator.
+# Errors of the lambda:invoke integration that a rank may be retried on: throttling (the function
+# never ran) and Lambda's service and client errors (it may have run, or may still be running; a
+# retry that finds the rank's record returns it). An error the rank raised itself is never
+# retried: a rank that ran and failed cannot rejoin its communicator.
 INVOCATION_ERRORS = {
     "Lambda.ServiceException",
     "Lambda.TooManyRequestsException",
@@ -230,7 +231,7 @@ def test_rank_task_invokes_the_rank_function_with_the_item(asl):
     assert rank["Resource"] == "arn:aws:states:::lambda:invoke"
     assert rank["Parameters"] == {"FunctionName": "${RankFunctionArn}", "Payload.$": "$"}
     assert rank["OutputPath"] == "$.Payload"
-    assert rank["Retry"], "a throttled or lost invocation (the function never ran) should be retried"
+    assert rank["Retry"], "a throttled invocation (the function never ran) should be retried"
     assert "Catch" not in rank, "a failed rank must fail the Map"
 
 
