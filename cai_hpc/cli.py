@@ -457,6 +457,8 @@ def cmd_cloud_run(args: argparse.Namespace) -> int:
 
         if args.ranks is not None or args.shards_per_rank is not None:
             raise InputError("with --local, -n N sets the ranks (--ranks and --shards-per-rank are for AWS runs)")
+        if args.stack is not None:
+            raise InputError("--local emulates its own deployment: drop --stack")
 
         options = _plan_options(args)
         options.pop("ranks")

@@ -163,3 +163,28 @@ def test_arm64_is_priced_below_x86_64() -> None:
     billed = job_cost(records, architecture="arm64")
     assert billed["architecture"] == "arm64"
     assert billed["usd"]["lambda"] == pytest.approx(128 * LAMBDA_GB_S["arm64"], rel=1e-3)
+
+
+@pytest.mark.parametrize(("machine", "architecture"), [("aarch64", "arm64"), ("x86_64", "x86_64")])
+def test_summarize_bills_at_the_price_of_the_architecture_it_runs_on(aws, monkeypatch, machine, architecture) -> None:
+    from lambda_shim import handler
+    from lambda_shim.cost import LAMBDA_GB_S
+
+    record = {"job": "j", "rank": 0, "shards": 1, "memory_mb": 2048, "duration_s": 100.0, "init_s": 0.0}
+    out = f"summaries/{machine}"
+    aws.put_object(Bucket=BUCKET, Key=f"{out}/ranks/rank-00000.json", Body=json.dumps(record).encode())
+    aws.put_object(Bucket=BUCKET, Key=f"{out}/summary.json", Body=json.dumps({"samples": 7, "metrics": None}))
+    monkeypatch.setattr("platform.machine", lambda: machine)
+    handler.summarize({"job": "j", "out": f"s3://{BUCKET}/{out}", "world_size": 1, "memory_mb": 2048}, None)
+    summary = json.loads(aws.get_object(Bucket=BUCKET, Key=f"{out}/summary.json")["Body"].read())
+    assert summary["cloud"]["architecture"] == architecture
+    gb_s = summary["cloud"]["lambda_gb_s"]
+    assert summary["cloud"]["usd"]["lambda"] == pytest.approx(gb_s * LAMBDA_GB_S[architecture], rel=1e-3)
+
+
+def test_local_runs_take_no_stack(small_dataset, tmp_path) -> None:
+    line = one_line_error(
+        cloud("run", "--local", "--stack", "demo", "--data", str(small_dataset), "--out", str(tmp_path / "o"))
+    )
+    assert "--local emulates its own deployment: drop --stack" in line
+    assert not (tmp_path / "o").exists()
