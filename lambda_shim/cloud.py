@@ -230,7 +230,7 @@ def read_stack(name: str) -> Deployment:
         state_machine=outputs["StateMachineArn"],
         bucket=outputs["ResultsBucketName"],
         run_prefix=outputs["RunPrefix"],
-        read_only_buckets=tuple(b for b in outputs["ReadOnlyBuckets"].split(",") if b),
+        read_only_buckets=tuple(b for b in outputs["ReadOnlyBuckets"].split(",") if b not in ("", "-")),
         rendezvous=outputs["RendezvousAddress"],
         token_secret=outputs["TokenSecretArn"],
         max_ranks=int(outputs["MaxRanks"]),

@@ -379,6 +379,9 @@ def test_rendezvous_server(template):
     assert "Restart=always" in script and "systemctl enable --now cai-hpc-rendezvous.service" in script
     assert "-e CAI_HPC_TOKEN_FILE=/run/secret" in script, "the secret reaches the server as a file"
     assert "CAI_HPC_TOKEN=" not in script and "umask 077" in script
+    (rule,) = template["Rules"].values()
+    assert rule["RuleCondition"] == {"Fn::Equals": [{"Ref": "DeployRendezvous"}, "false"]}
+    assert rule["Assertions"][0]["Assert"] == {"Fn::Not": [{"Fn::Equals": [{"Ref": "RendezvousAddress"}, ""]}]}
 
 
 def test_sam_transform_passes_cfn_lint(tmp_path, template, asl, monkeypatch):
