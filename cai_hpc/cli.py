@@ -389,10 +389,19 @@ def _cloud_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     size = job.add_mutually_exclusive_group()
     size.add_argument("--ranks", type=int, help="ranks (Lambda functions); default: one per shard")
     size.add_argument("--shards-per-rank", type=int, help="whole shards per rank")
-    job.add_argument("--max-ranks", type=int, default=1000, help="ranks the deployment runs at once (MaxRanks)")
-    job.add_argument("--memory-mb", type=int, default=4096, help="function memory (sets its vCPUs)")
-    job.add_argument("--rendezvous", default="", help="host:port of the rendezvous server the functions reach")
-    job.add_argument("--token-secret", default="cai-hpc/rendezvous", help="Secrets Manager name of its secret")
+    job.add_argument(
+        "--stack",
+        help="CloudFormation stack of lambda_shim/template.yaml: every deployment fact comes from its outputs",
+    )
+    job.add_argument("--max-ranks", type=int, help="without --stack: ranks the deployment runs at once (default 1000)")
+    job.add_argument(
+        "--memory-mb",
+        type=int,
+        help="function memory, sets its vCPUs (default 4096); with --stack the deployed MemorySize, which a run "
+        "does not change (redeploy with MemorySize=N)",
+    )
+    job.add_argument("--rendezvous", default="", help="without --stack: host:port of the rendezvous server")
+    job.add_argument("--token-secret", help="without --stack: Secrets Manager name or ARN of its secret")
     job.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
     job.add_argument("--threads", type=int, help="threads per rank (default: the function's vCPUs)")
     job.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
@@ -420,8 +429,8 @@ def _plan_options(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "ranks": args.ranks,
         "shards_per_rank": args.shards_per_rank,
-        "max_ranks": args.max_ranks,
-        "memory_mb": args.memory_mb,
+        "max_ranks": 1000 if args.max_ranks is None else args.max_ranks,
+        "memory_mb": 4096 if args.memory_mb is None else args.memory_mb,
         "batch_size": args.batch_size,
         "threads": args.threads,
         "precision": args.precision,
@@ -433,14 +442,40 @@ def _aws_plan(args: argparse.Namespace) -> Any:
 
     if args.batch_size < 1:
         raise InputError(f"--batch-size must be at least 1, got {args.batch_size}")
-    return make_plan(
+    if args.stack is None:
+        return make_plan(
+            args.data,
+            args.out,
+            model=args.model,
+            rendezvous=args.rendezvous or "unset:0",
+            token_secret=args.token_secret or "cai-hpc/rendezvous",
+            **_plan_options(args),
+        )
+    from lambda_shim.cloud import read_stack
+
+    facts = ("max_ranks", "token_secret", "state_machine", "rendezvous")
+    given = [f"--{name.replace('_', '-')}" for name in facts if getattr(args, name, None)]
+    if given:
+        raise InputError(f"--stack gives every deployment fact: drop {', '.join(given)}")
+    deployment = read_stack(args.stack)
+    if args.memory_mb is not None and args.memory_mb != deployment.memory_mb:
+        raise InputError(
+            f"--memory-mb {args.memory_mb}: stack {args.stack}'s ranks have {deployment.memory_mb} MB; "
+            f"redeploy with --parameter-overrides MemorySize={args.memory_mb} to change it"
+        )
+    deployment.check_reach(args.data, args.out, args.model)
+    options = {**_plan_options(args), "max_ranks": deployment.max_ranks, "memory_mb": deployment.memory_mb}
+    plan = make_plan(
         args.data,
         args.out,
         model=args.model,
-        rendezvous=args.rendezvous or "unset:0",
-        token_secret=args.token_secret,
-        **_plan_options(args),
+        rendezvous=deployment.rendezvous,
+        token_secret=deployment.token_secret,
+        architecture=deployment.architecture,
+        **options,
     )
+    plan.state_machine = deployment.state_machine
+    return plan
 
 
 def cmd_cloud_plan(args: argparse.Namespace) -> int:
@@ -454,6 +489,8 @@ def cmd_cloud_run(args: argparse.Namespace) -> int:
 
         if args.ranks is not None or args.shards_per_rank is not None:
             raise InputError("with --local, -n N sets the ranks (--ranks and --shards-per-rank are for AWS runs)")
+        if args.stack is not None:
+            raise InputError("--local emulates its own deployment: drop --stack")
 
         options = _plan_options(args)
         options.pop("ranks")
@@ -473,11 +510,12 @@ def cmd_cloud_run(args: argparse.Namespace) -> int:
     print(plan.describe(args.rate))
     if args.dry_run:
         return 0
-    if not args.state_machine or not args.rendezvous:
-        raise InputError("cloud run needs --state-machine ARN and --rendezvous host:port (or --dry-run, --local)")
-    execution = cloud.start(plan, args.state_machine)
+    state_machine = plan.state_machine or args.state_machine
+    if not state_machine or not (args.stack or args.rendezvous):
+        raise InputError("cloud run needs --stack NAME (or --state-machine ARN and --rendezvous host:port)")
+    execution = cloud.start(plan, state_machine)
     print(f"execution {execution}", flush=True)
-    state = cloud.follow(execution, plan.memory_mb)
+    state = cloud.follow(execution, plan.memory_mb, architecture=plan.architecture)
     if state["status"] != "SUCCEEDED":
         raise cloud.JobFailedError(f"{state['status']}: {state.get('error')}: {state.get('cause')}")
     summary = json.loads((plan.out / "summary.json").read_bytes())

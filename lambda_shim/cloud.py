@@ -9,6 +9,11 @@ refused rather than left to deadlock. ``run`` starts the execution and follows i
 reports one; ``fetch`` copies ``summary.json`` and the predictions to a local directory.
 ``run --local`` does all of it on this machine (``lambda_shim.local``).
 
+With ``--stack NAME`` every fact of the deployment (state machine, bucket and run prefix,
+rendezvous address, secret, MaxRanks, memory, architecture) comes from the CloudFormation
+stack's outputs (``lambda_shim/template.yaml``), and a plan whose data, model or output the
+stack's roles may not reach is refused before anything is listed or written.
+
 Credentials and region come from boto3's standard chain; the job's secret stays in Secrets
 Manager, named in the events, never in them.
 """
@@ -49,6 +54,8 @@ class Plan:
     events: list[dict[str, Any]]
     shard_bytes: list[int]  # per rank
     memory_mb: int
+    architecture: str = "x86_64"
+    state_machine: str | None = None  # from the stack, when planned with one
 
     @property
     def world_size(self) -> int:
@@ -57,7 +64,7 @@ class Plan:
     def estimate(self, rate: float = DEFAULT_RATE) -> dict[str, Any]:
         samples = [b // SAMPLE_BYTES for b in self.shard_bytes]
         shards = sum(len(e["shards"]) for e in self.events)
-        return estimate_cost(samples, shards, self.memory_mb, rate, COLD_START_S)
+        return estimate_cost(samples, shards, self.memory_mb, rate, COLD_START_S, self.architecture)
 
     def describe(self, rate: float = DEFAULT_RATE) -> str:
         cost = self.estimate(rate)
@@ -67,7 +74,7 @@ class Plan:
             [
                 f"job {self.job}: {sum(shards)} shards ({mb:.1f} MB) under {self.data} -> {self.out}",
                 f"{self.world_size} ranks, {min(shards)}-{max(shards)} shards each, "
-                f"{self.memory_mb} MB ({vcpus(self.memory_mb)} vCPU) per function",
+                f"{self.memory_mb} MB ({vcpus(self.memory_mb)} vCPU, {self.architecture}) per function",
                 f"estimate: ~{cost['estimated_wall_s']:.0f} s wall, {cost['lambda_gb_s']:.0f} GB-s, "
                 f"${cost['usd']['total']:.4f} (Lambda ${cost['usd']['lambda']:.4f}, "
                 f"Step Functions ${cost['usd']['step_functions']:.4f}, S3 ${cost['usd']['s3']:.5f}); "
@@ -120,6 +127,7 @@ def make_plan(
     threads: int | None = None,
     precision: str = "fp32",
     connect: str = "auto",
+    architecture: str = "x86_64",
 ) -> Plan:
     """Plan a job: which shards each rank reads, as the Lambda events the Map will send."""
     data_loc, out_loc = Location(data), Location(out)
@@ -153,7 +161,82 @@ def make_plan(
         for rank, group in enumerate(groups)
     ]
     sizes = [sum(shards[i][1] for i in group) for group in groups]
-    return Plan(job, data_loc, out_loc, events, sizes, memory_mb)
+    return Plan(job, data_loc, out_loc, events, sizes, memory_mb, architecture)
+
+
+# The template's outputs a run reads (lambda_shim/template.yaml, Outputs).
+STACK_OUTPUTS = (
+    "StateMachineArn",
+    "ResultsBucketName",
+    "RunPrefix",
+    "ReadOnlyBuckets",
+    "RendezvousAddress",
+    "TokenSecretArn",
+    "MaxRanks",
+    "MemorySize",
+    "Architecture",
+)
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """What a deployed stack offers a run: read from its outputs, never typed in again."""
+
+    stack: str
+    state_machine: str
+    bucket: str
+    run_prefix: str
+    read_only_buckets: tuple[str, ...]
+    rendezvous: str
+    token_secret: str
+    max_ranks: int
+    memory_mb: int
+    architecture: str
+
+    def check_reach(self, data: str, out: str, model: str | None) -> None:
+        """Refuse data or a model the ranks may not read, or an output they may not write."""
+        readable = (self.bucket, *self.read_only_buckets)
+        for what, uri in (("--data", data), ("--model", model)):
+            if uri is not None and (not uri.startswith("s3://") or Location(uri).bucket not in readable):
+                raise InputError(
+                    f"{what} {uri}: stack {self.stack}'s functions read only s3://{' and s3://'.join(readable)} "
+                    f"(upload it there, or redeploy with ReadOnlyBuckets naming its bucket)"
+                )
+        where = Location(out)
+        if not (out.startswith("s3://") and where.bucket == self.bucket and where.key.startswith(self.run_prefix)):
+            raise InputError(
+                f"--out {out}: stack {self.stack}'s functions write only under s3://{self.bucket}/{self.run_prefix}"
+            )
+
+
+def read_stack(name: str) -> Deployment:
+    """The deployment facts of a stack, from its outputs (one describe_stacks call)."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        (stack,) = _client("cloudformation").describe_stacks(StackName=name)["Stacks"]
+    except (BotoCoreError, ClientError) as exc:
+        raise InputError(f"stack {name}: cannot read it: {exc}") from None
+    if not stack["StackStatus"].endswith("_COMPLETE") or "ROLLBACK" in stack["StackStatus"]:
+        raise InputError(f"stack {name} is {stack['StackStatus']}: deploy it (sam deploy) before a run")
+    outputs = {o["OutputKey"]: o["OutputValue"] for o in stack.get("Outputs", [])}
+    missing = [key for key in STACK_OUTPUTS if key not in outputs]
+    if missing:
+        raise InputError(f"stack {name} lacks the outputs {', '.join(missing)}: deploy lambda_shim/template.yaml")
+    if not outputs["RendezvousAddress"].rpartition(":")[2].isdigit():
+        raise InputError(f"stack {name}: no rendezvous server (RendezvousAddress is {outputs['RendezvousAddress']!r})")
+    return Deployment(
+        stack=name,
+        state_machine=outputs["StateMachineArn"],
+        bucket=outputs["ResultsBucketName"],
+        run_prefix=outputs["RunPrefix"],
+        read_only_buckets=tuple(b for b in outputs["ReadOnlyBuckets"].split(",") if b not in ("", "-")),
+        rendezvous=outputs["RendezvousAddress"],
+        token_secret=outputs["TokenSecretArn"],
+        max_ranks=int(outputs["MaxRanks"]),
+        memory_mb=int(outputs["MemorySize"]),
+        architecture=outputs["Architecture"],
+    )
 
 
 def job_prefix(plan: Plan) -> Location:
@@ -232,7 +315,7 @@ def status(execution: str) -> dict[str, Any]:
     }
 
 
-def progress_line(state: dict[str, Any], memory_mb: int | None = None) -> str:
+def progress_line(state: dict[str, Any], memory_mb: int | None = None, architecture: str = "x86_64") -> str:
     counts = state["ranks"]
     elapsed = (state["stopped"] or time.time()) - state["started"]
     line = (
@@ -240,20 +323,22 @@ def progress_line(state: dict[str, Any], memory_mb: int | None = None) -> str:
         f"running {counts.get('running', 0)}, failed {counts.get('failed', 0)}, {elapsed:.0f} s"
     )
     if memory_mb:
-        from lambda_shim.cost import PRICES
+        from lambda_shim.cost import LAMBDA_GB_S
 
         # Every rank started since the execution did, so this bounds the Lambda time so far.
         started = sum(counts.get(k, 0) for k in ("running", "succeeded", "failed", "timedOut", "aborted"))
-        spent = started * elapsed * memory_mb / 1024 * PRICES["lambda_gb_s"]
+        spent = started * elapsed * memory_mb / 1024 * LAMBDA_GB_S[architecture]
         line += f", at most ${spent:.4f} so far in Lambda time"
     return line
 
 
-def follow(execution: str, memory_mb: int | None = None, every_s: float = 5.0) -> dict[str, Any]:
+def follow(
+    execution: str, memory_mb: int | None = None, every_s: float = 5.0, architecture: str = "x86_64"
+) -> dict[str, Any]:
     """Print a progress line until the execution ends; return its last state."""
     while True:
         state = status(execution)
-        print(f"\r{progress_line(state, memory_mb)}", end="", file=sys.stderr, flush=True)
+        print(f"\r{progress_line(state, memory_mb, architecture)}", end="", file=sys.stderr, flush=True)
         if state["status"] != "RUNNING":
             print(file=sys.stderr)
             return state

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import platform
 import sys
 import time
 from dataclasses import MISSING, dataclass, fields
@@ -215,7 +216,10 @@ def summarize(event: Any, context: Any) -> dict[str, Any]:
         records = read_rank_records(out, world, job)
         summary = json.loads((out / "summary.json").read_bytes())
         memory_mb = int(getattr(context, "memory_limit_in_mb", 0) or 0) or 1024
-        summary["cloud"] = job_cost(records, summarize_s=time.perf_counter() - t0, summarize_mb=memory_mb)
+        # Summarize runs on the ranks' architecture (the template gives both functions one).
+        arch = "arm64" if platform.machine() in ("aarch64", "arm64") else "x86_64"
+        spent = time.perf_counter() - t0
+        summary["cloud"] = job_cost(records, summarize_s=spent, summarize_mb=memory_mb, architecture=arch)
         write_json_atomic(out / "summary.json", summary)
     except Exception as exc:
         raise RankFailedError(f"summarize: {_one_line(exc)}") from exc
