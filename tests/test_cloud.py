@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -23,10 +24,11 @@ from tests.conftest import cai_hpc
 pytest.importorskip("moto.server", reason="moto[server] is in the test extras")
 pytest.importorskip("awslambdaric", reason="awslambdaric is in the test extras")
 
-from lambda_shim import handler
-from lambda_shim.cloud import make_plan, progress_line, start
+from lambda_shim import gang, handler, sandbox
+from lambda_shim.cloud import JobFailedError, make_plan, progress_line, start
 from lambda_shim.cost import PRICES, estimate_cost
 from lambda_shim.local import BUCKET, LocalCloud
+from lambda_shim.workflow import load_definition
 
 MPIEXEC = shutil.which("mpiexec", path=str(Path(sys.executable).parent)) or shutil.which("mpiexec")
 NO_AWS = {  # an environment in which boto3's chain finds nothing, quickly
@@ -54,6 +56,7 @@ def test_local_cloud_run_matches_mpiexec(ranks, small_dataset, tmp_path) -> None
         "--batch-size", "32", "-q",
     )  # fmt: skip
     assert cloud.returncode == 0, cloud.stderr
+    assert ("no Lambda-like sandbox" in cloud.stderr) == (sandbox.unavailable() is not None)
     hpc = subprocess.run(
         [MPIEXEC, "-n", str(ranks), sys.executable, "-m", "cai_hpc", "infer", "--backend", "mpi", "-q",
          "--data", str(small_dataset), "--out", str(tmp_path / "hpc"), "--batch-size", "32", "--threads", "1"],
@@ -77,8 +80,67 @@ def test_local_cloud_run_matches_mpiexec(ranks, small_dataset, tmp_path) -> None
 
 @pytest.fixture(scope="module")
 def local_cloud():
-    with LocalCloud(2, timeout_s=300) as cloud:
+    """Two warm rank functions, and a reserved concurrency of three: the third environment is
+    one Lambda has not started yet."""
+    with LocalCloud(2, timeout_s=300, concurrency=3) as cloud:
         yield cloud
+
+
+def _job_objects(cloud: LocalCloud, prefix: str) -> list[str]:
+    listing = cloud.s3.list_objects_v2(Bucket=BUCKET, Prefix=prefix)
+    return [o["Key"] for o in listing.get("Contents", [])]
+
+
+@pytest.mark.timeout(60)
+def test_more_ranks_than_the_functions_concurrency_are_refused_before_anything_starts(local_cloud, small_dataset):
+    data = local_cloud.upload(small_dataset, "gang-data")
+    plan = local_cloud.plan(data, f"s3://{BUCKET}/gang-refused", model=None, ranks=4, threads=1)
+    invoked = local_cloud.rank_api.invoked
+    with pytest.raises(
+        InputError, match="needs 4 ranks running at once but cai-hpc-rank has ReservedConcurrentExecutions 3"
+    ):
+        local_cloud.run(plan)
+    assert not _job_objects(local_cloud, "gang-refused/")  # not even the Map's items were written
+    assert local_cloud.rank_api.invoked == invoked  # no rank was invoked
+
+
+@pytest.mark.timeout(200)
+def test_ranks_that_never_start_fail_within_the_deadline_naming_them(local_cloud, small_dataset) -> None:
+    data = local_cloud.upload(small_dataset, "gang-data")
+    plan = local_cloud.plan(data, f"s3://{BUCKET}/gang-never", model=None, ranks=3, threads=1, cold_start_s=8)
+    assert plan.connect_timeout_s == 8 and {e["connect_timeout_s"] for e in plan.events} == {8}
+    t0 = time.monotonic()
+    with pytest.raises(JobFailedError) as failed:
+        local_cloud.run(plan)  # two environments for three ranks: rank 2 is throttled until the end
+    took = time.monotonic() - t0
+    why = str(failed.value)
+    assert "\n" not in why
+    assert why.startswith("1 of 3 ranks never started within the 8 s connect deadline (ranks 2); likely cause: "), why
+    assert "Lambda throttled rank(s) 2 (Lambda.TooManyRequestsException)" in why
+    billed = float(why.split("Lambda time billed: ")[1].split(" s measured")[0])
+    bound = 3 * (8 + gang.COLD_START_S)
+    assert f"at most {bound:.0f} s" in why and 2 * 8 <= billed <= bound  # ranks 0 and 1 waited out the deadline
+    assert took < 8 + gang.COLD_START_S  # not the 310 s of retries: the failed Map stops them
+    assert "Rank: aborted" in local_cloud.workflow.events
+    assert not _job_objects(local_cloud, "gang-never/predictions/")
+
+
+@pytest.mark.timeout(300)
+def test_ranks_started_late_but_within_the_deadline_finish(local_cloud, small_dataset) -> None:
+    data = local_cloud.upload(small_dataset, "gang-data")
+    plan = local_cloud.plan(data, f"s3://{BUCKET}/gang-late", model=None, ranks=3, batch_size=64, threads=1)
+    outcome: dict = {}
+    job = threading.Thread(target=lambda: outcome.update(local_cloud.run(plan)), daemon=True)
+    job.start()
+    deadline = time.monotonic() + 60
+    while local_cloud.throttled_ranks != [2] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert local_cloud.throttled_ranks == [2]  # no environment for rank 2 yet
+    local_cloud.start_rank_functions(1)  # Lambda's scaling catches up: a third environment starts
+    job.join(timeout=240)
+    assert outcome.get("samples") == 300 and outcome["world_size"] == 3
+    assert "Rank: retry 1 after Lambda.TooManyRequestsException" in local_cloud.workflow.events
+    assert not local_cloud.throttled_ranks
 
 
 def _listing(cloud: LocalCloud, prefix: str) -> dict[str, tuple[str, str]]:
@@ -354,6 +416,7 @@ def test_plan_and_dry_run_need_no_aws(small_dataset) -> None:
         assert result.returncode == 0, result.stderr
         assert "7 shards" in result.stdout and "3 ranks, 2-3 shards each" in result.stdout
         assert "$" in result.stdout and "estimate" in result.stdout
+        assert f"within the {gang.COLD_START_S:.0f} s connect deadline" in result.stdout
 
 
 def test_missing_credentials_is_one_line(tmp_path) -> None:
@@ -388,3 +451,63 @@ def test_infer_reads_and_writes_s3_like_a_directory(moto_s3, small_dataset, tmp_
     again = run(SelfComm(), RunConfig(data="s3://many/ds", out="s3://many/infer-out", **options))
     assert (again["samples"], again["skipped_shards"]) == (0, 7)  # finished shards found on S3
     assert again["metrics"] == pytest.approx(local["metrics"])
+
+
+# ------------------------------------------------------------------ gang start, without functions
+def test_the_connect_deadline_grows_with_the_ranks_as_lambda_scales() -> None:
+    definition = load_definition({"RankFunctionArn": "rank", "SummarizeFunctionArn": "summarize"})
+    cold = gang.COLD_START_S
+    # Lambda adds 1,000 environments per 10 s; the last rank gets in at the first throttle retry
+    # after that (the state machine retries at 10, 30, 70, 150 and 310 s).
+    expected = {1: cold, 1000: cold, 1001: cold + 10, 2001: cold + 30, 4001: cold + 70, 32_000: cold + 310}
+    assert {n: gang.connect_deadline_s(n, definition) for n in expected} == expected
+    with pytest.raises(
+        InputError,
+        match=r"32001 ranks need 320 s of Lambda's scaling .* for 310 s: use --ranks 32000 or fewer",
+    ):
+        gang.connect_deadline_s(32_001, definition)
+    assert gang.rank_function(definition) == "rank"
+
+
+def test_a_concurrency_below_the_ranks_is_refused_naming_the_quota() -> None:
+    account = gang.Concurrency("cai-hpc-rank", reserved=None, unreserved=10, account=10)
+    gang.check_concurrency(10, account)
+    with pytest.raises(InputError) as pool:
+        gang.check_concurrency(11, account)
+    said = str(pool.value)
+    assert (
+        "\n" not in said
+        and "needs 11 ranks running at once but the account's unreserved Lambda concurrency is 10" in said
+    )
+    assert "L-B99A9384" in said and "request-service-quota-increase" in said and "--ranks 10" in said
+    reserved = gang.Concurrency("cai-hpc-rank", reserved=500)
+    gang.check_concurrency(500, reserved)
+    with pytest.raises(
+        InputError, match="ReservedConcurrentExecutions 500: redeploy with a larger ReservedConcurrency"
+    ):
+        gang.check_concurrency(501, reserved)
+
+
+def test_an_aws_run_checks_the_deployed_rank_functions_concurrency_before_it_starts(moto_s3) -> None:
+    import boto3
+
+    _put_many(moto_s3, [f"gang/shard-{i}.h5" for i in range(3)], b"x" * 100)
+    trust = json.dumps({"Version": "2012-10-17", "Statement": []})
+    role = boto3.client("iam").create_role(RoleName="gang-test", AssumeRolePolicyDocument=trust)["Role"]["Arn"]
+    functions = boto3.client("lambda")
+    code = __import__("io").BytesIO()
+    __import__("zipfile").ZipFile(code, "w").writestr("h.py", "")
+    arn = functions.create_function(
+        FunctionName="gang-rank", Role=role, Code={"ZipFile": code.getvalue()}, Runtime="python3.12", Handler="h.h"
+    )["FunctionArn"]
+    functions.put_function_concurrency(FunctionName="gang-rank", ReservedConcurrentExecutions=2)
+    definition = load_definition({"RankFunctionArn": arn, "SummarizeFunctionArn": arn})
+    machine = boto3.client("stepfunctions").create_state_machine(
+        name="gang", definition=json.dumps(definition), roleArn=role
+    )["stateMachineArn"]
+    plan = make_plan("s3://many/gang", "s3://many/gang-out", model=None, rendezvous="127.0.0.1:1", token_secret="s")
+    with pytest.raises(
+        InputError, match="needs 3 ranks running at once but gang-rank has ReservedConcurrentExecutions 2"
+    ):
+        start(plan, machine)
+    assert "Contents" not in moto_s3.list_objects_v2(Bucket="many", Prefix="gang-out/")  # nothing written
