@@ -30,6 +30,7 @@ from cai_hpc.shards import SAMPLE_BYTES
 from cai_hpc.storage import Location
 from lambda_shim import gang
 from lambda_shim.cost import estimate_cost, vcpus
+from lambda_shim.limits import check_rank_limits
 from lambda_shim.workflow import load_definition
 
 DEFAULT_MAX_RANKS = 1000  # the template's MaxRanks, and Lambda's default account concurrency
@@ -126,6 +127,7 @@ def make_plan(
     precision: str = "fp32",
     connect: str = "auto",
     cold_start_s: float = gang.COLD_START_S,
+    rate: float = DEFAULT_RATE,
 ) -> Plan:
     """Plan a job: which shards each rank reads, as the Lambda events the Map will send."""
     data_loc, out_loc = Location(data), Location(out)
@@ -139,6 +141,8 @@ def make_plan(
         )
     if not 128 <= memory_mb <= 10240:
         raise InputError(f"--memory-mb must be within Lambda's 128..10240, got {memory_mb}")
+    sizes = [sum(shards[i][1] for i in group) for group in groups]
+    check_rank_limits(sizes, [b // SAMPLE_BYTES for b in sizes], memory_mb, rate * vcpus(memory_mb), COLD_START_S)
     definition = load_definition({"RankFunctionArn": "rank", "SummarizeFunctionArn": "summarize"})
     deadline = gang.connect_deadline_s(len(groups), definition, cold_start_s)
     job = uuid.uuid4().hex
@@ -161,7 +165,6 @@ def make_plan(
         }
         for rank, group in enumerate(groups)
     ]
-    sizes = [sum(shards[i][1] for i in group) for group in groups]
     return Plan(job, data_loc, out_loc, events, sizes, memory_mb, deadline)
 
 

@@ -115,8 +115,9 @@ def check_concurrency(ranks: int, concurrency: Concurrency) -> None:
     if concurrency.reserved is not None:
         raise InputError(
             f"the plan needs {ranks} ranks running at once but {concurrency.function} has ReservedConcurrentExecutions "
-            f"{limit}: redeploy with a larger ReservedConcurrency parameter (Lambda keeps 100 of the account's "
-            f"concurrency unreserved), or use --ranks {limit}"
+            f"{limit}: raise it (the stack's reserved-concurrency parameter, or aws lambda put-function-concurrency "
+            f"--function-name {concurrency.function} --reserved-concurrent-executions N; Lambda keeps 100 of the "
+            f"account's concurrency unreserved), or use --ranks {limit}"
         )
     raise InputError(
         f"the plan needs {ranks} ranks running at once but the account's unreserved Lambda concurrency is {limit} "
@@ -149,19 +150,19 @@ def explain_failure(
     billed_s: float | None = None,
     cold_start_s: float = COLD_START_S,
 ) -> str:
-    """The failure of a job in one line: which ranks never started and the likely cause, and
-    the Lambda time it billed (measured when known, and its bound: a rank that started fails by
-    its cold start plus the deadline)."""
-    bound = world_size * (deadline_s + cold_start_s)
-    billed = f"{billed_s:.1f} s measured, " if billed_s is not None else ""
-    money = bound * memory_mb / 1024 * PRICES["lambda_gb_s"]
-    spent = (
-        f"Lambda time billed: {billed}at most {bound:.0f} s ({world_size} ranks x ({deadline_s:.0f} s deadline + "
-        f"{cold_start_s:.0f} s cold start), ${money:.4f})"
-    )
+    """The failure of a job in one line. When ranks never started: which, the likely cause, and
+    the Lambda time billed (measured when known, and its bound: a rank that started fails by its
+    cold start plus the deadline). Any other failure keeps its cause, with the measured time."""
+    measured = f"{billed_s:.1f} s measured, " if billed_s is not None else ""
     match = NEVER_ARRIVED.search(cause)
     if match is None:
-        return f"{cause}; {spent}"
+        return f"{cause}; Lambda time billed: {billed_s:.1f} s" if billed_s is not None else cause
+    bound = world_size * (deadline_s + cold_start_s)
+    money = bound * memory_mb / 1024 * PRICES["lambda_gb_s"]
+    spent = (
+        f"Lambda time billed: {measured}at most {bound:.0f} s ({world_size} ranks x ({deadline_s:.0f} s deadline + "
+        f"{cold_start_s:.0f} s cold start), ${money:.4f})"
+    )
     missing, shown = int(match.group(1)), match.group(3).strip().rstrip(".").strip()
     if throttled:
         why = (

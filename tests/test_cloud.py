@@ -76,6 +76,10 @@ def test_local_cloud_run_matches_mpiexec(ranks, small_dataset, tmp_path) -> None
     # The bill covers every rank and Summarize, from the ranks' own records.
     assert c["cloud"]["lambda_requests"] == ranks + 1
     assert c["cloud"]["lambda_gb_s"] > 0 and c["cloud"]["usd"]["total"] > 0
+    # Each link counted once, by mode; never direct on (emulated) Lambda; and per rank.
+    assert set(c["links"]) <= {"punch", "relay"} and sum(c["links"].values()) >= ranks - 1, c["links"]
+    assert all(r["links"] and set(r["links"]) <= {"punch", "relay"} for r in c["ranks"]), c["ranks"]
+    assert sum(sum(r["links"].values()) for r in c["ranks"]) == 2 * sum(c["links"].values())
 
 
 @pytest.fixture(scope="module")
@@ -251,6 +255,24 @@ def test_handler_errors_are_one_line_and_name_the_rank(local_cloud, small_datase
     assert refused.value.cause.startswith("rank 0: rendezvous server") and "wrong token" in refused.value.cause
     assert "\n" not in refused.value.cause
     assert not _listing(local_cloud, "err-out/")  # nothing written by any of them
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(sandbox.unavailable() is not None, reason="no sandbox here")
+def test_the_sandboxed_handler_cannot_write_outside_tmp(local_cloud, small_dataset) -> None:
+    data = local_cloud.upload(small_dataset, "sandbox-data")
+    plan = local_cloud.plan(data, f"s3://{BUCKET}/sandbox-out", model=None, ranks=2, threads=1)
+    outside = Path("/var/tmp") / f"cai-hpc-sandbox-{plan.job}"  # writable here, read-only on Lambda
+    event = {**plan.events[0], "job": f"{plan.job}-local-out", "world_size": 1, "out": str(outside)}
+    try:
+        from lambda_shim.workflow import TaskError
+
+        with pytest.raises(TaskError) as refused:
+            local_cloud.invoke_rank(event)
+        assert refused.value.cause.startswith("rank 0: ") and "Read-only file system" in refused.value.cause
+        assert not outside.exists()
+    finally:
+        shutil.rmtree(outside, ignore_errors=True)
 
 
 @pytest.mark.timeout(300)
@@ -435,6 +457,7 @@ def test_too_many_ranks_for_the_deployment_is_refused(small_dataset) -> None:
 
 @pytest.mark.timeout(300)
 def test_infer_reads_and_writes_s3_like_a_directory(moto_s3, small_dataset, tmp_path) -> None:
+    from cai_hpc import storage
     from cai_hpc.comm import SelfComm
     from cai_hpc.engine import RunConfig, run
 
@@ -442,6 +465,7 @@ def test_infer_reads_and_writes_s3_like_a_directory(moto_s3, small_dataset, tmp_
         moto_s3.upload_file(str(shard), "many", f"ds/{shard.name}")
     options = {"batch_size": 64, "threads": 1, "progress": False}
     on_s3 = run(SelfComm(), RunConfig(data="s3://many/ds", out="s3://many/infer-out", **options))
+    assert not storage._fetched  # each shard left memory once its predictions were written
     local = run(SelfComm(), RunConfig(data=small_dataset, out=tmp_path / "local", **options))
     assert on_s3["metrics"] == local["metrics"] and on_s3["samples"] == 300
     listing = moto_s3.list_objects_v2(Bucket="many", Prefix="infer-out/")["Contents"]
@@ -483,7 +507,8 @@ def test_a_concurrency_below_the_ranks_is_refused_naming_the_quota() -> None:
     reserved = gang.Concurrency("cai-hpc-rank", reserved=500)
     gang.check_concurrency(500, reserved)
     with pytest.raises(
-        InputError, match="ReservedConcurrentExecutions 500: redeploy with a larger ReservedConcurrency"
+        InputError,
+        match=r"ReservedConcurrentExecutions 500: raise it .*put-function-concurrency --function-name cai-hpc-rank",
     ):
         gang.check_concurrency(501, reserved)
 
@@ -511,3 +536,41 @@ def test_an_aws_run_checks_the_deployed_rank_functions_concurrency_before_it_sta
     ):
         start(plan, machine)
     assert "Contents" not in moto_s3.list_objects_v2(Bucket="many", Prefix="gang-out/")  # nothing written
+
+
+# ------------------------------------------------------------------ what one rank can hold and run
+@pytest.fixture
+def four_gib_of_shards(tmp_path) -> Path:
+    """Four 1 GiB shard files, sparse: the planner reads only their sizes."""
+    data = tmp_path / "big"
+    data.mkdir()
+    for i in range(4):
+        with open(data / f"shard-{i}.h5", "wb") as f:
+            f.truncate(2**30)
+    return data
+
+
+def test_a_rank_whose_shards_do_not_fit_beside_the_model_is_refused(four_gib_of_shards) -> None:
+    result = cai_hpc(
+        "cloud", "plan", "--data", str(four_gib_of_shards), "--out", "s3://b/o", "--ranks", "1", "--memory-mb", "2048"
+    )  # fmt: skip
+    assert result.returncode == 2
+    line = result.stderr.strip()
+    assert "\n" not in line and "a rank would hold 4096 MB of shards but a 2048 MB function has 1024 MB" in line
+    assert "--ranks 4 or more" in line
+    plan = make_plan(
+        str(four_gib_of_shards), "s3://b/o", model=None, rendezvous="h:1", token_secret="s", ranks=4, memory_mb=2048
+    )
+    assert plan.world_size == 4  # a shard per rank fits
+
+
+def test_a_rank_that_would_outlive_lambdas_900_s_is_refused(four_gib_of_shards) -> None:
+    from cai_hpc.shards import SAMPLE_BYTES
+
+    common = {"model": None, "rendezvous": "h:1", "token_secret": "s", "memory_mb": 10240}
+    samples = 4 * 2**30 // SAMPLE_BYTES
+    # 5 vCPUs at 40 samples/s each: one rank needs ~1,050 s; two need ~530 s each.
+    with pytest.raises(InputError, match=r"Lambda stops a function at 900 s: use --ranks 2 or more") as long:
+        make_plan(str(four_gib_of_shards), "s3://b/o", ranks=1, rate=40.0, **common)
+    assert f"({samples} samples at 200 samples/s" in str(long.value)
+    assert make_plan(str(four_gib_of_shards), "s3://b/o", ranks=2, rate=40.0, **common).world_size == 2

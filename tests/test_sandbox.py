@@ -111,3 +111,8 @@ def test_at_most_1024_threads(sandbox) -> None:
     assert done.returncode == 0, done.stderr
     # The interpreter, bubblewrap's init and the main thread count too.
     assert MAX_THREADS - 8 <= int(done.stdout) < MAX_THREADS
+
+
+def test_without_bubblewrap_the_reason_is_one_line(monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))  # nothing to run here
+    assert unavailable() == "bubblewrap (bwrap) is not installed"
