@@ -434,6 +434,7 @@ def _plan_options(args: argparse.Namespace) -> dict[str, Any]:
         "batch_size": args.batch_size,
         "threads": args.threads,
         "precision": args.precision,
+        "rate": args.rate,
     }
 
 
@@ -517,7 +518,10 @@ def cmd_cloud_run(args: argparse.Namespace) -> int:
     print(f"execution {execution}", flush=True)
     state = cloud.follow(execution, plan.memory_mb, architecture=plan.architecture)
     if state["status"] != "SUCCEEDED":
-        raise cloud.JobFailedError(f"{state['status']}: {state.get('error')}: {state.get('cause')}")
+        from lambda_shim.gang import explain_failure
+
+        cause = f"{state['status']}: {state.get('error')}: {state.get('cause')}"
+        raise cloud.JobFailedError(explain_failure(cause, plan.world_size, plan.connect_timeout_s, plan.memory_mb))
     summary = json.loads((plan.out / "summary.json").read_bytes())
     _report(summary, str(plan.out))
     return 0

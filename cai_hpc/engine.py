@@ -39,7 +39,7 @@ from cai_hpc.plan import Piece, plan_pieces, shard_owners
 from cai_hpc.records import build_summary, rank_record, seconds_since_process_start, write_json_atomic
 from cai_hpc.resources import DEFAULT_BATCH_SIZE, cpu_has_bf16, pick_device, threads_per_rank
 from cai_hpc.shards import ShardInfo, ShardReader, inspect_shard, scan_dataset
-from cai_hpc.storage import Location
+from cai_hpc.storage import Location, forget
 
 log = logging.getLogger("cai_hpc")
 T = TypeVar("T")
@@ -394,6 +394,7 @@ def _write(out: Location, shard: ShardInfo, pred: np.ndarray, stamp: dict[str, s
     if not np.isfinite(pred).all():
         raise RuntimeError(f"{shard.path}: the model predicted NaN/inf (is the checkpoint sound?)")
     predictions.write_predictions(out, shard, pred, stamp)
+    forget(shard.path)  # this rank is done with the shard: a Lambda rank holds one at a time, not all it read
 
 
 def _labelled_residuals(

@@ -240,9 +240,13 @@ class _RangedObject(io.RawIOBase):
         return len(data)
 
 
-def forget() -> None:
-    """Drop this process's in-memory copies of S3 objects (a warm Lambda reuses the process)."""
-    _fetched.clear()
+def forget(where: Location | None = None) -> None:
+    """Drop this process's in-memory copy of one S3 object (a shard whose predictions are
+    written), or of every one (a warm Lambda reuses the process)."""
+    if where is None:
+        _fetched.clear()
+    else:
+        _fetched.pop(where.text, None)
 
 
 def _s3() -> Any:

@@ -4,8 +4,9 @@
 several whole shards, in name order; the plan's items (one Lambda event per rank) go to S3 as
 one JSON object that the state machine's Distributed Map reads, so no payload limit applies.
 A communicator needs all its ranks alive at once, so a plan with more ranks than the
-deployment runs concurrently (the Map's MaxConcurrency, the account's Lambda concurrency) is
-refused rather than left to deadlock. ``run`` starts the execution and follows it; ``status``
+deployment runs concurrently (the Map's MaxConcurrency, the rank function's or the account's
+Lambda concurrency) is refused rather than left to deadlock, and each rank waits for the others
+only until the plan's connect deadline (``lambda_shim.gang``). ``run`` starts the execution and follows it; ``status``
 reports one; ``fetch`` copies ``summary.json`` and the predictions to a local directory.
 ``run --local`` does all of it on this machine (``lambda_shim.local``).
 
@@ -32,7 +33,10 @@ from cai_hpc.errors import InputError
 from cai_hpc.resources import DEFAULT_BATCH_SIZE
 from cai_hpc.shards import SAMPLE_BYTES
 from cai_hpc.storage import Location
+from lambda_shim import gang
 from lambda_shim.cost import estimate_cost, vcpus
+from lambda_shim.limits import check_rank_limits
+from lambda_shim.workflow import load_definition
 
 DEFAULT_MAX_RANKS = 1000  # the template's MaxRanks, and Lambda's default account concurrency
 DEFAULT_MEMORY_MB = 4096
@@ -54,6 +58,7 @@ class Plan:
     events: list[dict[str, Any]]
     shard_bytes: list[int]  # per rank
     memory_mb: int
+    connect_timeout_s: float  # how long a rank waits for the others (gang.connect_deadline_s)
     architecture: str = "x86_64"
     state_machine: str | None = None  # from the stack, when planned with one
 
@@ -74,7 +79,8 @@ class Plan:
             [
                 f"job {self.job}: {sum(shards)} shards ({mb:.1f} MB) under {self.data} -> {self.out}",
                 f"{self.world_size} ranks, {min(shards)}-{max(shards)} shards each, "
-                f"{self.memory_mb} MB ({vcpus(self.memory_mb)} vCPU, {self.architecture}) per function",
+                f"{self.memory_mb} MB ({vcpus(self.memory_mb)} vCPU, {self.architecture}) per function; every rank "
+                f"must start within the {self.connect_timeout_s:.0f} s connect deadline or the job fails",
                 f"estimate: ~{cost['estimated_wall_s']:.0f} s wall, {cost['lambda_gb_s']:.0f} GB-s, "
                 f"${cost['usd']['total']:.4f} (Lambda ${cost['usd']['lambda']:.4f}, "
                 f"Step Functions ${cost['usd']['step_functions']:.4f}, S3 ${cost['usd']['s3']:.5f}); "
@@ -128,6 +134,8 @@ def make_plan(
     precision: str = "fp32",
     connect: str = "auto",
     architecture: str = "x86_64",
+    cold_start_s: float = gang.COLD_START_S,
+    rate: float = DEFAULT_RATE,
 ) -> Plan:
     """Plan a job: which shards each rank reads, as the Lambda events the Map will send."""
     data_loc, out_loc = Location(data), Location(out)
@@ -141,6 +149,10 @@ def make_plan(
         )
     if not 128 <= memory_mb <= 10240:
         raise InputError(f"--memory-mb must be within Lambda's 128..10240, got {memory_mb}")
+    sizes = [sum(shards[i][1] for i in group) for group in groups]
+    check_rank_limits(sizes, [b // SAMPLE_BYTES for b in sizes], memory_mb, rate * vcpus(memory_mb), COLD_START_S)
+    definition = load_definition({"RankFunctionArn": "rank", "SummarizeFunctionArn": "summarize"})
+    deadline = gang.connect_deadline_s(len(groups), definition, cold_start_s)
     job = uuid.uuid4().hex
     events = [
         {
@@ -157,11 +169,11 @@ def make_plan(
             "threads": threads,
             "precision": precision,
             "connect": connect,
+            "connect_timeout_s": deadline,
         }
         for rank, group in enumerate(groups)
     ]
-    sizes = [sum(shards[i][1] for i in group) for group in groups]
-    return Plan(job, data_loc, out_loc, events, sizes, memory_mb, architecture)
+    return Plan(job, data_loc, out_loc, events, sizes, memory_mb, deadline, architecture)
 
 
 # The template's outputs a run reads (lambda_shim/template.yaml, Outputs).
@@ -284,6 +296,7 @@ def start(plan: Plan, state_machine: str) -> str:
     local += [model] if model is not None and not model.startswith("s3://") else []
     if local:
         raise InputError(f"Lambda functions read and write S3 only: {', '.join(local)} is not s3:// (or use --local)")
+    check_concurrency(plan, state_machine)
     items = write_items(plan)
     try:
         reply = _client("stepfunctions").start_execution(
@@ -292,6 +305,22 @@ def start(plan: Plan, state_machine: str) -> str:
     except (BotoCoreError, ClientError) as exc:
         raise InputError(f"cannot start {state_machine}: {exc}") from None
     return reply["executionArn"]
+
+
+def check_concurrency(plan: Plan, state_machine: str) -> None:
+    """Refuse, before anything starts, a plan whose ranks the rank function cannot all run at once
+    (the function named by the deployed state machine; its concurrency from Lambda)."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        definition = json.loads(
+            _client("stepfunctions").describe_state_machine(stateMachineArn=state_machine)["definition"]
+        )
+        concurrency = gang.read_concurrency(_client("lambda"), gang.rank_function(definition))
+    except (BotoCoreError, ClientError) as exc:
+        print(f"cai-hpc: warning: the rank function's concurrency is not checked: {exc}", file=sys.stderr)
+        return
+    gang.check_concurrency(plan.world_size, concurrency)
 
 
 def status(execution: str) -> dict[str, Any]:

@@ -157,6 +157,7 @@ def _run_rank(ev: RankEvent, context: Any, started: float | None) -> dict[str, A
     )
     with TcpComm(shim) as comm:
         run(comm, config)
+        links = comm.link_modes()
     return {
         "job": ev.job,
         "rank": ev.rank,
@@ -165,6 +166,7 @@ def _run_rank(ev: RankEvent, context: Any, started: float | None) -> dict[str, A
         "request_id": getattr(context, "aws_request_id", None),
         "memory_mb": int(getattr(context, "memory_limit_in_mb", 0) or 0),
         "heavy_imports_s": round(imports_s, 3),
+        "links": {str(peer): mode for peer, mode in sorted(links.items())},
     }
 
 
@@ -218,6 +220,7 @@ def summarize(event: Any, context: Any) -> dict[str, Any]:
         memory_mb = int(getattr(context, "memory_limit_in_mb", 0) or 0) or 1024
         # Summarize runs on the ranks' architecture (the template gives both functions one).
         arch = "arm64" if platform.machine() in ("aarch64", "arm64") else "x86_64"
+        _count_links(summary, records)
         spent = time.perf_counter() - t0
         summary["cloud"] = job_cost(records, summarize_s=spent, summarize_mb=memory_mb, architecture=arch)
         write_json_atomic(out / "summary.json", summary)
@@ -234,6 +237,21 @@ def summarize(event: Any, context: Any) -> dict[str, Any]:
         "metrics": summary["metrics"],
         "cost_usd": summary["cloud"]["usd"]["total"],
     }
+
+
+def _count_links(summary: dict[str, Any], records: list[dict[str, Any]]) -> None:
+    """Connection modes into the summary: per rank (each of its links), and per link (once,
+    as the lower rank of the two recorded it)."""
+    from collections import Counter
+
+    per_link: Counter = Counter()
+    entries = {entry.get("rank"): entry for entry in summary.get("ranks", [])}
+    for record in records:
+        links = record.get("links", {})
+        per_link.update(mode for peer, mode in links.items() if int(peer) > record["rank"])
+        if record["rank"] in entries:
+            entries[record["rank"]]["links"] = dict(Counter(links.values()))
+    summary["links"] = dict(per_link)
 
 
 def read_rank_records(out: Any, world: int, job: str) -> list[dict[str, Any]]:

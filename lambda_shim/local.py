@@ -4,50 +4,80 @@ Real parts wherever they can run here: S3 and Secrets Manager are moto's server 
 AWS API on loopback), the ranks are N processes of AWS's own runtime client (``awslambdaric``)
 running ``lambda_shim.handler.handler`` against a local Lambda Runtime API, they meet at the
 rendezvous server and talk over TcpComm, and ``statemachine.asl.json`` itself is what runs,
-through ``lambda_shim.workflow``. What is not real: one machine instead of a fleet (the ranks
-share its cores), loopback instead of Lambda's network, and no Step Functions service.
+through ``lambda_shim.workflow``. Each function runs in a Lambda-like sandbox
+(``lambda_shim.sandbox``: read-only root, a sized /tmp, a non-root user, no /dev/shm, its
+memory and thread limits, Lambda's environment) where bubblewrap can run. What is not real: one
+machine instead of a fleet (the ranks share its cores), loopback instead of Lambda's network,
+and no Step Functions service.
 """
 
 from __future__ import annotations
 
+import io
+import json
 import os
 import signal
 import subprocess
 import sys
 import tempfile
 import threading
+import zipfile
 from pathlib import Path
 from typing import Any
 
 from cai_hpc.errors import InputError
 from cai_hpc.resources import usable_cores
+from lambda_shim import gang
 from lambda_shim.cloud import JobFailedError, Plan, execution_input, fetch, make_plan, write_items
 from lambda_shim.launch import start_server
 from lambda_shim.runtime_api import InvocationError, RuntimeAPI, runtime_client_command
+from lambda_shim.sandbox import Sandbox, unavailable
 from lambda_shim.wire import new_secret
 from lambda_shim.workflow import LocalWorkflow, TaskError, load_definition
 
 BUCKET = "cai-hpc-local"
 TOKEN_SECRET = "cai-hpc/rendezvous"
-ACCOUNT = "000000000000"
+ACCOUNT = "123456789012"  # moto's
 REGION = "us-east-1"
 RANK_ARN = f"arn:aws:lambda:{REGION}:{ACCOUNT}:function:cai-hpc-rank"
 SUMMARIZE_ARN = f"arn:aws:lambda:{REGION}:{ACCOUNT}:function:cai-hpc-summarize"
 COLD_START_WAIT_S = 120.0
+FREE_WAIT_S = 2.0  # a runtime client that just answered is polling again within this
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class LocalCloud:
-    """moto's S3 + Secrets Manager, a rendezvous server, and warm pools of runtime clients for
-    the rank and summarize functions. Use as a context manager; everything stops on exit."""
+    """moto's S3, Secrets Manager and Lambda, a rendezvous server, and warm pools of runtime
+    clients for the rank and summarize functions. Use as a context manager; everything stops on exit.
 
-    def __init__(self, ranks: int, memory_mb: int = 4096, timeout_s: float = 900.0, verbose: bool = False) -> None:
+    ``ranks`` runtime clients serve the rank function; its reserved concurrency (in moto's Lambda,
+    checked before a job starts, as ``cloud run`` checks AWS) is ``concurrency``, by default the
+    same. An invocation that finds no free client is throttled, as Lambda throttles one that finds
+    no free environment, and the state machine's Retry decides what follows; a concurrency above
+    the clients imitates environments that Lambda has not started yet (``start_rank_functions``
+    starts more)."""
+
+    def __init__(
+        self,
+        ranks: int,
+        memory_mb: int = 4096,
+        timeout_s: float = 900.0,
+        verbose: bool = False,
+        sandbox: bool = True,
+        concurrency: int | None = None,
+    ) -> None:
         self.ranks = ranks
+        self.concurrency = ranks if concurrency is None else concurrency
         self.memory_mb = memory_mb
         self.timeout_s = timeout_s
         self.verbose = verbose
+        self.sandboxed = sandbox
         self._stack: list[Any] = []
         self._procs: list[tuple[subprocess.Popen, threading.Thread]] = []
+        self._sandboxes: list[Sandbox] = []
+        self._clients = 0  # runtime clients of the rank function
+        self._throttled: set[int] = set()  # ranks whose last invocation was throttled
+        self._invocations: list[Any] = []  # the rank invocations of the current job
         self._saved_env: dict[str, str | None] = {}
 
     # ------------------------------------------------------------------ lifecycle
@@ -91,30 +121,72 @@ class LocalCloud:
         self.s3.create_bucket(Bucket=BUCKET)
         master = new_secret()
         _boto("secretsmanager").create_secret(Name=TOKEN_SECRET, SecretString=master)
+        self._create_rank_function()
         secret_file = work / "server.secret"
         secret_file.touch(mode=0o600)
         secret_file.write_text(master)
         self._server, self.rendezvous = start_server(work, secret_file, self.verbose)
+        why = unavailable() if self.sandboxed else None
+        if why is not None:
+            print(
+                f"cai-hpc: no Lambda-like sandbox here ({why}); the functions run as plain processes", file=sys.stderr
+            )
+            self.sandboxed = False
         self.rank_api = RuntimeAPI(function_arn=RANK_ARN).start()
         self.summarize_api = RuntimeAPI(function_arn=SUMMARIZE_ARN).start()
-        for i in range(self.ranks):
-            self._spawn(self.rank_api, "lambda_shim.handler.handler", "cai-hpc-rank", f"[rank fn {i}] ")
+        self.start_rank_functions(self.ranks)
         self._spawn(self.summarize_api, "lambda_shim.handler.summarize", "cai-hpc-summarize", "[summarize] ", 1024)
 
-    def _spawn(self, api: RuntimeAPI, handler: str, name: str, prefix: str, memory_mb: int | None = None) -> None:
-        env = {
-            **os.environ,
-            **self.env,
-            "AWS_LAMBDA_RUNTIME_API": api.address,
-            "AWS_LAMBDA_FUNCTION_NAME": name,
-            "AWS_LAMBDA_FUNCTION_MEMORY_SIZE": str(memory_mb or self.memory_mb),
-            "PYTHONUNBUFFERED": "1",
-        }
-        for var in ("CAI_HPC_TOKEN", "CAI_HPC_TOKEN_FILE", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
-            env.pop(var, None)
-        proc = subprocess.Popen(
-            runtime_client_command(handler), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    def _create_rank_function(self) -> None:
+        """The rank function in moto's Lambda, with its reserved concurrency (the code runs here)."""
+        trust = {"Version": "2012-10-17", "Statement": []}
+        role = _boto("iam").create_role(RoleName="cai-hpc-rank", AssumeRolePolicyDocument=json.dumps(trust))
+        code = io.BytesIO()
+        with zipfile.ZipFile(code, "w") as archive:
+            archive.writestr("emulated.txt", "the code runs in lambda_shim.local's runtime clients")
+        functions = _boto("lambda")
+        functions.create_function(
+            FunctionName=RANK_ARN.rpartition(":")[2],
+            Role=role["Role"]["Arn"],
+            Code={"ZipFile": code.getvalue()},
+            Runtime="python3.12",
+            Handler="lambda_shim.handler.handler",
+            MemorySize=self.memory_mb,
+            Timeout=int(self.timeout_s),
         )
+        functions.put_function_concurrency(
+            FunctionName=RANK_ARN.rpartition(":")[2], ReservedConcurrentExecutions=self.concurrency
+        )
+
+    @property
+    def throttled_ranks(self) -> list[int]:
+        """Ranks of the current job whose last invocation was throttled (they wait to retry)."""
+        return sorted(r for r in self._throttled if isinstance(r, int))
+
+    def start_rank_functions(self, count: int) -> None:
+        """Start ``count`` more runtime clients of the rank function (each a cold start)."""
+        for _ in range(count):
+            self._spawn(self.rank_api, "lambda_shim.handler.handler", "cai-hpc-rank", f"[rank fn {self._clients}] ")
+            self._clients += 1
+
+    def _spawn(self, api: RuntimeAPI, handler: str, name: str, prefix: str, memory_mb: int | None = None) -> None:
+        memory_mb = memory_mb or self.memory_mb
+        lambda_env = {**self.env, "AWS_LAMBDA_RUNTIME_API": api.address, "PYTHONUNBUFFERED": "1"}
+        command = runtime_client_command(handler)
+        if self.sandboxed:
+            sandbox = Sandbox(name, memory_mb)
+            self._sandboxes.append(sandbox)
+            env, command = None, sandbox.command(command, sandbox.environment(lambda_env))
+        else:
+            env = {
+                **os.environ,
+                **lambda_env,
+                "AWS_LAMBDA_FUNCTION_NAME": name,
+                "AWS_LAMBDA_FUNCTION_MEMORY_SIZE": str(memory_mb),
+            }
+            for var in ("CAI_HPC_TOKEN", "CAI_HPC_TOKEN_FILE", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
+                env.pop(var, None)
+        proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         reader = threading.Thread(target=self._stream, args=(proc, prefix), daemon=True)
         reader.start()
         self._procs.append((proc, reader))
@@ -138,6 +210,8 @@ class LocalCloud:
             proc.wait(timeout=30)
             reader.join(timeout=10)  # it reads to the end of the dead process's output
             proc.stdout.close()
+        for sandbox in self._sandboxes:
+            sandbox.close()
         server = getattr(self, "_server", None)
         if server is not None:
             server.terminate()
@@ -170,24 +244,51 @@ class LocalCloud:
         )
 
     def invoke_rank(self, event: dict[str, Any]) -> Any:
-        """One invocation of the rank function, as the Map's Task makes it."""
-        return self._invoke(self.rank_api, event)
+        """One invocation of the rank function, as the Map's Task makes it: throttled when no
+        runtime client is free."""
+        invocation = self.rank_api.try_invoke(event, self.timeout_s, FREE_WAIT_S)
+        rank = event.get("rank") if isinstance(event, dict) else None
+        if invocation is None:
+            self._throttled.add(rank)
+            raise TaskError(gang.THROTTLED, "Rate Exceeded. (no free environment of the rank function)")
+        self._throttled.discard(rank)
+        self._invocations.append(invocation)
+        return self._result(invocation)
 
     def run(self, plan: Plan) -> dict[str, Any]:
-        """Execute the state machine on the plan; return Summarize's output."""
-        if not self.rank_api.wait_idle(self.ranks, COLD_START_WAIT_S):
-            raise RuntimeError(f"the {self.ranks} local rank functions did not start within {COLD_START_WAIT_S:.0f} s")
+        """Execute the state machine on the plan; return Summarize's output. A plan whose ranks
+        the rank function cannot all run at once is refused before anything starts."""
+        definition = load_definition({"RankFunctionArn": RANK_ARN, "SummarizeFunctionArn": SUMMARIZE_ARN})
+        gang.check_concurrency(plan.world_size, gang.read_concurrency(_boto("lambda"), gang.rank_function(definition)))
+        if not self.rank_api.wait_idle(self._clients, COLD_START_WAIT_S):
+            raise RuntimeError(
+                f"the {self._clients} local rank functions did not start within {COLD_START_WAIT_S:.0f} s"
+            )
+        self._invocations = []
         functions = {
             RANK_ARN: self.invoke_rank,
-            SUMMARIZE_ARN: lambda payload: self._invoke(self.summarize_api, payload),
+            SUMMARIZE_ARN: lambda payload: self._result(self.summarize_api.invoke(payload, self.timeout_s)),
         }
-        definition = load_definition({"RankFunctionArn": RANK_ARN, "SummarizeFunctionArn": SUMMARIZE_ARN})
         self.workflow = LocalWorkflow(definition, functions, self.s3)
-        return self.workflow.run(execution_input(plan, write_items(plan)))
-
-    def _invoke(self, api: RuntimeAPI, payload: Any) -> Any:
         try:
-            return api.invoke(payload, self.timeout_s).result(timeout=self.timeout_s + 60)
+            return self.workflow.run(execution_input(plan, write_items(plan)))
+        except TaskError as exc:
+            billed = sum(invocation.duration_s for invocation in self._invocations)
+            why = gang.explain_failure(
+                f"{exc.error}: {exc.cause}",
+                plan.world_size,
+                plan.connect_timeout_s,
+                plan.memory_mb,
+                self.throttled_ranks,
+                billed,
+            )
+            raise JobFailedError(why) from None
+        finally:
+            self._throttled.clear()
+
+    def _result(self, invocation: Any) -> Any:
+        try:
+            return invocation.result(timeout=self.timeout_s + 60)
         except InvocationError as exc:
             raise TaskError(exc.error_type, exc.message) from None
 
@@ -209,7 +310,7 @@ def run_local(
     **options: Any,
 ) -> dict[str, Any]:
     """``cloud run --local``: upload, plan one rank per group of shards, run, fetch into ``out``.
-    ``memory_mb`` is what the functions report and are billed for; this machine does not cap it.
+    ``memory_mb`` is what the functions report, are billed for and, in the sandbox, may use.
 
     ``out`` is written only after the job succeeded, so a failed run leaves nothing there."""
     if threads is None:  # ranks x threads within the cores, as on any shared node
@@ -220,8 +321,5 @@ def run_local(
         plan = cloud.plan(
             data_uri, f"s3://{BUCKET}/runs/{data.name}", model=model, ranks=ranks, threads=threads, **options
         )
-        try:
-            cloud.run(plan)
-        except TaskError as exc:
-            raise JobFailedError(f"{exc.error}: {exc.cause}") from None
+        cloud.run(plan)
         return fetch(str(plan.out), out)

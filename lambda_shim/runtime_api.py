@@ -91,6 +91,8 @@ class Invocation:
         self.deadline_ms: int | None = None
         self._body = body
         self._expires: float | None = None  # time.monotonic() of the deadline, while handed out
+        self._taken: float | None = None  # time.monotonic() when a runtime client took it
+        self._ended: float | None = None  # ... and when its outcome came
         self._finished = threading.Event()
         self._value: Any = None
         self._error: InvocationError | None = None
@@ -111,9 +113,17 @@ class Invocation:
         """Whether the outcome (result or error) is known."""
         return self._finished.is_set()
 
+    @property
+    def duration_s(self) -> float:
+        """Seconds from a client taking it to its outcome (so far): what Lambda bills; 0 if never taken."""
+        if self._taken is None:
+            return 0.0
+        return (self._ended or time.monotonic()) - self._taken
+
     def _settle(self, value: Any = None, error: InvocationError | None = None) -> None:
         self._value, self._error = value, error
         self._expires = None
+        self._ended = time.monotonic()
         self._finished.set()
 
     def __repr__(self) -> str:
@@ -162,6 +172,7 @@ class RuntimeAPI:
         self._running: dict[str, Invocation] = {}
         self._connections: set[socket.socket] = set()
         self._idle = 0
+        self.invoked = 0  # events accepted by invoke (throttled ones are not)
         self._init_error: InvocationError | None = None
         self._closed = False
         self._server: _Server | None = None
@@ -242,12 +253,24 @@ class RuntimeAPI:
         with self._cond:
             if self._closed:
                 raise RuntimeError("the RuntimeAPI is closed")
+            self.invoked += 1
             if self._init_error is not None:
                 invocation._settle(error=self._init_error.copy())
             else:
                 self._queue.append(invocation)
                 self._cond.notify_all()
         return invocation
+
+    def try_invoke(self, event: Any, timeout_s: float = 900.0, wait_s: float = 0.0) -> Invocation | None:
+        """Like :meth:`invoke`, but only when a runtime client is free to take the event (waiting
+        up to ``wait_s`` for one, say one that is posting its last answer); None otherwise. That is
+        how Lambda answers a synchronous invoke: a function with no free concurrency is throttled
+        (``TooManyRequestsException``), its event is not queued."""
+        with self._cond:
+            free = self._cond.wait_for(
+                lambda: self._idle > len(self._queue) or self._init_error is not None or self._closed, wait_s
+            )
+            return self.invoke(event, timeout_s) if free else None
 
     def wait_idle(self, clients: int, timeout: float) -> bool:
         """Wait until ``clients`` runtime clients are polling /next (their cold start is over).
@@ -268,7 +291,8 @@ class RuntimeAPI:
                 while not self._closed and not _peer_closed(sock):
                     if self._queue:
                         invocation = self._queue.popleft()
-                        invocation._expires = time.monotonic() + invocation.timeout_s
+                        invocation._taken = time.monotonic()
+                        invocation._expires = invocation._taken + invocation.timeout_s
                         invocation.deadline_ms = int((time.time() + invocation.timeout_s) * 1000)
                         self._running[invocation.request_id] = invocation
                         return invocation
@@ -282,7 +306,7 @@ class RuntimeAPI:
         """Put back an invocation whose /next reply could not be sent: its client never got it."""
         with self._cond:
             if self._running.pop(invocation.request_id, None) is invocation:
-                invocation._expires = None
+                invocation._expires = invocation._taken = None
                 invocation.deadline_ms = None
                 self._queue.appendleft(invocation)
                 self._cond.notify_all()

@@ -146,6 +146,7 @@ class TcpComm:
         self._open_links: collections.Counter = collections.Counter()
         self._connecting: dict[int, threading.Lock] = collections.defaultdict(threading.Lock)
         self._dead: dict[int, str] = {}
+        self._modes: dict[int, str] = {}  # peer -> how the link we send on was made
         self._seq = 0
         self._closed = False
         self._control_lock = threading.Lock()
@@ -368,10 +369,25 @@ class TcpComm:
             if self._closed:  # an accept that raced close(): nobody will read or close it
                 link.sock.close()
                 return
-            self._links.setdefault(link.peer, link)
+            if self._links.setdefault(link.peer, link) is link:
+                self._modes[link.peer] = self._mode_of(link.sock)
             self._open_links[link.peer] += 1
             self._sockets.append(link.sock)
         threading.Thread(target=self._read_loop, args=(link,), daemon=True, name=f"tcpcomm-read-{link.peer}").start()
+
+    def _mode_of(self, sock: socket.socket) -> str:
+        """How a link was made, from its socket: through the server, from or to the punched port, or direct."""
+        try:
+            if sock.getsockname()[1] == self._punch_port:
+                return "punch"
+            return "relay" if sock.getpeername()[:2] == self._control.getpeername()[:2] else "direct"
+        except OSError:  # closed already: its reader will report the peer gone
+            return "closed"
+
+    def link_modes(self) -> dict[int, str]:
+        """The connection mode (punch, direct or relay) of the link to each peer this rank has one with."""
+        with self._cond:
+            return dict(self._modes)
 
     def _link(self, peer: int) -> _Link:
         link = self._links.get(peer)
@@ -396,7 +412,9 @@ class TcpComm:
         elif mode == "relay":
             self._adopt(self._relay_link(peer))
         else:
-            for attempt, share in (("punch", 5.0), ("direct", 5.0)):
+            # A Lambda function listens on a private address no other function can reach.
+            on_lambda = "AWS_LAMBDA_FUNCTION_NAME" in os.environ
+            for attempt, share in (("punch", 5.0),) if on_lambda else (("punch", 5.0), ("direct", 5.0)):
                 try:
                     self._connect(peer, attempt, min(deadline, time.monotonic() + share))
                     return

@@ -2,7 +2,8 @@
 
 It interprets the part of the Amazon States Language our workflow uses (Task states that
 invoke Lambda, a Distributed Map reading its items from S3 and writing its results there,
-Retry and Catch, Fail, Succeed, Pass, JSONPath ``$.a.b``, and ``States.Format``) and refuses
+Retry and Catch, Fail, Succeed, Pass, JSONPath ``$.a.b``, and ``States.Format``; a Map run that
+fails stops its children that wait to retry, as Step Functions aborts them) and refuses
 anything else by name, so the file the cloud runs and the file CI runs cannot drift apart
 unnoticed. Lambda functions are callables taking the payload; S3 is the boto3 client the
 caller gives (moto's server in the emulation).
@@ -14,7 +15,6 @@ import json
 import random
 import re
 import threading
-import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -34,6 +34,7 @@ ALLOWED = {
     "Succeed": {"Type", "Comment", "InputPath", "OutputPath"},
 }
 Function = Callable[[Any], Any]
+ABORTED = "States.Aborted"  # a child execution stopped because its Map run failed
 
 
 class TaskError(Exception):
@@ -63,10 +64,12 @@ class LocalWorkflow:
         self.execution = ""
         self.events: list[str] = []  # "state: outcome" lines, like the console's history
         self._lock = threading.Lock()
+        self._abort = threading.Event()  # set when a Map run fails: its children stop retrying
 
     def run(self, data: Any) -> Any:
         """Run to the end; return the output, or raise TaskError as the execution's failure."""
         self.execution = uuid.uuid4().hex[:12]
+        self._abort = threading.Event()
         return self._machine(self.definition, data)
 
     # ----------------------------------------------------------------- states
@@ -135,7 +138,11 @@ class LocalWorkflow:
                 if retry.get("JitterStrategy") == "FULL":
                     wait = random.uniform(0, wait)
                 self._note(name, f"retry {attempts[index]} after {exc.error}")
-                time.sleep(min(wait, retry.get("MaxDelaySeconds", wait)))
+                if self._abort.wait(min(wait, retry.get("MaxDelaySeconds", wait))):
+                    self._note(name, "aborted")
+                    raise TaskError(
+                        ABORTED, f"the Map run failed while this item waited to retry {exc.error}"
+                    ) from None
 
     def _map(self, name: str, state: dict[str, Any], data: Any) -> Any:
         reader = state["ItemReader"]
@@ -148,11 +155,18 @@ class LocalWorkflow:
         )
         workers = min(len(items), int(limit)) if limit else len(items)
         processor = state["ItemProcessor"]
+        tolerated = state.get("ToleratedFailurePercentage", 0)
+        failures = 0
 
         def child(item: Any) -> tuple[bool, Any]:
+            nonlocal failures
             try:
                 return True, self._machine(processor, item)
             except TaskError as exc:
+                with self._lock:  # past the tolerance the Map run fails and stops its other children
+                    failures += 1
+                    if 100 * failures / len(items) > tolerated:
+                        self._abort.set()
                 return False, {"Error": exc.error, "Cause": exc.cause}
 
         with ThreadPoolExecutor(max(1, workers)) as pool:
@@ -167,9 +181,8 @@ class LocalWorkflow:
                 body = json.dumps(rows).encode()
                 self.s3.put_object(Bucket=target["Bucket"], Key=f"{prefix}/{label}_0.json", Body=body)
             result = {"MapRunArn": run, "ResultWriterDetails": {"Bucket": target["Bucket"], "Key": prefix}}
-        tolerated = state.get("ToleratedFailurePercentage", 0)
         if failed and 100 * len(failed) / len(items) > tolerated:
-            first = failed[0]
+            first = next((f for f in failed if f["Error"] != ABORTED), failed[0])
             self._note(name, f"failed: {len(failed)} of {len(items)} items")
             raise TaskError(
                 "States.ExceedToleratedFailureThreshold",

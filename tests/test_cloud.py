@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -23,10 +24,11 @@ from tests.conftest import cai_hpc
 pytest.importorskip("moto.server", reason="moto[server] is in the test extras")
 pytest.importorskip("awslambdaric", reason="awslambdaric is in the test extras")
 
-from lambda_shim import handler
-from lambda_shim.cloud import make_plan, progress_line, start
+from lambda_shim import gang, handler, sandbox
+from lambda_shim.cloud import JobFailedError, make_plan, progress_line, start
 from lambda_shim.cost import PRICES, estimate_cost
 from lambda_shim.local import BUCKET, LocalCloud
+from lambda_shim.workflow import load_definition
 
 MPIEXEC = shutil.which("mpiexec", path=str(Path(sys.executable).parent)) or shutil.which("mpiexec")
 NO_AWS = {  # an environment in which boto3's chain finds nothing, quickly
@@ -54,6 +56,7 @@ def test_local_cloud_run_matches_mpiexec(ranks, small_dataset, tmp_path) -> None
         "--batch-size", "32", "-q",
     )  # fmt: skip
     assert cloud.returncode == 0, cloud.stderr
+    assert ("no Lambda-like sandbox" in cloud.stderr) == (sandbox.unavailable() is not None)
     hpc = subprocess.run(
         [MPIEXEC, "-n", str(ranks), sys.executable, "-m", "cai_hpc", "infer", "--backend", "mpi", "-q",
          "--data", str(small_dataset), "--out", str(tmp_path / "hpc"), "--batch-size", "32", "--threads", "1"],
@@ -73,12 +76,75 @@ def test_local_cloud_run_matches_mpiexec(ranks, small_dataset, tmp_path) -> None
     # The bill covers every rank and Summarize, from the ranks' own records.
     assert c["cloud"]["lambda_requests"] == ranks + 1
     assert c["cloud"]["lambda_gb_s"] > 0 and c["cloud"]["usd"]["total"] > 0
+    # Each link counted once, by mode; never direct on (emulated) Lambda; and per rank.
+    assert set(c["links"]) <= {"punch", "relay"} and sum(c["links"].values()) >= ranks - 1, c["links"]
+    assert all(r["links"] and set(r["links"]) <= {"punch", "relay"} for r in c["ranks"]), c["ranks"]
+    assert sum(sum(r["links"].values()) for r in c["ranks"]) == 2 * sum(c["links"].values())
 
 
 @pytest.fixture(scope="module")
 def local_cloud():
-    with LocalCloud(2, timeout_s=300) as cloud:
+    """Two warm rank functions, and a reserved concurrency of three: the third environment is
+    one Lambda has not started yet."""
+    with LocalCloud(2, timeout_s=300, concurrency=3) as cloud:
         yield cloud
+
+
+def _job_objects(cloud: LocalCloud, prefix: str) -> list[str]:
+    listing = cloud.s3.list_objects_v2(Bucket=BUCKET, Prefix=prefix)
+    return [o["Key"] for o in listing.get("Contents", [])]
+
+
+@pytest.mark.timeout(60)
+def test_more_ranks_than_the_functions_concurrency_are_refused_before_anything_starts(local_cloud, small_dataset):
+    data = local_cloud.upload(small_dataset, "gang-data")
+    plan = local_cloud.plan(data, f"s3://{BUCKET}/gang-refused", model=None, ranks=4, threads=1)
+    invoked = local_cloud.rank_api.invoked
+    with pytest.raises(
+        InputError, match="needs 4 ranks running at once but cai-hpc-rank has ReservedConcurrentExecutions 3"
+    ):
+        local_cloud.run(plan)
+    assert not _job_objects(local_cloud, "gang-refused/")  # not even the Map's items were written
+    assert local_cloud.rank_api.invoked == invoked  # no rank was invoked
+
+
+@pytest.mark.timeout(200)
+def test_ranks_that_never_start_fail_within_the_deadline_naming_them(local_cloud, small_dataset) -> None:
+    data = local_cloud.upload(small_dataset, "gang-data")
+    plan = local_cloud.plan(data, f"s3://{BUCKET}/gang-never", model=None, ranks=3, threads=1, cold_start_s=8)
+    assert plan.connect_timeout_s == 8 and {e["connect_timeout_s"] for e in plan.events} == {8}
+    t0 = time.monotonic()
+    with pytest.raises(JobFailedError) as failed:
+        local_cloud.run(plan)  # two environments for three ranks: rank 2 is throttled until the end
+    took = time.monotonic() - t0
+    why = str(failed.value)
+    assert "\n" not in why
+    assert why.startswith("1 of 3 ranks never started within the 8 s connect deadline (ranks 2); likely cause: "), why
+    assert "Lambda throttled rank(s) 2 (Lambda.TooManyRequestsException)" in why
+    billed = float(why.split("Lambda time billed: ")[1].split(" s measured")[0])
+    bound = 3 * (8 + gang.COLD_START_S)
+    assert f"at most {bound:.0f} s" in why and 2 * 8 <= billed <= bound  # ranks 0 and 1 waited out the deadline
+    assert took < 8 + gang.COLD_START_S  # not the 310 s of retries: the failed Map stops them
+    assert "Rank: aborted" in local_cloud.workflow.events
+    assert not _job_objects(local_cloud, "gang-never/predictions/")
+
+
+@pytest.mark.timeout(300)
+def test_ranks_started_late_but_within_the_deadline_finish(local_cloud, small_dataset) -> None:
+    data = local_cloud.upload(small_dataset, "gang-data")
+    plan = local_cloud.plan(data, f"s3://{BUCKET}/gang-late", model=None, ranks=3, batch_size=64, threads=1)
+    outcome: dict = {}
+    job = threading.Thread(target=lambda: outcome.update(local_cloud.run(plan)), daemon=True)
+    job.start()
+    deadline = time.monotonic() + 60
+    while local_cloud.throttled_ranks != [2] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert local_cloud.throttled_ranks == [2]  # no environment for rank 2 yet
+    local_cloud.start_rank_functions(1)  # Lambda's scaling catches up: a third environment starts
+    job.join(timeout=240)
+    assert outcome.get("samples") == 300 and outcome["world_size"] == 3
+    assert "Rank: retry 1 after Lambda.TooManyRequestsException" in local_cloud.workflow.events
+    assert not local_cloud.throttled_ranks
 
 
 def _listing(cloud: LocalCloud, prefix: str) -> dict[str, tuple[str, str]]:
@@ -189,6 +255,24 @@ def test_handler_errors_are_one_line_and_name_the_rank(local_cloud, small_datase
     assert refused.value.cause.startswith("rank 0: rendezvous server") and "wrong token" in refused.value.cause
     assert "\n" not in refused.value.cause
     assert not _listing(local_cloud, "err-out/")  # nothing written by any of them
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(sandbox.unavailable() is not None, reason="no sandbox here")
+def test_the_sandboxed_handler_cannot_write_outside_tmp(local_cloud, small_dataset) -> None:
+    data = local_cloud.upload(small_dataset, "sandbox-data")
+    plan = local_cloud.plan(data, f"s3://{BUCKET}/sandbox-out", model=None, ranks=2, threads=1)
+    outside = Path("/var/tmp") / f"cai-hpc-sandbox-{plan.job}"  # writable here, read-only on Lambda
+    event = {**plan.events[0], "job": f"{plan.job}-local-out", "world_size": 1, "out": str(outside)}
+    try:
+        from lambda_shim.workflow import TaskError
+
+        with pytest.raises(TaskError) as refused:
+            local_cloud.invoke_rank(event)
+        assert refused.value.cause.startswith("rank 0: ") and "Read-only file system" in refused.value.cause
+        assert not outside.exists()
+    finally:
+        shutil.rmtree(outside, ignore_errors=True)
 
 
 @pytest.mark.timeout(300)
@@ -354,6 +438,7 @@ def test_plan_and_dry_run_need_no_aws(small_dataset) -> None:
         assert result.returncode == 0, result.stderr
         assert "7 shards" in result.stdout and "3 ranks, 2-3 shards each" in result.stdout
         assert "$" in result.stdout and "estimate" in result.stdout
+        assert f"within the {gang.COLD_START_S:.0f} s connect deadline" in result.stdout
 
 
 def test_missing_credentials_is_one_line(tmp_path) -> None:
@@ -372,6 +457,7 @@ def test_too_many_ranks_for_the_deployment_is_refused(small_dataset) -> None:
 
 @pytest.mark.timeout(300)
 def test_infer_reads_and_writes_s3_like_a_directory(moto_s3, small_dataset, tmp_path) -> None:
+    from cai_hpc import storage
     from cai_hpc.comm import SelfComm
     from cai_hpc.engine import RunConfig, run
 
@@ -379,6 +465,7 @@ def test_infer_reads_and_writes_s3_like_a_directory(moto_s3, small_dataset, tmp_
         moto_s3.upload_file(str(shard), "many", f"ds/{shard.name}")
     options = {"batch_size": 64, "threads": 1, "progress": False}
     on_s3 = run(SelfComm(), RunConfig(data="s3://many/ds", out="s3://many/infer-out", **options))
+    assert not storage._fetched  # each shard left memory once its predictions were written
     local = run(SelfComm(), RunConfig(data=small_dataset, out=tmp_path / "local", **options))
     assert on_s3["metrics"] == local["metrics"] and on_s3["samples"] == 300
     listing = moto_s3.list_objects_v2(Bucket="many", Prefix="infer-out/")["Contents"]
@@ -388,3 +475,102 @@ def test_infer_reads_and_writes_s3_like_a_directory(moto_s3, small_dataset, tmp_
     again = run(SelfComm(), RunConfig(data="s3://many/ds", out="s3://many/infer-out", **options))
     assert (again["samples"], again["skipped_shards"]) == (0, 7)  # finished shards found on S3
     assert again["metrics"] == pytest.approx(local["metrics"])
+
+
+# ------------------------------------------------------------------ gang start, without functions
+def test_the_connect_deadline_grows_with_the_ranks_as_lambda_scales() -> None:
+    definition = load_definition({"RankFunctionArn": "rank", "SummarizeFunctionArn": "summarize"})
+    cold = gang.COLD_START_S
+    # Lambda adds 1,000 environments per 10 s; the last rank gets in at the first throttle retry
+    # after that (the state machine retries at 10, 30, 70, 150 and 310 s).
+    expected = {1: cold, 1000: cold, 1001: cold + 10, 2001: cold + 30, 4001: cold + 70, 32_000: cold + 310}
+    assert {n: gang.connect_deadline_s(n, definition) for n in expected} == expected
+    with pytest.raises(
+        InputError,
+        match=r"32001 ranks need 320 s of Lambda's scaling .* for 310 s: use --ranks 32000 or fewer",
+    ):
+        gang.connect_deadline_s(32_001, definition)
+    assert gang.rank_function(definition) == "rank"
+
+
+def test_a_concurrency_below_the_ranks_is_refused_naming_the_quota() -> None:
+    account = gang.Concurrency("cai-hpc-rank", reserved=None, unreserved=10, account=10)
+    gang.check_concurrency(10, account)
+    with pytest.raises(InputError) as pool:
+        gang.check_concurrency(11, account)
+    said = str(pool.value)
+    assert (
+        "\n" not in said
+        and "needs 11 ranks running at once but the account's unreserved Lambda concurrency is 10" in said
+    )
+    assert "L-B99A9384" in said and "request-service-quota-increase" in said and "--ranks 10" in said
+    reserved = gang.Concurrency("cai-hpc-rank", reserved=500)
+    gang.check_concurrency(500, reserved)
+    with pytest.raises(
+        InputError,
+        match=r"ReservedConcurrentExecutions 500: raise it .*put-function-concurrency --function-name cai-hpc-rank",
+    ):
+        gang.check_concurrency(501, reserved)
+
+
+def test_an_aws_run_checks_the_deployed_rank_functions_concurrency_before_it_starts(moto_s3) -> None:
+    import boto3
+
+    _put_many(moto_s3, [f"gang/shard-{i}.h5" for i in range(3)], b"x" * 100)
+    trust = json.dumps({"Version": "2012-10-17", "Statement": []})
+    role = boto3.client("iam").create_role(RoleName="gang-test", AssumeRolePolicyDocument=trust)["Role"]["Arn"]
+    functions = boto3.client("lambda")
+    code = __import__("io").BytesIO()
+    __import__("zipfile").ZipFile(code, "w").writestr("h.py", "")
+    arn = functions.create_function(
+        FunctionName="gang-rank", Role=role, Code={"ZipFile": code.getvalue()}, Runtime="python3.12", Handler="h.h"
+    )["FunctionArn"]
+    functions.put_function_concurrency(FunctionName="gang-rank", ReservedConcurrentExecutions=2)
+    definition = load_definition({"RankFunctionArn": arn, "SummarizeFunctionArn": arn})
+    machine = boto3.client("stepfunctions").create_state_machine(
+        name="gang", definition=json.dumps(definition), roleArn=role
+    )["stateMachineArn"]
+    plan = make_plan("s3://many/gang", "s3://many/gang-out", model=None, rendezvous="127.0.0.1:1", token_secret="s")
+    with pytest.raises(
+        InputError, match="needs 3 ranks running at once but gang-rank has ReservedConcurrentExecutions 2"
+    ):
+        start(plan, machine)
+    assert "Contents" not in moto_s3.list_objects_v2(Bucket="many", Prefix="gang-out/")  # nothing written
+
+
+# ------------------------------------------------------------------ what one rank can hold and run
+@pytest.fixture
+def four_gib_of_shards(tmp_path) -> Path:
+    """Four 1 GiB shard files, sparse: the planner reads only their sizes."""
+    data = tmp_path / "big"
+    data.mkdir()
+    for i in range(4):
+        with open(data / f"shard-{i}.h5", "wb") as f:
+            f.truncate(2**30)
+    return data
+
+
+def test_a_rank_whose_shards_do_not_fit_beside_the_model_is_refused(four_gib_of_shards) -> None:
+    result = cai_hpc(
+        "cloud", "plan", "--data", str(four_gib_of_shards), "--out", "s3://b/o", "--ranks", "1", "--memory-mb", "2048"
+    )  # fmt: skip
+    assert result.returncode == 2
+    line = result.stderr.strip()
+    assert "\n" not in line and "a rank would hold 4096 MB of shards but a 2048 MB function has 1024 MB" in line
+    assert "--ranks 4 or more" in line
+    plan = make_plan(
+        str(four_gib_of_shards), "s3://b/o", model=None, rendezvous="h:1", token_secret="s", ranks=4, memory_mb=2048
+    )
+    assert plan.world_size == 4  # a shard per rank fits
+
+
+def test_a_rank_that_would_outlive_lambdas_900_s_is_refused(four_gib_of_shards) -> None:
+    from cai_hpc.shards import SAMPLE_BYTES
+
+    common = {"model": None, "rendezvous": "h:1", "token_secret": "s", "memory_mb": 10240}
+    samples = 4 * 2**30 // SAMPLE_BYTES
+    # 5 vCPUs at 40 samples/s each: one rank needs ~1,050 s; two need ~530 s each.
+    with pytest.raises(InputError, match=r"Lambda stops a function at 900 s: use --ranks 2 or more") as long:
+        make_plan(str(four_gib_of_shards), "s3://b/o", ranks=1, rate=40.0, **common)
+    assert f"({samples} samples at 200 samples/s" in str(long.value)
+    assert make_plan(str(four_gib_of_shards), "s3://b/o", ranks=2, rate=40.0, **common).world_size == 2

@@ -194,3 +194,19 @@ def test_killed_client_is_not_handed_an_invocation(api: RuntimeAPI, start_client
     invocation = api.invoke({"rank": 0}, timeout_s=20)  # the dead client's /next is still open on the server
     alive = start_client(wait=False)
     assert invocation.result(timeout=RESULT_S)["pid"] == alive.pid
+
+
+@pytest.mark.timeout(60)
+def test_an_invocation_without_a_free_client_is_throttled_not_queued(
+    api: RuntimeAPI, start_client: StartClient
+) -> None:
+    assert api.try_invoke({"n": 0}, timeout_s=20) is None  # no client at all
+    start_client()
+    busy = api.try_invoke({"sleep": 1.0}, timeout_s=20)
+    assert busy is not None
+    assert api.try_invoke({"n": 1}, timeout_s=20) is None  # the one client is taken
+    assert api.invoked == 1  # the throttled events were never queued
+    assert busy.result(timeout=RESULT_S)["event"] == {"sleep": 1.0}
+    assert 1.0 <= busy.duration_s < RESULT_S  # billed from the moment the client took it
+    after = api.try_invoke({"n": 2}, timeout_s=20, wait_s=RESULT_S)  # free again once it answered
+    assert after is not None and after.result(timeout=RESULT_S)["event"] == {"n": 2}
