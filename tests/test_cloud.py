@@ -18,17 +18,13 @@ import numpy as np
 import pytest
 
 from cai_hpc.errors import InputError
-from tests.conftest import cai_hpc
-
-pytest.importorskip("moto.server", reason="moto[server] is in the test extras")
-pytest.importorskip("awslambdaric", reason="awslambdaric is in the test extras")
-
 from lambda_shim import handler
 from lambda_shim.cloud import make_plan, progress_line, start
 from lambda_shim.cost import PRICES, estimate_cost
 from lambda_shim.local import BUCKET, LocalCloud
+from tests.conftest import MPIEXEC, cai_hpc, missing_modules, requires_infra
 
-MPIEXEC = shutil.which("mpiexec", path=str(Path(sys.executable).parent)) or shutil.which("mpiexec")
+pytestmark = requires_infra(missing_modules("moto.server", "awslambdaric", hint="both are in the test extras"))
 NO_AWS = {  # an environment in which boto3's chain finds nothing, quickly
     "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
     "AWS_CONFIG_FILE": "/nonexistent",
@@ -45,7 +41,7 @@ def _predictions(out: Path) -> dict[str, np.ndarray]:
     return {p.name: h5py.File(p)["redshift_pred"][:] for p in sorted((out / "predictions").glob("*.h5"))}
 
 
-@pytest.mark.skipif(MPIEXEC is None, reason="no mpiexec")
+@requires_infra(None if MPIEXEC else "no mpiexec (pip install -e '.[test]')")
 @pytest.mark.timeout(400)
 @pytest.mark.parametrize("ranks", [2, 4])
 def test_local_cloud_run_matches_mpiexec(ranks, small_dataset, tmp_path) -> None:

@@ -14,9 +14,10 @@ import h5py
 import numpy as np
 import pytest
 
-MPIEXEC = shutil.which("mpiexec", path=str(Path(sys.executable).parent)) or shutil.which("mpiexec")
+from tests.conftest import MPIEXEC, requires_infra
+
 SUITE = Path(__file__).with_name("test_parallel_engine.py")
-pytestmark = pytest.mark.skipif(MPIEXEC is None, reason="no mpiexec (pip install 'cai-hpc[mpi]')")
+pytestmark = requires_infra(None if MPIEXEC else "no mpiexec (pip install 'cai-hpc[mpi]')")
 
 
 def mpiexec(ranks: int, *command: str) -> subprocess.CompletedProcess:

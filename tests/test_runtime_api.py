@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from lambda_shim.runtime_api import InvocationError, RuntimeAPI, runtime_client_command
+from tests.conftest import missing_modules, requires_infra
 
-pytest.importorskip("awslambdaric", reason="the runtime client is not installed (pip install awslambdaric)")
+pytestmark = requires_infra(missing_modules("awslambdaric", hint="the runtime client is in the test extras"))
 
 PROGRAMS = Path(__file__).with_name("programs")
 START_S = 30.0  # a cold start on a busy machine

@@ -13,6 +13,7 @@ import pytest
 
 from cai_hpc.comm import SelfComm
 from cai_hpc.engine import RunConfig, run
+from tests.conftest import requires_infra
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,7 +27,7 @@ def _slurm_is_up() -> str | None:
     return None
 
 
-pytestmark = pytest.mark.skipif(_slurm_is_up() is not None, reason=str(_slurm_is_up()))
+pytestmark = requires_infra(_slurm_is_up())
 
 
 def sbatch(tmp_path: Path, data: Path, out: Path, **env: str) -> subprocess.CompletedProcess:
