@@ -17,7 +17,7 @@ from cai_hpc.predictions import (
     remove_stale_temporaries,
     write_predictions,
 )
-from cai_hpc.shards import ShardInfo, inspect_shard
+from cai_hpc.shards import ShardInfo, ShardReader, inspect_shard, write_shard
 from cai_hpc.storage import Location
 
 STAMP = {"checkpoint": "reference", "weights": "w-1"}
@@ -93,6 +93,7 @@ NOT_WHOLE = {
     "from another shard": _set("source", "shard-00002.h5"),
     "from a shard of another length": _set("source_rows", 47),
     "no weights stamp": _drop("weights"),
+    "no source length": _drop("source_rows"),
     "fewer predictions than rows": _shorten_predictions,
     "no predictions": lambda f: f.__delitem__("redshift_pred"),
 }
@@ -105,6 +106,20 @@ def test_a_file_that_is_not_whole_or_not_this_shards_is_not_complete(case, out, 
     with h5py.File(path, "a") as f:
         NOT_WHOLE[case](f)
     assert not is_complete(out, shard, 48, "w-1")
+
+
+@pytest.mark.parametrize("marker", ["rows", "source_rows"])
+def test_a_one_row_file_without_its_lengths_is_not_complete(marker, out, small_dataset, tmp_path) -> None:
+    source = tmp_path / "one" / "shard-00000.h5"
+    source.parent.mkdir()
+    with ShardReader(inspect_shard(small_dataset / "shard-00000.h5")) as reader:
+        write_shard(source, reader.read(0, 1))
+    shard = inspect_shard(source)
+    path = write_predictions(out, shard, np.zeros(1, np.float32), STAMP)
+    assert is_complete(out, shard, 1, "w-1")
+    with h5py.File(path, "a") as f:
+        del f.attrs[marker]
+    assert not is_complete(out, shard, 1, "w-1")
 
 
 def test_a_file_that_is_not_hdf5_is_not_complete(out, shard) -> None:
@@ -194,6 +209,6 @@ def test_an_unlabelled_shard_gives_no_labels(out, small_dataset, tmp_path) -> No
     shard = inspect_shard(source)
     write_predictions(out, shard, np.zeros(48, np.float32), STAMP)
     pred, true = read_labelled(out, shard, 48)
-    assert (pred.size, true.size) == (0, 0)
+    assert (pred.size, true.size, pred.dtype, true.dtype) == (0, 0, np.float32, np.float32)
     with h5py.File(prediction_path(out, shard).path) as f:
         assert sorted(f) == ["object_id", "redshift_pred"]

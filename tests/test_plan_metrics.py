@@ -99,6 +99,30 @@ def test_nmad_of_an_even_count_centres_on_the_mean_of_the_middle_pair() -> None:
     assert m["r2"] is None  # every z is the same: SS_tot = 0
 
 
+def test_float32_inputs_are_summed_in_float64() -> None:
+    # The engine hands over float32 predictions and labels; the metrics are float64 sums of them.
+    rng = np.random.default_rng(3)
+    true = rng.uniform(0.0, 0.7, 10_001).astype(np.float32)
+    pred = (true + rng.normal(0.0, 0.05, true.size)).astype(np.float32)
+    m = regression_metrics(c.SelfComm(), pred, true)
+    t, p = true.astype(np.float64), pred.astype(np.float64)
+    dz = (p - t) / (1 + t)
+    assert m["mae"] == pytest.approx(np.abs(p - t).mean(), rel=1e-12)
+    assert m["mse"] == pytest.approx(np.square(p - t).mean(), rel=1e-12)
+    assert m["bias"] == pytest.approx(dz.mean(), rel=1e-12)
+    assert m["nmad"] == 1.4826 * np.median(np.abs(dz - np.median(dz)))
+    assert distributed_median(c.SelfComm(), pred) == np.median(p)
+
+
+def test_r2_of_labels_spread_less_than_one() -> None:
+    # z = 0, 0.5: SS_tot = 2 × 0.25² = 0.125; ẑ = 0.25 both: SS_res = 0.125, so R² = 0.
+    assert regression_metrics(c.SelfComm(), np.array([0.25, 0.25]), np.array([0.0, 0.5]))["r2"] == 0.0
+
+
+def test_the_median_of_nothing_is_nan() -> None:
+    assert np.isnan(distributed_median(c.SelfComm(), np.empty(0)))
+
+
 def test_a_dz_of_exactly_0_15_is_not_an_outlier() -> None:
     just_above = np.nextafter(0.15, 1.0)
     pred = np.array([0.15, -0.15, just_above, -just_above, 0.0])
