@@ -42,6 +42,7 @@ def test_predictions_file_holds_the_shard_rows_and_is_complete_for_its_weights(o
     pred = np.linspace(0.0, 0.47, 48, dtype=np.float32)
     path = write_predictions(out, shard, pred, STAMP)
     assert path == out / "predictions" / "shard-00001.h5" == prediction_path(out, shard)
+    assert path != out / "predictions" / "shard-00002.h5"
     assert sorted(p.name for p in (Path(out) / "predictions").iterdir()) == ["shard-00001.h5"]
     with h5py.File(small_dataset / "shard-00001.h5") as src, h5py.File(path) as f:
         assert dict(f.attrs) == {

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from cai_hpc.errors import InputError
-from cai_hpc.shards import Columns, ShardReader, ShardWriter, inspect_shard
+from cai_hpc.shards import Columns, DatasetWriter, ShardReader, ShardWriter, _short, _slice, inspect_shard
 
 
 def _shard_with(small_dataset: Path, tmp_path: Path, dataset: str, index: tuple, value: float) -> Path:
@@ -66,3 +66,37 @@ def test_a_shard_writer_that_fails_leaves_nothing(tmp_path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == [path.name]
     info = inspect_shard(path)
     assert (info.rows, info.labelled, info.has_object_id) == (2, False, False)
+
+
+def test_slabs_that_straddle_shard_boundaries_land_in_order(tmp_path) -> None:
+    rows = np.arange(7, dtype=np.float32)
+    cols = Columns(
+        np.broadcast_to(rows[:, None, None, None], (7, 5, 32, 32)).copy(),
+        np.repeat(rows[:, None], 5, axis=1),
+        rows / 10,
+        np.arange(100, 107, dtype=np.int64),
+    )
+    with DatasetWriter(tmp_path / "d", 7, 3, labelled=True, has_object_id=True) as writer:
+        writer.add(_slice(cols, 0, 5))  # shard 0 and two rows of shard 1
+        writer.add(_slice(cols, 5, 7))  # the last row of shard 1 and shard 2
+    shards = sorted((tmp_path / "d").iterdir())
+    assert [p.name for p in shards] == ["shard-00000.h5", "shard-00001.h5", "shard-00002.h5"]
+    ids = []
+    for path in shards:
+        with h5py.File(path) as f:
+            ids.append(f["object_id"][:].tolist())
+            np.testing.assert_array_equal(f["images"][:, 3, 4, 5], f["object_id"][:] - 100)
+            np.testing.assert_array_equal(f["redshift"][:], (f["object_id"][:] - 100).astype(np.float32) / 10)
+    assert ids == [[100, 101, 102], [103, 104, 105], [106]]
+
+
+def test_a_dataset_directory_that_cannot_be_made_is_one_line(tmp_path) -> None:
+    (tmp_path / "file").write_text("not a directory")
+    with pytest.raises(InputError) as bad, DatasetWriter(tmp_path / "file" / "d", 1, 1, False, False):
+        pass
+    assert str(bad.value).startswith(f"{tmp_path / 'file' / 'd'}: cannot create the dataset directory: ")
+
+
+def test_h5py_errors_are_cut_to_their_first_line() -> None:
+    assert _short(OSError("Unable to open file\n  (truncated file: eof = 5000)")) == "Unable to open file"
+    assert _short(KeyError()) == "KeyError"
