@@ -76,6 +76,7 @@ def test_slabs_that_straddle_shard_boundaries_land_in_order(tmp_path) -> None:
         rows / 10,
         np.arange(100, 107, dtype=np.int64),
     )
+    (tmp_path / "d").mkdir()  # an empty directory is a fine place for a dataset
     with DatasetWriter(tmp_path / "d", 7, 3, labelled=True, has_object_id=True) as writer:
         writer.add(_slice(cols, 0, 5))  # shard 0 and two rows of shard 1
         writer.add(_slice(cols, 5, 7))  # the last row of shard 1 and shard 2
@@ -88,6 +89,11 @@ def test_slabs_that_straddle_shard_boundaries_land_in_order(tmp_path) -> None:
             np.testing.assert_array_equal(f["images"][:, 3, 4, 5], f["object_id"][:] - 100)
             np.testing.assert_array_equal(f["redshift"][:], (f["object_id"][:] - 100).astype(np.float32) / 10)
     assert ids == [[100, 101, 102], [103, 104, 105], [106]]
+    unlabelled = Columns(cols.images, cols.magnitudes, None, None)
+    with DatasetWriter(tmp_path / "u", 7, 3, labelled=False, has_object_id=False) as writer:
+        writer.add(_slice(unlabelled, 0, 5))
+        writer.add(_slice(unlabelled, 5, 7))
+    assert [inspect_shard(p).rows for p in sorted((tmp_path / "u").iterdir())] == [3, 3, 1]
 
 
 def test_a_dataset_directory_that_cannot_be_made_is_one_line(tmp_path) -> None:
