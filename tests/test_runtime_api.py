@@ -28,6 +28,7 @@ def within(*waits: float) -> pytest.MarkDecorator:
     that runs out fails with its own message before pytest-timeout ends the test."""
     return pytest.mark.timeout(sum(waits) + 30)
 
+
 StartClient = Callable[..., subprocess.Popen]
 
 
