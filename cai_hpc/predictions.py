@@ -22,7 +22,8 @@ def write_predictions(out: Location, shard: ShardInfo, pred: np.ndarray, stamp: 
     """Write ``pred`` (the shard's first ``len(pred)`` rows) with the shard's ids and labels,
     stamped with the weights that made them (``checkpoint`` label and ``weights`` id).
 
-    The file appears only once complete, so a crash never leaves a file that looks whole.
+    The file appears only once complete, so a crash never leaves a file that looks whole; and
+    its ``rows`` attribute, which ``is_complete`` requires, is written last.
     """
     rows = len(pred)
     path = prediction_path(out, shard)
@@ -31,13 +32,13 @@ def write_predictions(out: Location, shard: ShardInfo, pred: np.ndarray, stamp: 
         f.attrs["format_version"] = FORMAT_VERSION
         f.attrs["source"] = shard.name
         f.attrs["source_rows"] = shard.rows
-        f.attrs["rows"] = rows
         for key, value in stamp.items():
             f.attrs[key] = value
         f.create_dataset("redshift_pred", data=pred.astype(np.float32, copy=False))
         for name in ("object_id", "redshift"):
             if name in src:
                 f.create_dataset(name, data=src[name][:rows])
+        f.attrs["rows"] = rows
     return path
 
 

@@ -19,18 +19,14 @@ import numpy as np
 import pytest
 
 from cai_hpc.errors import InputError
-from tests.conftest import cai_hpc
-
-pytest.importorskip("moto.server", reason="moto[server] is in the test extras")
-pytest.importorskip("awslambdaric", reason="awslambdaric is in the test extras")
-
 from lambda_shim import gang, handler, sandbox
 from lambda_shim.cloud import JobFailedError, make_plan, progress_line, start
 from lambda_shim.cost import PRICES, estimate_cost
 from lambda_shim.local import BUCKET, LocalCloud
 from lambda_shim.workflow import load_definition
+from tests.conftest import MPIEXEC, cai_hpc, missing_modules, requires_infra
 
-MPIEXEC = shutil.which("mpiexec", path=str(Path(sys.executable).parent)) or shutil.which("mpiexec")
+pytestmark = requires_infra(missing_modules("moto.server", "awslambdaric", hint="both are in the test extras"))
 NO_AWS = {  # an environment in which boto3's chain finds nothing, quickly
     "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
     "AWS_CONFIG_FILE": "/nonexistent",
@@ -47,7 +43,7 @@ def _predictions(out: Path) -> dict[str, np.ndarray]:
     return {p.name: h5py.File(p)["redshift_pred"][:] for p in sorted((out / "predictions").glob("*.h5"))}
 
 
-@pytest.mark.skipif(MPIEXEC is None, reason="no mpiexec")
+@requires_infra(None if MPIEXEC else "no mpiexec (pip install -e '.[test]')")
 @pytest.mark.timeout(400)
 @pytest.mark.parametrize("ranks", [2, 4])
 def test_local_cloud_run_matches_mpiexec(ranks, small_dataset, tmp_path) -> None:
@@ -288,7 +284,7 @@ def test_a_corrupt_shard_fails_the_run_in_one_line_and_writes_nothing(small_data
     assert not (tmp_path / "out").exists()
 
 
-# ------------------------------------------------------------------ pagination at 1,500 objects
+# ------------------------------------------------------------------ S3 listings longer than a page
 @pytest.fixture(scope="module")
 def moto_s3():
     from moto.server import ThreadedMotoServer
@@ -364,25 +360,25 @@ def test_checking_s3_shards_reads_their_headers_not_their_data(moto_s3, tmp_path
     storage.forget()
 
 
-@pytest.mark.timeout(300)
-def test_summarize_reads_every_rank_record(moto_s3) -> None:
-    world = 1500
-    records = [
-        {"job": "j", "rank": r, "shards": 1, "memory_mb": 2048, "duration_s": 1.0, "init_s": 0.5, "cold": True}
-        for r in range(world)
-    ]
+def _put_rank_records(s3, prefix: str, world: int) -> None:
+    """Rank records of job j (each billed 1.5 s at 2 GB) and rank 0's summary, under ``prefix``."""
     from concurrent.futures import ThreadPoolExecutor
 
-    with ThreadPoolExecutor(16) as pool:
-        list(
-            pool.map(
-                lambda r: moto_s3.put_object(
-                    Bucket="many", Key=f"run/ranks/rank-{r['rank']:05d}.json", Body=json.dumps(r).encode()
-                ),
-                records,
-            )
+    def put(rank: int) -> None:
+        record = {"job": "j", "rank": rank, "shards": 1, "memory_mb": 2048, "duration_s": 1.0, "init_s": 0.5}
+        s3.put_object(
+            Bucket="many", Key=f"{prefix}/ranks/rank-{rank:05d}.json", Body=json.dumps(record | {"cold": True})
         )
-    moto_s3.put_object(Bucket="many", Key="run/summary.json", Body=json.dumps({"samples": 7, "metrics": None}))
+
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(put, range(world)))
+    s3.put_object(Bucket="many", Key=f"{prefix}/summary.json", Body=json.dumps({"samples": 7, "metrics": None}))
+
+
+@pytest.mark.timeout(300)
+def test_summarize_reads_every_rank_record(moto_s3) -> None:
+    world = 1001  # one more than an S3 listing page holds: rank 1000 is on the second page
+    _put_rank_records(moto_s3, "run", world)
     event = {"job": "j", "out": "s3://many/run", "world_size": world, "memory_mb": 2048}
     t0 = time.perf_counter()
     digest = handler.summarize(event, None)
@@ -392,12 +388,18 @@ def test_summarize_reads_every_rank_record(moto_s3) -> None:
     assert summary["cloud"]["lambda_requests"] == world + 1
     # 1.5 s billed at 2 GB for each rank, and Summarize's own time (no context here: 1 GB).
     assert world * 1.5 * 2 < summary["cloud"]["lambda_gb_s"] <= world * 1.5 * 2 + took + 0.001
-    moto_s3.put_object(Bucket="many", Key="run/ranks/rank-01500.json", Body=json.dumps({**records[0], "job": "k"}))
+
+
+def test_summarize_refuses_another_jobs_record_and_a_missing_one(moto_s3) -> None:
+    _put_rank_records(moto_s3, "few", 3)
+    event = {"job": "j", "out": "s3://many/few", "world_size": 3, "memory_mb": 2048}
+    assert handler.summarize(event, None)["job"] == "j"
+    moto_s3.put_object(Bucket="many", Key="few/ranks/rank-00003.json", Body=json.dumps({"job": "k", "rank": 3}))
     with pytest.raises(handler.RankFailedError, match="records of another job \\(k\\), not only j"):
         handler.summarize(event, None)
-    moto_s3.delete_object(Bucket="many", Key="run/ranks/rank-01500.json")
-    moto_s3.delete_object(Bucket="many", Key="run/ranks/rank-01234.json")
-    with pytest.raises(handler.RankFailedError, match=r"1 of 1500 rank records missing .*: 1234"):
+    moto_s3.delete_object(Bucket="many", Key="few/ranks/rank-00003.json")
+    moto_s3.delete_object(Bucket="many", Key="few/ranks/rank-00001.json")
+    with pytest.raises(handler.RankFailedError, match=r"1 of 3 rank records missing .*: 1"):
         handler.summarize(event, None)
 
 

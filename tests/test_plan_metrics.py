@@ -8,7 +8,7 @@ import pytest
 from cai_hpc import comm as c
 from cai_hpc.errors import InputError
 from cai_hpc.metrics import distributed_median, regression_metrics
-from cai_hpc.plan import plan_pieces, rank_bounds, shard_owners
+from cai_hpc.plan import Piece, plan_pieces, rank_bounds, shard_owners
 
 
 @pytest.mark.parametrize(
@@ -28,6 +28,21 @@ def test_plan_covers_every_row_once_and_balances_to_one_sample(rows, size) -> No
     walk = [(p.shard, r) for pieces in plan for p in pieces for r in range(p.start, p.stop)]
     assert walk == [(s, r) for s, n in enumerate(rows) for r in range(n)]
     assert sorted(shard_owners(plan)) == list(range(len(rows)))
+
+
+def test_split_shards_belong_to_the_rank_that_reads_their_first_row() -> None:
+    # 13 rows over 4 ranks: ranks get 4, 3, 3, 3 (global 0:4, 4:7, 7:10, 10:13). Shard 0 is
+    # global 0:5, shard 1 is 5:6, shard 2 is 6:13 (read by ranks 1, 2 and 3).
+    plan = plan_pieces([5, 1, 7], 4)
+    assert plan == [
+        [Piece(0, 0, 4)],
+        [Piece(0, 4, 5), Piece(1, 0, 1), Piece(2, 0, 1)],
+        [Piece(2, 1, 4)],
+        [Piece(2, 4, 7)],
+    ]
+    assert shard_owners(plan) == {0: 0, 1: 1, 2: 1}  # not the last reader (1, 1, 3)
+    assert shard_owners(plan_pieces([3, 9], 3)) == {0: 0, 1: 0}  # rank 0 reads 0:4: shard 1's row 0
+    assert [rank_bounds(13, 4, r) for r in range(4)] == [(0, 4), (4, 7), (7, 10), (10, 13)]
 
 
 def test_more_ranks_than_samples_leaves_some_ranks_empty() -> None:
@@ -53,6 +68,65 @@ def test_metrics_of_a_perfect_prediction() -> None:
     z = np.linspace(0.01, 0.5, 101)
     m = regression_metrics(c.SelfComm(), z, z)
     assert m == {"mae": 0, "mse": 0, "bias": 0, "nmad": 0, "r2": 1, "outlier_frac": 0, "labelled": 101}
+
+
+def test_metrics_worked_by_hand() -> None:
+    # z = 0, 1, 1, 3, 0 and ẑ chosen so that every residual is exact in binary:
+    #   ẑ − z = 0.5, 1.125, 1.25, 4, 0;  Δz = (ẑ − z)/(1 + z) = 0.5, 0.5625, 0.625, 1, 0.
+    # median Δz = 0.5625; |Δz − 0.5625| = 0.0625, 0, 0.0625, 0.4375, 0.5625, whose median is
+    # 0.0625, so NMAD = 1.4826 × 0.0625 (without the centring it would be 1.4826 × 0.5625).
+    # SS_res = 0.25 + 1.265625 + 1.5625 + 16 + 0 = 19.078125; mean z = 1, SS_tot = 6.
+    true = np.array([0.0, 1.0, 1.0, 3.0, 0.0])
+    pred = np.array([0.5, 2.125, 2.25, 7.0, 0.0])
+    m = regression_metrics(c.SelfComm(), pred, true)
+    assert m == {
+        "mae": pytest.approx(6.875 / 5, rel=1e-15),
+        "mse": pytest.approx(19.078125 / 5, rel=1e-15),
+        "bias": pytest.approx(2.6875 / 5, rel=1e-15),
+        "nmad": pytest.approx(0.0926625, rel=1e-15),
+        "r2": pytest.approx(1 - 19.078125 / 6, rel=1e-15),
+        "outlier_frac": 0.8,
+        "labelled": 5,
+    }
+
+
+def test_nmad_of_an_even_count_centres_on_the_mean_of_the_middle_pair() -> None:
+    # Δz = 0, 0.5, 1, 1.25 (z = 0): median 0.75; |Δz − 0.75| = 0.75, 0.25, 0.25, 0.5, median 0.375
+    # (centred on the lower middle value 0.5 it would be 0.5; not centred, 0.75).
+    pred = np.array([0.0, 0.5, 1.0, 1.25])
+    m = regression_metrics(c.SelfComm(), pred, np.zeros(4))
+    assert m["nmad"] == pytest.approx(1.4826 * 0.375, rel=1e-15)
+    assert m["r2"] is None  # every z is the same: SS_tot = 0
+
+
+def test_float32_inputs_are_summed_in_float64() -> None:
+    # The engine hands over float32 predictions and labels; the metrics are float64 sums of them.
+    rng = np.random.default_rng(3)
+    true = rng.uniform(0.0, 0.7, 10_001).astype(np.float32)
+    pred = (true + rng.normal(0.0, 0.05, true.size)).astype(np.float32)
+    m = regression_metrics(c.SelfComm(), pred, true)
+    t, p = true.astype(np.float64), pred.astype(np.float64)
+    dz = (p - t) / (1 + t)
+    assert m["mae"] == pytest.approx(np.abs(p - t).mean(), rel=1e-12)
+    assert m["mse"] == pytest.approx(np.square(p - t).mean(), rel=1e-12)
+    assert m["bias"] == pytest.approx(dz.mean(), rel=1e-12)
+    assert m["nmad"] == 1.4826 * np.median(np.abs(dz - np.median(dz)))
+    assert distributed_median(c.SelfComm(), pred) == np.median(p)
+
+
+def test_r2_of_labels_spread_less_than_one() -> None:
+    # z = 0, 0.5: SS_tot = 2 × 0.25² = 0.125; ẑ = 0.25 both: SS_res = 0.125, so R² = 0.
+    assert regression_metrics(c.SelfComm(), np.array([0.25, 0.25]), np.array([0.0, 0.5]))["r2"] == 0.0
+
+
+def test_the_median_of_nothing_is_nan() -> None:
+    assert np.isnan(distributed_median(c.SelfComm(), np.empty(0)))
+
+
+def test_a_dz_of_exactly_0_15_is_not_an_outlier() -> None:
+    just_above = np.nextafter(0.15, 1.0)
+    pred = np.array([0.15, -0.15, just_above, -just_above, 0.0])
+    assert regression_metrics(c.SelfComm(), pred, np.zeros(5))["outlier_frac"] == 2 / 5
 
 
 def test_outliers_count_beyond_0_15_in_dz() -> None:

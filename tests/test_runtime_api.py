@@ -13,12 +13,21 @@ from pathlib import Path
 import pytest
 
 from lambda_shim.runtime_api import InvocationError, RuntimeAPI, runtime_client_command
+from tests.conftest import missing_modules, requires_infra
 
-pytest.importorskip("awslambdaric", reason="the runtime client is not installed (pip install awslambdaric)")
+pytestmark = requires_infra(missing_modules("awslambdaric", hint="the runtime client is in the test extras"))
 
 PROGRAMS = Path(__file__).with_name("programs")
 START_S = 30.0  # a cold start on a busy machine
 RESULT_S = 30.0
+STOP_S = 10.0  # a killed client to exit
+
+
+def within(*waits: float) -> pytest.MarkDecorator:
+    """The test's timeout: the waits inside it (its fixture's included) plus 30 s, so that a wait
+    that runs out fails with its own message before pytest-timeout ends the test."""
+    return pytest.mark.timeout(sum(waits) + 30)
+
 
 StartClient = Callable[..., subprocess.Popen]
 
@@ -53,14 +62,14 @@ def start_client(api: RuntimeAPI, tmp_path: Path) -> Iterator[StartClient]:
     yield start
     for proc in procs:
         proc.kill()
-        proc.wait(timeout=10)
+        proc.wait(timeout=STOP_S)
 
 
 def logs(tmp_path: Path) -> str:
     return "\n".join(f"{p.name}:\n{p.read_text(errors='replace')}" for p in sorted(tmp_path.glob("client-*.log")))
 
 
-@pytest.mark.timeout(60)
+@within(START_S, RESULT_S, STOP_S)
 def test_round_trip_and_context(api: RuntimeAPI, start_client: StartClient) -> None:
     start_client()
     event = {"rank": 3, "shard": "s-003.npz", "nested": [1.5, None, "ẑ"]}
@@ -75,7 +84,7 @@ def test_round_trip_and_context(api: RuntimeAPI, start_client: StartClient) -> N
     assert invocation.deadline_ms - 1000 < out["seen_ms"] + out["remaining_ms"] <= invocation.deadline_ms + 1
 
 
-@pytest.mark.timeout(60)
+@within(START_S, RESULT_S, RESULT_S, STOP_S)
 def test_handler_exception_becomes_invocation_error(api: RuntimeAPI, start_client: StartClient) -> None:
     start_client()
     invocation = api.invoke({"raise": "rank 3: shard s-003.npz is corrupt"}, timeout_s=20)
@@ -90,7 +99,7 @@ def test_handler_exception_becomes_invocation_error(api: RuntimeAPI, start_clien
     assert api.invoke({"after": "error"}, timeout_s=20).result(timeout=RESULT_S)["calls"] == 2
 
 
-@pytest.mark.timeout(60)
+@within(START_S, START_S, RESULT_S, RESULT_S, STOP_S, STOP_S)
 def test_two_clients_serve_concurrent_invocations(api: RuntimeAPI, start_client: StartClient) -> None:
     start_client()
     start_client()
@@ -101,7 +110,7 @@ def test_two_clients_serve_concurrent_invocations(api: RuntimeAPI, start_client:
     assert len({invocation.request_id for invocation in invocations}) == 2
 
 
-@pytest.mark.timeout(60)
+@within(START_S, 20, STOP_S, STOP_S)
 def test_timeout_fails_the_invocation(api: RuntimeAPI, start_client: StartClient) -> None:
     client = start_client()
     started = time.monotonic()
@@ -113,10 +122,10 @@ def test_timeout_fails_the_invocation(api: RuntimeAPI, start_client: StartClient
     assert str(caught.value) == "Sandbox.Timedout: Task timed out after 1.00 seconds"
     assert 1.0 <= elapsed < 10.0
     client.kill()  # as Lambda resets the sandbox
-    client.wait(timeout=10)
+    client.wait(timeout=STOP_S)
 
 
-@pytest.mark.timeout(60)
+@within(START_S, RESULT_S, RESULT_S, RESULT_S, STOP_S)
 def test_warm_client_serves_invocations_in_turn(api: RuntimeAPI, start_client: StartClient) -> None:
     start_client()
     outs = [api.invoke({"step": step}, timeout_s=20).result(timeout=RESULT_S) for step in range(3)]
@@ -126,7 +135,7 @@ def test_warm_client_serves_invocations_in_turn(api: RuntimeAPI, start_client: S
     assert len({out["request_id"] for out in outs}) == 3
 
 
-@pytest.mark.timeout(60)
+@within(RESULT_S, RESULT_S, STOP_S)
 def test_init_error_fails_pending_and_later_invocations(api: RuntimeAPI, start_client: StartClient) -> None:
     pending = api.invoke({"rank": 0}, timeout_s=20)
     client = start_client("echo_handler.no_such_function", wait=False)
@@ -141,7 +150,7 @@ def test_init_error_fails_pending_and_later_invocations(api: RuntimeAPI, start_c
         later.result(timeout=0)
 
 
-@pytest.mark.timeout(60)
+@within(10, 10, 10)
 def test_unknown_ids_and_paths_are_rejected(api: RuntimeAPI) -> None:
     host, port = api.address.rsplit(":", 1)
     conn = http.client.HTTPConnection(host, int(port), timeout=10)
@@ -162,7 +171,7 @@ def test_unknown_ids_and_paths_are_rejected(api: RuntimeAPI) -> None:
         conn.close()
 
 
-@pytest.mark.timeout(60)
+@within(START_S, RESULT_S, STOP_S)
 def test_close_fails_open_invocations(api: RuntimeAPI, start_client: StartClient) -> None:
     start_client()
     running = api.invoke({"sleep": 30}, timeout_s=60)
@@ -179,18 +188,18 @@ def test_close_fails_open_invocations(api: RuntimeAPI, start_client: StartClient
         api.invoke({})
 
 
-@pytest.mark.timeout(60)
+@within(START_S, STOP_S, STOP_S)
 def test_close_releases_waiting_clients(api: RuntimeAPI, start_client: StartClient) -> None:
     client = start_client()
     api.close()
-    assert client.wait(timeout=10) != 0  # /next answered 500: the runtime exits, as Lambda asks
+    assert client.wait(timeout=STOP_S) != 0  # /next answered 500: the runtime exits, as Lambda asks
 
 
-@pytest.mark.timeout(60)
+@within(START_S, STOP_S, RESULT_S, STOP_S, STOP_S)
 def test_killed_client_is_not_handed_an_invocation(api: RuntimeAPI, start_client: StartClient) -> None:
     dead = start_client()
     dead.kill()
-    dead.wait(timeout=10)
+    dead.wait(timeout=STOP_S)
     invocation = api.invoke({"rank": 0}, timeout_s=20)  # the dead client's /next is still open on the server
     alive = start_client(wait=False)
     assert invocation.result(timeout=RESULT_S)["pid"] == alive.pid

@@ -18,6 +18,7 @@ import pytest
 from lambda_shim.launch import start_server
 from lambda_shim.tcpcomm import CommError, ShimConfig, TcpComm
 from lambda_shim.wire import job_key, new_secret
+from tests.conftest import skip_or_fail
 
 PROGRAMS = Path(__file__).with_name("programs")
 SUITE = Path(__file__).with_name("test_parallel_engine.py")
@@ -98,7 +99,7 @@ def server(tmp_path):
 @pytest.fixture(scope="module")
 def mpi_conformance(tmp_path_factory) -> Path:
     if MPIEXEC is None:
-        pytest.skip("no mpiexec to compare with")
+        skip_or_fail("no mpiexec to compare with")
     out = tmp_path_factory.mktemp("conf-mpi")
     result = subprocess.run(
         [MPIEXEC, "-n", "4", sys.executable, str(PROGRAMS / "conformance.py"), "mpi", str(out)],
@@ -136,7 +137,7 @@ def test_launch_infer_equals_mpiexec(small_dataset, tmp_path) -> None:
     tcp = json.loads((tmp_path / "tcp" / "summary.json").read_text())
     assert tcp["backend"] == "tcp" and tcp["world_size"] == 4
     if MPIEXEC is None:
-        pytest.skip("no mpiexec to compare with")
+        skip_or_fail("no mpiexec to compare with")
     mpi = subprocess.run(
         [MPIEXEC, "-n", "4", sys.executable, *args, "--backend", "mpi", "--out", str(tmp_path / "mpi")],
         capture_output=True,

@@ -18,6 +18,7 @@ import pytest
 
 from cai_hpc.comm import SelfComm
 from cai_hpc.engine import RunConfig, run
+from tests.conftest import requires_infra
 
 REPO = Path(__file__).resolve().parents[1]
 NODE = socket.gethostname().split(".")[0]  # the local cluster's one node
@@ -32,7 +33,7 @@ def _slurm_is_up() -> str | None:
     return None
 
 
-pytestmark = pytest.mark.skipif(_slurm_is_up() is not None, reason=str(_slurm_is_up()))
+pytestmark = requires_infra(_slurm_is_up())
 
 
 # The scripts' settings, from the test only: a developer's or CI's own must not leak in.

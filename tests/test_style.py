@@ -9,11 +9,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import requires_infra
+
 REPO = Path(__file__).resolve().parents[1]
 RUFF = shutil.which("ruff", path=str(Path(sys.executable).parent)) or shutil.which("ruff")
 
 
-@pytest.mark.skipif(RUFF is None, reason="ruff is not installed (pip install -e '.[test]')")
+@requires_infra(None if RUFF else "ruff is not installed (pip install -e '.[test]')")
 @pytest.mark.parametrize("command", [["check"], ["format", "--check"]])
 def test_ruff(command) -> None:
     result = subprocess.run([RUFF, *command, "."], cwd=REPO, capture_output=True, text=True, timeout=120)
