@@ -254,7 +254,7 @@ def test_handler_errors_are_one_line_and_name_the_rank(local_cloud, small_datase
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.skipif(sandbox.unavailable() is not None, reason="no sandbox here")
+@requires_infra(sandbox.unavailable())
 def test_the_sandboxed_handler_cannot_write_outside_tmp(local_cloud, small_dataset) -> None:
     data = local_cloud.upload(small_dataset, "sandbox-data")
     plan = local_cloud.plan(data, f"s3://{BUCKET}/sandbox-out", model=None, ranks=2, threads=1)

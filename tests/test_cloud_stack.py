@@ -13,8 +13,9 @@ import pytest
 
 from cai_hpc.errors import InputError
 from lambda_shim.cloud import STACK_OUTPUTS, read_stack
+from tests.conftest import missing_modules, requires_infra
 
-pytest.importorskip("moto.server", reason="moto[server] is in the test extras")
+pytestmark = requires_infra(missing_modules("moto.server", hint="moto[server] is in the test extras"))
 
 BUCKET = "stack-bucket"
 FACTS = {

@@ -551,7 +551,7 @@ def test_image_dependencies_install_on_its_base_as_wheels(tmp_path):
     python = base.rpartition(":")[2]
     glibc = BASE_GLIBC[base]
     if not index_reachable():
-        pytest.skip(f"the package index {INDEX} is unreachable")
+        skip_or_fail(f"the package index {INDEX} is unreachable")
     requirements = image_requirements(steps)
     running = {arch: resolve(requirements, python, glibc, arch, tmp_path) for arch in ARCHITECTURES}
     failed = {}

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from cai_hpc import native
 from cai_hpc.fast import FusedAstroMAE, fuse, max_pool_3x3
 from cai_hpc.model import AstroMAE
+from tests.conftest import skip_or_fail
 
 # On a machine with a C++ compiler the kernels must build: a failed build is a defect there.
 HAS_COMPILER = shutil.which(os.environ.get("CXX", "g++")) is not None
@@ -195,7 +196,7 @@ def test_the_portable_form_compiles_for_aarch64(tmp_path) -> None:
     # Compile only: the portable loops, and nothing x86 in the code every other CPU gets.
     cross = shutil.which("aarch64-linux-gnu-g++")
     if cross is None:
-        pytest.skip("no aarch64 cross compiler (apt-get install g++-aarch64-linux-gnu)")
+        skip_or_fail("no aarch64 cross compiler (apt-get install g++-aarch64-linux-gnu)")
     include = Path(torch.__file__).parent / "include"
     flags = [f for f in native._FLAGS if f not in ("-shared",)] + native._torch_flags()
     obj = tmp_path / "native.o"

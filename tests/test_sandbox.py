@@ -10,9 +10,10 @@ import textwrap
 import pytest
 
 from lambda_shim.sandbox import MAX_THREADS, Sandbox, unavailable
+from tests.conftest import requires_infra, skip_or_fail
 
 WHY = unavailable()
-pytestmark = pytest.mark.skipif(WHY is not None, reason=f"no sandbox here: {WHY}")
+pytestmark = requires_infra(None if WHY is None else f"no sandbox here: {WHY}")
 
 PROBE = textwrap.dedent(
     """
@@ -56,7 +57,7 @@ def any_sandbox(request):
     box = Sandbox("cai-hpc-rank", memory_mb=512, ephemeral_mb=16, cgroups=request.param == "cgroups")
     if request.param == "cgroups" and not box.cgroups:
         box.close()
-        pytest.skip("no cgroups can be made here")
+        skip_or_fail("no cgroups can be made here")
     yield box
     box.close()
 
