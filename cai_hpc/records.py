@@ -37,7 +37,16 @@ def seconds_since_process_start() -> float:
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+    """This process's peak resident memory. Linux's ``ru_maxrss`` survives fork and exec, so a
+    rank started by a large parent (pytest, a launcher) would report the parent's peak; the
+    kernel's own high-water mark of this address space (``VmHWM``) does not."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0  # KiB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # no /proc: KiB on Linux
 
 
 def rank_record(

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
+import numpy as np
 import pytest
 
 from cai_hpc.errors import InputError
@@ -54,3 +58,12 @@ def test_bf16_instructions_are_read_from_the_cpu_flags() -> None:
     assert cpu_has_bf16("flags\t\t: fpu avx2 fma\nflags\t\t: fpu avx2 fma\n") is False  # AVX2 only
     assert cpu_has_bf16("Features\t: fp asimd sve bf16\n") is True  # Arm
     assert cpu_has_bf16("processor\t: 0\n") is None  # no flags line: cannot tell
+
+
+def test_peak_rss_is_this_process_not_the_parent_that_started_it() -> None:
+    # Linux's ru_maxrss survives fork and exec: a rank started by a large parent would report
+    # the parent's peak as its own.
+    ballast = np.ones(400 * 2**20, dtype=np.uint8)  # 400 MiB, touched
+    probe = "from cai_hpc.records import peak_rss_mb; print(peak_rss_mb())"
+    child = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True)
+    assert float(child.stdout) < ballast.nbytes / 2**20 / 2, child.stdout
