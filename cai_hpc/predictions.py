@@ -18,15 +18,19 @@ def prediction_path(out: Location, shard: ShardInfo) -> Location:
     return out / "predictions" / f"{shard.path.stem}.h5"
 
 
-def write_predictions(out: Location, shard: ShardInfo, pred: np.ndarray, stamp: dict[str, str]) -> Location:
-    """Write ``pred`` (the shard's first ``len(pred)`` rows) with the shard's ids and labels,
-    stamped with the weights that made them (``checkpoint`` label and ``weights`` id).
+def write_predictions(
+    out: Location, shard: ShardInfo, pred: np.ndarray, stamp: dict[str, str], carried: dict[str, np.ndarray]
+) -> Location:
+    """Write ``pred`` (the shard's first ``len(pred)`` rows) with the same rows of the shard's
+    ids and labels (``carried``: ``object_id``/``redshift``, those the shard has, handed over
+    by the reader so the input is read only once), stamped with the weights that made them
+    (``checkpoint`` label and ``weights`` id).
 
     The file appears only once complete, so a crash never leaves a file that looks whole.
     """
     rows = len(pred)
     path = prediction_path(out, shard)
-    with shard.path.open_h5() as src, path.writing_h5() as f:
+    with path.writing_h5() as f:
         f.attrs["format"] = FORMAT
         f.attrs["format_version"] = FORMAT_VERSION
         f.attrs["source"] = shard.name
@@ -35,9 +39,8 @@ def write_predictions(out: Location, shard: ShardInfo, pred: np.ndarray, stamp: 
         for key, value in stamp.items():
             f.attrs[key] = value
         f.create_dataset("redshift_pred", data=pred.astype(np.float32, copy=False))
-        for name in ("object_id", "redshift"):
-            if name in src:
-                f.create_dataset(name, data=src[name][:rows])
+        for name, values in carried.items():
+            f.create_dataset(name, data=values)
     return path
 
 

@@ -7,6 +7,11 @@ checking a file's header takes only the byte ranges HDF5 reads. Writes are
 atomic on both: a temporary file renamed into place, or one S3 PUT, so a reader never sees a
 half-written file.
 
+HDF5 files are opened without HDF5's file locks: inputs are only read, and outputs are
+private temporary files renamed into place, so a lock protects nothing here, while on a
+filesystem without working locks (NFS without a lock daemon, Lustre without ``-o flock``)
+taking one fails the open.
+
 boto3 is imported only when an S3 location is first touched, so local runs never load it.
 The client takes its endpoint, region and credentials from boto3's standard chain
 (``AWS_ENDPOINT_URL_S3`` points it at a local S3 such as moto's server).
@@ -88,16 +93,14 @@ class Location:
     def list(self, suffix: str) -> list[Location]:
         """Files directly inside this directory or prefix ending in ``suffix``, hidden ones
         skipped, sorted by name (every S3 listing page is read)."""
+        if not self.s3:  # names only: no stat per file, which counts at 40,000 shards
+            return sorted(self._local_files(suffix), key=lambda where: where.name)
         return [where for where, _ in self.list_sized(suffix)]
 
     def list_sized(self, suffix: str) -> list[tuple[Location, int]]:
         """``list`` with each file's size in bytes (from the same S3 listing: no extra requests)."""
         if not self.s3:
-            found = [
-                (Location(p), p.stat().st_size)
-                for p in Path(self.text).iterdir()
-                if p.name.endswith(suffix) and p.name[0] != "."
-            ]
+            found = [(where, where.path.stat().st_size) for where in self._local_files(suffix)]
         else:
             found = []
             for obj in self.objects():
@@ -105,6 +108,14 @@ class Location:
                 if "/" not in name and name.endswith(suffix) and not name.startswith("."):
                     found.append((self / name, obj["Size"]))
         return sorted(found, key=lambda item: item[0].name)
+
+    def _local_files(self, suffix: str) -> list[Location]:
+        with os.scandir(self.text) as entries:
+            return [
+                Location(entry.path)
+                for entry in entries
+                if entry.name.endswith(suffix) and entry.name[0] != "." and entry.is_file()
+            ]
 
     def objects(self) -> Iterator[dict[str, Any]]:
         """Every S3 object under this prefix (``Key``, ``Size``, ...), page after page."""
@@ -155,10 +166,14 @@ class Location:
         S3 object. ``header_only``: to read attributes, dtypes and shapes, fetch from S3 only
         the byte ranges HDF5 asks for (so checking a thousand shards downloads none whole)."""
         if not self.s3:
-            return h5py.File(self.text, "r")
+            return h5py.File(self.text, "r", locking=False)
         if header_only and self.text not in _fetched:
-            return h5py.File(io.BufferedReader(_RangedObject(self), HEADER_BLOCK), "r")
-        return h5py.File(io.BytesIO(self.read_bytes()), "r")
+            return h5py.File(io.BufferedReader(_RangedObject(self), HEADER_BLOCK), "r", locking=False)
+        return h5py.File(io.BytesIO(self.read_bytes()), "r", locking=False)
+
+    def release(self) -> None:
+        """Drop this process's in-memory copy of the S3 object (read once, no longer needed)."""
+        _fetched.pop(self.text, None)
 
     # ------------------------------------------------------------------ writing
     def make_dir(self) -> None:
@@ -189,14 +204,14 @@ class Location:
         """An HDF5 file to fill; it appears at this location only if the block succeeds."""
         if self.s3:
             buffer = io.BytesIO()
-            with h5py.File(buffer, "w") as f:
+            with h5py.File(buffer, "w", locking=False) as f:
                 yield f
             self.write_bytes(buffer.getvalue())
             return
         path = Path(self.text)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         try:
-            with h5py.File(tmp, "w") as f:
+            with h5py.File(tmp, "w", locking=False) as f:
                 yield f
             os.replace(tmp, path)
         finally:
