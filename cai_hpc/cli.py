@@ -122,6 +122,7 @@ def _infer(comm: Any, args: argparse.Namespace) -> dict | None:
         compile=args.compile,
         seed=args.seed,
         progress=not args.quiet,
+        validate=args.validate,
     )
     return run(comm, config)
 
@@ -298,6 +299,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="torch.compile the model first (14-28 s, counted in startup_s; pays on long bf16 runs)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights when no checkpoint is given")
+    p.add_argument(
+        "--validate",
+        default="stream",
+        choices=["stream", "full"],
+        help="stream: check rows as they are read, once (a bad shard stops the run, shards already "
+        "finished stay and a rerun resumes); full: read every row first, so bad input writes nothing",
+    )
 
     p = sub.add_parser("synth", parents=[common], help="make a synthetic survey")
     p.add_argument("--out", type=Path, required=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import bisect
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -256,13 +257,14 @@ def _attribute(fid: h5py.h5f.FileID, name: str) -> object:
 def _open_failure(exc: OSError) -> str:
     """Why HDF5 could not open a file: a lock the filesystem refused is said to be one, never
     taken for a damaged file."""
-    text = str(exc)
-    if "lock" in text.lower():
-        return (
-            f"cannot open: HDF5 could not lock the file ({_short(exc)}); cai-hpc reads without locks, "
-            "so HDF5_USE_FILE_LOCKING forces them: unset it or set it to FALSE"
-        )
+    if _LOCK_FAILURE.search(str(exc)):
+        forced = os.environ.get("HDF5_USE_FILE_LOCKING")
+        hint = f"; HDF5_USE_FILE_LOCKING={forced} asks for locks that cai-hpc does not need: unset it" if forced else ""
+        return f"cannot open: the filesystem refused a file lock ({_short(exc)}){hint}"
     return f"not a readable HDF5 file (truncated or corrupt?): {_short(exc)}"
+
+
+_LOCK_FAILURE = re.compile(r"unable to (un)?lock file", re.IGNORECASE)
 
 
 def list_shards(where: Location | Path | str) -> list[Location]:
