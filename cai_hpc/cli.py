@@ -105,7 +105,7 @@ def run_infer(args: argparse.Namespace) -> int:
 
 
 def _infer(comm: Any, args: argparse.Namespace) -> dict | None:
-    from cai_hpc.engine import RunConfig, run
+    from cai_hpc.engine import RunConfig, dry_run, run
 
     data = args.data or _sample_dataset(comm)
     config = RunConfig(
@@ -124,6 +124,11 @@ def _infer(comm: Any, args: argparse.Namespace) -> dict | None:
         progress=not args.quiet,
         validate=args.validate,
     )
+    if args.dry_run:
+        text = dry_run(comm, config)
+        if text is not None:
+            print(text, flush=True)
+        return None
     return run(comm, config)
 
 
@@ -305,6 +310,11 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["stream", "full"],
         help="stream: check rows as they are read, once (a bad shard stops the run, shards already "
         "finished stay and a rerun resumes); full: read every row first, so bad input writes nothing",
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the plan (rows and shards per rank, threads, memory and time estimates) and write nothing",
     )
 
     p = sub.add_parser("synth", parents=[common], help="make a synthetic survey")

@@ -85,12 +85,7 @@ def run(comm: Any, config: RunConfig) -> dict[str, Any] | None:
 
     imports_s = since_start()  # interpreter, imports and argument parsing
     rank, size = comm.Get_rank(), comm.Get_size()
-    if config.batch_size < 1:
-        raise InputError(f"--batch-size must be at least 1, got {config.batch_size}", agreed=True)
-    if config.precision not in PRECISIONS:
-        raise InputError(f"--precision must be one of {', '.join(PRECISIONS)}, got {config.precision!r}", agreed=True)
-    if config.validate not in VALIDATE:
-        raise InputError(f"--validate must be one of {', '.join(VALIDATE)}, got {config.validate!r}", agreed=True)
+    _check_settings(config)
     comm.barrier()
     t_start = time.perf_counter()
     comm = TimedComm(comm)  # from here on, time inside the communicator is this rank's comm_s
@@ -189,6 +184,33 @@ def run(comm: Any, config: RunConfig) -> dict[str, Any] | None:
     return summary
 
 
+def dry_run(comm: Any, config: RunConfig) -> str | None:
+    """Plan the run as ``run`` would and describe the plan (on rank 0; None elsewhere), reading
+    only headers and writing nothing."""
+    _check_settings(config)
+    threads = agreed(comm, lambda: threads_per_rank(config.threads))
+    t0 = time.perf_counter()
+    job = plan_job(comm, config)
+    plan_s = time.perf_counter() - t0
+    if comm.Get_rank() != 0:
+        return None
+    from cai_hpc.dryrun import describe
+
+    return describe(job, threads, config.batch_size, plan_s, s3=config.data.s3)
+
+
+def _check_settings(config: RunConfig) -> None:
+    """Settings every rank holds alike: a bad one is an agreed error, no collective needed."""
+    if config.batch_size < 1:
+        raise InputError(f"--batch-size must be at least 1, got {config.batch_size}", agreed=True)
+    if config.precision not in PRECISIONS:
+        raise InputError(f"--precision must be one of {', '.join(PRECISIONS)}, got {config.precision!r}", agreed=True)
+    if config.validate not in VALIDATE:
+        raise InputError(f"--validate must be one of {', '.join(VALIDATE)}, got {config.validate!r}", agreed=True)
+    if config.limit is not None and config.limit < 1:
+        raise InputError(f"--limit must be at least 1, got {config.limit}", agreed=True)
+
+
 def _check_toolchain() -> None:
     from cai_hpc.compiled import missing_toolchain  # pulls in Inductor: only when asked for
 
@@ -200,7 +222,8 @@ def _check_toolchain() -> None:
 def plan_job(comm: Any, config: RunConfig) -> Job:
     """The job every rank agrees on: planned by rows over the dataset, or from the shards each
     rank was handed."""
-    weights = f"{weights_id(config.checkpoint, config.seed)}/{config.precision}"  # what made the numbers
+    # What made the numbers: the weights (rank 0 reads the checkpoint) and their precision.
+    weights = decided_by_root(comm, lambda: f"{weights_id(config.checkpoint, config.seed)}/{config.precision}")
     if config.shards is None:
         return planned_job(comm, config.data, config.out, weights, config.limit, config.overwrite)
     if config.limit is not None:

@@ -41,8 +41,6 @@ def planned_job(comm: Any, data: Location, out: Location, weights: str, limit: i
     """Check the dataset's headers, apply ``limit``, find the shards an earlier run finished
     with ``weights``, and split the rest into balanced runs of rows, one per rank."""
     rank, size = comm.Get_rank(), comm.Get_size()
-    if limit is not None and limit < 1:
-        raise InputError(f"--limit must be at least 1, got {limit}", agreed=True)
     names = decided_by_root(comm, lambda: [where.name for where in list_shards(data)])
     lo, hi = rank_bounds(len(names), size, rank)
     headers = gathered(comm, lambda: [_header(inspect_shard(data / name)) for name in names[lo:hi]])
