@@ -293,6 +293,9 @@ class ShardReader:
             self._file = info.path.open_h5()
         except OSError as exc:
             raise InputError(f"{info.path}: {_open_failure(exc)}") from None
+        # Opened once: a dataset's chunk cache lives as long as the open dataset, so a chunk
+        # that straddles two reads is read from the file once, not once per read.
+        self._columns = {name: self._file[name] for name in DATASETS if name in self._file}
 
     def __enter__(self) -> ShardReader:
         return self
@@ -302,7 +305,7 @@ class ShardReader:
 
     def read(self, start: int, stop: int, images: bool = True) -> Columns:
         """Rows ``start:stop``; raise InputError on a read failure or a non-finite value."""
-        f, path = self._file, self.info.path
+        f, path = self._columns, self.info.path
         try:
             cols = Columns(
                 images=f["images"][start:stop] if images else np.empty((0, *IMAGE_SHAPE), np.float32),
