@@ -11,6 +11,7 @@ import bisect
 import os
 import re
 import shutil
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -197,42 +198,47 @@ def inspect_shard(where: Location | Path | str) -> ShardInfo:
     HDF5's low-level calls, not h5py's objects: a third of the time per shard, which is what
     planning 40,000 shards costs."""
     path = Location(where)
-    try:
-        f = path.open_h5(header_only=True)
-    except OSError as exc:
-        raise InputError(f"{path}: {_open_failure(exc)}") from None
-    with f:
-        fmt = _attribute(f.id, "format")
-        if fmt != FORMAT:
-            raise InputError(f"{path}: not a {FORMAT} file (attribute 'format' is {fmt!r})")
-        version = _attribute(f.id, "format_version")
-        version = version if isinstance(version, int) else -1
-        if version != FORMAT_VERSION:
-            raise InputError(f"{path}: shard format version {version}, this cai-hpc reads {FORMAT_VERSION}")
-        rows = None
-        present = set()
-        for name, (dtype, shape, required) in DATASETS.items():
-            if not f.id.links.exists(name.encode()):
-                if required:
-                    raise InputError(f"{path}: missing dataset '{name}'")
-                continue
-            present.add(name)
-            try:
-                ds = h5py.h5d.open(f.id, name.encode())
-            except (KeyError, ValueError, OSError):
-                raise InputError(f"{path}: '{name}' is not a dataset") from None
-            if ds.get_type() != _H5_TYPES[name]:
-                raise InputError(f"{path}: dataset '{name}' has dtype {ds.dtype}, expected {dtype}")
-            if ds.shape[1:] != shape or len(ds.shape) != 1 + len(shape):
-                expected = "(N" + "".join(f", {d}" for d in shape) + ")"
-                raise InputError(f"{path}: dataset '{name}' has shape {ds.shape}, expected {expected}")
-            if rows is None:
-                rows = ds.shape[0]
-            elif ds.shape[0] != rows:
-                raise InputError(f"{path}: dataset '{name}' has {ds.shape[0]} rows, 'images' has {rows}")
-        if not rows:
-            raise InputError(f"{path}: empty shard (0 rows)")
-        return ShardInfo(path, rows, "redshift" in present, "object_id" in present, version)
+    with ExitStack() as stack:
+        try:
+            fid = stack.enter_context(path.h5_header())
+        except OSError as exc:
+            raise InputError(f"{path}: {_open_failure(exc)}") from None
+        return _checked_header(fid, path)
+
+
+def _checked_header(fid: h5py.h5f.FileID, path: Location) -> ShardInfo:
+    fmt = _attribute(fid, "format")
+    if fmt != FORMAT:
+        raise InputError(f"{path}: not a {FORMAT} file (attribute 'format' is {fmt!r})")
+    version = _attribute(fid, "format_version")
+    version = version if isinstance(version, int) else -1
+    if version != FORMAT_VERSION:
+        raise InputError(f"{path}: shard format version {version}, this cai-hpc reads {FORMAT_VERSION}")
+    rows = None
+    present = set()
+    for name, (dtype, shape, required) in DATASETS.items():
+        if not fid.links.exists(name.encode()):
+            if required:
+                raise InputError(f"{path}: missing dataset '{name}'")
+            continue
+        present.add(name)
+        try:
+            ds = h5py.h5d.open(fid, name.encode())
+        except (KeyError, ValueError, OSError):
+            raise InputError(f"{path}: '{name}' is not a dataset") from None
+        if ds.get_type() != _H5_TYPES[name]:
+            raise InputError(f"{path}: dataset '{name}' has dtype {ds.dtype}, expected {dtype}")
+        found = ds.shape  # each call asks HDF5 again
+        if found[1:] != shape or len(found) != 1 + len(shape):
+            expected = "(N" + "".join(f", {d}" for d in shape) + ")"
+            raise InputError(f"{path}: dataset '{name}' has shape {found}, expected {expected}")
+        if rows is None:
+            rows = found[0]
+        elif found[0] != rows:
+            raise InputError(f"{path}: dataset '{name}' has {found[0]} rows, 'images' has {rows}")
+    if not rows:
+        raise InputError(f"{path}: empty shard (0 rows)")
+    return ShardInfo(path, rows, "redshift" in present, "object_id" in present, version)
 
 
 # The HDF5 type each dataset must have: DATASETS' numpy dtypes, little-endian as numpy's here.
@@ -243,9 +249,10 @@ _H5_TYPES["object_id"] = h5py.h5t.STD_I64LE
 def _attribute(fid: h5py.h5f.FileID, name: str) -> object:
     """A scalar file attribute as a Python value (strings decoded), None when absent or not a
     scalar."""
-    if not h5py.h5a.exists(fid, name.encode()):
+    try:
+        attr = h5py.h5a.open(fid, name.encode())
+    except KeyError:
         return None
-    attr = h5py.h5a.open(fid, name.encode())
     if attr.shape != ():
         return None
     value = np.empty((), attr.dtype)

@@ -72,7 +72,7 @@ class Location:
     def __truediv__(self, name: str) -> Location:
         if self.s3:
             return Location(f"{self.text}/{name}")
-        return Location(Path(self.text) / name)
+        return Location(os.path.join(self.text, name))  # not pathlib: planning makes 100,000s
 
     @property
     def name(self) -> str:
@@ -80,7 +80,7 @@ class Location:
 
     @property
     def stem(self) -> str:
-        return Path(self.name).stem
+        return os.path.splitext(self.name)[0]
 
     @property
     def path(self) -> Path:
@@ -171,6 +171,21 @@ class Location:
             return h5py.File(io.BufferedReader(_RangedObject(self), HEADER_BLOCK), "r", locking=False)
         return h5py.File(io.BytesIO(self.read_bytes()), "r", locking=False)
 
+    @contextmanager
+    def h5_header(self) -> Iterator[h5py.h5f.FileID]:
+        """The file's low-level HDF5 id, to read its header (attributes, dtypes, shapes): on
+        disk opened through HDF5's C API directly (a third of ``h5py.File``'s cost, which
+        counts at 40,000 shards), on S3 through ``open_h5(header_only=True)``'s ranged reads."""
+        if self.s3:
+            with self.open_h5(header_only=True) as f:
+                yield f.id
+            return
+        fid = h5py.h5f.open(os.fsencode(self.text), h5py.h5f.ACC_RDONLY, _read_access())
+        try:
+            yield fid
+        finally:
+            fid.close()
+
     def release(self) -> None:
         """Drop this process's in-memory copy of the S3 object (read once, no longer needed)."""
         _fetched.pop(self.text, None)
@@ -253,6 +268,15 @@ class _RangedObject(io.RawIOBase):
         buffer[: len(data)] = data
         self._pos += len(data)
         return len(data)
+
+
+@cache
+def _read_access() -> h5py.h5p.PropFAID:
+    """File access without locks, closing every object of the file with it (as h5py does)."""
+    fapl = h5py.h5p.create(h5py.h5p.FILE_ACCESS)
+    fapl.set_file_locking(False, True)
+    fapl.set_fclose_degree(h5py.h5f.CLOSE_STRONG)
+    return fapl
 
 
 def forget() -> None:

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
 
 import h5py
@@ -111,11 +112,19 @@ class CountingFile(io.RawIOBase):
         super().close()
 
 
+@contextmanager
+def _header_through_h5py(self: Location):
+    with self.open_h5(header_only=True) as f:
+        yield f.id
+
+
 @pytest.fixture
 def count_reads(monkeypatch):
-    """Bytes read from the files of a directory, per file name, by every h5py open."""
+    """Bytes read from the files of a directory, per file name, by every h5py open (headers
+    too: the same metadata reads as the C-level open planning uses, routed through h5py.File)."""
     real = h5py.File
     opened: list[CountingFile] = []
+    monkeypatch.setattr(Location, "h5_header", _header_through_h5py)
 
     def watch(data: Path) -> Counter:
         counts: Counter = Counter()

@@ -83,7 +83,7 @@ def test_bad_input_on_any_rank_is_reported_once_and_writes_nothing(small_dataset
     with h5py.File(data / "shard-00002.h5", "a") as f:
         f["images"][3, 0, 0, 0] = np.nan
     t0 = time.monotonic()
-    result = launch(4, "--data", str(data), "--out", str(tmp_path / "out"))
+    result = launch(4, "--data", str(data), "--out", str(tmp_path / "out"), "--validate", "full")
     assert time.monotonic() - t0 < 60
     assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if line.startswith("cai-hpc: error")]
