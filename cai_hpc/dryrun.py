@@ -18,15 +18,17 @@ RATE_PER_THREAD = 700.0
 SHOWN_RANKS = 32  # ranks listed one per line; beyond, only the spread
 
 
-def describe(job: Job, threads: int, batch_size: int, plan_s: float, s3: bool) -> str:
-    """The plan, rank by rank: rows, shards (split ones apart), memory and time estimates."""
+def describe(job: Job, threads: int, batch_size: int, planned: tuple[float, float], s3: bool) -> str:
+    """The plan, rank by rank: rows, shards (split ones apart), memory and time estimates;
+    ``planned``: rank 0's wall and CPU seconds spent planning (apart, on a shared machine)."""
     size = len(job.plan)
     owners = shard_owners(job.plan)
     rows = [sum(p.rows for p in pieces) for pieces in job.plan]
     largest = max((job.rows[i] for i in job.todo), default=0)
     lines = [
         f"plan: {sum(rows)} samples in {len(job.todo)} shard(s) to do ({len(job.done)} already done) on "
-        f"{size} rank(s) x {threads} thread(s), batch {batch_size}; planned in {plan_s:.2f} s on rank 0",
+        f"{size} rank(s) x {threads} thread(s), batch {batch_size}; planned in {planned[0]:.2f} s on rank 0 "
+        f"({planned[1]:.2f} s of its CPU)",
         f"{'rank':>6} {'rows':>10} {'shards':>7} {'split':>6} {'writes':>7} {'memory MB':>10} {'time s':>9}",
     ]
     for rank, pieces in enumerate(job.plan):

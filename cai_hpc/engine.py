@@ -189,14 +189,14 @@ def dry_run(comm: Any, config: RunConfig) -> str | None:
     only headers and writing nothing."""
     _check_settings(config)
     threads = agreed(comm, lambda: threads_per_rank(config.threads))
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     job = plan_job(comm, config)
-    plan_s = time.perf_counter() - t0
+    plan_s, cpu_s = time.perf_counter() - t0, time.process_time() - cpu0
     if comm.Get_rank() != 0:
         return None
     from cai_hpc.dryrun import describe
 
-    return describe(job, threads, config.batch_size, plan_s, s3=config.data.s3)
+    return describe(job, threads, config.batch_size, (plan_s, cpu_s), s3=config.data.s3)
 
 
 def _check_settings(config: RunConfig) -> None:
