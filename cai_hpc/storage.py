@@ -32,7 +32,7 @@ import h5py
 from cai_hpc.errors import InputError
 
 S3 = "s3://"
-HEADER_BLOCK = 1 << 20  # bytes per ranged GET when only a file's header is read
+HEADER_BLOCK = 64 << 10  # bytes per ranged GET when only a file's header is read: HDF5 keeps it near the start
 # S3 objects fetched by this process (location -> bytes); see ``forget``.
 _fetched: dict[str, bytes] = {}
 

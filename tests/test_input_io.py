@@ -254,3 +254,47 @@ def test_bad_rows_on_one_rank_end_the_mpi_job_in_one_line_and_a_rerun_resumes(sm
     assert summary["skipped_shards"] == len(written)
     assert summary["metrics"] == pytest.approx(json.loads((reference / "summary.json").read_text())["metrics"])
     assert len(list((out / "predictions").glob("*.h5"))) == 7
+
+
+def test_an_s3_run_fetches_each_shard_once_and_checks_headers_on_byte_ranges(small_dataset, tmp_path) -> None:
+    server_module = pytest.importorskip("moto.server")
+    from cai_hpc import storage
+
+    server = server_module.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "test"}
+    env |= {"AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        s3 = storage._s3()
+        s3.create_bucket(Bucket="once")
+        for shard in sorted(small_dataset.glob("*.h5")):
+            s3.upload_file(str(shard), "once", f"ds/{shard.name}")
+        whole, ranged = Counter(), Counter()
+
+        def count(params, **_) -> None:
+            if params["Key"].startswith("ds/"):
+                target = ranged if "Range" in params else whole
+                target[params["Key"]] += 1 if target is whole else _span(params["Range"])
+
+        s3.meta.events.register("before-parameter-build.s3.GetObject", count)
+        storage.forget()
+        summary = run(SelfComm(), RunConfig("s3://once/ds", "s3://once/out", batch_size=40, threads=1, progress=False))
+        assert summary["samples"] == 300
+        assert whole == {f"ds/{p.name}": 1 for p in small_dataset.glob("*.h5")}  # each fetched once
+        assert sum(ranged.values()) < 0.15 * _sizes(small_dataset)[1]  # headers: byte ranges, not the data
+        assert not storage._fetched  # and no shard kept in memory after it was read
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k)
+            else:
+                os.environ[k] = v
+        server.stop()
+
+
+def _span(header: str) -> int:
+    first, last = header.removeprefix("bytes=").split("-")
+    return int(last) - int(first) + 1
