@@ -31,6 +31,7 @@ from cai_hpc.allocator import reuse_freed_memory
 from cai_hpc.batches import Batch, Prefetcher, iter_batches
 from cai_hpc.checkpoint import inference_weights, weights_id
 from cai_hpc.comm import TimedComm
+from cai_hpc.embeddings import EMBEDDING_DIM, JointOutput
 from cai_hpc.errors import InputError
 from cai_hpc.fast import PRECISIONS, FusedAstroMAE
 from cai_hpc.flops import ASTROMAE_GFLOP_PER_SAMPLE
@@ -63,6 +64,7 @@ class RunConfig:
     progress: bool = True
     shards: list[str] | None = None  # this rank's own whole shards (cloud); None: plan by rows
     started: float | None = None  # epoch seconds this rank's cold start counts from (default: process start)
+    embeddings: bool = False  # also write each sample's joint feature vector (embeddings.py)
 
     def __post_init__(self) -> None:
         self.data, self.out = Location(self.data), Location(self.out)
@@ -105,6 +107,8 @@ def run(comm: Any, config: RunConfig) -> dict[str, Any] | None:
     reuse_freed_memory()
     if config.compile:
         _agreed(comm, _check_toolchain)
+    if config.compile and config.embeddings:
+        raise InputError("--embeddings runs the model's stages apart, which a compiled model cannot", agreed=True)
 
     if config.shards is None:
         job = _decided_by_root(comm, lambda: _prepare(config, size))
@@ -135,6 +139,8 @@ def run(comm: Any, config: RunConfig) -> dict[str, Any] | None:
 
         runner = CompiledModel(runner, config.batch_size)
         split["compile_s"] = runner.warm_up()
+    if config.embeddings:
+        runner = JointOutput(runner)  # results: redshift in column 0, then the joint features
     stamp = {"checkpoint": checkpoint, "weights": job.weights}
     compare = config.compare_fp32 and config.precision != "fp32"
     reference = FusedAstroMAE.from_state_dict(state).to(device) if compare else None
@@ -219,7 +225,11 @@ def _prepare(config: RunConfig, size: int) -> Job:
     done = (
         []
         if config.overwrite
-        else [i for i, shard in enumerate(shards) if predictions.is_complete(config.out, shard, rows[i], weights)]
+        else [
+            i
+            for i, shard in enumerate(shards)
+            if predictions.is_complete(config.out, shard, rows[i], weights, config.embeddings)
+        ]
     )
     todo = [i for i in range(len(shards)) if i not in set(done)]
     plan = [
@@ -238,7 +248,10 @@ def _assigned(comm: Any, config: RunConfig) -> Job:
 
     def check_mine() -> list[tuple[ShardInfo, bool]]:
         infos = [inspect_shard(where) for where in config.shards or []]
-        return [(i, not config.overwrite and predictions.is_complete(config.out, i, i.rows, weights)) for i in infos]
+        return [
+            (i, not config.overwrite and predictions.is_complete(config.out, i, i.rows, weights, config.embeddings))
+            for i in infos
+        ]
 
     found = _agreed(comm, check_mine)
     everyone = comm.allgather(found)
@@ -295,7 +308,8 @@ def _infer(
     rank: int,
 ) -> tuple[list[np.ndarray], dict[str, float]]:
     """Predict this rank's pieces; write every shard this rank read whole as soon as it is done."""
-    pred = [np.empty(p.rows, np.float32) for p in mine]
+    width = (1 + EMBEDDING_DIM,) if config.embeddings else ()
+    pred = [np.empty((p.rows, *width), np.float32) for p in mine]
     missing = [p.rows for p in mine]
     timing = {"infer_s": 0.0, "write_s": 0.0, "wait_s": 0.0, "first_batch_s": 0.0}
     timing |= {"dz_sum": 0.0, "dz_max": 0.0, "dz_count": 0}
@@ -317,7 +331,8 @@ def _infer(
                     timing["first_batch_s"] = time.perf_counter() - t0  # one-time kernel set-up shows here
                 timing["infer_s"] += time.perf_counter() - t0
                 if reference is not None:
-                    dz = np.abs(out - reference(images, mags).float().cpu().numpy())
+                    z = out[:, 0] if out.ndim == 2 else out
+                    dz = np.abs(z - reference(images, mags).float().cpu().numpy())
                     timing["dz_sum"] += float(dz.sum())
                     timing["dz_max"] = max(timing["dz_max"], float(dz.max()))
                     timing["dz_count"] += len(dz)
@@ -391,7 +406,10 @@ def _gather_split_shards(
 def _write(out: Location, shard: ShardInfo, pred: np.ndarray, stamp: dict[str, str]) -> None:
     if not np.isfinite(pred).all():
         raise RuntimeError(f"{shard.path}: the model predicted NaN/inf (is the checkpoint sound?)")
-    predictions.write_predictions(out, shard, pred, stamp)
+    if pred.ndim == 2:  # with --embeddings: the redshift, then the joint features
+        predictions.write_predictions(out, shard, pred[:, 0], stamp, embeddings=pred[:, 1:])
+    else:
+        predictions.write_predictions(out, shard, pred, stamp)
 
 
 def _labelled_residuals(
@@ -399,7 +417,7 @@ def _labelled_residuals(
 ) -> tuple[np.ndarray, np.ndarray]:
     """This rank's (predicted, true) pairs: its own pieces, plus its share of the shards an
     earlier run finished, so the metrics always cover the whole dataset."""
-    pairs = [(p, t) for p, t in zip(pred, labels, strict=True) if t is not None]
+    pairs = [(p[:, 0] if p.ndim == 2 else p, t) for p, t in zip(pred, labels, strict=True) if t is not None]
     for i in job.rereads[comm.Get_rank()]:
         pairs.append(predictions.read_labelled(out, job.shards[i], job.rows[i]))
     if not pairs:

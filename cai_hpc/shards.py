@@ -198,6 +198,11 @@ def inspect_shard(where: Location | Path | str) -> ShardInfo:
     except OSError as exc:
         raise InputError(f"{path}: not a readable HDF5 file (truncated or corrupt?): {_short(exc)}") from None
     with f:
+        if f.attrs.get("format") is None and "images" in f and "magnitudes" in f:
+            raise InputError(
+                f"{path}: HDF5 arrays without the {FORMAT} format attributes; "
+                f"make shards of them with: cai-hpc convert {path.name} --out DIR"
+            )
         if f.attrs.get("format") != FORMAT:
             raise InputError(f"{path}: not a {FORMAT} file (attribute 'format' is {f.attrs.get('format')!r})")
         version = int(f.attrs.get("format_version", -1))
