@@ -105,10 +105,10 @@ def run(comm: Any, config: RunConfig) -> dict[str, Any] | None:
     threads, device = _agreed(comm, lambda: (threads_per_rank(config.threads), pick_device(config.device)))
     torch.set_num_threads(threads)
     reuse_freed_memory()
-    if config.compile:
-        _agreed(comm, _check_toolchain)
     if config.compile and config.embeddings:
         raise InputError("--embeddings runs the model's stages apart, which a compiled model cannot", agreed=True)
+    if config.compile:
+        _agreed(comm, _check_toolchain)
 
     if config.shards is None:
         job = _decided_by_root(comm, lambda: _prepare(config, size))
