@@ -218,7 +218,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise InputError("bench compare needs --data DIR (a directory of shards, e.g. from cai-hpc synth)")
         if args.batch_size < 1:
             raise InputError(f"--batch-size must be at least 1, got {args.batch_size}")
-        rows = compare(args.data, args.to, args.batch_size, args.max_ranks, progress=not args.quiet)
+        if args.repeats < 1:
+            raise InputError(f"--repeats must be at least 1, got {args.repeats}")
+        rows = compare(
+            args.data,
+            args.to,
+            args.batch_size,
+            args.max_ranks,
+            progress=not args.quiet,
+            repeats=args.repeats,
+            nodes=args.nodes,
+            functions=args.functions,
+        )
         print(format_rows(rows))
         log.info("wrote %s/runs.csv, runs.json and compare.png", args.to)
         return 0
@@ -361,6 +372,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", type=Path, default=Path("bench-compare"), help="compare: where rows and plots go")
     p.add_argument("--batch-size", type=int, default=128, help="compare: the batch size of every run")
     p.add_argument("--max-ranks", type=int, help="compare: most ranks (default: the cores)")
+    p.add_argument("--repeats", type=int, default=3, help="compare: passes over every run, interleaved (default: 3)")
+    p.add_argument("--nodes", type=int, default=8, help="compare: HPC nodes of the projection (default: 8)")
+    p.add_argument("--functions", type=int, default=517, help="compare: Lambda functions of the projection")
     p.set_defaults(handler=cmd_bench)
 
     _cloud_parser(sub, common)

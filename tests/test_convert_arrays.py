@@ -4,7 +4,10 @@ CSV table; and the line that sends an unformatted HDF5 file to ``convert``."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
+import subprocess
 from pathlib import Path
 
 import h5py
@@ -13,6 +16,7 @@ import pytest
 from astropy.io import fits
 from astropy.table import Table
 
+from cai_hpc.cli import main
 from cai_hpc.shards import ShardReader, scan_dataset
 from tests.conftest import cai_hpc
 
@@ -44,6 +48,14 @@ def write_table(path: Path, arrays: dict[str, np.ndarray]) -> None:
 TABLE_OPTIONS = ["--mag-columns", "psfMag_u,psfMag_g,psfMag_r,psfMag_i,psfMag_z", "--redshift-column", "z_spec"]
 
 
+def convert(*args: str) -> subprocess.CompletedProcess:
+    """``cai-hpc convert ARGS`` in this process (no interpreter start per case): exit code and stderr."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(["convert", *args])
+    return subprocess.CompletedProcess(args, code, "", err.getvalue())
+
+
 def read_all(data: Path) -> dict[str, np.ndarray]:
     parts = []
     for info in scan_dataset(data):
@@ -73,8 +85,8 @@ def test_a_fits_cube_with_a_table(tmp_path, table_suffix) -> None:
     fits.PrimaryHDU().writeto(tmp_path / "empty-primary.fits")
     fits.HDUList([fits.PrimaryHDU(), fits.ImageHDU(arrays["images"])]).writeto(tmp_path / "cube.fits")
     write_table(tmp_path / f"cat{table_suffix}", arrays)
-    result = cai_hpc(
-        "convert", str(tmp_path / "cube.fits"), "--table", str(tmp_path / f"cat{table_suffix}"),
+    result = convert(
+        str(tmp_path / "cube.fits"), "--table", str(tmp_path / f"cat{table_suffix}"),
         *TABLE_OPTIONS, "--id-column", "objID", "--out", str(tmp_path / "shards"), "--shard-mb", "0.5", "-q",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
@@ -89,8 +101,8 @@ def test_one_fits_file_per_band(tmp_path) -> None:
         bands.append(tmp_path / f"{band}.fits")
         fits.PrimaryHDU(arrays["images"][:, i]).writeto(bands[-1])
     write_table(tmp_path / "cat.fits", arrays)
-    result = cai_hpc(
-        "convert", *map(str, bands), "--table", str(tmp_path / "cat.fits"), *TABLE_OPTIONS,
+    result = convert(
+        *map(str, bands), "--table", str(tmp_path / "cat.fits"), *TABLE_OPTIONS,
         "--out", str(tmp_path / "shards"), "-q",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
@@ -111,7 +123,7 @@ def test_numpy_and_plain_hdf5_arrays(tmp_path, kind) -> None:
         with h5py.File(tmp_path / "images.h5", "w") as f:
             for name, values in arrays.items():
                 f[name] = values
-    result = cai_hpc("convert", str(tmp_path / f"images.{kind}"), *table, "--out", str(tmp_path / "shards"), "-q")
+    result = convert(str(tmp_path / f"images.{kind}"), *table, "--out", str(tmp_path / "shards"), "-q")
     assert result.returncode == 0, result.stderr
     assert_converted(tmp_path / "shards", arrays)
 
@@ -127,7 +139,7 @@ def test_an_unformatted_hdf5_file_is_sent_to_convert(tmp_path) -> None:
     assert result.returncode == 2 and len(lines) == 1, result.stderr
     assert "mine.h5" in lines[0] and "cai-hpc convert mine.h5 --out DIR" in lines[0]
     assert not (tmp_path / "out").exists()
-    fixed = cai_hpc("convert", str(tmp_path / "data" / "mine.h5"), "--out", str(tmp_path / "shards"), "-q")
+    fixed = convert(str(tmp_path / "data" / "mine.h5"), "--out", str(tmp_path / "shards"), "-q")
     assert fixed.returncode == 0, fixed.stderr
     assert_converted(tmp_path / "shards", arrays)
 
@@ -172,7 +184,7 @@ def test_bad_inputs_are_one_line_and_leave_nothing(tmp_path, make, message) -> N
     write_table(tmp_path / "cat.fits", arrays)
     *_, options = make(tmp_path, arrays)
     out = tmp_path / "shards"
-    result = cai_hpc("convert", str(tmp_path / "x.npy"), *options, "--out", str(out), "--shard-mb", "0.5")
+    result = convert(str(tmp_path / "x.npy"), *options, "--out", str(out), "--shard-mb", "0.5")
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1 and message in lines[0], result.stderr
     assert not out.exists()
