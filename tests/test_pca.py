@@ -106,3 +106,28 @@ def test_a_run_without_embeddings_is_one_line_naming_the_fix(tmp_path) -> None:
     embeddings_run(tmp_path / "other")
     too_many = cai_hpc("pca", str(tmp_path / "other"), "-k", "25", "--backend", "self")
     assert too_many.returncode == 2 and "at most min(samples, features) = 24" in too_many.stderr
+
+
+@pytest.mark.timeout(600)
+def test_memory_per_rank_does_not_grow_with_the_sample_count(tmp_path) -> None:
+    """200,000 samples of 128 features (100 files) take no more memory than 2,000 (one file),
+    within 100 MB; the whole matrix, held in float64, would be 205 MB."""
+    peaks = {}
+    for files in (1, 100):
+        run = tmp_path / f"run-{files}"
+        (run / "predictions").mkdir(parents=True)
+        rng = np.random.default_rng(files)
+        for s in range(files):
+            with h5py.File(run / "predictions" / f"shard-{s:05d}.h5", "w") as f:
+                f.attrs.update({"format": predictions.FORMAT, "format_version": 1, "source": f"shard-{s:05d}.h5"})
+                f["redshift_pred"] = np.zeros(2000, np.float32)
+                f["embeddings"] = rng.normal(size=(2000, 128)).astype(np.float32)
+        measure = (
+            "import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True); "
+            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+        )
+        command = [sys.executable, "-m", "cai_hpc", "pca", str(run), "-k", "3", "--backend", "self", "-q"]
+        result = subprocess.run([sys.executable, "-c", measure, *command], capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+        peaks[files] = int(result.stdout) / 1024
+    assert peaks[100] - peaks[1] < 100, peaks
