@@ -15,6 +15,7 @@ import pytest
 from cai_hpc import predictions
 from cai_hpc.pca import fix_signs
 from tests.conftest import cai_hpc
+from tests.test_catalog import moto_s3  # noqa: F401 - the fixture (its own moto server for this module)
 
 MPIEXEC = shutil.which("mpiexec", path=str(Path(sys.executable).parent)) or shutil.which("mpiexec")
 ROWS = (37, 50, 11, 64, 29)  # uneven shards: three ranks get unequal shares
@@ -131,3 +132,18 @@ def test_memory_per_rank_does_not_grow_with_the_sample_count(tmp_path) -> None:
         assert result.returncode == 0, result.stderr
         peaks[files] = int(result.stdout) / 1024
     assert peaks[100] - peaks[1] < 100, peaks
+
+
+def test_pca_reads_and_writes_s3(moto_s3, tmp_path) -> None:  # noqa: F811 - the imported fixture
+    x = embeddings_run(tmp_path / "run", seed=3)
+    for path in sorted((tmp_path / "run" / "predictions").iterdir()):
+        moto_s3.upload_file(str(path), "cat", f"pca-run/predictions/{path.name}")
+    result = cai_hpc("pca", "s3://cat/pca-run", "-k", str(K), "--backend", "self", "-q")
+    assert result.returncode == 0, result.stderr
+    local = tmp_path / "fetched" / "pca"
+    (local / "projections").mkdir(parents=True)
+    keys = [o["Key"] for o in moto_s3.list_objects_v2(Bucket="cat", Prefix="pca-run/pca/")["Contents"]]
+    assert len(keys) == 1 + len(ROWS)
+    for key in keys:
+        moto_s3.download_file("cat", key, str(local / key[len("pca-run/pca/") :]))
+    assert_equals_numpy(tmp_path / "fetched", x)
