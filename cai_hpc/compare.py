@@ -345,14 +345,14 @@ def _plot(rows: list[Row], to: Path, curves: dict[str, dict]) -> None:
                          xytext=(-150, 2), textcoords="offset points")  # fmt: skip
     for ax, title, ylabel in (
         (time_ax, "PROJECTION: time vs data size", "seconds"),
-        (cost_ax, f"PROJECTION: cost vs data size (laptop $0; node-hour ${NODE_HOUR_USD:g} assumed)", "USD"),
+        (cost_ax, f"PROJECTION: cost vs data size (laptop free; node-hour {NODE_HOUR_USD:g} USD assumed)", "USD"),
     ):
         ax.set(xscale="log", yscale="log", xlabel=f"data size (GB, {BYTES_PER_SAMPLE:,} bytes per sample)")
         ax.set_title(title, fontsize=10)
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3, which="both")
         if ax.get_legend_handles_labels()[0]:  # no cost line when only the laptop (free) ran
-            ax.legend(fontsize=7)
+            ax.legend(fontsize=7, loc="lower right")
     note_ax.axis("off")
     lines = ["Projection from this machine's medians:", "time = cold start + samples / (units x rate)", ""]
     lines += [f"{c['label']}: {c['rate']:.0f} samples/s per unit, cold {c['cold_s']:.1f} s" for c in curves.values()]
