@@ -49,6 +49,7 @@ def read_catalog(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
         from astropy.io import fits
 
         with fits.open(path) as hdus:
+            hdus.verify("exception")  # a standard FITS file (astropy's checks)
             data, header = hdus["CATALOG"].data, hdus["CATALOG"].header
             cols = {n: np.array(data[n]) for n in data.names}
             meta = {
