@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ from cai_hpc.allocator import reuse_freed_memory
 from cai_hpc.batches import Batch, Prefetcher, iter_batches
 from cai_hpc.checkpoint import inference_weights, weights_id
 from cai_hpc.comm import TimedComm
+from cai_hpc.embeddings import EMBEDDING_DIM, JointOutput
 from cai_hpc.errors import InputError
 from cai_hpc.fast import PRECISIONS, FusedAstroMAE
 from cai_hpc.flops import ASTROMAE_GFLOP_PER_SAMPLE
@@ -72,6 +73,7 @@ class RunConfig:
     validate: str = "stream"  # "full": read every planned row before writing anything
     agree_rows: int = AGREE_ROWS
     started: float | None = None  # epoch seconds this rank's cold start counts from (default: process start)
+    embeddings: bool = False  # also write each sample's joint feature vector (embeddings.py)
 
     def __post_init__(self) -> None:
         self.data, self.out = Location(self.data), Location(self.out)
@@ -124,6 +126,8 @@ def run(comm: Any, config: RunConfig) -> dict[str, Any] | None:
 
         runner = CompiledModel(runner, config.batch_size)
         split["compile_s"] = runner.warm_up()
+    if config.embeddings:
+        runner = JointOutput(runner)  # results: redshift in column 0, then the joint features
     stamp = {"checkpoint": checkpoint, "weights": job.weights}
     compare = config.compare_fp32 and config.precision != "fp32"
     reference = FusedAstroMAE.from_state_dict(state).to(device) if compare else None
@@ -196,7 +200,7 @@ def dry_run(comm: Any, config: RunConfig) -> str | None:
         return None
     from cai_hpc.dryrun import describe
 
-    return describe(job, threads, config.batch_size, (plan_s, cpu_s), s3=config.data.s3)
+    return describe(job, threads, config.batch_size, (plan_s, cpu_s), s3=config.data.s3, embeddings=config.embeddings)
 
 
 def _check_settings(config: RunConfig) -> None:
@@ -209,6 +213,8 @@ def _check_settings(config: RunConfig) -> None:
         raise InputError(f"--validate must be one of {', '.join(VALIDATE)}, got {config.validate!r}", agreed=True)
     if config.limit is not None and config.limit < 1:
         raise InputError(f"--limit must be at least 1, got {config.limit}", agreed=True)
+    if config.compile and config.embeddings:
+        raise InputError("--embeddings runs the model's stages apart, which a compiled model cannot", agreed=True)
 
 
 def _check_toolchain() -> None:
@@ -225,10 +231,12 @@ def plan_job(comm: Any, config: RunConfig) -> Job:
     # What made the numbers: the weights (rank 0 reads the checkpoint) and their precision.
     weights = decided_by_root(comm, lambda: f"{weights_id(config.checkpoint, config.seed)}/{config.precision}")
     if config.shards is None:
-        return planned_job(comm, config.data, config.out, weights, config.limit, config.overwrite)
+        return planned_job(
+            comm, config.data, config.out, weights, config.limit, config.overwrite, embeddings=config.embeddings
+        )
     if config.limit is not None:
         raise InputError("--limit applies to a dataset planned by rows, not to shards handed to each rank", agreed=True)
-    return assigned_job(comm, config.shards, config.out, weights, config.overwrite)
+    return assigned_job(comm, config.shards, config.out, weights, config.overwrite, embeddings=config.embeddings)
 
 
 def _make_output_dir(out: Location) -> None:
@@ -252,12 +260,14 @@ def _prescan(shards: list[ShardInfo], mine: list[Piece], batch_size: int) -> Non
 
 @dataclass
 class Held:
-    """What a rank keeps of one piece: its predictions, and the labels and object ids that
-    came with its rows (carried into the predictions file, so the input is not read twice)."""
+    """What a rank keeps of one piece: its predictions, the labels and object ids that came
+    with its rows (carried into the predictions file, so the input is not read twice), and
+    with ``--embeddings`` the rows' joint feature vectors."""
 
     pred: np.ndarray
     redshift: np.ndarray | None
     object_id: np.ndarray | None
+    embeddings: np.ndarray | None = None  # made as the piece's first rows arrive (_infer)
 
     @classmethod
     def empty(cls, shard: ShardInfo, rows: int) -> Held:
@@ -272,7 +282,11 @@ class Held:
         def join(arrays: list[np.ndarray | None]) -> np.ndarray | None:
             return None if arrays[0] is None else np.concatenate(arrays)
 
-        return cls(*(join([getattr(h, name) for h in parts]) for name in ("pred", "redshift", "object_id")))
+        return cls(*(join([getattr(h, f.name) for h in parts]) for f in fields(cls)))
+
+    def parts(self) -> tuple[np.ndarray | None, ...]:
+        """The arrays as they travel to the rank that writes the shard (``Held(*parts)``)."""
+        return tuple(getattr(self, f.name) for f in fields(self))
 
     def carried(self) -> dict[str, np.ndarray]:
         return {name: v for name, v in (("object_id", self.object_id), ("redshift", self.redshift)) if v is not None}
@@ -315,15 +329,20 @@ def _infer(
                 if not timing["infer_s"]:
                     timing["first_batch_s"] = time.perf_counter() - t0  # one-time kernel set-up shows here
                 timing["infer_s"] += time.perf_counter() - t0
+                z = out[:, 0] if config.embeddings else out  # JointOutput: the redshift, then the features
                 if reference is not None:
-                    dz = np.abs(out - reference(images, mags).float().cpu().numpy())
+                    dz = np.abs(z - reference(images, mags).float().cpu().numpy())
                     timing["dz_sum"] += float(dz.sum())
                     timing["dz_max"] = max(timing["dz_max"], float(dz.max()))
                     timing["dz_count"] += len(dz)
             pos = 0
             for k, offset, n in batch.segments:
                 h = held[k]
-                h.pred[offset : offset + n] = out[pos : pos + n]
+                h.pred[offset : offset + n] = z[pos : pos + n]
+                if config.embeddings:
+                    if h.embeddings is None:  # only pieces under way or kept for their owner hold features
+                        h.embeddings = np.empty((len(h.pred), EMBEDDING_DIM), np.float32)
+                    h.embeddings[offset : offset + n] = out[pos : pos + n, 1:]
                 for name in ("redshift", "object_id"):
                     if getattr(h, name) is not None:
                         getattr(h, name)[offset : offset + n] = getattr(batch, name)[pos : pos + n]
@@ -332,7 +351,7 @@ def _infer(
                 if missing[k] == 0 and mine[k].start == 0 and mine[k].stop == rows[mine[k].shard]:
                     t0 = time.perf_counter()
                     _write(config.out, shards[mine[k].shard], h, stamp)
-                    h.object_id = None  # written: only the labels stay, for the metrics
+                    h.object_id = h.embeddings = None  # written: only the labels stay, for the metrics
                     timing["write_s"] += time.perf_counter() - t0
             bar.update(len(batch))
             batches += 1
@@ -389,8 +408,8 @@ def _gather_split_shards(
     owners = shard_owners(plan)
     for k, piece in enumerate(mine):
         if piece.start != 0:
-            h = held[k]
-            comm.send((h.pred, h.redshift, h.object_id), dest=owners[piece.shard], tag=PIECE_TAG)
+            comm.send(held[k].parts(), dest=owners[piece.shard], tag=PIECE_TAG)
+            held[k].embeddings = None  # sent: the features are not needed here again
     for k, piece in enumerate(mine):
         if piece.start == 0 and piece.stop < rows[piece.shard]:
             parts = [held[k]]
@@ -398,12 +417,13 @@ def _gather_split_shards(
                 if any(p.shard == piece.shard for p in plan[source]):
                     parts.append(Held(*comm.recv(source=source, tag=PIECE_TAG)))
             _write(out, shards[piece.shard], Held.joined(parts), stamp)
+            held[k].embeddings = None  # written
 
 
 def _write(out: Location, shard: ShardInfo, held: Held, stamp: dict[str, str]) -> None:
-    if not np.isfinite(held.pred).all():
+    if not np.isfinite(held.pred).all() or (held.embeddings is not None and not np.isfinite(held.embeddings).all()):
         raise RuntimeError(f"{shard.path}: the model predicted NaN/inf (is the checkpoint sound?)")
-    predictions.write_predictions(out, shard, held.pred, stamp, held.carried())
+    predictions.write_predictions(out, shard, held.pred, stamp, held.carried(), held.embeddings)
 
 
 def _labelled_residuals(comm: Any, job: Job, held: list[Held], out: Location) -> tuple[np.ndarray, np.ndarray]:

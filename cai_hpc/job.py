@@ -37,9 +37,18 @@ class Job:
         return sorted({p.shard for pieces in self.plan for p in pieces})
 
 
-def planned_job(comm: Any, data: Location, out: Location, weights: str, limit: int | None, overwrite: bool) -> Job:
+def planned_job(
+    comm: Any,
+    data: Location,
+    out: Location,
+    weights: str,
+    limit: int | None,
+    overwrite: bool,
+    embeddings: bool = False,
+) -> Job:
     """Check the dataset's headers, apply ``limit``, find the shards an earlier run finished
-    with ``weights``, and split the rest into balanced runs of rows, one per rank."""
+    with ``weights`` (and their embeddings, when asked for), and split the rest into balanced
+    runs of rows, one per rank."""
     rank, size = comm.Get_rank(), comm.Get_size()
     names = decided_by_root(comm, lambda: [where.name for where in list_shards(data)])
     lo, hi = rank_bounds(len(names), size, rank)
@@ -58,7 +67,7 @@ def planned_job(comm: Any, data: Location, out: Location, weights: str, limit: i
     finished = gathered(
         comm,
         lambda: [
-            not overwrite and predictions.is_complete(out, shard, n, weights)
+            not overwrite and predictions.is_complete(out, shard, n, weights, embeddings)
             for shard, n in zip(shards[lo:hi], rows[lo:hi], strict=True)
         ],
     )
@@ -71,14 +80,17 @@ def planned_job(comm: Any, data: Location, out: Location, weights: str, limit: i
     return Job(shards, rows, done, weights, plan, [done[r::size] for r in range(size)])
 
 
-def assigned_job(comm: Any, mine: list[str], out: Location, weights: str, overwrite: bool) -> Job:
+def assigned_job(
+    comm: Any, mine: list[str], out: Location, weights: str, overwrite: bool, embeddings: bool = False
+) -> Job:
     """Every rank checks the whole shards it was handed (``mine``) and whether an earlier run
-    finished them; the ranks then share what they found. Nothing here grows with the world
-    size on one rank but the small allgather, so a thousand functions start as fast as one."""
+    finished them (with their embeddings, when asked for); the ranks then share what they
+    found. Nothing here grows with the world size on one rank but the small allgather, so a
+    thousand functions start as fast as one."""
 
     def check_mine() -> list[tuple[ShardInfo, bool]]:
         infos = [inspect_shard(where) for where in mine]
-        return [(i, not overwrite and predictions.is_complete(out, i, i.rows, weights)) for i in infos]
+        return [(i, not overwrite and predictions.is_complete(out, i, i.rows, weights, embeddings)) for i in infos]
 
     everyone = gathered(comm, check_mine)
     names = [info.name for theirs in everyone for info, _ in theirs]

@@ -208,6 +208,11 @@ def inspect_shard(where: Location | Path | str) -> ShardInfo:
 
 def _checked_header(fid: h5py.h5f.FileID, path: Location) -> ShardInfo:
     fmt = _attribute(fid, "format")
+    if fmt is None and fid.links.exists(b"images") and fid.links.exists(b"magnitudes"):
+        raise InputError(
+            f"{path}: HDF5 arrays without the {FORMAT} format attributes; "
+            f"make shards of them with: cai-hpc convert {path.name} --out DIR"
+        )
     if fmt != FORMAT:
         raise InputError(f"{path}: not a {FORMAT} file (attribute 'format' is {fmt!r})")
     version = _attribute(fid, "format_version")
