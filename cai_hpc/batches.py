@@ -1,7 +1,9 @@
 """Streaming a rank's pieces as fixed-size batches, read ahead on a background thread.
 
 Batches cross shard boundaries, so every batch but the last is full whatever the shard
-sizes; memory holds at most ``depth`` batches in flight, whatever the dataset size.
+sizes; memory holds at most ``depth`` batches in flight, whatever the dataset size. Each row
+is read once, checked as it arrives (ShardReader refuses NaN/inf), and carries its label and
+object id along, so nothing needs to read the input again.
 """
 
 from __future__ import annotations
@@ -16,18 +18,23 @@ from typing import TypeVar
 import numpy as np
 
 from cai_hpc.plan import Piece
-from cai_hpc.shards import ShardInfo, ShardReader
+from cai_hpc.shards import Columns, ShardInfo, ShardReader
 
 T = TypeVar("T")
 
 
 @dataclass
 class Batch:
-    """Model inputs plus where each run of rows goes: (piece index, offset in piece, rows)."""
+    """Model inputs plus where each run of rows goes: (piece index, offset in piece, rows).
+
+    ``redshift``/``object_id`` hold the rows' values where their shard has them (zeros in the
+    rows of a shard without), None when no shard of the batch has them."""
 
     images: np.ndarray
     magnitudes: np.ndarray
     segments: list[tuple[int, int, int]] = field(default_factory=list)
+    redshift: np.ndarray | None = None
+    object_id: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.images)
@@ -35,8 +42,7 @@ class Batch:
 
 def iter_batches(shards: list[ShardInfo], pieces: list[Piece], batch_size: int) -> Iterator[Batch]:
     """Batches of ``batch_size`` rows (the last may be short) over ``pieces`` in order."""
-    images: list[np.ndarray] = []
-    mags: list[np.ndarray] = []
+    parts: list[Columns] = []
     segments: list[tuple[int, int, int]] = []
     filled = 0
     for k, piece in enumerate(pieces):
@@ -44,17 +50,32 @@ def iter_batches(shards: list[ShardInfo], pieces: list[Piece], batch_size: int) 
             row = piece.start
             while row < piece.stop:
                 take = min(batch_size - filled, piece.stop - row)
-                cols = reader.read(row, row + take)
-                images.append(cols.images)
-                mags.append(cols.magnitudes)
+                parts.append(reader.read(row, row + take))
                 segments.append((k, row - piece.start, take))
                 filled += take
                 row += take
                 if filled == batch_size:
-                    yield Batch(_join(images), _join(mags), segments)
-                    images, mags, segments, filled = [], [], [], 0
+                    yield _batch(parts, segments)
+                    parts, segments, filled = [], [], 0
+        shards[piece.shard].path.release()  # an S3 shard's bytes: read once, dropped when done
     if filled:
-        yield Batch(_join(images), _join(mags), segments)
+        yield _batch(parts, segments)
+
+
+def _batch(parts: list[Columns], segments: list[tuple[int, int, int]]) -> Batch:
+    def join(name: str, dtype: type) -> np.ndarray | None:
+        arrays = [getattr(c, name) for c in parts]
+        if all(a is None for a in arrays):
+            return None
+        return _join([np.zeros(len(c.images), dtype) if a is None else a for a, c in zip(arrays, parts, strict=True)])
+
+    return Batch(
+        _join([c.images for c in parts]),
+        _join([c.magnitudes for c in parts]),
+        segments,
+        join("redshift", np.float32),
+        join("object_id", np.int64),
+    )
 
 
 def _join(parts: list[np.ndarray]) -> np.ndarray:

@@ -16,7 +16,18 @@ from typing import Any
 from cai_hpc.errors import InputError
 from cai_hpc.resources import DEFAULT_BATCH_SIZE
 
-COMMANDS = ("infer", "synth", "convert", "convert-checkpoint", "plot", "bench", "build-kernels", "cloud")
+COMMANDS = (
+    "infer",
+    "synth",
+    "convert",
+    "convert-checkpoint",
+    "plot",
+    "bench",
+    "build-kernels",
+    "cloud",
+    "catalog",
+    "pca",
+)
 SAMPLE_SAMPLES = 2048
 SAMPLE_SHARD_MB = 10.0
 log = logging.getLogger("cai_hpc")
@@ -34,8 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     for noisy in ("botocore", "boto3", "urllib3", "werkzeug", "s3transfer"):  # -v is about cai-hpc
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    if args.command == "infer":
-        return run_infer(args)
+    if args.command in ("infer", "pca"):
+        return run_collective(args)
     # Commands that start processes of their own unwind on SIGTERM, so they can stop them.
     signal.signal(signal.SIGTERM, _exit_on_signal)
     try:
@@ -61,8 +72,9 @@ def _exit_on_signal(signum: int, frame: Any) -> None:
     raise SystemExit(128 + signum)
 
 
-def run_infer(args: argparse.Namespace) -> int:
-    """Run the engine on this process's communicator, owning what happens on failure.
+def run_collective(args: argparse.Namespace) -> int:
+    """Run a job of every rank (``args.collective``: infer, pca) on this process's
+    communicator, owning what happens on failure.
 
     An error every rank agreed on is reported once and all ranks exit with its code; any
     other error is reported by the rank that hit it, which then aborts the whole job so no
@@ -81,7 +93,7 @@ def run_infer(args: argparse.Namespace) -> int:
     rank, size = comm.Get_rank(), comm.Get_size()
     where = f"rank {rank}: " if size > 1 else ""
     try:
-        summary = _infer(comm, args)
+        summary = args.collective(comm, args)
     except InputError as exc:
         if exc.agreed and rank != 0:
             return exc.exit_code
@@ -94,7 +106,7 @@ def run_infer(args: argparse.Namespace) -> int:
         code, abort = 1, True
     else:
         if summary is not None:
-            _report(summary, args.out)
+            args.report(summary, args.out)
         return 0
     if abort and size > 1:
         # mpiexec forwards a rank's stderr on its own time and stops when the job is aborted:
@@ -105,7 +117,7 @@ def run_infer(args: argparse.Namespace) -> int:
 
 
 def _infer(comm: Any, args: argparse.Namespace) -> dict | None:
-    from cai_hpc.engine import RunConfig, run
+    from cai_hpc.engine import RunConfig, dry_run, run
 
     data = args.data or _sample_dataset(comm)
     config = RunConfig(
@@ -122,7 +134,14 @@ def _infer(comm: Any, args: argparse.Namespace) -> dict | None:
         compile=args.compile,
         seed=args.seed,
         progress=not args.quiet,
+        validate=args.validate,
+        embeddings=args.embeddings,
     )
+    if args.dry_run:
+        text = dry_run(comm, config)
+        if text is not None:
+            print(text, flush=True)
+        return None
     return run(comm, config)
 
 
@@ -170,9 +189,10 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from cai_hpc.ingest import convert
+    from cai_hpc.ingest import TableColumns, convert
 
-    shards = convert(args.sources, args.out, args.shard_mb)
+    columns = TableColumns(args.table, args.mag_columns, args.redshift_column, args.id_column)
+    shards = convert(args.sources, args.out, args.shard_mb, columns)
     log.info("wrote %d shards to %s", shards, args.out)
     return 0
 
@@ -232,7 +252,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise InputError("bench compare needs --data DIR (a directory of shards, e.g. from cai-hpc synth)")
         if args.batch_size < 1:
             raise InputError(f"--batch-size must be at least 1, got {args.batch_size}")
-        rows = compare(args.data, args.to, args.batch_size, args.max_ranks, progress=not args.quiet)
+        if args.repeats < 1:
+            raise InputError(f"--repeats must be at least 1, got {args.repeats}")
+        rows = compare(
+            args.data,
+            args.to,
+            args.batch_size,
+            args.max_ranks,
+            progress=not args.quiet,
+            repeats=args.repeats,
+            nodes=args.nodes,
+            functions=args.functions,
+        )
         print(format_rows(rows))
         log.info("wrote %s/runs.csv, runs.json and compare.png", args.to)
         return 0
@@ -319,6 +350,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="torch.compile the model first (14-28 s, counted in startup_s; pays on long bf16 runs)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights when no checkpoint is given")
+    p.add_argument(
+        "--validate",
+        default="stream",
+        choices=["stream", "full"],
+        help="stream: check rows as they are read, once (a bad shard stops the run, shards already "
+        "finished stay and a rerun resumes); full: read every row first, so bad input writes nothing",
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the plan (rows and shards per rank, threads, memory and time estimates) and write nothing",
+    )
+    p.add_argument(
+        "--embeddings",
+        action="store_true",
+        help="also write each sample's joint feature vector (the regression head's input) to the predictions",
+    )
+    p.set_defaults(collective=_infer, report=_report)
 
     p = sub.add_parser("synth", parents=[common], help="make a synthetic survey")
     p.add_argument("--out", type=Path, required=True)
@@ -327,10 +376,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(handler=cmd_synth)
 
-    p = sub.add_parser("convert", parents=[common], help="turn reference .pt TensorDatasets into shards")
-    p.add_argument("sources", type=Path, nargs="+", metavar="SRC.pt")
+    p = sub.add_parser(
+        "convert", parents=[common], help="turn .pt TensorDatasets, FITS cubes, .npy/.npz or plain HDF5 into shards"
+    )
+    p.add_argument("sources", type=Path, nargs="+", metavar="SRC", help="see README: convert")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--shard-mb", type=float, default=25.0)
+    p.add_argument("--table", type=Path, help="FITS or CSV table of magnitudes (and redshift, ids), row per image")
+    p.add_argument(
+        "--mag-columns",
+        type=_name_list,
+        default=["mag_u", "mag_g", "mag_r", "mag_i", "mag_z"],
+        help="the table's u,g,r,i,z magnitude columns (default: mag_u,mag_g,mag_r,mag_i,mag_z)",
+    )
+    p.add_argument("--redshift-column", help="the table's redshift column (default: unlabelled)")
+    p.add_argument("--id-column", help="the table's integer object-id column (default: none)")
     p.set_defaults(handler=cmd_convert)
 
     p = sub.add_parser("convert-checkpoint", parents=[common], help="reference .pt checkpoint -> safetensors")
@@ -362,6 +422,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", type=Path, default=Path("bench-compare"), help="compare: where rows and plots go")
     p.add_argument("--batch-size", type=int, default=128, help="compare: the batch size of every run")
     p.add_argument("--max-ranks", type=int, help="compare: most ranks (default: the cores)")
+    p.add_argument("--repeats", type=int, default=3, help="compare: passes over every run, interleaved (default: 3)")
+    p.add_argument("--nodes", type=int, default=8, help="compare: HPC nodes of the projection (default: 8)")
+    p.add_argument("--functions", type=int, default=517, help="compare: Lambda functions of the projection")
     p.set_defaults(handler=cmd_bench)
 
     p = sub.add_parser(
@@ -376,7 +439,58 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_build_kernels)
 
     _cloud_parser(sub, common)
+    _astro_parser(sub, common)
     return parser
+
+
+def _name_list(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",")]
+    if len(names) != 5 or not all(names):
+        raise argparse.ArgumentTypeError(f"expected five comma-separated column names (u,g,r,i,z), got {text!r}")
+    return names
+
+
+def _astro_parser(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("catalog", parents=[common], help="a run's predictions as one FITS, Parquet or CSV table")
+    p.add_argument("run", metavar="RUN", help="an infer output directory or s3:// prefix")
+    p.add_argument("--to", type=Path, required=True, help="catalog.fits, catalog.parquet or catalog.csv")
+    p.set_defaults(handler=cmd_catalog)
+
+    p = sub.add_parser("pca", parents=[common], help="principal components of a run's embeddings, across ranks")
+    p.add_argument("run", metavar="RUN", help="an infer --embeddings output directory or s3:// prefix")
+    p.add_argument("--components", "-k", type=int, required=True, help="how many components")
+    p.add_argument("--out", help="where the results go (default: RUN/pca)")
+    p.add_argument(
+        "--backend", default="auto", choices=["auto", "self", "mpi", "tcp"], help="communicator (default: auto)"
+    )
+    p.set_defaults(collective=_pca, report=_report_pca)
+
+
+def cmd_catalog(args: argparse.Namespace) -> int:
+    from cai_hpc.catalog import write_catalog
+
+    rows = write_catalog(args.run, args.to)
+    log.info("wrote %s (%d rows)", args.to, rows)
+    return 0
+
+
+def _pca(comm: Any, args: argparse.Namespace) -> dict | None:
+    from cai_hpc.pca import pca
+
+    args.out = args.out or f"{str(args.run).rstrip('/')}/pca"
+    return pca(comm, args.run, args.out, args.components)
+
+
+def _report_pca(result: dict, out: str | Path) -> None:
+    ratio = result["explained_variance_ratio"]
+    log.info(
+        "%d components of %d samples x %d features explain %.1f%% of the variance; wrote %s",
+        len(ratio),
+        result["samples"],
+        result["features"],
+        100 * sum(ratio),
+        out,
+    )
 
 
 def _cloud_parser(sub: Any, common: argparse.ArgumentParser) -> None:

@@ -10,6 +10,12 @@ one rank. Every run loads the same checkpoint (seeded random weights, written on
 real job would, rather than initialising a model. Each run's ``summary.json`` gives the row;
 the command's own wall time is kept too (for the cloud it includes starting the emulated
 services and uploading the shards and the checkpoint).
+
+``--repeats N`` runs the whole plan N times, one pass after another (interleaved, so a change
+in the machine's load falls on every row alike); the plots show each row's median with its
+minimum and maximum as bars. A projection panel extrapolates from the measured per-rank rates
+and cold starts to a laptop, N HPC nodes and N Lambda functions over data sizes up to beyond
+the published reference points, with the cost of each.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import json
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -26,12 +33,22 @@ import time
 from dataclasses import asdict, dataclass
 from importlib.metadata import version
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from cai_hpc.checkpoint import build_model, save_weights
+from cai_hpc.records import BITS_PER_SAMPLE
 from cai_hpc.resources import usable_cores
 from cai_hpc.shards import list_shards
 
 BATCH_SWEEP = (32, 64, 128, 256, 512, 1024)
+BYTES_PER_SAMPLE = BITS_PER_SAMPLE // 8
+# Published reference: 12.6 GB of SDSS cut-outs (AstroMAE, the paper the project started from).
+REFERENCE_GB = 12.6
+REFERENCE_POINTS = (("Lambda, 517 functions", 28.0), ("HPC GPU", 141.0), ("HPC CPUs", 1793.0), ("laptop", 6283.0))
+NODE_HOUR_USD = 2.0  # assumed price of one HPC node-hour (cloud on-demand order of magnitude)
+FUNCTION_MEMORY_MB = 4096  # the Lambda size the projection bills
 
 
 @dataclass
@@ -48,10 +65,40 @@ class Row:
     startup_s: float
     comm_s: float
     command_s: float  # the whole command, process start to exit
+    repeat: int = 0  # which pass of --repeats made this row
 
 
-def compare(data: Path, to: Path, batch: int, max_ranks: int | None = None, progress: bool = True) -> list[Row]:
-    """Run the three sweeps; write ``runs.csv``, ``runs.json`` and the plots into ``to``."""
+def median_rows(rows: list[Row]) -> list[tuple[Row, dict[str, tuple[float, float]]]]:
+    """One row per distinct run (the first pass's, with the medians of its repeats), and the
+    (min, max) over the repeats of every timed field."""
+    groups: dict[tuple, list[Row]] = {}
+    for r in rows:
+        groups.setdefault((r.sweep, r.backend, r.ranks, r.threads, r.batch, r.shards), []).append(r)
+    merged = []
+    for same in groups.values():
+        spread = {}
+        values = asdict(same[0])
+        for key in ("wall_s", "samples_per_s", "startup_s", "comm_s", "command_s"):
+            got = [getattr(r, key) for r in same]
+            values[key] = float(statistics.median(got))
+            spread[key] = (min(got), max(got))
+        merged.append((Row(**values), spread))
+    return merged
+
+
+def compare(
+    data: Path,
+    to: Path,
+    batch: int,
+    max_ranks: int | None = None,
+    progress: bool = True,
+    repeats: int = 3,
+    nodes: int = 8,
+    functions: int = 517,
+) -> list[Row]:
+    """Run the three sweeps ``repeats`` times, interleaved; write ``runs.csv``, ``runs.json``
+    and the plots (with the projection to ``nodes`` HPC nodes and ``functions`` Lambda
+    functions) into ``to``."""
     shards = list_shards(data)
     cores = usable_cores()
     mpiexec = shutil.which("mpiexec", path=str(Path(sys.executable).parent)) or shutil.which("mpiexec")
@@ -62,19 +109,28 @@ def compare(data: Path, to: Path, batch: int, max_ranks: int | None = None, prog
         work = Path(tmp)
         checkpoint = work / "model.safetensors"
         save_weights(build_model(None, seed=0)[0], checkpoint)
-        for i, (sweep, backend, ranks, count, b) in enumerate(plan, 1):
+        for repeat, i in interleaved(len(plan), repeats):
+            sweep, backend, ranks, count, b = plan[i]
             subset = _subset(shards, count, work)
-            row = _run(sweep, backend, ranks, cores // ranks, b, subset, checkpoint, work / f"out-{i}", mpiexec)
+            out = work / f"out-{repeat}-{i}"
+            row = _run(sweep, backend, ranks, cores // ranks, b, subset, checkpoint, out, mpiexec)
+            row.repeat = repeat
             rows.append(row)
+            shutil.rmtree(out, ignore_errors=True)
             if progress:
                 print(
-                    f"[{i}/{len(plan)}] {backend} {ranks}x{row.threads} batch {b}, {row.samples} samples: "
-                    f"{row.samples_per_s:.0f} samples/s, command {row.command_s:.1f} s",
+                    f"[{len(rows)}/{len(plan) * repeats}] {backend} {ranks}x{row.threads} batch {b}, "
+                    f"{row.samples} samples: {row.samples_per_s:.0f} samples/s, command {row.command_s:.1f} s",
                     file=sys.stderr,
                     flush=True,
                 )
-    _write(rows, to)
+    _write(rows, to, nodes, functions)
     return rows
+
+
+def interleaved(runs: int, repeats: int) -> list[tuple[int, int]]:
+    """(repeat, run) in the order they are made: every run once per pass, pass after pass."""
+    return [(repeat, i) for repeat in range(repeats) for i in range(runs)]
 
 
 def plan_runs(
@@ -172,7 +228,7 @@ def _run_group(command: list[str], env: dict[str, str], timeout_s: float) -> tup
     return proc.returncode, stderr
 
 
-def _write(rows: list[Row], to: Path) -> None:
+def _write(rows: list[Row], to: Path, nodes: int = 8, functions: int = 517) -> None:
     to.mkdir(parents=True, exist_ok=True)
     with (to / "runs.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(asdict(rows[0])))
@@ -185,8 +241,13 @@ def _write(rows: list[Row], to: Path) -> None:
         "python": sys.version.split()[0],
         "torch": version("torch"),
     }
-    (to / "runs.json").write_text(json.dumps({"machine": machine, "runs": [asdict(r) for r in rows]}, indent=2))
-    _plot(rows, to)
+    record = {"machine": machine, "runs": [asdict(r) for r in rows]}
+    curves = projection(rows, nodes, functions)
+    record["projection"] = {
+        k: {"rate": v["rate"], "cold_s": v["cold_s"], "label": v["label"]} for k, v in curves.items()
+    }
+    (to / "runs.json").write_text(json.dumps(record, indent=2))
+    _plot(rows, to, curves)
 
 
 def _cpu_model() -> str:
@@ -198,49 +259,117 @@ def _cpu_model() -> str:
     return names[0] if names else "unknown"
 
 
-def _plot(rows: list[Row], to: Path) -> None:
+def projection(rows: list[Row], nodes: int, functions: int) -> dict[str, dict]:
+    """Per setup: the measured rate of one unit (samples/s of the laptop, of this machine as one
+    HPC node, of one emulated Lambda rank) and cold start (median ``startup_s``), the units,
+    and what the setup costs per second; ``time(S) = cold_s + S / (units * rate)``."""
+    from lambda_shim.cost import PRICES
+
+    best = {}
+    for row, _ in median_rows(rows):
+        if row.sweep == "ranks" and (row.backend not in best or row.ranks > best[row.backend].ranks):
+            best[row.backend] = row
+    setups = {
+        "laptop": ("laptop", 1, 0.0),
+        "hpc": (f"HPC, {nodes} nodes like this machine", nodes, nodes * NODE_HOUR_USD / 3600),
+        "cloud": (
+            f"Lambda, {functions} functions of {FUNCTION_MEMORY_MB} MB",
+            functions,
+            functions * FUNCTION_MEMORY_MB / 1024 * PRICES["lambda_gb_s"],
+        ),
+    }
+    curves = {}
+    for backend, (label, units, usd_per_s) in setups.items():
+        if backend in best:
+            row = best[backend]
+            rate = row.samples_per_s / (row.ranks if backend == "cloud" else 1)
+            curves[backend] = {"label": label, "rate": rate, "cold_s": row.startup_s, "units": units}
+            curves[backend]["usd_per_s"] = usd_per_s
+    return curves
+
+
+def projected_seconds(curve: dict, gigabytes: np.ndarray) -> np.ndarray:
+    samples = gigabytes * 1e9 / BYTES_PER_SAMPLE
+    return curve["cold_s"] + samples / (curve["units"] * curve["rate"])
+
+
+def _plot(rows: list[Row], to: Path, curves: dict[str, dict]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    backends = sorted({r.backend for r in rows}, key=["laptop", "hpc", "cloud"].index)
-    fig, (ranks_ax, size_ax, batch_ax) = plt.subplots(1, 3, figsize=(15, 4.2))
+    merged = median_rows(rows)
+    backends = sorted({r.backend for r, _ in merged}, key=["laptop", "hpc", "cloud"].index)
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8.6))
+    (ranks_ax, size_ax, batch_ax), (time_ax, cost_ax, note_ax) = axes
+
+    def draw(ax: Any, points: list[tuple[Row, dict]], x: str, y: str, label: str) -> None:
+        points = sorted(points, key=lambda p: getattr(p[0], x))
+        mid = [getattr(r, y) for r, _ in points]
+        low = [m - spread[y][0] for (_, spread), m in zip(points, mid, strict=True)]
+        high = [spread[y][1] - m for (_, spread), m in zip(points, mid, strict=True)]
+        ax.errorbar([getattr(r, x) for r, _ in points], mid, yerr=[low, high], fmt="o-", capsize=3, label=label)
+
     for backend in backends:
-        mine = [r for r in rows if r.backend == backend]
-        by_ranks = sorted((r for r in mine if r.sweep == "ranks"), key=lambda r: r.ranks)
-        ranks_ax.plot([r.ranks for r in by_ranks], [r.samples_per_s for r in by_ranks], "o-", label=backend)
-        top = max(r.ranks for r in by_ranks)
-        by_size = sorted(
-            (r for r in mine if r.sweep == "size" or (r.sweep == "ranks" and r.ranks == top)), key=lambda r: r.samples
-        )
-        label = f"{backend} ({top} rank{'s' if top > 1 else ''})"
-        size_ax.plot([r.samples for r in by_size], [r.wall_s for r in by_size], "o-", label=label)
-    sweep = sorted((r for r in rows if r.backend == "laptop" and r.ranks == 1 and r.sweep in ("batch", "ranks")),
-                   key=lambda r: r.batch)  # fmt: skip
-    batch_ax.plot([r.batch for r in sweep], [r.samples_per_s for r in sweep], "o-", label="laptop (1 rank)")
+        mine = [(r, sp) for r, sp in merged if r.backend == backend]
+        by_ranks = [(r, sp) for r, sp in mine if r.sweep == "ranks"]
+        draw(ranks_ax, by_ranks, "ranks", "samples_per_s", backend)
+        top = max(r.ranks for r, _ in by_ranks)
+        by_size = [(r, sp) for r, sp in mine if r.sweep == "size" or (r.sweep == "ranks" and r.ranks == top)]
+        draw(size_ax, by_size, "samples", "wall_s", f"{backend} ({top} rank{'s' if top > 1 else ''})")
+    sweep = [(r, sp) for r, sp in merged if r.backend == "laptop" and r.ranks == 1 and r.sweep in ("batch", "ranks")]
+    draw(batch_ax, sweep, "batch", "samples_per_s", "laptop (1 rank)")
     batch_ax.set_xscale("log", base=2)
+    repeats = len({r.repeat for r in rows})
     for ax, title, xlabel, ylabel in (
         (ranks_ax, "throughput vs ranks", "ranks (ranks x threads = cores)", "samples/s (job wall)"),
         (size_ax, "time vs data size", "samples", "job wall time (s)"),
         (batch_ax, "batch-size sweep", "batch size", "samples/s (job wall)"),
     ):
-        ax.set_title(title)
+        ax.set_title(f"{title} (median of {repeats}, min-max bars)")
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         ax.legend()
+
+    gigabytes = np.logspace(-2, 2, 60)
+    for curve in curves.values():
+        seconds = projected_seconds(curve, gigabytes)
+        time_ax.plot(gigabytes, seconds, "--", label=f"{curve['label']} (projection)")
+        if curve["usd_per_s"] > 0:
+            cost_ax.plot(gigabytes, seconds * curve["usd_per_s"], "--", label=f"{curve['label']} (projection)")
+    for label, seconds in REFERENCE_POINTS:
+        time_ax.plot([REFERENCE_GB], [seconds], "k*", ms=9)
+        time_ax.annotate(f"published: {label}, {seconds:,.0f} s", (REFERENCE_GB, seconds), fontsize=7,
+                         xytext=(-150, 2), textcoords="offset points")  # fmt: skip
+    for ax, title, ylabel in (
+        (time_ax, "PROJECTION: time vs data size", "seconds"),
+        (cost_ax, f"PROJECTION: cost vs data size (laptop free; node-hour {NODE_HOUR_USD:g} USD assumed)", "USD"),
+    ):
+        ax.set(xscale="log", yscale="log", xlabel=f"data size (GB, {BYTES_PER_SAMPLE:,} bytes per sample)")
+        ax.set_title(title, fontsize=10)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3, which="both")
+        if ax.get_legend_handles_labels()[0]:  # no cost line when only the laptop (free) ran
+            ax.legend(fontsize=7, loc="lower right")
+    note_ax.axis("off")
+    lines = ["Projection from this machine's medians:", "time = cold start + samples / (units x rate)", ""]
+    lines += [f"{c['label']}: {c['rate']:.0f} samples/s per unit, cold {c['cold_s']:.1f} s" for c in curves.values()]
+    lines += ["", "Stars: published reference runs on 12.6 GB.", "Lambda units: one emulated rank each."]
+    note_ax.text(0, 1, "\n".join(lines), va="top", fontsize=8, family="monospace")
     fig.tight_layout()
     fig.savefig(to / "compare.png", dpi=110)
     plt.close(fig)
 
 
 def format_rows(rows: list[Row]) -> str:
-    head = "sweep   backend  ranks x thr  batch  samples  wall s  samples/s  startup s  comm s  command s"
+    head = "sweep   backend  ranks x thr  batch  samples  wall s  samples/s  startup s  comm s  command s  repeat"
     lines = [head]
     for r in rows:
         lines.append(
             f"{r.sweep:7s} {r.backend:7s} {r.ranks:5d} x {r.threads:<3d} {r.batch:6d} {r.samples:8d} "
-            f"{r.wall_s:7.2f} {r.samples_per_s:10.1f} {r.startup_s:10.2f} {r.comm_s:7.3f} {r.command_s:10.1f}"
+            f"{r.wall_s:7.2f} {r.samples_per_s:10.1f} {r.startup_s:10.2f} {r.comm_s:7.3f} {r.command_s:10.1f} "
+            f"{r.repeat:7d}"
         )
     return "\n".join(lines)

@@ -7,6 +7,8 @@ collects the other ranks' pieces and writes the shard's predictions file.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 from dataclasses import dataclass
 
 
@@ -32,17 +34,18 @@ def rank_bounds(total: int, size: int, rank: int) -> tuple[int, int]:
 
 def plan_pieces(rows: list[int], size: int) -> list[list[Piece]]:
     """For every rank, the shard pieces covering its global range, in global order."""
-    offsets = [0]
-    for n in rows:
-        offsets.append(offsets[-1] + n)
+    offsets = list(itertools.accumulate(rows, initial=0))
     plan: list[list[Piece]] = []
     for rank in range(size):
         lo, hi = rank_bounds(offsets[-1], size, rank)
         pieces = []
-        for shard, n in enumerate(rows):
-            start, stop = max(lo, offsets[shard]), min(hi, offsets[shard] + n)
+        # Only the shards that meet this rank's range: ranks x shards grows past a million.
+        shard = bisect.bisect_right(offsets, lo) - 1
+        while shard < len(rows) and offsets[shard] < hi:
+            start, stop = max(lo, offsets[shard]), min(hi, offsets[shard + 1])
             if start < stop:
                 pieces.append(Piece(shard, start - offsets[shard], stop - offsets[shard]))
+            shard += 1
         plan.append(pieces)
     return plan
 

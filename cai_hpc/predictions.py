@@ -1,5 +1,10 @@
 """Per-shard prediction files: ``OUT/predictions/<shard stem>.h5``, written atomically
-(a renamed temporary file on disk, a single PUT on S3)."""
+(a renamed temporary file on disk, a single PUT on S3).
+
+A file holds ``redshift_pred`` float32 (N,), ``object_id`` and ``redshift`` copied from the
+shard when present, and with ``infer --embeddings`` also ``embeddings`` float32 (N, D): each
+sample's joint feature vector, the input of the regression head (D = 3216 for AstroMAE).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cai_hpc.errors import InputError
 from cai_hpc.shards import ShardInfo
 from cai_hpc.storage import Location
 
@@ -18,16 +24,34 @@ def prediction_path(out: Location, shard: ShardInfo) -> Location:
     return out / "predictions" / f"{shard.path.stem}.h5"
 
 
-def write_predictions(out: Location, shard: ShardInfo, pred: np.ndarray, stamp: dict[str, str]) -> Location:
-    """Write ``pred`` (the shard's first ``len(pred)`` rows) with the shard's ids and labels,
-    stamped with the weights that made them (``checkpoint`` label and ``weights`` id).
+def prediction_files(out: Location | Path | str) -> list[Location]:
+    """The prediction files of a run directory or S3 prefix, in shard order."""
+    where = Location(out) / "predictions"
+    files = where.list(".h5") if where.is_dir() else []
+    if not files:
+        raise InputError(f"{out}: no predictions/*.h5 files (run 'cai-hpc infer --out {out}' first)")
+    return files
+
+
+def write_predictions(
+    out: Location,
+    shard: ShardInfo,
+    pred: np.ndarray,
+    stamp: dict[str, str],
+    carried: dict[str, np.ndarray],
+    embeddings: np.ndarray | None = None,
+) -> Location:
+    """Write ``pred`` (the shard's first ``len(pred)`` rows) with the same rows of the shard's
+    ids and labels (``carried``: ``object_id``/``redshift``, those the shard has, handed over
+    by the reader so the input is read only once), stamped with the weights that made them
+    (``checkpoint`` label and ``weights`` id), and the rows' joint feature vectors when given.
 
     The file appears only once complete, so a crash never leaves a file that looks whole; and
     its ``rows`` attribute, which ``is_complete`` requires, is written last.
     """
     rows = len(pred)
     path = prediction_path(out, shard)
-    with shard.path.open_h5() as src, path.writing_h5() as f:
+    with path.writing_h5() as f:
         f.attrs["format"] = FORMAT
         f.attrs["format_version"] = FORMAT_VERSION
         f.attrs["source"] = shard.name
@@ -35,16 +59,17 @@ def write_predictions(out: Location, shard: ShardInfo, pred: np.ndarray, stamp: 
         for key, value in stamp.items():
             f.attrs[key] = value
         f.create_dataset("redshift_pred", data=pred.astype(np.float32, copy=False))
-        for name in ("object_id", "redshift"):
-            if name in src:
-                f.create_dataset(name, data=src[name][:rows])
+        if embeddings is not None:
+            f.create_dataset("embeddings", data=embeddings.astype(np.float32, copy=False))
+        for name, values in carried.items():
+            f.create_dataset(name, data=values)
         f.attrs["rows"] = rows
     return path
 
 
-def is_complete(out: Location, shard: ShardInfo, rows: int, weights: str) -> bool:
+def is_complete(out: Location, shard: ShardInfo, rows: int, weights: str, embeddings: bool = False) -> bool:
     """True when the shard's predictions file is readable, was made from this shard with
-    these weights, and holds at least its first ``rows`` rows."""
+    these weights, holds at least its first ``rows`` rows, and their embeddings if asked."""
     path = prediction_path(out, shard)
     if not path.exists():
         return False
@@ -58,6 +83,7 @@ def is_complete(out: Location, shard: ShardInfo, rows: int, weights: str) -> boo
                 and f.attrs.get("weights") == weights
                 and held >= rows
                 and f["redshift_pred"].shape == (held,)
+                and (not embeddings or ("embeddings" in f and f["embeddings"].shape[0] == held))
             )
     except (OSError, KeyError, ValueError):
         return False

@@ -7,10 +7,24 @@ from __future__ import annotations
 import csv
 import json
 
+import numpy as np
 import pytest
 
+from cai_hpc import compare as compare_module
 from cai_hpc.checkpoint import save_weights
-from cai_hpc.compare import BATCH_SWEEP, Row, _run, _write, plan_runs
+from cai_hpc.compare import (
+    BATCH_SWEEP,
+    BYTES_PER_SAMPLE,
+    Row,
+    _run,
+    _write,
+    interleaved,
+    median_rows,
+    plan_runs,
+    projected_seconds,
+    projection,
+)
+from cai_hpc.synth import synthesize
 from tests.conftest import cai_hpc
 
 
@@ -57,3 +71,52 @@ def test_rows_and_plots_are_written(tmp_path) -> None:
 def test_compare_needs_data() -> None:
     result = cai_hpc("bench", "compare")
     assert result.returncode == 2 and "needs --data" in result.stderr
+
+
+# ------------------------------------------------------------------ --repeats and the projection
+def test_repeats_are_interleaved_pass_after_pass() -> None:
+    assert interleaved(3, 2) == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]
+
+
+def _row(backend: str, ranks: int, samples_per_s: float, startup_s: float, repeat: int, sweep: str = "ranks") -> Row:
+    return Row(sweep, backend, ranks, 2 // ranks, 128, 4, 400, 400 / samples_per_s, samples_per_s, startup_s, 0.1,
+               9.0, repeat)  # fmt: skip
+
+
+def test_medians_and_spreads_of_the_repeats() -> None:
+    rows = [_row("laptop", 1, v, 3.0 + v / 100, i) for i, v in enumerate((100.0, 500.0, 200.0))]
+    rows.append(_row("hpc", 2, 300.0, 2.0, 0))
+    merged = dict((r.backend, (r, spread)) for r, spread in median_rows(rows))
+    laptop, spread = merged["laptop"]
+    assert laptop.samples_per_s == 200.0 and spread["samples_per_s"] == (100.0, 500.0)
+    assert laptop.startup_s == 5.0 and merged["hpc"][0].samples_per_s == 300.0
+
+
+def test_projection_scales_the_measured_rates() -> None:
+    rows = [_row("laptop", 1, 100.0, 3.0, 0), _row("hpc", 1, 90.0, 2.0, 0), _row("hpc", 2, 180.0, 2.5, 0)]
+    rows += [_row("cloud", 2, 160.0, 4.0, r) for r in range(3)]
+    curves = projection(rows, nodes=8, functions=517)
+    assert (curves["hpc"]["rate"], curves["hpc"]["units"], curves["hpc"]["cold_s"]) == (180.0, 8, 2.5)
+    assert (curves["cloud"]["rate"], curves["cloud"]["units"]) == (80.0, 517)  # one rank is one function
+    samples = 12.6e9 / BYTES_PER_SAMPLE
+    assert projected_seconds(curves["cloud"], np.array([12.6]))[0] == pytest.approx(4.0 + samples / (517 * 80))
+    assert projected_seconds(curves["laptop"], np.array([12.6]))[0] == pytest.approx(3.0 + samples / 100)
+    assert curves["laptop"]["usd_per_s"] == 0 and curves["cloud"]["usd_per_s"] > 0
+
+
+@pytest.mark.timeout(600)
+def test_a_tiny_compare_runs_every_row_n_times_and_plots_medians(tmp_path, monkeypatch) -> None:
+    """The real loop on 24 galaxies, cut to two laptop rows so it stays short."""
+    synthesize(tmp_path / "data", 24, 1.0, seed=2)
+    plan = [("ranks", "laptop", 1, 1, 16), ("batch", "laptop", 1, 1, 8)]
+    monkeypatch.setattr(compare_module, "plan_runs", lambda *a: plan)
+    rows = compare_module.compare(tmp_path / "data", tmp_path / "c", 16, progress=False, repeats=2)
+    assert [(r.repeat, r.batch) for r in rows] == [(0, 16), (0, 8), (1, 16), (1, 8)]
+    record = json.loads((tmp_path / "c" / "runs.json").read_text())
+    assert len(record["runs"]) == 4 and record["projection"]["laptop"]["rate"] > 0
+    assert (tmp_path / "c" / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_repeats_must_be_positive() -> None:
+    result = cai_hpc("bench", "compare", "--data", ".", "--repeats", "0")
+    assert result.returncode == 2 and "--repeats must be at least 1" in result.stderr

@@ -119,7 +119,7 @@ def test_bad_input_on_any_rank_is_reported_once_and_writes_nothing(small_dataset
     # 300 rows on 4 ranks: rank 1 reads rows 75-150, so shard 2 (rows 96-144) is its alone.
     with h5py.File(data / "shard-00002.h5", "a") as f:
         f["images"][3, 0, 0, 0] = np.nan
-    result, ending_s = launch_failing(4, "--data", str(data), "--out", str(tmp_path / "out"))
+    result, ending_s = launch_failing(4, "--data", str(data), "--out", str(tmp_path / "out"), "--validate", "full")
     assert ending_s < 40  # every rank exits on its own: 2.6-3.7 s measured on 2 loaded cores
     assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if line.startswith("cai-hpc: error")]

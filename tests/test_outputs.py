@@ -27,6 +27,13 @@ class InjectedCrashError(Exception):
     """Raised where a real run could die: a full disk, a failed read, a signal."""
 
 
+def write(out: Location, shard: ShardInfo, pred: np.ndarray, stamp: dict[str, str]) -> Location:
+    """write_predictions with the shard's own ids and labels for the rows, as the engine's reader hands them over."""
+    with h5py.File(str(shard.path)) as src:
+        carried = {name: src[name][: len(pred)] for name in ("object_id", "redshift") if name in src}
+    return write_predictions(out, shard, pred, stamp, carried)
+
+
 @pytest.fixture
 def out(tmp_path: Path) -> Location:
     (tmp_path / "out" / "predictions").mkdir(parents=True)
@@ -40,7 +47,7 @@ def shard(small_dataset: Path) -> ShardInfo:
 
 def test_predictions_file_holds_the_shard_rows_and_is_complete_for_its_weights(out, shard, small_dataset) -> None:
     pred = np.linspace(0.0, 0.47, 48, dtype=np.float32)
-    path = write_predictions(out, shard, pred, STAMP)
+    path = write(out, shard, pred, STAMP)
     assert path == out / "predictions" / "shard-00001.h5" == prediction_path(out, shard)
     assert path != out / "predictions" / "shard-00002.h5"
     assert sorted(p.name for p in (Path(out) / "predictions").iterdir()) == ["shard-00001.h5"]
@@ -102,7 +109,7 @@ NOT_WHOLE = {
 
 @pytest.mark.parametrize("case", sorted(NOT_WHOLE))
 def test_a_file_that_is_not_whole_or_not_this_shards_is_not_complete(case, out, shard) -> None:
-    path = write_predictions(out, shard, np.zeros(48, np.float32), STAMP)
+    path = write(out, shard, np.zeros(48, np.float32), STAMP)
     assert is_complete(out, shard, 48, "w-1")
     with h5py.File(path, "a") as f:
         NOT_WHOLE[case](f)
@@ -116,7 +123,7 @@ def test_a_one_row_file_without_its_lengths_is_not_complete(marker, out, small_d
     with ShardReader(inspect_shard(small_dataset / "shard-00000.h5")) as reader:
         write_shard(source, reader.read(0, 1))
     shard = inspect_shard(source)
-    path = write_predictions(out, shard, np.zeros(1, np.float32), STAMP)
+    path = write(out, shard, np.zeros(1, np.float32), STAMP)
     assert is_complete(out, shard, 1, "w-1")
     with h5py.File(path, "a") as f:
         del f.attrs[marker]
@@ -141,7 +148,7 @@ def test_a_crash_inside_the_write_leaves_nothing_at_the_final_path(out, shard, m
 
     monkeypatch.setattr(h5py.Group, "create_dataset", crash_on_labels)
     with pytest.raises(InjectedCrashError):
-        write_predictions(out, shard, np.zeros(48, np.float32), STAMP)
+        write(out, shard, np.zeros(48, np.float32), STAMP)
     monkeypatch.undo()
     assert list((Path(out) / "predictions").iterdir()) == []  # no final file, no temporary
     assert not is_complete(out, shard, 48, "w-1")
@@ -150,14 +157,14 @@ def test_a_crash_inside_the_write_leaves_nothing_at_the_final_path(out, shard, m
 
 
 def test_a_crash_while_rewriting_keeps_the_previous_file(out, shard, monkeypatch) -> None:
-    path = write_predictions(out, shard, np.full(48, 0.25, np.float32), STAMP)
+    path = write(out, shard, np.full(48, 0.25, np.float32), STAMP)
 
     def crash(*args, **kwargs):
         raise InjectedCrashError("disk full")
 
     monkeypatch.setattr(h5py.Group, "create_dataset", crash)
     with pytest.raises(InjectedCrashError):
-        write_predictions(out, shard, np.full(48, 0.5, np.float32), {"checkpoint": "other", "weights": "w-2"})
+        write(out, shard, np.full(48, 0.5, np.float32), {"checkpoint": "other", "weights": "w-2"})
     monkeypatch.undo()
     assert sorted(p.name for p in (Path(out) / "predictions").iterdir()) == [path.name]
     assert is_complete(out, shard, 48, "w-1")
@@ -185,7 +192,7 @@ def test_atomic_write_bytes_leaves_the_old_file_or_the_new_one(tmp_path, monkeyp
 
 def test_stale_temporaries_of_a_killed_run_are_removed_and_nothing_else(out, shard) -> None:
     predictions = Path(out) / "predictions"
-    write_predictions(out, shard, np.zeros(48, np.float32), STAMP)
+    write(out, shard, np.zeros(48, np.float32), STAMP)
     stale = [".shard-00001.h5.tmp-4242", ".shard-00003.h5.tmp-7"]
     kept = ["shard-00001.h5", ".shard-00002.h5", "shard-00004.h5.tmp-9", ".notes.txt.tmp-3"]
     for name in stale + kept[1:]:
@@ -208,7 +215,7 @@ def test_an_unlabelled_shard_gives_no_labels(out, small_dataset, tmp_path) -> No
     with h5py.File(source, "a") as f:
         del f["redshift"]
     shard = inspect_shard(source)
-    write_predictions(out, shard, np.zeros(48, np.float32), STAMP)
+    write(out, shard, np.zeros(48, np.float32), STAMP)
     pred, true = read_labelled(out, shard, 48)
     assert (pred.size, true.size, pred.dtype, true.dtype) == (0, 0, np.float32, np.float32)
     with h5py.File(prediction_path(out, shard).path) as f:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -159,6 +160,18 @@ BAD_SHARDS = {
 }
 
 
+# Found in the rows themselves, so only while reading them (the header is sound).
+FOUND_IN_ROWS = {"nan", "inf"}
+
+
+def _refused(data: Path, out: Path, bad: Path, message: str, capsys, *flags: str) -> None:
+    code = main(["infer", "--data", str(data), "--out", str(out), "-q", *flags])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1, err
+    assert str(bad) in err[0] and message in err[0], err[0]
+
+
 @pytest.mark.parametrize("case", sorted(BAD_SHARDS))
 def test_bad_shard_is_refused_with_one_line_and_nothing_written(case, small_dataset, tmp_path, capsys) -> None:
     corrupt, message = BAD_SHARDS[case]
@@ -166,12 +179,38 @@ def test_bad_shard_is_refused_with_one_line_and_nothing_written(case, small_data
     bad = data / "shard-00004.h5"
     corrupt(bad)
     out = tmp_path / "out"
-    code = main(["infer", "--data", str(data), "--out", str(out), "-q"])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2
-    assert len(err) == 1, err
-    assert str(bad) in err[0] and message in err[0], err[0]
+    flags = ["--validate", "full"] if case in FOUND_IN_ROWS else []  # headers are always checked first
+    _refused(data, out, bad, message, capsys, *flags)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("case", sorted(FOUND_IN_ROWS))
+def test_bad_rows_found_while_streaming_leave_only_whole_valid_shards_and_a_rerun_resumes(
+    case, small_dataset, tmp_path, capsys
+) -> None:
+    corrupt, message = BAD_SHARDS[case]
+    data = _copy(small_dataset, tmp_path / "data")
+    bad = data / "shard-00004.h5"
+    corrupt(bad)
+    out = tmp_path / "out"
+    _refused(data, out, bad, message, capsys, "--batch-size", "40")
+    # Shards finished before the bad batch are written and valid; nothing of the bad one or after
+    # (with 40-row batches shard 3 ends in the batch before the NaN's, and in the inf's batch).
+    written = sorted(p.name for p in (out / "predictions").iterdir())
+    assert written == [f"shard-0000{i}.h5" for i in range(4 if case == "nan" else 3)]
+    assert not (out / "summary.json").exists()
+    reference = tmp_path / "reference"
+    assert main(["infer", "--data", str(small_dataset), "--out", str(reference), "-q", "--batch-size", "40"]) == 0
+    for name in written:
+        with h5py.File(out / "predictions" / name) as got, h5py.File(reference / "predictions" / name) as ref:
+            np.testing.assert_allclose(got["redshift_pred"][:], ref["redshift_pred"][:], atol=1e-5, rtol=0)
+            np.testing.assert_array_equal(got["object_id"][:], ref["object_id"][:])
+            np.testing.assert_array_equal(got["redshift"][:], ref["redshift"][:])
+    shutil.copy(small_dataset / bad.name, bad)  # fixed: the rerun does only what is left
+    assert main(["infer", "--data", str(data), "--out", str(out), "-q", "--batch-size", "40"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["skipped_shards"] == len(written) and summary["samples"] == 300 - len(written) * 48
+    assert summary["metrics"] == pytest.approx(json.loads((reference / "summary.json").read_text())["metrics"])
 
 
 @pytest.mark.parametrize(
