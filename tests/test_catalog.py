@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from cai_hpc import predictions
-from tests.conftest import cai_hpc
+from tests.conftest import cai_hpc, missing_modules, skip_or_fail
 
 STAMP = {"checkpoint": "golden.safetensors", "weights": "sha256:0123abcd/fp32"}
 
@@ -167,7 +167,8 @@ def test_memory_is_flat_in_the_catalogue_size(tmp_path, suffix, shards) -> None:
 # ------------------------------------------------------------------ S3 (moto's server)
 @pytest.fixture(scope="module")
 def moto_s3():
-    pytest.importorskip("moto.server", reason="moto[server] is in the test extras")
+    if (missing := missing_modules("moto.server", hint="moto[server] is in the test extras")) is not None:
+        skip_or_fail(missing)
     from moto.server import ThreadedMotoServer
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)

@@ -24,10 +24,9 @@ from cai_hpc.engine import RunConfig, run
 from cai_hpc.job import planned_job
 from cai_hpc.shards import SAMPLE_BYTES, scan_dataset
 from cai_hpc.storage import Location
-from tests.conftest import cai_hpc
+from tests.conftest import MPIEXEC, cai_hpc, missing_modules, requires_infra, skip_or_fail
 from tests.plans import planning_dataset, serial_job
 
-MPIEXEC = shutil.which("mpiexec", path=str(Path(sys.executable).parent)) or shutil.which("mpiexec")
 PLAN_SUITE = Path(__file__).with_name("test_parallel_input.py")
 
 # Every lock a process asks for fails with ENOLCK, as on NFS without a lock daemon.
@@ -53,7 +52,7 @@ def no_locks(tmp_path_factory) -> dict[str, str]:
     """The environment of a process on a filesystem whose locks all fail."""
     gcc = shutil.which("gcc")
     if gcc is None:
-        pytest.skip("no gcc to build the lock-failing shim")
+        skip_or_fail("no gcc to build the lock-failing shim")
     where = tmp_path_factory.mktemp("nolocks")
     (where / "nolocks.c").write_text(NO_LOCKS_C)
     subprocess.run([gcc, "-shared", "-fPIC", "-o", where / "nolocks.so", where / "nolocks.c", "-ldl"], check=True)
@@ -204,7 +203,7 @@ def test_planning_on_one_rank_is_the_serial_plan(tmp_path) -> None:
             assert got == serial_job(data, out, weights, limit, overwrite, 1), (limit, overwrite)
 
 
-needs_mpi = pytest.mark.skipif(MPIEXEC is None, reason="no mpiexec (pip install 'cai-hpc[mpi]')")
+needs_mpi = requires_infra(None if MPIEXEC else "no mpiexec (pip install 'cai-hpc[mpi]')")
 
 
 def mpiexec(ranks: int, *command: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -258,7 +257,10 @@ def test_bad_rows_on_one_rank_end_the_mpi_job_in_one_line_and_a_rerun_resumes(sm
 
 
 def test_an_s3_run_fetches_each_shard_once_and_checks_headers_on_byte_ranges(small_dataset, tmp_path) -> None:
-    server_module = pytest.importorskip("moto.server")
+    if (missing := missing_modules("moto.server", hint="moto[server] is in the test extras")) is not None:
+        skip_or_fail(missing)
+    import moto.server as server_module
+
     from cai_hpc import storage
 
     server = server_module.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)

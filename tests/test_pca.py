@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,10 +13,9 @@ import pytest
 
 from cai_hpc import predictions
 from cai_hpc.pca import fix_signs
-from tests.conftest import cai_hpc
+from tests.conftest import MPIEXEC, cai_hpc, requires_infra
 from tests.test_catalog import moto_s3  # noqa: F401 - the fixture (its own moto server for this module)
 
-MPIEXEC = shutil.which("mpiexec", path=str(Path(sys.executable).parent)) or shutil.which("mpiexec")
 ROWS = (37, 50, 11, 64, 29)  # uneven shards: three ranks get unequal shares
 WIDTH = 24
 K = 4
@@ -70,7 +68,7 @@ def test_pca_alone_equals_numpys_svd(tmp_path) -> None:
     assert_equals_numpy(tmp_path / "run", x)
 
 
-@pytest.mark.skipif(MPIEXEC is None, reason="no mpiexec")
+@requires_infra(None if MPIEXEC else "no mpiexec")
 @pytest.mark.timeout(300)
 def test_pca_under_mpiexec_equals_numpys_svd(tmp_path) -> None:
     x = embeddings_run(tmp_path / "run", seed=1)

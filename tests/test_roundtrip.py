@@ -5,7 +5,6 @@ Parquet and CSV, values and metadata checked against the inputs and the model.""
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,11 +18,10 @@ from astropy.io import fits
 from cai_hpc.checkpoint import inference_weights
 from cai_hpc.embeddings import EMBEDDING_DIM, JointOutput
 from cai_hpc.fast import FusedAstroMAE
-from tests.conftest import cai_hpc
+from tests.conftest import MPIEXEC, cai_hpc, requires_infra
 from tests.test_catalog import read_catalog
 from tests.test_convert_arrays import TABLE_OPTIONS, write_table
 
-MPIEXEC = shutil.which("mpiexec", path=str(Path(sys.executable).parent)) or shutil.which("mpiexec")
 ROWS = 36  # 0.3 MB shards of 14 rows: three shards, which three ranks split by rows
 SIDE = 40  # cut-outs larger than the model's 32x32: convert crops their centres
 
@@ -49,7 +47,7 @@ def survey_inputs(where: Path, kind: str) -> tuple[dict[str, np.ndarray], list[s
     return arrays, [*source, *TABLE_OPTIONS, "--id-column", "objID"]
 
 
-@pytest.mark.skipif(MPIEXEC is None, reason="no mpiexec")
+@requires_infra(None if MPIEXEC else "no mpiexec")
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("kind", ["fits", "npy"])
 def test_inputs_to_catalogues_at_one_and_three_ranks(tmp_path, kind) -> None:
