@@ -66,7 +66,7 @@ RELAY_WAIT_S = 120.0  # the longest a relay request waits for its other half
 RELAYS_WAITING_PER_RANK = 4  # relay halves a job may have waiting for their other half, per rank
 RELAYS_PER_RANK = 64  # running relays a job may hold, per rank (a tree or a barrier needs ~2 log2 N)
 MAX_PENDING = 1024  # unauthenticated connections at once (lowered to fit the file limit)
-MAX_PENDING_PER_HOST = 128  # ... from one address
+MAX_PENDING_PER_HOST = 128  # ... from one address (and at most a quarter of the above)
 GONE_BATCH_S = 0.2  # departures are reported to the others in batches
 GONE_PER_MESSAGE = 4096
 MAX_BUFFERED = 8 * 1024 * 1024  # bytes queued to one connection beyond its table: a stuck reader is dropped
@@ -150,7 +150,7 @@ class Rendezvous:
     def __init__(self, master: bytes, max_pending: int = MAX_PENDING, max_per_host: int = MAX_PENDING_PER_HOST):
         self.master = master
         self.max_pending, self.max_per_host = max_pending, max_per_host
-        self.pending = 0
+        self.pending: OrderedDict[asyncio.StreamWriter, None] = OrderedDict()  # oldest first
         self.pending_by_host: Counter = Counter()
         self.jobs: dict[str, Job] = {}
         self.finished: OrderedDict[str, float] = OrderedDict()
@@ -160,17 +160,23 @@ class Rendezvous:
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername") or ("?", 0)
         host = peer[0]
-        if self.pending >= self.max_pending or self.pending_by_host[host] >= self.max_per_host:
-            self.warn.warning("busy", "refusing connections: too many handshakes in flight (latest from %s)", host)
+        if self.pending_by_host[host] >= self.max_per_host:
+            self.warn.warning("busy", "refusing connections from %s: too many of its handshakes in flight", host)
             writer.transport.abort()
             return
-        self.pending += 1
+        if len(self.pending) >= self.max_pending:
+            # Full: drop the oldest handshake still unfinished. A real rank's takes milliseconds,
+            # so it is the idle ones that go first, and a flood only shortens their lives.
+            oldest, _ = self.pending.popitem(last=False)
+            oldest.transport.abort()
+            self.warn.warning("full", "%d handshakes in flight: dropping the oldest", self.max_pending)
+        self.pending[writer] = None
         self.pending_by_host[host] += 1
         try:
             try:
                 conn, request = await asyncio.wait_for(self._open(reader, writer), HANDSHAKE_TIMEOUT_S)
             finally:
-                self.pending -= 1
+                self.pending.pop(writer, None)
                 self.pending_by_host[host] -= 1
                 if not self.pending_by_host[host]:
                     del self.pending_by_host[host]
@@ -448,7 +454,8 @@ async def serve(
     max_pending: int = MAX_PENDING,
     max_per_host: int = MAX_PENDING_PER_HOST,
 ) -> None:
-    rendezvous = Rendezvous(master, _pending_cap(max_pending), max_per_host)
+    cap = _pending_cap(max_pending)
+    rendezvous = Rendezvous(master, cap, max(1, min(max_per_host, cap // 4)))
     loop = asyncio.get_running_loop()
     # asyncio reports accept() failing for want of file descriptors (it retries a second
     # later) through the loop's handler, with a traceback each time: one line now and then.

@@ -48,6 +48,7 @@ from lambda_shim.wire import (
     KIND_TABLE,
     MAX_CONTROL,
     SERVER,
+    SMALL,
     AuthError,
     RefusedError,
     Session,
@@ -645,7 +646,7 @@ class TcpComm:
         try:
             with link.lock:
                 records = link.session.seal_frame(kind, self.rank, tag, payload)
-                if len(records) <= 2 and len(payload) <= 64 * 1024:
+                if len(payload) <= SMALL:
                     link.sock.sendall(b"".join(records))  # one system call for small frames
                 else:
                     for record in records:

@@ -28,6 +28,7 @@ import secrets
 import socket
 import struct
 import time
+from collections.abc import Iterator
 from itertools import accumulate
 from pathlib import Path
 
@@ -45,6 +46,7 @@ HANDSHAKE_TIMEOUT_S = 10.0  # total, for the whole exchange
 CHUNK = 1 << 20  # payloads travel in sealed records of at most this many bytes
 MAX_FRAME = 1 << 34  # 16 GiB: the largest payload a frame may announce
 MAX_CONTROL = 64 * 1024  # largest JSON control message
+SMALL = 64 * 1024  # frames up to this size go out in one system call
 MAX_DEPTH = 4  # control messages are flat objects: deeper nesting is refused before parsing
 
 # Frame header (sealed): kind, source rank, tag, payload length.
@@ -148,12 +150,13 @@ class Session:
         self._sent += 1
         return record
 
-    def seal_frame(self, kind: int, source: int, tag: int, payload: bytes | memoryview) -> list[bytes]:
-        """The sealed records of one frame, in sending order."""
-        records = [self._seal(HEADER.pack(kind, source, tag, len(payload)))]
+    def seal_frame(self, kind: int, source: int, tag: int, payload: bytes | memoryview) -> Iterator[bytes]:
+        """The sealed records of one frame, in sending order, each sealed as it is taken (a big
+        payload is never held twice)."""
+        yield self._seal(HEADER.pack(kind, source, tag, len(payload)))
         view = memoryview(payload)
-        records += [self._seal(view[off : off + CHUNK]) for off in range(0, len(view), CHUNK)]
-        return records
+        for off in range(0, len(view), CHUNK):
+            yield self._seal(view[off : off + CHUNK])
 
     def open_header(self, record: bytes | bytearray, limit: int = MAX_FRAME) -> tuple[int, int, int, int]:
         """(kind, source, tag, length) of a sealed header; AuthError if it was not sealed by
@@ -211,7 +214,7 @@ def read_frame(
 def send_frame(sock: socket.socket, session: Session, kind: int, source: int, tag: int, payload=b"") -> None:
     """Seal and send one frame (callers hold the connection's send lock)."""
     records = session.seal_frame(kind, source, tag, payload)
-    if len(records) <= 2 and len(payload) <= 64 * 1024:
+    if len(payload) <= SMALL:
         sock.sendall(b"".join(records))  # one system call for small frames: latency
     else:
         for record in records:

@@ -293,8 +293,11 @@ def test_bench_prints_a_row_per_backend() -> None:
         env=clean_env(),
     )
     assert result.returncode == 0, result.stderr
-    lines = result.stdout.strip().splitlines()
+    table, frames = result.stdout.strip().split("\n\n")
+    lines = table.splitlines()
     assert lines[0].split()[:3] == ["backend", "ranks", "lat"]
+    assert [line.split("(")[0].strip() for line in frames.splitlines()[1:]] == ["hmac-sha256", "aes-gcm"]
+    assert all(float(line.split()[-1]) > 0 for line in frames.splitlines()[1:])
     names = [line.split()[0] for line in lines[1:]]
     assert names[-3:] == ["tcp-punch", "tcp-direct", "tcp-relay"]
     assert all(float(line.split()[2]) > 0 for line in lines[1:])
@@ -751,3 +754,61 @@ def test_64_ranks_in_two_processes_wire_up_and_leave() -> None:
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "ranks=64 processes=2" in result.stdout
+
+
+GOOD_EVENT = {
+    "job": "run-1",
+    "rank": 1,
+    "world_size": 4,
+    "data": "s3://bucket/survey/",
+    "shards": ["s3://bucket/survey/shard-00001.h5"],
+    "out": "s3://bucket/runs/r1/",
+    "token_secret": "cai-hpc/rendezvous",
+}
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        ({"out": "/tmp/elsewhere"}, "out must be an s3:// prefix under s3://bucket/runs"),
+        ({"out": "s3://other-bucket/runs/r1/"}, "out must be an s3:// prefix under s3://bucket/runs"),
+        ({"out": "s3://bucket/runs/../r0/"}, "out must be"),
+        ({"shards": ["s3://bucket/secret/x.h5"]}, "shards must be a list of s3:// URIs under data"),
+        ({"shards": ["s3://bucket/survey/../secret/x.h5"]}, "shards must be"),
+        ({"data": "/etc"}, "data must be an s3:// prefix"),
+        ({"rendezvous": "203.0.113.66:7000"}, "rendezvous must be absent or the configured 127.0.0.1:7777"),
+        ({"job": ""}, "job must be 1-64 letters"),
+        ({"job": "x" * 300}, "job must be 1-64 letters"),
+        ({"job": "a/../b"}, "job must be 1-64 letters"),
+        ({"connect": "carrier-pigeon"}, "connect must be one of auto, punch, direct, relay"),
+        ({"op_timeout_s": float("nan")}, "op_timeout_s must be a number of seconds"),
+        ({"connect_timeout_s": "10"}, "connect_timeout_s must be a number of seconds"),
+        ({"op_timeout_s": None}, "op_timeout_s must be a number of seconds"),
+        ({"world_size": 10**9}, "world_size must be an integer in 1..100000"),
+        ({"rank": True}, "rank must be an integer in 0..3"),
+        ({"rank": 4}, "rank must be an integer in 0..3"),
+        ({"batch_size": 0}, "batch_size must be"),
+        ({"precision": "fp8"}, "precision must be fp32 or bf16"),
+        ({"token_secret": "a b"}, "token_secret must be a Secrets Manager secret name"),
+    ],
+)
+def test_the_handler_refuses_a_bad_event_field_in_one_line(monkeypatch, change, words) -> None:
+    """Finding 10: every field is checked before anything runs."""
+    from lambda_shim import handler
+
+    monkeypatch.setenv("CAI_HPC_RENDEZVOUS", "127.0.0.1:7777")
+    monkeypatch.setenv("CAI_HPC_OUT_PREFIX", "s3://bucket/runs/")
+    monkeypatch.setenv("CAI_HPC_DATA_PREFIX", "s3://bucket/")
+    with pytest.raises(handler.RankFailedError) as refused:
+        handler.handler(GOOD_EVENT | change, None)
+    assert str(refused.value).startswith(f"rank {change.get('rank', 1)}: event: ") and "\n" not in str(refused.value)
+    assert words in str(refused.value)
+    assert handler.RankEvent.parse(GOOD_EVENT | {"rendezvous": "127.0.0.1:7777"}).op_timeout_s == 900.0
+
+
+def test_the_handler_needs_the_rendezvous_address_in_its_configuration(monkeypatch) -> None:
+    from lambda_shim import handler
+
+    monkeypatch.delenv("CAI_HPC_RENDEZVOUS", raising=False)
+    with pytest.raises(handler.RankFailedError, match="configuration has no CAI_HPC_RENDEZVOUS"):
+        handler.handler(GOOD_EVENT | {"rendezvous": "127.0.0.1:7777"}, None)
