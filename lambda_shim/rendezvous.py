@@ -141,6 +141,7 @@ class Job:
     members: dict[int, Member] = field(default_factory=dict)
     complete: asyncio.Event = field(default_factory=asyncio.Event)
     error: str | None = None
+    completed_at: float = 0.0  # monotonic time the table went out
     lost: list[int] = field(default_factory=list)  # ranks gone abruptly, not yet reported
     relays: dict[tuple[int, int], tuple[Conn, asyncio.Future]] = field(default_factory=dict)
     pipes: set = field(default_factory=set)  # the writers of running relays
@@ -265,8 +266,8 @@ class Rendezvous:
             try:
                 kind, payload = await asyncio.wait_for(conn.read(), member.liveness_s)
             except TimeoutError:
-                if not job.complete.is_set():
-                    continue  # a rank says nothing until it has the table
+                if not job.complete.is_set() or time.monotonic() - job.completed_at < member.liveness_s:
+                    continue  # a rank says nothing until it has the table, then heartbeats
                 return f"no heartbeat for {member.liveness_s:g} s"
             except (asyncio.IncompleteReadError, ConnectionError, AuthError) as exc:
                 return f"its connection to the server ended ({type(exc).__name__})"
@@ -334,6 +335,7 @@ class Rendezvous:
         for member in job.members.values():
             _quietly(member.conn.send, KIND_TABLE, table, len(table))
         self._remember(job.job_id)
+        job.completed_at = time.monotonic()
         job.complete.set()
         log.info("job %s wired up: %d ranks", job.job_id, job.size)
 

@@ -8,8 +8,8 @@ other come from, and also listen there), ``direct`` (connect to the peer's liste
 ``relay`` (a pipe through the server); ``auto`` tries punch, then direct, then relay. Every
 connection is authenticated before anything is read from it, and every frame on it is
 sealed (``wire``: AES-GCM, keys per connection and direction). Collectives are binomial
-trees (bcast, reduce, gather, scatter and the buffer forms) and a dissemination barrier:
-O(log N) rounds for N ranks.
+trees (bcast, reduce, gather, scatter, the buffer forms, and the barrier as a reduce and a
+bcast): O(log N) rounds for N ranks, over links only along the tree.
 
 Nothing blocks forever. Connecting has a deadline (the server is retried with backoff until
 it). Every link, the server's included, carries heartbeats: a peer that sends nothing for
@@ -237,10 +237,14 @@ class TcpComm:
             self._listener.close()
             self._punch_listener.close()
             raise
-        for listener, punched in ((self._listener, False), (self._punch_listener, True)):
-            threading.Thread(target=self._accept_loop, args=(listener, punched), daemon=True).start()
-        threading.Thread(target=self._control_loop, daemon=True, name="tcpcomm-control").start()
-        threading.Thread(target=self._heartbeat_loop, daemon=True, name="tcpcomm-heartbeat").start()
+        try:
+            for listener, punched in ((self._listener, False), (self._punch_listener, True)):
+                threading.Thread(target=self._accept_loop, args=(listener, punched), daemon=True).start()
+            threading.Thread(target=self._control_loop, daemon=True, name="tcpcomm-control").start()
+            threading.Thread(target=self._heartbeat_loop, daemon=True, name="tcpcomm-heartbeat").start()
+        except RuntimeError:  # can't start new thread
+            self.close()
+            raise CommError(f"rank {self.rank}: cannot start this rank's threads (out of threads)") from None
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> TcpComm:
@@ -464,7 +468,10 @@ class TcpComm:
             return
         finally:
             self._handshakes.release()
-        self._adopt(link)
+        try:
+            self._adopt(link)
+        except CommError:
+            pass  # out of threads: the link is shut, the peer sees it end
 
     def _paired_handshake(self, sock: socket.socket, peer: int, deadline: float | None = None) -> _Link:
         """Authenticate a connection whose two ends both think they opened it (a relay pipe,
@@ -574,7 +581,17 @@ class TcpComm:
             self._links.setdefault(link.peer, link)
             self._open_links[link.peer] += 1
             self._all_links.append(link)
-        threading.Thread(target=self._read_loop, args=(link,), daemon=True, name=f"tcpcomm-read-{link.peer}").start()
+        try:
+            threading.Thread(
+                target=self._read_loop, args=(link,), daemon=True, name=f"tcpcomm-read-{link.peer}"
+            ).start()
+        except RuntimeError:  # out of threads: this link cannot be served
+            with self._cond:
+                self._open_links[link.peer] -= 1
+                if self._links.get(link.peer) is link:
+                    del self._links[link.peer]
+            self._declare_dead(link, "no thread to read it")
+            raise CommError(f"rank {self.rank}: cannot start a thread for the link to rank {link.peer}") from None
 
     def _link(self, peer: int) -> _Link:
         link = self._links.get(peer)
@@ -785,12 +802,10 @@ class TcpComm:
         return None
 
     def barrier(self) -> None:
-        tag = self._tag()
-        k = 1
-        while k < self.size:
-            self._send_frame((self.rank + k) % self.size, tag, KIND_BYTES, b"")
-            self._recv_frame((self.rank - k) % self.size, tag)
-            k <<= 1
+        """Up the binomial tree to rank 0 and back down: 2 log2 N rounds, over the links the
+        other collectives use (a dissemination barrier would open 2 log2 N links a rank)."""
+        self._tree_reduce(b"", lambda a, b: a, bytes, bytes, self._tag())
+        self._tree_bcast(b"" if self.rank == 0 else None, 0, self._tag())
 
     Barrier = barrier
 

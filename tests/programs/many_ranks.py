@@ -37,7 +37,11 @@ def run_ranks(first: int, count: int) -> int:
         start.wait()
         t0 = time.perf_counter()
         try:
-            comm = TcpComm(ShimConfig(r, size, base.job_id, base.key, base.server, base.mode, base.connect_timeout))
+            comm = TcpComm(
+                ShimConfig(
+                    r, size, base.job_id, base.key, base.server, base.mode, base.connect_timeout, None, base.liveness
+                )
+            )
             t1 = time.perf_counter()
             comm.barrier()
             total = comm.allreduce(r)
@@ -77,7 +81,7 @@ def drive(n: int, procs: int, timeout: float) -> int:
         job = uuid.uuid4().hex
         token = Path(tmp) / "token"
         token.write_text(job_key(bytes.fromhex(master), job).hex())
-        server, address = start_server(Path(tmp), secret=master)
+        server, address = start_server(Path(tmp), secret=master, verbose=bool(os.environ.get("VERBOSE")))
         env = os.environ | {
             "WORLD_SIZE": str(n),
             "CAI_HPC_RENDEZVOUS": address,
