@@ -52,6 +52,8 @@ def run_ranks(first: int, count: int) -> int:
             t3 = time.perf_counter()
         except CommError as exc:
             errors.append(str(exc))
+            if "comm" in locals():
+                comm.close()  # leave, as a process ending on the error would: the others must see it
             return
         if total != size * (size - 1) // 2 or (r == 0 and ranks != list(range(size))):
             errors.append(f"rank {r}: wrong results")
