@@ -8,7 +8,6 @@ so a laptop needs no MPI at all. mpi4py is only imported when an MPI run asks fo
 from __future__ import annotations
 
 import copy
-import operator
 import os
 import sys
 import time
@@ -17,45 +16,20 @@ from dataclasses import dataclass
 from functools import reduce as _fold
 from typing import Any
 
-import numpy as np
-
 from cai_hpc.errors import InputError
-
-ANY_SOURCE = -1
-ANY_TAG = -1
-IN_PLACE = object()  # stands for mpi4py's MPI.IN_PLACE in the buffer forms
-
-
-@dataclass(frozen=True)
-class Op:
-    """A reduction operator: ``fn`` folds two Python objects, ``ufunc`` two arrays."""
-
-    name: str
-    fn: Callable[[Any, Any], Any]
-    ufunc: np.ufunc
-
-    def __call__(self, a: Any, b: Any) -> Any:
-        return self.fn(a, b)
-
-
-SUM = Op("SUM", operator.add, np.add)
-PROD = Op("PROD", operator.mul, np.multiply)
-MAX = Op("MAX", max, np.maximum)
-MIN = Op("MIN", min, np.minimum)
-
-
-class Status:
-    """Filled by ``recv(status=...)`` with the matched message's source and tag."""
-
-    def __init__(self) -> None:
-        self.source = ANY_SOURCE
-        self.tag = ANY_TAG
-
-    def Get_source(self) -> int:  # noqa: N802 - mpi4py's name
-        return self.source
-
-    def Get_tag(self) -> int:  # noqa: N802 - mpi4py's name
-        return self.tag
+from lambda_shim.constants import (  # noqa: F401 - re-exported: the engine and tests import them from here
+    ANY_SOURCE,
+    ANY_TAG,
+    IN_PLACE,
+    MAX,
+    MIN,
+    PROC_NULL,
+    PROD,
+    SUM,
+    Op,
+    Status,
+    buffer_array,
+)
 
 
 class SelfComm:
@@ -177,11 +151,6 @@ class TimedComm:
                 self.seconds += time.perf_counter() - t0
 
         return timed
-
-
-def buffer_array(buf: Any) -> np.ndarray:
-    """The array of an mpi4py buffer spec: ``arr``, ``[arr, counts]`` or ``[arr, counts, displs, type]``."""
-    return buf[0] if isinstance(buf, (list, tuple)) else buf
 
 
 # Launcher detection. An MPI's own launcher may start its ranks through srun (Hydra's mpiexec

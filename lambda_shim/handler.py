@@ -5,12 +5,16 @@ A rank's event (one item of the Step Functions Distributed Map, written by ``cai
     {"job": "9f0c...", "rank": 3, "world_size": 8,
      "data": "s3://bucket/survey/", "shards": ["s3://bucket/survey/shard-00003.h5"],
      "model": "s3://bucket/models/astromae.safetensors",      # or null: seeded random weights
-     "out": "s3://bucket/runs/r1/", "rendezvous": "203.0.113.7:7000",
+     "out": "s3://bucket/runs/r1/",
      "token_secret": "cai-hpc/rendezvous",                    # Secrets Manager secret name
      "batch_size": 128, "threads": null, "precision": "fp32"}
 
-The function joins the job's communicator through the rendezvous server (its key is derived
-from the secret, which never appears in the event or the logs), then runs the same
+Every field is checked (types, ranges, the job id's form, shards under ``data``, ``out`` and
+``data`` under the function's ``$CAI_HPC_OUT_PREFIX`` / ``$CAI_HPC_DATA_PREFIX`` when set,
+finite timeouts); a bad one fails in one line. The function joins the job's communicator
+through the rendezvous server named by its own configuration (``$CAI_HPC_RENDEZVOUS``: an
+event may repeat it but cannot change it; its key is derived from the secret, which never
+appears in the event or the logs), then runs the same
 ``cai_hpc.engine.run`` as a laptop or an MPI rank: shards are read from S3 into memory, each
 shard's predictions go back as one PUT, and rank 0 writes ``summary.json``. Finally the rank
 PUTs its record (``OUT/ranks/rank-NNNNN.json``: billed time, memory, cold start); a retried
@@ -24,8 +28,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import platform
+import re
 import sys
 import time
 from dataclasses import MISSING, dataclass, fields
@@ -44,6 +50,13 @@ class RankFailedError(RuntimeError):
     """One line naming the rank and what went wrong; Lambda reports it as the error."""
 
 
+RENDEZVOUS_ENV = "CAI_HPC_RENDEZVOUS"  # host:port, from the function's configuration
+DATA_PREFIX_ENV = "CAI_HPC_DATA_PREFIX"  # optional: every data/shard URI must be under it
+OUT_PREFIX_ENV = "CAI_HPC_OUT_PREFIX"  # optional: every out URI must be under it
+LAMBDA_MAX_S = 900.0
+_SECRET_NAME = re.compile(r"[A-Za-z0-9/_+=.@-]{1,512}")
+
+
 @dataclass(frozen=True)
 class RankEvent:
     job: str
@@ -52,8 +65,8 @@ class RankEvent:
     data: str
     shards: list[str]
     out: str
-    rendezvous: str
     token_secret: str
+    rendezvous: str | None = None  # if given, it must be the configured address
     model: str | None = None
     batch_size: int = DEFAULT_BATCH_SIZE
     threads: int | None = None
@@ -61,33 +74,95 @@ class RankEvent:
     seed: int = 0
     connect: str = "auto"
     connect_timeout_s: float = 120.0
-    op_timeout_s: float | None = None
+    op_timeout_s: float = LAMBDA_MAX_S  # finite: no wait outlives the invocation
+    liveness_s: float = 60.0
 
     @classmethod
-    def parse(cls, event: Any) -> RankEvent:
-        """Check the event field by field, so a malformed one fails in one clear line."""
+    def parse(cls, event: Any, environ: dict[str, str] | None = None) -> RankEvent:
+        """Check the event field by field, so a malformed one fails in one clear line. The
+        rendezvous address comes from the function's configuration (``$CAI_HPC_RENDEZVOUS``),
+        never from the event alone."""
+        from lambda_shim.tcpcomm import MAX_WORLD, MODES
+        from lambda_shim.wire import valid_job_id
+
+        env = os.environ if environ is None else environ
         if not isinstance(event, dict):
             raise ValueError(f"the event must be a JSON object, got {type(event).__name__}")
         known = {f.name: f for f in fields(cls)}
         unknown = sorted(set(event) - set(known))
         if unknown:
-            raise ValueError(f"unknown event field(s): {', '.join(unknown)}")
+            raise ValueError(f"unknown event field(s): {', '.join(map(str, unknown))[:200]}")
         missing = [n for n, f in known.items() if f.default is MISSING and n not in event]
         if missing:
             raise ValueError(f"event field(s) missing: {', '.join(missing)}")
-        parsed = cls(**event)
-        ok = (
-            isinstance(parsed.rank, int)
-            and isinstance(parsed.world_size, int)
-            and 0 <= parsed.rank < parsed.world_size
-            and isinstance(parsed.shards, list)
-            and all(isinstance(s, str) for s in parsed.shards)
-        )
-        if not ok:
-            raise ValueError(f"event: need 0 <= rank < world_size and shards a list of URIs, got {event!r}"[:300])
-        if not parsed.rendezvous.rpartition(":")[2].isdigit():
-            raise ValueError(f"event: rendezvous must be host:port, got {parsed.rendezvous!r}")
-        return parsed
+        ev = cls(**event)
+
+        def bad(name: str, rule: str) -> ValueError:
+            return ValueError(f"event: {name} must be {rule}, got {getattr(ev, name)!r}"[:300])
+
+        if not valid_job_id(ev.job):
+            raise bad("job", "1-64 letters, digits, '.', '_' or '-'")
+        if not _int(ev.world_size, 1, MAX_WORLD):
+            raise bad("world_size", f"an integer in 1..{MAX_WORLD}")
+        if not _int(ev.rank, 0, ev.world_size - 1):
+            raise bad("rank", f"an integer in 0..{ev.world_size - 1}")
+        if not _s3_uri(ev.data) or not _under(ev.data, env.get(DATA_PREFIX_ENV)):
+            raise bad(
+                "data", "an s3:// prefix" + (f" under {env[DATA_PREFIX_ENV]}" if env.get(DATA_PREFIX_ENV) else "")
+            )
+        if not isinstance(ev.shards, list) or not all(_s3_uri(u) and _under(u, ev.data) for u in ev.shards):
+            raise bad("shards", f"a list of s3:// URIs under data ({ev.data})")
+        if not _s3_uri(ev.out) or not _under(ev.out, env.get(OUT_PREFIX_ENV)):
+            raise bad("out", "an s3:// prefix" + (f" under {env[OUT_PREFIX_ENV]}" if env.get(OUT_PREFIX_ENV) else ""))
+        if ev.model is not None and not _s3_uri(ev.model):
+            raise bad("model", "an s3:// URI or null")
+        if not isinstance(ev.token_secret, str) or not _SECRET_NAME.fullmatch(ev.token_secret):
+            raise bad("token_secret", "a Secrets Manager secret name")
+        if not _int(ev.batch_size, 1, 1 << 16):
+            raise bad("batch_size", "an integer in 1..65536")
+        if ev.threads is not None and not _int(ev.threads, 1, 1024):
+            raise bad("threads", "null or an integer in 1..1024")
+        if ev.precision not in ("fp32", "bf16"):
+            raise bad("precision", "fp32 or bf16")
+        if not _int(ev.seed, 0, 2**63 - 1):
+            raise bad("seed", "a non-negative integer")
+        if ev.connect not in MODES:
+            raise bad("connect", f"one of {', '.join(MODES)}")
+        for name in ("connect_timeout_s", "op_timeout_s", "liveness_s"):
+            if not _seconds(getattr(ev, name)):
+                raise bad(name, f"a number of seconds in (0, {LAMBDA_MAX_S:g}]")
+        configured = env.get(RENDEZVOUS_ENV, "").strip()
+        if not configured:
+            raise ValueError(
+                f"the function's configuration has no {RENDEZVOUS_ENV} (host:port of the rendezvous server)"
+            )
+        if ev.rendezvous is not None and ev.rendezvous != configured:
+            raise bad("rendezvous", f"absent or the configured {configured}")
+        return ev
+
+
+def _int(value: Any, low: int, high: int) -> bool:
+    return type(value) is int and low <= value <= high  # bool is not an int here
+
+
+def _seconds(value: Any) -> bool:
+    return type(value) in (int, float) and math.isfinite(value) and 0 < value <= LAMBDA_MAX_S
+
+
+def _s3_uri(uri: Any) -> bool:
+    """``s3://bucket/key...`` without empty, ``.`` or ``..`` segments in the key."""
+    if not isinstance(uri, str) or not uri.startswith("s3://") or len(uri) > 1024:
+        return False
+    bucket, _, key = uri[5:].partition("/")
+    parts = key.rstrip("/").split("/") if key else []
+    return bool(bucket) and all(p not in ("", ".", "..") for p in parts) and uri.isprintable()
+
+
+def _under(uri: str, prefix: str | None) -> bool:
+    if not prefix:
+        return True
+    prefix = prefix.rstrip("/") + "/"
+    return uri.startswith(prefix) and len(uri) > len(prefix)
 
 
 def handler(event: Any, context: Any) -> dict[str, Any]:
@@ -127,21 +202,22 @@ def handler(event: Any, context: Any) -> dict[str, Any]:
 def _run_rank(ev: RankEvent, context: Any, started: float | None) -> dict[str, Any]:
     t0 = time.time()
     from cai_hpc.engine import RunConfig, run
-    from lambda_shim.tcpcomm import ShimConfig, TcpComm
+    from lambda_shim.tcpcomm import ShimConfig, TcpComm, parse_address
     from lambda_shim.wire import job_key
 
     imports_s = time.time() - t0
     checkpoint = _cached_model(ev.model) if ev.model else None
-    host, _, port = ev.rendezvous.rpartition(":")
+    host, port = parse_address(os.environ[RENDEZVOUS_ENV])
     shim = ShimConfig(
         rank=ev.rank,
         size=ev.world_size,
         job_id=ev.job,
         key=job_key(_secret(ev.token_secret), ev.job),
-        server=(host, int(port)),
+        server=(host, port),
         mode=ev.connect,
         connect_timeout=ev.connect_timeout_s,
         op_timeout=ev.op_timeout_s,
+        liveness=ev.liveness_s,
     )
     config = RunConfig(
         data=ev.data,

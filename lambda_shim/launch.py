@@ -2,9 +2,11 @@
 
     python -m lambda_shim.launch -n 4 -- python -m cai_hpc infer --backend tcp --data DIR
 
-The launcher makes a fresh job id and secret, starts ``lambda_shim.rendezvous`` on a free
-loopback port, and starts the ranks with RANK, WORLD_SIZE, CAI_HPC_RENDEZVOUS, CAI_HPC_JOB_ID
-and CAI_HPC_TOKEN_FILE (the job key in a 0600 file, never on a command line). Their output is
+The launcher makes a fresh job id and master secret, starts ``lambda_shim.rendezvous`` on a
+free loopback port (the master secret goes to it through a pipe: it is never written to disk,
+so the ranks cannot read it), and starts the ranks with RANK, WORLD_SIZE, CAI_HPC_RENDEZVOUS,
+CAI_HPC_JOB_ID and CAI_HPC_TOKEN_FILE (the key of this job only, in a 0600 file, never on a
+command line). Their output is
 streamed with a ``[rank]`` prefix; the exit code is the worst of the ranks'. If one rank
 fails, the others get ``--grace`` seconds to notice before they are stopped.
 """
@@ -32,12 +34,21 @@ def _stream(prefix: str, pipe, out) -> None:
         out.flush()
 
 
-def start_server(workdir: Path, secret_file: Path, verbose: bool = False) -> tuple[subprocess.Popen, str]:
-    """A rendezvous server on a free loopback port; returns (process, "host:port")."""
+def start_server(
+    workdir: Path,
+    secret_file: Path | None = None,
+    verbose: bool = False,
+    secret: str | None = None,
+    options: tuple[str, ...] = (),
+) -> tuple[subprocess.Popen, str]:
+    """A rendezvous server on a free loopback port, its master secret read from
+    ``secret_file`` or given as ``secret`` (through its standard input); returns (process,
+    "host:port"). ``options`` are more of the server's flags (its caps)."""
     ready = workdir / "rendezvous.addr"
     ready.unlink(missing_ok=True)  # never mistake an earlier server's address for this one's
-    env = {**os.environ, "CAI_HPC_TOKEN_FILE": str(secret_file)}
-    env.pop("CAI_HPC_TOKEN", None)
+    env = {k: v for k, v in os.environ.items() if k not in ("CAI_HPC_TOKEN", "CAI_HPC_TOKEN_FILE")}
+    if secret is None:
+        env["CAI_HPC_TOKEN_FILE"] = str(secret_file)
     cmd = [
         sys.executable,
         "-m",
@@ -49,7 +60,10 @@ def start_server(workdir: Path, secret_file: Path, verbose: bool = False) -> tup
         "--ready-file",
         str(ready),
     ]
-    proc = subprocess.Popen(cmd + (["-v"] if verbose else []), env=env)
+    cmd += [*options, *(["--secret-stdin"] if secret is not None else [])]
+    proc = subprocess.Popen(cmd + (["-v"] if verbose else []), env=env, stdin=subprocess.PIPE)
+    proc.stdin.write(f"{secret or ''}\n".encode())
+    proc.stdin.close()
     deadline = time.monotonic() + SERVER_START_S
     while not ready.exists():
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -64,12 +78,11 @@ def launch(ranks: int, command: list[str], mode: str = "auto", grace: float = 30
         workdir = Path(tmp)
         master = new_secret()
         job_id = uuid.uuid4().hex
-        secret_file = workdir / "server.secret"
         token_file = workdir / "job.token"
-        for path, text in ((secret_file, master), (token_file, job_key(bytes.fromhex(master), job_id).hex())):
-            path.touch(mode=0o600)
-            path.write_text(text)
-        server, address = start_server(workdir, secret_file, verbose)
+        token_file.touch(mode=0o600)
+        token_file.write_text(job_key(bytes.fromhex(master), job_id).hex())
+        server, address = start_server(workdir, verbose=verbose, secret=master)
+        del master  # the ranks get the job's key only
         procs = []
         try:
             for rank in range(ranks):

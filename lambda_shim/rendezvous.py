@@ -5,39 +5,55 @@ two of them cannot connect directly, talk through it (the relay of last resort).
 
 Jobs are keyed by a job id that must be fresh for every run: a job id that already ran, or
 whose deadline passed, is refused, so a dead rank's stale entry can never be paired with a
-live one. Every connection authenticates (HMAC over fresh nonces, with a per-job key derived
-from the server's secret) before anything else is read; messages are bounded JSON, and every
-wait has a deadline, so a client that sends garbage, stalls or disconnects costs the server
-one closed connection and nothing more.
+live one. Every connection authenticates (``wire``: a channel-bound HMAC handshake with a
+per-job key derived from the server's secret) before anything else is read, and everything
+after it is sealed. Unauthenticated connections are capped, globally and per address, and
+each has one total deadline; running out of file descriptors costs a rate-limited line, not a
+traceback per connection. The server notices a rank leaving (end of stream, a ``bye``, or no
+heartbeat within its liveness deadline); only ranks that left abruptly are reported to the
+others, in batches, so a job's teardown costs the server work linear in its ranks. Relays
+pair only current members of a job that is wired up now, a bounded number per job.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import hmac
-import json
+import ipaddress
 import logging
-import secrets
-import struct
+import math
+import resource
 import sys
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from lambda_shim.wire import (
     HANDSHAKE_TIMEOUT_S,
-    HELLO,
+    KIND_CONTROL,
+    KIND_HEARTBEAT,
+    KIND_TABLE,
     MAC,
     MAX_CONTROL,
-    MAX_JOB_ID,
-    NONCE,
+    PROOF_HEAD,
+    SEALED_HEADER,
+    SERVER,
+    TAG,
     AuthError,
-    acceptor_mac,
-    initiator_mac,
+    Session,
+    check_proof,
+    chunk_sizes,
+    decode_control,
+    encode_control,
+    hello,
     job_key,
+    job_of,
     load_secret,
+    pack_table,
+    parse_proof,
+    secret_bytes,
+    valid_job_id,
 )
 
 log = logging.getLogger("lambda_shim.rendezvous")
@@ -46,13 +62,75 @@ MAX_WAIT_S = 3600.0
 REMEMBER_S = 24 * 3600.0  # how long a finished job id stays refused
 REMEMBER_MAX = 100_000
 RELAY_CHUNK = 256 * 1024
+RELAY_WAIT_S = 120.0  # the longest a relay request waits for its other half
+RELAYS_WAITING_PER_RANK = 4  # relay halves a job may have waiting for their other half, per rank
+RELAYS_PER_RANK = 64  # running relays a job may hold, per rank (a tree or a barrier needs ~2 log2 N)
+MAX_PENDING = 1024  # unauthenticated connections at once (lowered to fit the file limit)
+MAX_PENDING_PER_HOST = 128  # ... from one address (and at most a quarter of the above)
+GONE_BATCH_S = 0.2  # departures are reported to the others in batches
+GONE_PER_MESSAGE = 4096
+MAX_BUFFERED = 8 * 1024 * 1024  # bytes queued to one connection beyond its table: a stuck reader is dropped
+LOG_EVERY_S = 10.0
+
+
+class Throttled:
+    """Warnings of one kind at most once per ``every`` seconds, with a count of the rest."""
+
+    def __init__(self, every: float = LOG_EVERY_S) -> None:
+        self.every = every
+        self.last: dict[str, float] = {}
+        self.suppressed: Counter = Counter()
+
+    def warning(self, kind: str, fmt: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self.last.get(kind, -math.inf) < self.every:
+            self.suppressed[kind] += 1
+            return
+        self.last[kind] = now
+        more = self.suppressed.pop(kind, 0)
+        log.warning(fmt + (f" ({more} more like this since the last line)" if more else ""), *args)
+
+
+class Conn:
+    """One authenticated connection: its streams, its frame session and who opened it."""
+
+    def __init__(self, reader, writer, session: Session, job_id: str, rank: int) -> None:
+        self.reader, self.writer, self.session = reader, writer, session
+        self.job_id, self.rank = job_id, rank
+
+    def send(self, kind: int, payload: bytes = b"", allowance: int = 0) -> None:
+        """Queue one sealed frame. Never waits: a peer that stops reading is dropped once it
+        has more than ``MAX_BUFFERED`` (+ ``allowance``) bytes queued."""
+        if self.writer.is_closing():
+            raise ConnectionError("closed")
+        self.writer.writelines(self.session.seal_frame(kind, SERVER, 0, payload))
+        if self.writer.transport.get_write_buffer_size() > MAX_BUFFERED + allowance:
+            self.writer.transport.abort()
+            raise ConnectionError("the rank does not read what it is sent")
+
+    def control(self, message: dict) -> None:
+        self.send(KIND_CONTROL, encode_control(message))
+
+    async def read(self) -> tuple[int, bytearray]:
+        kind, _, _, length = self.session.open_header(await self.reader.readexactly(SEALED_HEADER), MAX_CONTROL)
+        payload = bytearray(length)
+        out, off = memoryview(payload), 0
+        for n in chunk_sizes(length):
+            self.session.open_into(await self.reader.readexactly(n + TAG), out[off : off + n])
+            off += n
+        return kind, payload
+
+    def close(self) -> None:
+        self.writer.close()
 
 
 @dataclass
 class Member:
-    addrs: list
-    observed: list
-    writer: asyncio.StreamWriter
+    rank: int
+    addr: tuple[str, int]
+    observed: tuple[str, int]
+    conn: Conn
+    liveness_s: float
 
 
 @dataclass
@@ -63,107 +141,183 @@ class Job:
     members: dict[int, Member] = field(default_factory=dict)
     complete: asyncio.Event = field(default_factory=asyncio.Event)
     error: str | None = None
+    completed_at: float = 0.0  # monotonic time the table went out
+    lost: list[int] = field(default_factory=list)  # ranks gone abruptly, not yet reported
+    relays: dict[tuple[int, int], tuple[Conn, asyncio.Future]] = field(default_factory=dict)
+    pipes: set = field(default_factory=set)  # the writers of running relays
 
 
 class Rendezvous:
-    def __init__(self, master: bytes) -> None:
+    def __init__(self, master: bytes, max_pending: int = MAX_PENDING, max_per_host: int = MAX_PENDING_PER_HOST):
         self.master = master
+        self.max_pending, self.max_per_host = max_pending, max_per_host
+        self.pending: OrderedDict[asyncio.StreamWriter, None] = OrderedDict()  # oldest first
+        self.pending_by_host: Counter = Counter()
         self.jobs: dict[str, Job] = {}
         self.finished: OrderedDict[str, float] = OrderedDict()
-        # (job, rank, peer) -> the waiting side's reader, writer, "joined" and "finished" futures
-        self.relays: dict[tuple[str, int, int], tuple] = {}
+        self.warn = Throttled()
 
     # ---- connection entry point ----
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer = writer.get_extra_info("peername")
+        peer = writer.get_extra_info("peername") or ("?", 0)
+        host = peer[0]
+        if self.pending_by_host[host] >= self.max_per_host:
+            self.warn.warning("busy", "refusing connections from %s: too many of its handshakes in flight", host)
+            writer.transport.abort()
+            return
+        if len(self.pending) >= self.max_pending:
+            # Full: drop the oldest handshake still unfinished. A real rank's takes milliseconds,
+            # so it is the idle ones that go first, and a flood only shortens their lives.
+            oldest, _ = self.pending.popitem(last=False)
+            oldest.transport.abort()
+            self.warn.warning("full", "%d handshakes in flight: dropping the oldest", self.max_pending)
+        self.pending[writer] = None
+        self.pending_by_host[host] += 1
         try:
-            job_id = await asyncio.wait_for(self._authenticate(reader, writer), HANDSHAKE_TIMEOUT_S)
-            request = await asyncio.wait_for(_read_control(reader), HANDSHAKE_TIMEOUT_S)
+            try:
+                conn, request = await asyncio.wait_for(self._open(reader, writer), HANDSHAKE_TIMEOUT_S)
+            finally:
+                self.pending.pop(writer, None)
+                self.pending_by_host[host] -= 1
+                if not self.pending_by_host[host]:
+                    del self.pending_by_host[host]
             op = request.get("op")
             if op == "register":
-                await self._register(job_id, request, reader, writer, peer)
+                await self._register(conn, request, peer)
             elif op == "relay":
-                await self._relay(job_id, request, reader, writer)
+                await self._relay(conn, request)
             else:
-                await _send_control(writer, {"op": "error", "message": f"unknown op {op!r}"})
-        except AuthError as exc:
-            log.warning("refused %s: %s", peer, exc)
-        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError, ValueError, KeyError, TypeError) as exc:
-            log.info("dropped %s: %s", peer, type(exc).__name__)
+                conn.control({"op": "error", "message": "unknown request"})
+        except AuthError as exc:  # our own fixed texts: nothing the other side chose is logged
+            self.warn.warning("refused", "refused a connection from %s: %s", host, exc)
+        except (TimeoutError, asyncio.IncompleteReadError, OSError, ValueError, KeyError, TypeError) as exc:
+            log.info("dropped a connection from %s: %s", host, type(exc).__name__)
         finally:
             writer.close()
 
-    async def _authenticate(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> str:
-        nonce_a = secrets.token_bytes(NONCE)
-        writer.write(HELLO + nonce_a)
+    async def _open(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> tuple[Conn, dict]:
+        """The handshake (as the acceptor, identity ``SERVER``) and the first request."""
+        nonce_a, greeting = hello()
+        writer.write(greeting)
         await writer.drain()
-        nonce_b = await reader.readexactly(NONCE)
-        (length,) = await reader.readexactly(1)
-        if not 0 < length <= MAX_JOB_ID:
-            raise AuthError("bad job id length")
-        raw_job = await reader.readexactly(length)
-        mac = await reader.readexactly(MAC)
-        try:
-            job_id = raw_job.decode("ascii")
-        except UnicodeDecodeError:
-            raise AuthError("job id is not ASCII") from None
+        nonce_b, initiator, acceptor, length = parse_proof(await reader.readexactly(PROOF_HEAD))
+        rest = await reader.readexactly(length + MAC)
+        raw_job = bytes(rest[:length])
+        job_id = job_of(raw_job)
+        if acceptor != SERVER or not 0 <= initiator < MAX_WORLD or not valid_job_id(job_id):
+            raise AuthError("malformed handshake")
         key = job_key(self.master, job_id)
-        if not hmac.compare_digest(mac, initiator_mac(key, nonce_a, nonce_b, raw_job)):
-            raise AuthError(f"wrong key for job {job_id!r}")
-        writer.write(acceptor_mac(key, nonce_a, nonce_b, raw_job))
-        await writer.drain()
-        return job_id
+        reply, session = check_proof(key, nonce_a, nonce_b, initiator, acceptor, raw_job, bytes(rest[length:]))
+        writer.write(reply)
+        conn = Conn(reader, writer, session, job_id, initiator)
+        kind, payload = await conn.read()
+        if kind != KIND_CONTROL:
+            raise AuthError("the first frame is not a request")
+        return conn, decode_control(payload)
 
     # ---- registration: wait for the whole job, hand out the address table ----
-    async def _register(self, job_id: str, request: dict, reader, writer, peer) -> None:
-        rank, size = int(request["rank"]), int(request["size"])
-        wait_s = min(float(request.get("wait_s", 120.0)), MAX_WAIT_S)
+    async def _register(self, conn: Conn, request: dict, peer: tuple) -> None:
+        rank, job_id = conn.rank, conn.job_id
+        size = _int(request, "size", 1, MAX_WORLD)
+        addr = (_ipv4(request["host"]), _int(request, "port", 1, 65535))
+        observed = (_ipv4(peer[0]), int(peer[1]))
+        wait_s = _number(request, "wait_s", 0.0, MAX_WAIT_S)
+        liveness_s = _number(request, "liveness_s", 0.1, MAX_WAIT_S)
         self._forget_old()
         problem = self._admit(job_id, rank, size)
         if problem:
-            log.warning("job %s rank %d refused: %s", job_id, rank, problem)
-            await _send_control(writer, {"op": "error", "message": problem})
+            self.warn.warning("admit", "job %s rank %d refused: %s", job_id, rank, problem)
+            conn.control({"op": "error", "message": problem})
             return
+        loop = asyncio.get_running_loop()
         job = self.jobs.get(job_id)
         if job is None:
-            job = self.jobs[job_id] = Job(job_id, size, time.monotonic() + wait_s)
-        job.members[rank] = Member(list(request.get("addrs", [])), list(peer[:2]), writer)
+            job = self.jobs[job_id] = Job(job_id, size, loop.time() + wait_s)
+        member = job.members[rank] = Member(rank, addr, observed, conn, liveness_s)
         if len(job.members) == size:
-            await self._publish(job)
+            self._publish(job)
+        reading = asyncio.create_task(self._read_member(job, member))
+        complete = asyncio.create_task(job.complete.wait())
         try:
-            await asyncio.wait_for(job.complete.wait(), max(0.0, job.deadline - time.monotonic()))
-        except TimeoutError:
-            self._expire(job)
-        if job.error:
-            await _send_control(writer, {"op": "error", "message": job.error})
-            return
-        # The table was sent; this connection now carries punch and relay requests, and its
-        # closing tells us the rank is gone.
-        try:
-            while True:
-                try:
-                    message = await _read_control(reader)
-                except asyncio.IncompleteReadError:
-                    break
-                if message.get("op") == "punch":
-                    target = job.members.get(int(message["peer"]))
-                    if target is not None:
-                        await _send_control(target.writer, {"op": "punch-request", "peer": rank})
+            done, _ = await asyncio.wait(
+                {reading, complete}, timeout=max(0.0, job.deadline - loop.time()), return_when=asyncio.FIRST_COMPLETED
+            )
+            if not job.complete.is_set():
+                if reading in done:  # it left before the job was wired up: its slot is free again
+                    self._drop(job, member)
+                    return
+                self._expire(job)
+            if job.error:
+                conn.control({"op": "error", "message": job.error})
+                return
+            how = await reading  # the table is out: serve this rank until it leaves
         finally:
-            if job.members.get(rank) and job.members[rank].writer is writer:
-                del job.members[rank]
-            for other in list(job.members.values()):  # ranks waiting on this one must not wait forever
-                try:
-                    await _send_control(other.writer, {"op": "gone", "rank": rank})
-                except ConnectionError:
-                    pass
-            if not job.members:
-                self.jobs.pop(job_id, None)
+            complete.cancel()
+            reading.cancel()
+        self._drop(job, member)
+        if how is not None:
+            self._lost(job, rank, how)
+
+    async def _read_member(self, job: Job, member: Member) -> str | None:
+        """Serve one registered rank's requests until it leaves: None after a ``bye``, else
+        how it went (its connection ended, or it fell silent past its liveness deadline)."""
+        conn = member.conn
+        while True:
+            try:
+                kind, payload = await asyncio.wait_for(conn.read(), member.liveness_s)
+            except TimeoutError:
+                if not job.complete.is_set() or time.monotonic() - job.completed_at < member.liveness_s:
+                    continue  # a rank says nothing until it has the table, then heartbeats
+                return f"no heartbeat for {member.liveness_s:g} s"
+            except (asyncio.IncompleteReadError, ConnectionError, AuthError) as exc:
+                return f"its connection to the server ended ({type(exc).__name__})"
+            if kind == KIND_HEARTBEAT:
+                conn.send(KIND_HEARTBEAT)
+                continue
+            message = decode_control(payload) if kind == KIND_CONTROL else {}
+            op = message.get("op")
+            if op == "bye":
+                return None
+            if op == "punch" and job.complete.is_set():
+                target = job.members.get(_int(message, "peer", 0, job.size - 1))
+                if target is not None:
+                    _quietly(target.conn.control, {"op": "punch-request", "peer": member.rank})
+
+    def _drop(self, job: Job, member: Member) -> None:
+        if job.members.get(member.rank) is member:
+            del job.members[member.rank]
+        if not job.members and self.jobs.get(job.job_id) is job:
+            self._end(job)
+
+    def _lost(self, job: Job, rank: int, how: str) -> None:
+        """Tell the ranks still there (in a batch with others that go soon after), so that a
+        rank waiting on this one without a connection to it does not wait forever."""
+        log.info("job %s: rank %d is gone: %s", job.job_id, rank, how)
+        job.lost.append(rank)
+        if len(job.lost) == 1:
+            asyncio.get_running_loop().call_later(GONE_BATCH_S, self._report_lost, job)
+
+    def _report_lost(self, job: Job) -> None:
+        lost, job.lost = job.lost, []
+        for start in range(0, len(lost), GONE_PER_MESSAGE):
+            message = {"op": "gone", "ranks": lost[start : start + GONE_PER_MESSAGE]}
+            for member in list(job.members.values()):
+                _quietly(member.conn.control, message)
+
+    def _end(self, job: Job) -> None:
+        """Every rank has left: forget the job, end its relays."""
+        self.jobs.pop(job.job_id, None)
+        for _, waiting in job.relays.values():
+            if not waiting.done():
+                waiting.set_exception(ConnectionError("the job ended"))
+        job.relays.clear()
+        for writer in list(job.pipes):
+            writer.transport.abort()
 
     def _admit(self, job_id: str, rank: int, size: int) -> str | None:
         if job_id in self.finished:
             return f"job {job_id} already ran: every run needs a fresh job id"
-        if not 0 < size <= MAX_WORLD or not 0 <= rank < size:
+        if not 0 <= rank < size:
             return f"rank {rank} of world size {size} is out of range"
         job = self.jobs.get(job_id)
         if job is None:
@@ -172,23 +326,16 @@ class Rendezvous:
             return f"job {job_id} has world size {job.size}, not {size}"
         if job.complete.is_set():
             return f"job {job_id} is already wired up"
-        old = job.members.get(rank)
-        if old is not None and not old.writer.is_closing():
+        if rank in job.members:
             return f"rank {rank} of job {job_id} is already registered"
         return None
 
-    async def _publish(self, job: Job) -> None:
-        table = {
-            "op": "table",
-            "addrs": {str(r): m.addrs for r, m in job.members.items()},
-            "observed": {str(r): m.observed for r, m in job.members.items()},
-        }
+    def _publish(self, job: Job) -> None:
+        table = pack_table([(*job.members[r].addr, *job.members[r].observed) for r in range(job.size)])
         for member in job.members.values():
-            try:
-                await _send_control(member.writer, table)
-            except ConnectionError:
-                pass
+            _quietly(member.conn.send, KIND_TABLE, table, len(table))
         self._remember(job.job_id)
+        job.completed_at = time.monotonic()
         job.complete.set()
         log.info("job %s wired up: %d ranks", job.job_id, job.size)
 
@@ -198,7 +345,7 @@ class Rendezvous:
         missing = sorted(set(range(job.size)) - set(job.members))
         shown = ", ".join(map(str, missing[:20])) + (" ..." if len(missing) > 20 else "")
         job.error = f"job {job.job_id}: {len(missing)} of {job.size} ranks never arrived before the deadline: {shown}"
-        log.warning("%s", job.error)
+        self.warn.warning("expire", "%s", job.error)
         self._remember(job.job_id)
         self.jobs.pop(job.job_id, None)
         job.complete.set()
@@ -214,35 +361,69 @@ class Rendezvous:
             self.finished.popitem(last=False)
 
     # ---- relay: pair (rank -> peer) with (peer -> rank), then pipe bytes both ways ----
-    async def _relay(self, job_id: str, request: dict, reader, writer) -> None:
-        rank, peer = int(request["rank"]), int(request["peer"])
-        wait_s = min(float(request.get("wait_s", 120.0)), MAX_WAIT_S)
-        other = self.relays.pop((job_id, peer, rank), None)
+    async def _relay(self, conn: Conn, request: dict) -> None:
+        rank = conn.rank
+        peer = _int(request, "peer", 0, MAX_WORLD - 1)
+        wait_s = min(_number(request, "wait_s", 0.0, MAX_WAIT_S), RELAY_WAIT_S)
+        job = self.jobs.get(conn.job_id)
+        if job is None or not job.complete.is_set() or peer == rank or not {rank, peer} <= set(job.members):
+            conn.control({"op": "error", "message": "relay refused: both ranks must be members of a running job"})
+            return
+        other = job.relays.pop((peer, rank), None)
         if other is None:
-            loop = asyncio.get_running_loop()
-            joined, finished = loop.create_future(), loop.create_future()
-            self.relays[(job_id, rank, peer)] = (reader, writer, joined, finished)
-            job = self.jobs.get(job_id)
-            target = job.members.get(peer) if job else None
-            if target is not None:  # ask the peer to open its side
-                await _send_control(target.writer, {"op": "relay-request", "peer": rank})
+            full = len(job.relays) >= RELAYS_WAITING_PER_RANK * job.size or len(job.pipes) >= RELAYS_PER_RANK * job.size
+            if (rank, peer) in job.relays or full:
+                conn.control({"op": "error", "message": "relay refused: too many relays for this job"})
+                return
+            joined = asyncio.get_running_loop().create_future()
+            job.relays[(rank, peer)] = (conn, joined)
+            _quietly(job.members[peer].conn.control, {"op": "relay-request", "peer": rank})
             try:
-                await asyncio.wait_for(joined, wait_s)
-            except TimeoutError:
-                self.relays.pop((job_id, rank, peer), None)
-                await _send_control(writer, {"op": "error", "message": f"rank {peer} never joined the relay"})
+                finished = await asyncio.wait_for(joined, wait_s)
+            except (TimeoutError, ConnectionError):
+                job.relays.pop((rank, peer), None)
+                _quietly(conn.control, {"op": "error", "message": f"rank {peer} never joined the relay"})
                 return
             await finished  # the joining side runs the pipe until either end closes
             return
-        other_reader, other_writer, joined, finished = other
-        joined.set_result(None)
+        other_conn, joined = other
+        finished = asyncio.get_running_loop().create_future()
+        joined.set_result(finished)
+        job.pipes |= {conn.writer, other_conn.writer}
         try:
-            for w in (writer, other_writer):
-                await _send_control(w, {"op": "relay-ready"})
-            await asyncio.gather(_pipe(reader, other_writer), _pipe(other_reader, writer))
+            for c in (conn, other_conn):
+                c.control({"op": "relay-ready"})
+            await asyncio.gather(_pipe(conn.reader, other_conn.writer), _pipe(other_conn.reader, conn.writer))
         finally:
-            other_writer.close()
+            job.pipes -= {conn.writer, other_conn.writer}
+            other_conn.close()
             finished.set_result(None)
+
+
+def _quietly(send, *args) -> None:
+    """A notice to a rank that may have just gone: its own reader handles the loss."""
+    try:
+        send(*args)
+    except ConnectionError:
+        pass
+
+
+def _int(message: dict, key: str, low: int, high: int) -> int:
+    value = message[key]
+    if type(value) is not int or not low <= value <= high:
+        raise ValueError(f"{key} out of range")
+    return value
+
+
+def _number(message: dict, key: str, low: float, high: float) -> float:
+    value = message[key]
+    if type(value) not in (int, float) or not low <= value <= high:  # NaN fails both comparisons
+        raise ValueError(f"{key} out of range")
+    return float(value)
+
+
+def _ipv4(text: object) -> str:
+    return str(ipaddress.IPv4Address(text))
 
 
 async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -257,24 +438,35 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
         pass
 
 
-async def _read_control(reader: asyncio.StreamReader) -> dict:
-    (length,) = struct.unpack("!I", await reader.readexactly(4))
-    if length > MAX_CONTROL:
-        raise ValueError(f"control message of {length} bytes")
-    message = json.loads(await reader.readexactly(length))
-    if not isinstance(message, dict):
-        raise ValueError("control message is not an object")
-    return message
+def _pending_cap(wanted: int) -> int:
+    """Raise the file limit as far as allowed, and keep the unauthenticated connections to a
+    quarter of it: members and relays need the rest."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        soft = hard
+    return max(1, min(wanted, soft // 4))
 
 
-async def _send_control(writer: asyncio.StreamWriter, message: dict) -> None:
-    data = json.dumps(message).encode()
-    writer.write(struct.pack("!I", len(data)) + data)
-    await writer.drain()
-
-
-async def serve(host: str, port: int, master: bytes, ready: Path | None = None) -> None:
-    server = await asyncio.start_server(Rendezvous(master).handle, host, port, limit=MAX_CONTROL, backlog=4096)
+async def serve(
+    host: str,
+    port: int,
+    master: bytes,
+    ready: Path | None = None,
+    max_pending: int = MAX_PENDING,
+    max_per_host: int = MAX_PENDING_PER_HOST,
+) -> None:
+    cap = _pending_cap(max_pending)
+    rendezvous = Rendezvous(master, cap, max(1, min(max_per_host, cap // 4)))
+    loop = asyncio.get_running_loop()
+    # asyncio reports accept() failing for want of file descriptors (it retries a second
+    # later) through the loop's handler, with a traceback each time: one line now and then.
+    loop.set_exception_handler(
+        lambda _, context: rendezvous.warn.warning(
+            "loop", "%s: %s", context.get("message"), _one_line(context.get("exception"))
+        )
+    )
+    server = await asyncio.start_server(rendezvous.handle, host, port, limit=MAX_CONTROL, backlog=4096)
     bound = server.sockets[0].getsockname()
     log.info("rendezvous listening on %s:%d", bound[0], bound[1])
     if ready is not None:
@@ -285,21 +477,28 @@ async def serve(host: str, port: int, master: bytes, ready: Path | None = None) 
         await server.serve_forever()
 
 
+def _one_line(exc: BaseException | None) -> str:
+    return "" if exc is None else f"{type(exc).__name__}: {exc}".splitlines()[0]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lambda_shim.rendezvous", description=__doc__.split("\n\n")[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=7777, help="0 picks a free port (see --ready-file)")
     parser.add_argument("--ready-file", type=Path, help="write HOST:PORT here once listening")
+    parser.add_argument("--secret-stdin", action="store_true", help="read the secret from standard input")
+    parser.add_argument("--max-pending", type=int, default=MAX_PENDING, help="unauthenticated connections at once")
+    parser.add_argument("--max-pending-per-host", type=int, default=MAX_PENDING_PER_HOST, help="... from one address")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="rendezvous: %(message)s")
     try:
-        master = load_secret()
+        master = secret_bytes(sys.stdin.readline()) if args.secret_stdin else load_secret()
     except AuthError as exc:
         print(f"rendezvous: error: {exc}", file=sys.stderr)
         return 2
     try:
-        asyncio.run(serve(args.host, args.port, master, args.ready_file))
+        asyncio.run(serve(args.host, args.port, master, args.ready_file, args.max_pending, args.max_pending_per_host))
     except OSError as exc:
         print(f"rendezvous: error: cannot listen on {args.host}:{args.port}: {exc.strerror}", file=sys.stderr)
         return 2

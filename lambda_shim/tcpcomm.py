@@ -6,21 +6,29 @@ only to the peers they talk to, on first use: ``punch`` (TCP hole punching: both
 connect from the port they reached the server from, to the address the server saw the
 other come from, and also listen there), ``direct`` (connect to the peer's listener) or
 ``relay`` (a pipe through the server); ``auto`` tries punch, then direct, then relay. Every
-connection is authenticated before anything is read from it. Messages are framed (kind,
-source, tag, length) and every frame carries a MAC that is checked before it is unpickled
-(``wire.FrameSeal``). Collectives are binomial trees (bcast, reduce, gather, scatter and the
-buffer forms) and a dissemination barrier: O(log N) rounds for N ranks.
+connection is authenticated before anything is read from it, and every frame on it is
+sealed (``wire``: AES-GCM, keys per connection and direction). Collectives are binomial
+trees (bcast, reduce, gather, scatter, the buffer forms, and the barrier as a reduce and a
+bcast): O(log N) rounds for N ranks, over links only along the tree.
 
-Nothing blocks forever: connecting has a deadline, an optional per-operation timeout bounds
-every wait, and a peer that dies or closes makes every rank waiting on it raise
-``CommError`` naming the peer (its connection ends, or the server reports it gone).
+Nothing blocks forever. Connecting has a deadline (the server is retried with backoff until
+it). Every link, the server's included, carries heartbeats: a peer that sends nothing for
+the liveness deadline (``CAI_HPC_LIVENESS``, 60 s by default; a stopped or frozen process,
+a vanished machine) is declared dead, while a slow peer that is alive is not. A send that
+makes no progress for that long fails, and an optional per-operation timeout bounds every
+wait and send. A dead peer makes every rank waiting on it raise ``CommError`` naming it
+(its connection ends, or the server reports it gone); losing the server while a wait
+depends on it (a peer this rank has no connection to) is a ``CommError`` too.
 """
 
 from __future__ import annotations
 
 import collections
+import math
 import os
 import pickle
+import random
+import select
 import socket
 import struct
 import threading
@@ -30,26 +38,37 @@ from typing import Any
 
 import numpy as np
 
-from cai_hpc.comm import ANY_SOURCE, ANY_TAG, IN_PLACE, SUM, Status, buffer_array
+from lambda_shim.constants import ANY_SOURCE, ANY_TAG, IN_PLACE, PROC_NULL, SUM, Status, buffer_array
 from lambda_shim.wire import (
-    FRAME,
+    HANDSHAKE_TIMEOUT_S,
     KIND_BYTES,
+    KIND_CONTROL,
+    KIND_HEARTBEAT,
     KIND_OBJECT,
-    MAC,
+    KIND_TABLE,
+    MAX_CONTROL,
+    SERVER,
+    SMALL,
     AuthError,
-    FrameSeal,
+    RefusedError,
+    Session,
+    decode_control,
+    encode_control,
     handshake_accept,
     handshake_connect,
     load_secret,
-    recv_control,
-    recv_exact,
-    recv_into,
-    send_control,
+    read_frame,
+    send_frame,
+    table_bytes,
+    unpack_table,
+    valid_job_id,
 )
 
 MODES = ("auto", "punch", "direct", "relay")
 GONE_GRACE_S = 2.0  # a rank reported gone may still have a connection being set up
-_RANK = struct.Struct("!i")
+DEFAULT_LIVENESS_S = 60.0
+MAX_HANDSHAKES = 32  # handshakes in flight on this rank's listeners; more are turned away
+MAX_WORLD = 100_000
 _PART = struct.Struct("!iq")
 
 
@@ -67,48 +86,92 @@ class ShimConfig:
     mode: str = "auto"
     connect_timeout: float = 120.0
     op_timeout: float | None = None
+    liveness: float = DEFAULT_LIVENESS_S
+
+    def __post_init__(self) -> None:
+        def finite(value: object, low: float) -> bool:
+            return type(value) in (int, float) and math.isfinite(value) and value >= low
+
+        problems = []
+        size_ok = type(self.size) is int and 1 <= self.size <= MAX_WORLD
+        if not size_ok:
+            problems.append(f"world size {self.size!r} (1..{MAX_WORLD})")
+        if type(self.rank) is not int or not (size_ok and 0 <= self.rank < self.size):
+            problems.append(f"rank {self.rank!r} (0..world size - 1)")
+        if not valid_job_id(self.job_id):
+            problems.append("job id (1-64 letters, digits, '.', '_' or '-')")
+        if self.mode not in MODES:
+            problems.append(f"connect mode {self.mode!r} ({', '.join(MODES)})")
+        if not finite(self.connect_timeout, 0.0):
+            problems.append(f"connect timeout {self.connect_timeout!r}")
+        if self.op_timeout is not None and not finite(self.op_timeout, 0.001):
+            problems.append(f"operation timeout {self.op_timeout!r}")
+        if not finite(self.liveness, 0.05):
+            problems.append(f"liveness deadline {self.liveness!r}")
+        if problems:
+            raise CommError(f"tcp backend: bad {'; bad '.join(problems)}")
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> ShimConfig:
         """From the launcher's environment: RANK, WORLD_SIZE, CAI_HPC_RENDEZVOUS (host:port),
         CAI_HPC_JOB_ID, CAI_HPC_TOKEN_FILE or CAI_HPC_TOKEN (the job key), CAI_HPC_CONNECT,
-        CAI_HPC_CONNECT_TIMEOUT, CAI_HPC_OP_TIMEOUT."""
+        CAI_HPC_CONNECT_TIMEOUT, CAI_HPC_OP_TIMEOUT, CAI_HPC_LIVENESS (seconds)."""
         env = os.environ if environ is None else environ
         missing = [v for v in ("RANK", "WORLD_SIZE", "CAI_HPC_RENDEZVOUS", "CAI_HPC_JOB_ID") if not env.get(v)]
         if missing:
             raise CommError(
                 f"tcp backend: {', '.join(missing)} not set (start ranks with python -m lambda_shim.launch)"
             )
-        host, _, port = env["CAI_HPC_RENDEZVOUS"].rpartition(":")
         try:
             key = load_secret(env)
         except AuthError as exc:
             raise CommError(f"tcp backend: {exc}") from None
-        mode = env.get("CAI_HPC_CONNECT", "auto")
-        if mode not in MODES:
-            raise CommError(f"CAI_HPC_CONNECT={mode!r}: choose one of {', '.join(MODES)}")
         op_timeout = env.get("CAI_HPC_OP_TIMEOUT")
         return cls(
-            rank=int(env["RANK"]),
-            size=int(env["WORLD_SIZE"]),
+            rank=_env_number(env, "RANK", int),
+            size=_env_number(env, "WORLD_SIZE", int),
             job_id=env["CAI_HPC_JOB_ID"],
             key=key,
-            server=(host, int(port)),
-            mode=mode,
-            connect_timeout=float(env.get("CAI_HPC_CONNECT_TIMEOUT", "120")),
-            op_timeout=float(op_timeout) if op_timeout else None,
+            server=parse_address(env["CAI_HPC_RENDEZVOUS"]),
+            mode=env.get("CAI_HPC_CONNECT", "auto"),
+            connect_timeout=_env_number(env, "CAI_HPC_CONNECT_TIMEOUT", float, 120.0),
+            op_timeout=_env_number(env, "CAI_HPC_OP_TIMEOUT", float) if op_timeout else None,
+            liveness=_env_number(env, "CAI_HPC_LIVENESS", float, DEFAULT_LIVENESS_S),
         )
 
 
-class _Link:
-    """One authenticated connection to a peer; sends are serialised by a lock, which also
-    keeps the send side of its seal in frame order."""
+def parse_address(text: str) -> tuple[str, int]:
+    """``host:port`` as (host, port); CommError if it is not one."""
+    host, _, port = text.strip().rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise CommError(f"tcp backend: the rendezvous address must be host:port, got {text!r}")
+    return host, int(port)
 
-    def __init__(self, sock: socket.socket, peer: int, seal: FrameSeal) -> None:
+
+def _env_number(env, name: str, kind: type, default: float | None = None):
+    text = env.get(name)
+    if text is None:
+        return default
+    try:
+        return kind(text)
+    except ValueError:
+        raise CommError(f"tcp backend: {name}={text!r} is not a number") from None
+
+
+class _Link:
+    """One authenticated connection (to a peer, or to the server): sends are serialised by
+    a lock, which also keeps the send side of its session in frame order."""
+
+    def __init__(self, sock: socket.socket, peer: int, session: Session) -> None:
         self.sock = sock
         self.peer = peer
-        self.seal = seal
+        self.session = session
         self.lock = threading.Lock()
+        self.last_recv = self.last_send = time.monotonic()
+        self.why_dead: str | None = None  # set by whoever declares it dead, before closing it
+
+    def touch(self) -> None:
+        self.last_recv = time.monotonic()
 
 
 def _reusable_socket(host: str, port: int) -> socket.socket:
@@ -123,11 +186,17 @@ def _reusable_socket(host: str, port: int) -> socket.socket:
 
 def _tune(sock: socket.socket) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    # A peer whose machine vanishes without closing is noticed within about 20 s.
+    # A peer whose machine vanishes without closing is noticed by the kernel too.
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
     for opt, value in (("TCP_KEEPIDLE", 10), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 2)):
         if hasattr(socket, opt):
             sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, opt), value)
+
+
+def _send_deadline(sock: socket.socket, seconds: float) -> None:
+    """A blocking send that moves no byte for ``seconds`` fails (the peer stopped reading)."""
+    whole = int(seconds)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", whole, int((seconds - whole) * 1e6)))
 
 
 class TcpComm:
@@ -142,14 +211,16 @@ class TcpComm:
         self._inbox: collections.deque = collections.deque()  # (source, tag, kind, payload)
         self._cond = threading.Condition()
         self._links: dict[int, _Link] = {}
-        self._sockets: list[socket.socket] = []  # every adopted link, to close on leaving
+        self._all_links: list[_Link] = []  # every adopted link, for heartbeats and to close on leaving
         self._open_links: collections.Counter = collections.Counter()
         self._connecting: dict[int, threading.Lock] = collections.defaultdict(threading.Lock)
         self._dead: dict[int, str] = {}
         self._modes: dict[int, str] = {}  # peer -> how the link we send on was made
+        self._server_lost: str | None = None
         self._seq = 0
         self._closed = False
-        self._control_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._handshakes = threading.BoundedSemaphore(MAX_HANDSHAKES)
         # Loopback jobs listen on loopback only; others on every interface.
         loopback = config.server[0] in ("127.0.0.1", "localhost", "::1")
         self._bind_host = "127.0.0.1" if loopback else ""
@@ -167,143 +238,253 @@ class TcpComm:
             self._listener.close()
             self._punch_listener.close()
             raise
-        for listener, punched in ((self._listener, False), (self._punch_listener, True)):
-            threading.Thread(target=self._accept_loop, args=(listener, punched), daemon=True).start()
-        threading.Thread(target=self._control_loop, daemon=True, name="tcpcomm-control").start()
+        try:
+            for listener, punched in ((self._listener, False), (self._punch_listener, True)):
+                threading.Thread(target=self._accept_loop, args=(listener, punched), daemon=True).start()
+            threading.Thread(target=self._control_loop, daemon=True, name="tcpcomm-control").start()
+            threading.Thread(target=self._heartbeat_loop, daemon=True, name="tcpcomm-heartbeat").start()
+        except RuntimeError:  # can't start new thread
+            self.close()
+            raise CommError(f"rank {self.rank}: cannot start this rank's threads (out of threads)") from None
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> TcpComm:
         return cls(ShimConfig.from_env(environ))
 
     # ---------------------------------------------------------------- wiring up
-    def _server_connection(self, local_port: int = 0) -> socket.socket:
+    def _server_connection(self, local_port: int = 0) -> _Link:
+        """An authenticated connection to the server, retried with backoff until the connect
+        deadline; the error says what happened (refused, timed out, busy, wrong key)."""
+        host, port = self.config.server
         deadline = time.monotonic() + self.config.connect_timeout
+        delay, last = 0.05, "no attempt"
         while True:
             sock = _reusable_socket(self._bind_host, local_port) if local_port else socket.socket()
-            sock.settimeout(10)
             try:
+                sock.settimeout(max(0.05, min(HANDSHAKE_TIMEOUT_S, deadline - time.monotonic())))
                 sock.connect(self.config.server)
-                break
-            except OSError as exc:
+                _tune(sock)
+                attempt = min(deadline, time.monotonic() + HANDSHAKE_TIMEOUT_S)
+                session = handshake_connect(sock, self.config.key, self.config.job_id, self.rank, SERVER, attempt)
+                sock.settimeout(None)
+                return _Link(sock, SERVER, session)
+            except RefusedError:
                 sock.close()
-                if time.monotonic() > deadline:
-                    host, port = self.config.server
-                    raise CommError(f"rank {self.rank}: rendezvous server {host}:{port} unreachable: {exc}") from None
-                time.sleep(0.2)
-        _tune(sock)
-        try:
-            handshake_connect(sock, self.config.key, self.config.job_id)
-        except AuthError as exc:
+                raise CommError(
+                    f"rank {self.rank}: the rendezvous server {host}:{port} refused our key for job "
+                    f"{self.config.job_id} (wrong token?)"
+                ) from None
+            except AuthError as exc:
+                sock.close()
+                raise CommError(f"rank {self.rank}: {host}:{port} is not our rendezvous server: {exc}") from None
+            except ConnectionRefusedError:
+                last = "connection refused"
+            except TimeoutError:
+                last = "timed out"
+            except EOFError:
+                last = "it closed the connection before the handshake (busy)"
+            except OSError as exc:
+                last = exc.strerror or str(exc)
             sock.close()
-            raise CommError(f"rank {self.rank}: rendezvous server refused us: {exc}") from None
-        except (OSError, EOFError) as exc:
-            sock.close()
-            raise CommError(
-                f"rank {self.rank}: rendezvous server closed the connection (wrong token?): {exc}"
-            ) from None
-        return sock
+            if time.monotonic() + delay > deadline:
+                raise CommError(
+                    f"rank {self.rank}: rendezvous server {host}:{port} unreachable within "
+                    f"{self.config.connect_timeout:g} s: {last}"
+                )
+            time.sleep(delay * random.uniform(0.5, 1.5))
+            delay = min(2 * delay, 2.0)
 
-    def _register(self) -> socket.socket:
-        sock = self._server_connection(local_port=self._punch_port)
-        host = sock.getsockname()[0]
-        port = self._listener.getsockname()[1]
-        send_control(
-            sock,
-            {
-                "op": "register",
-                "rank": self.rank,
-                "size": self.size,
-                "addrs": [[host, port]],
-                "wait_s": self.config.connect_timeout,
-            },
-        )
-        sock.settimeout(self.config.connect_timeout + 10)
+    def _register(self) -> _Link:
+        link = self._server_connection(local_port=self._punch_port)
         try:
-            reply = recv_control(sock)
-        except (OSError, EOFError) as exc:
+            send_frame(
+                link.sock,
+                link.session,
+                KIND_CONTROL,
+                self.rank,
+                0,
+                encode_control(
+                    {
+                        "op": "register",
+                        "size": self.size,
+                        "host": link.sock.getsockname()[0],
+                        "port": self._listener.getsockname()[1],
+                        "wait_s": self.config.connect_timeout,
+                        "liveness_s": self.config.liveness,
+                    }
+                ),
+            )
+            link.sock.settimeout(self.config.connect_timeout + 10)
+            kind, _, _, payload = read_frame(link.sock, link.session, max(MAX_CONTROL, table_bytes(self.size)))
+            if kind == KIND_CONTROL:
+                raise CommError(f"rank {self.rank}: rendezvous: {decode_control(payload).get('message')}")
+            if kind != KIND_TABLE:
+                raise AuthError(f"a frame of kind {kind} instead of the address table")
+            table = unpack_table(payload, self.size)
+        except (OSError, EOFError, AuthError) as exc:
+            link.sock.close()
             raise CommError(f"rank {self.rank}: no address table from the rendezvous server: {exc}") from None
-        if reply.get("op") != "table":
-            raise CommError(f"rank {self.rank}: rendezvous: {reply.get('message', reply)}")
-        self._table = {int(r): [tuple(a) for a in addrs] for r, addrs in reply["addrs"].items()}
+        except CommError:
+            link.sock.close()
+            raise
+        self._table = {r: [listener] for r, (listener, _) in enumerate(table)}
         # Where the server saw each rank come from: the outside of its NAT, for punching.
-        self._observed = {int(r): tuple(a) for r, a in reply["observed"].items()}
+        self._observed = {r: observed for r, (_, observed) in enumerate(table)}
         self._observed_rank = {a: r for r, a in self._observed.items()}
-        sock.settimeout(None)
-        return sock
+        link.sock.settimeout(None)
+        _send_deadline(link.sock, self._send_stall_s())
+        link.touch()
+        return link
+
+    def _send_stall_s(self) -> float:
+        op = self.config.op_timeout
+        return self.config.liveness if op is None else min(self.config.liveness, op)
 
     def _send_control(self, message: dict) -> None:
-        with self._control_lock:
-            send_control(self._control, message)
+        self._send_on(self._control, KIND_CONTROL, 0, encode_control(message))
 
     def _control_loop(self) -> None:
-        """Relay requests and departures reported by the server, until it closes."""
+        """Relay requests, punch requests and departures from the server, until it is lost."""
+        link = self._control
         try:
             while True:
-                message = recv_control(self._control)
-                if message.get("op") == "relay-request":
-                    peer = int(message["peer"])
+                kind, _, _, payload = read_frame(link.sock, link.session, MAX_CONTROL)
+                link.touch()
+                if kind == KIND_HEARTBEAT:
+                    continue
+                if kind != KIND_CONTROL:
+                    raise AuthError(f"a frame of kind {kind} from the server")
+                message = decode_control(payload)
+                op = message.get("op")
+                if op == "relay-request":
+                    peer = self._rank_in(message, "peer")
                     threading.Thread(target=self._join_relay, args=(peer,), daemon=True).start()
-                elif message.get("op") == "punch-request":
-                    peer = int(message["peer"])
+                elif op == "punch-request":
+                    peer = self._rank_in(message, "peer")
                     deadline = time.monotonic() + self.config.connect_timeout
-                    threading.Thread(target=self._punch_back, args=(peer, deadline), daemon=True).start()
-                elif message.get("op") == "gone":
-                    threading.Timer(GONE_GRACE_S, self._peer_gone, args=(int(message["rank"]),)).start()
-        except (OSError, EOFError, ValueError):
-            pass
-
-    def _peer_gone(self, peer: int) -> None:
-        """The server saw ``peer`` leave. A connection with it, if any, says more (its queued
-        messages still arrive); without one, nothing from it can ever come."""
-        with self._cond:
-            if peer not in self._links:
-                self._dead.setdefault(peer, "it left the job without connecting to this rank")
+                    threading.Thread(target=self._quiet_punch_back, args=(peer, deadline), daemon=True).start()
+                elif op == "gone":
+                    ranks = [r for r in message.get("ranks", []) if type(r) is int and 0 <= r < self.size]
+                    threading.Timer(GONE_GRACE_S, self._peers_gone, args=(ranks,)).start()
+        except Exception as exc:  # noqa: BLE001 - whatever ends this loop, the server is lost: waiters must know
+            why = link.why_dead or (
+                str(exc) if isinstance(exc, AuthError) else f"connection ended ({type(exc).__name__})"
+            )
+            self._declare_dead(link, why)
+            with self._cond:
+                if not self._closed:
+                    self._server_lost = f"the rendezvous server is lost: {why}"
                 self._cond.notify_all()
 
+    def _rank_in(self, message: dict, key: str) -> int:
+        value = message.get(key)
+        if type(value) is not int or not 0 <= value < self.size or value == self.rank:
+            raise AuthError(f"the server named no peer rank: {key}")
+        return value
+
+    def _peers_gone(self, peers: list[int]) -> None:
+        """The server saw ``peers`` leave. A connection with one, if any, says more (its queued
+        messages still arrive); without one, nothing from it can ever come."""
+        with self._cond:
+            for peer in peers:
+                if peer not in self._links:
+                    self._dead.setdefault(peer, "it left the job without connecting to this rank")
+            self._cond.notify_all()
+
+    def _heartbeat_loop(self) -> None:
+        """Say "still here" on every quiet link, and declare dead every link (the server's
+        included) that said nothing for the liveness deadline."""
+        liveness = self.config.liveness
+        every = liveness / 4
+        while not self._stop.wait(every / 2):
+            now = time.monotonic()
+            for link in [self._control, *self._all_links]:
+                if link.why_dead:
+                    continue
+                if now - link.last_recv > liveness:
+                    who = "the rendezvous server" if link.peer == SERVER else f"rank {link.peer}"
+                    self._declare_dead(link, f"nothing from {who} for {liveness:g} s (stopped, frozen or cut off)")
+                elif now - link.last_send >= every:
+                    self._heartbeat(link)
+
+    def _heartbeat(self, link: _Link) -> None:
+        """Only when the link is idle and its socket has room: a heartbeat never waits."""
+        if not link.lock.acquire(blocking=False):
+            return  # a send is under way: it is what the peer hears from us
+        try:
+            if select.select([], [link.sock], [], 0)[1]:
+                send_frame(link.sock, link.session, KIND_HEARTBEAT, self.rank, 0)
+                link.last_send = time.monotonic()
+        except (OSError, ValueError) as exc:
+            self._declare_dead(link, f"a heartbeat could not be sent: {exc}")
+        finally:
+            link.lock.release()
+
+    def _declare_dead(self, link: _Link, why: str) -> None:
+        """Record why, then shut the socket down: its reader wakes up and reports the peer."""
+        if link.why_dead is None:
+            link.why_dead = why
+        try:
+            link.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
     def _accept_loop(self, listener: socket.socket, punched: bool) -> None:
+        """Accept until closed: errors (out of file descriptors, out of threads) cost the
+        connection at hand, never the loop; at most ``MAX_HANDSHAKES`` run at once."""
         while not self._closed:
             try:
                 sock, addr = listener.accept()
             except OSError:
-                return
-            threading.Thread(target=self._accept_one, args=(sock, addr, punched), daemon=True).start()
+                if self._closed:
+                    return
+                time.sleep(0.05)
+                continue
+            if not self._handshakes.acquire(blocking=False):
+                sock.close()  # too many handshakes under way: the peer retries
+                continue
+            try:
+                threading.Thread(target=self._accept_one, args=(sock, addr, punched), daemon=True).start()
+            except RuntimeError:  # can't start a new thread
+                self._handshakes.release()
+                sock.close()
+                time.sleep(0.05)
 
     def _accept_one(self, sock: socket.socket, addr: tuple, punched: bool) -> None:
+        deadline = time.monotonic() + HANDSHAKE_TIMEOUT_S  # for the whole exchange, however slow the bytes
         try:
             _tune(sock)
-            sock.settimeout(10)
             if punched:
                 peer = self._observed_rank.get(tuple(addr[:2]))
                 if peer is None:
                     raise AuthError(f"{addr} is no rank's punched address")
-                link = self._paired_handshake(sock, peer)
+                link = self._paired_handshake(sock, peer, deadline)
             else:
-                job, seal = handshake_accept(sock, self.config.key)
-                if job != self.config.job_id:
-                    raise AuthError(f"peer is in job {job!r}")
-                (peer,) = _RANK.unpack(recv_exact(sock, _RANK.size))
-                sock.settimeout(None)
-                link = _Link(sock, peer, seal)
+                job, peer, session = handshake_accept(sock, self.config.key, self.rank, deadline)
+                if job != self.config.job_id or not 0 <= peer < self.size or peer == self.rank:
+                    raise AuthError("not a peer of this job")
+                link = _Link(sock, peer, session)
         except (AuthError, OSError, EOFError, CommError):
             sock.close()  # never read anything else from an unauthenticated connection
             return
-        self._adopt(link)
+        finally:
+            self._handshakes.release()
+        try:
+            self._adopt(link)
+        except CommError:
+            pass  # out of threads: the link is shut, the peer sees it end
 
-    def _paired_handshake(self, sock: socket.socket, peer: int) -> _Link:
+    def _paired_handshake(self, sock: socket.socket, peer: int, deadline: float | None = None) -> _Link:
         """Authenticate a connection whose two ends both think they opened it (a relay pipe,
         a punched or simultaneously opened connection): the lower rank plays the acceptor."""
+        deadline = time.monotonic() + HANDSHAKE_TIMEOUT_S if deadline is None else deadline
         if self.rank < peer:
-            job, seal = handshake_accept(sock, self.config.key)
-            if job != self.config.job_id:
-                raise AuthError("the peer named another job")
+            job, initiator, session = handshake_accept(sock, self.config.key, self.rank, deadline)
+            if job != self.config.job_id or initiator != peer:
+                raise AuthError(f"expected rank {peer} of this job on this connection")
         else:
-            seal = handshake_connect(sock, self.config.key, self.config.job_id)
-        sock.sendall(_RANK.pack(self.rank))
-        (their_rank,) = _RANK.unpack(recv_exact(sock, _RANK.size))
-        if their_rank != peer:
-            raise CommError(f"rank {self.rank}: expected rank {peer} on this connection, got {their_rank}")
-        sock.settimeout(None)
-        return _Link(sock, peer, seal)
+            session = handshake_connect(sock, self.config.key, self.config.job_id, self.rank, peer, deadline)
+        return _Link(sock, peer, session)
 
     def _punch_link(self, peer: int, deadline: float) -> _Link | None:
         """Connect from our punched port to the peer's, asking it (through the server) to do
@@ -312,15 +493,21 @@ class TcpComm:
         self._send_control({"op": "punch", "peer": peer})
         return self._punch_back(peer, deadline)
 
+    def _quiet_punch_back(self, peer: int, deadline: float) -> None:
+        try:
+            self._punch_back(peer, deadline)
+        except CommError:
+            pass  # the requesting rank gets the error through its own deadline
+
     def _punch_back(self, peer: int, deadline: float) -> _Link | None:
         last: Exception | None = None
-        while time.monotonic() < deadline and peer not in self._links:
+        while time.monotonic() < deadline and peer not in self._links and not self._closed:
             sock = _reusable_socket(self._bind_host, self._punch_port)
             sock.settimeout(max(0.1, min(2.0, deadline - time.monotonic())))
             try:
                 sock.connect(self._observed[peer])
                 _tune(sock)
-                link = self._paired_handshake(sock, peer)
+                link = self._paired_handshake(sock, peer, min(deadline, time.monotonic() + HANDSHAKE_TIMEOUT_S))
                 self._adopt(link)
                 return link
             except (OSError, EOFError, AuthError) as exc:
@@ -338,13 +525,28 @@ class TcpComm:
             pass  # the requesting rank gets the error through its own deadline
 
     def _relay_link(self, peer: int) -> _Link:
-        sock = self._server_connection()
-        send_control(sock, {"op": "relay", "rank": self.rank, "peer": peer, "wait_s": self.config.connect_timeout})
-        sock.settimeout(self.config.connect_timeout + 10)
-        reply = recv_control(sock)
-        if reply.get("op") != "relay-ready":
-            raise CommError(f"rank {self.rank}: relay to rank {peer}: {reply.get('message', reply)}")
-        return self._paired_handshake(sock, peer)  # end-to-end authentication over the pipe
+        server = self._server_connection()
+        try:
+            send_frame(
+                server.sock,
+                server.session,
+                KIND_CONTROL,
+                self.rank,
+                0,
+                encode_control({"op": "relay", "peer": peer, "wait_s": self.config.connect_timeout}),
+            )
+            server.sock.settimeout(self.config.connect_timeout + 10)
+            kind, _, _, payload = read_frame(server.sock, server.session, MAX_CONTROL)
+            reply = decode_control(payload) if kind == KIND_CONTROL else {}
+            if reply.get("op") != "relay-ready":
+                raise CommError(f"rank {self.rank}: relay to rank {peer}: {reply.get('message', 'refused')}")
+            return self._paired_handshake(server.sock, peer)  # end-to-end authentication over the pipe
+        except (OSError, EOFError, AuthError) as exc:
+            server.sock.close()
+            raise CommError(f"rank {self.rank}: relay to rank {peer} failed: {exc}") from None
+        except CommError:
+            server.sock.close()
+            raise
 
     def _direct_link(self, peer: int, deadline: float) -> _Link:
         last: Exception | None = None
@@ -352,12 +554,17 @@ class TcpComm:
             while time.monotonic() < deadline:
                 try:
                     sock = socket.create_connection(addr, timeout=max(0.1, min(5.0, deadline - time.monotonic())))
+                except OSError as exc:
+                    last = exc
+                    time.sleep(0.05)
+                    continue
+                try:
                     _tune(sock)
-                    seal = handshake_connect(sock, self.config.key, self.config.job_id)
-                    sock.sendall(_RANK.pack(self.rank))
-                    sock.settimeout(None)
-                    return _Link(sock, peer, seal)
-                except (OSError, EOFError) as exc:
+                    attempt = min(deadline, time.monotonic() + HANDSHAKE_TIMEOUT_S)
+                    session = handshake_connect(sock, self.config.key, self.config.job_id, self.rank, peer, attempt)
+                    return _Link(sock, peer, session)
+                except (OSError, EOFError, AuthError) as exc:
+                    sock.close()
                     last = exc
                     time.sleep(0.05)
         raise CommError(f"rank {self.rank}: cannot connect to rank {peer} at {self._table[peer]}: {last}")
@@ -365,6 +572,9 @@ class TcpComm:
     def _adopt(self, link: _Link) -> None:
         """Start reading a new link; the first link to a peer is the one we send on. (Two
         ranks may open a link each way; the other side may send on either.)"""
+        link.sock.settimeout(None)
+        _send_deadline(link.sock, self._send_stall_s())
+        link.touch()
         with self._cond:
             if self._closed:  # an accept that raced close(): nobody will read or close it
                 link.sock.close()
@@ -372,15 +582,25 @@ class TcpComm:
             if self._links.setdefault(link.peer, link) is link:
                 self._modes[link.peer] = self._mode_of(link.sock)
             self._open_links[link.peer] += 1
-            self._sockets.append(link.sock)
-        threading.Thread(target=self._read_loop, args=(link,), daemon=True, name=f"tcpcomm-read-{link.peer}").start()
+            self._all_links.append(link)
+        try:
+            threading.Thread(
+                target=self._read_loop, args=(link,), daemon=True, name=f"tcpcomm-read-{link.peer}"
+            ).start()
+        except RuntimeError:  # out of threads: this link cannot be served
+            with self._cond:
+                self._open_links[link.peer] -= 1
+                if self._links.get(link.peer) is link:
+                    del self._links[link.peer]
+            self._declare_dead(link, "no thread to read it")
+            raise CommError(f"rank {self.rank}: cannot start a thread for the link to rank {link.peer}") from None
 
     def _mode_of(self, sock: socket.socket) -> str:
         """How a link was made, from its socket: through the server, from or to the punched port, or direct."""
         try:
             if sock.getsockname()[1] == self._punch_port:
                 return "punch"
-            return "relay" if sock.getpeername()[:2] == self._control.getpeername()[:2] else "direct"
+            return "relay" if sock.getpeername()[:2] == self._control.sock.getpeername()[:2] else "direct"
         except OSError:  # closed already: its reader will report the peer gone
             return "closed"
 
@@ -424,23 +644,27 @@ class TcpComm:
             self._adopt(self._relay_link(peer))
 
     def _read_loop(self, link: _Link) -> None:
-        header = bytearray(FRAME.size)
         try:
             while True:
-                recv_into(link.sock, memoryview(header))
-                kind, source, tag, length = FRAME.unpack(header)
-                if source != link.peer or length < 0:
-                    raise EOFError(f"malformed frame from rank {link.peer}")
-                payload = bytearray(length)
-                recv_into(link.sock, memoryview(payload))
-                link.seal.check(header, payload, recv_exact(link.sock, MAC))
+                kind, source, tag, payload = read_frame(link.sock, link.session, on_record=link.touch)
+                link.touch()
+                if kind == KIND_HEARTBEAT:
+                    continue
+                if source != link.peer or kind not in (KIND_OBJECT, KIND_BYTES):
+                    raise AuthError(f"a malformed frame from rank {link.peer}")
                 with self._cond:
                     self._inbox.append((link.peer, tag, kind, payload))
                     self._cond.notify_all()
-        except (OSError, EOFError, AuthError) as exc:
-            if isinstance(exc, AuthError):
-                link.sock.close()  # nothing more is read from a connection that failed a MAC
-            why = str(exc) if isinstance(exc, AuthError) else f"connection closed ({type(exc).__name__})"
+        except Exception as exc:  # noqa: BLE001 - whatever ends a reader, its peer is dead to every waiter
+            if link.why_dead:
+                why = link.why_dead
+            elif isinstance(exc, (OSError, EOFError)):
+                why = f"connection closed ({type(exc).__name__})"
+            else:
+                why = f"{type(exc).__name__}: {exc}"
+            # Nothing more is read from it, or sent. (Shut down, not closed: a sender may be
+            # inside a call on it, and a closed descriptor's number could be reused under it.)
+            self._declare_dead(link, why)
             with self._cond:
                 # Gone only once every link to it has closed: another may still hold its last frames.
                 self._open_links[link.peer] -= 1
@@ -449,6 +673,32 @@ class TcpComm:
                 self._cond.notify_all()
 
     # ---------------------------------------------------------------- point to point
+    def _send_on(self, link: _Link, kind: int, tag: int, payload: bytes | memoryview) -> None:
+        """Send one frame by the operation deadline, if any; a send that fails or stalls
+        leaves the stream mid-frame, so the link is declared dead."""
+        deadline = None if self.config.op_timeout is None else time.monotonic() + self.config.op_timeout
+        who = "the rendezvous server" if link.peer == SERVER else f"rank {link.peer}"
+        try:
+            with link.lock:
+                records = link.session.seal_frame(kind, self.rank, tag, payload)
+                if len(payload) <= SMALL:
+                    link.sock.sendall(b"".join(records))  # one system call for small frames
+                else:
+                    for record in records:
+                        if deadline is not None and time.monotonic() > deadline:
+                            raise TimeoutError(f"not sent within {self.config.op_timeout:g} s")
+                        link.sock.sendall(record)
+                link.last_send = time.monotonic()
+        except OSError as exc:
+            if link.why_dead:  # declared dead while we sent: that is the news
+                why = link.why_dead
+            elif isinstance(exc, BlockingIOError):
+                why = f"it took nothing for {self._send_stall_s():g} s"
+            else:
+                why = str(exc) if isinstance(exc, TimeoutError) else exc.strerror or str(exc)
+            self._declare_dead(link, f"a send to it failed: {why}")
+            raise CommError(f"rank {self.rank}: sending to {who} failed: {why}") from None
+
     def _send_frame(self, dest: int, tag: int, kind: int, payload: bytes | memoryview) -> None:
         if not 0 <= dest < self.size:
             raise ValueError(f"dest {dest} is not a rank of a {self.size}-rank communicator")
@@ -457,16 +707,9 @@ class TcpComm:
                 self._inbox.append((dest, tag, kind, bytearray(payload)))
                 self._cond.notify_all()
             return
-        link = self._link(dest)
-        try:
-            header = FRAME.pack(kind, self.rank, tag, len(payload))
-            with link.lock:
-                mac = link.seal.seal(header, payload)
-                link.sock.sendall(header)
-                link.sock.sendall(payload)
-                link.sock.sendall(mac)
-        except OSError as exc:
-            raise CommError(f"rank {self.rank}: sending to rank {dest} failed: {exc}") from None
+        if dest in self._dead:
+            raise CommError(f"rank {self.rank}: peer rank {dest} is gone: {self._dead[dest]}")
+        self._send_on(self._link(dest), kind, tag, payload)
 
     def _recv_frame(self, source: int, tag: int, status: Status | None = None) -> tuple[int, bytearray]:
         deadline = None if self.config.op_timeout is None else time.monotonic() + self.config.op_timeout
@@ -478,12 +721,7 @@ class TcpComm:
                         if status is not None:
                             status.source, status.tag = src, msg_tag
                         return kind, payload
-                gone = (
-                    self._dead if source == ANY_SOURCE else {source: self._dead[source]} if source in self._dead else {}
-                )
-                if gone:
-                    peer, why = next(iter(gone.items()))
-                    raise CommError(f"rank {self.rank}: peer rank {peer} is gone while we wait for it: {why}")
+                self._check_waitable(source)
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     raise CommError(
@@ -491,12 +729,34 @@ class TcpComm:
                     )
                 self._cond.wait(timeout=1.0 if remaining is None else min(1.0, remaining))
 
+    def _check_waitable(self, source: int) -> None:
+        """Raise if what we wait for can never come (called holding ``self._cond``)."""
+        gone = self._dead if source == ANY_SOURCE else {source: self._dead[source]} if source in self._dead else {}
+        if gone:
+            peer, why = next(iter(gone.items()))
+            raise CommError(f"rank {self.rank}: peer rank {peer} is gone while we wait for it: {why}")
+        if self._server_lost:
+            # Only the server would tell us that a peer we have no connection to is gone.
+            waited = range(self.size) if source == ANY_SOURCE else [source]
+            unlinked = [r for r in waited if r != self.rank and r not in self._links]
+            if unlinked:
+                raise CommError(
+                    f"rank {self.rank}: waiting for rank {unlinked[0]}, which has no connection to this rank, "
+                    f"and {self._server_lost}"
+                )
+
     def send(self, obj: Any, dest: int, tag: int = 0) -> None:
         if tag < 0:
             raise ValueError("tags must be >= 0")
+        if dest == PROC_NULL:
+            return
         self._send_frame(dest, tag, KIND_OBJECT, pickle.dumps(obj, protocol=5))
 
     def recv(self, buf: Any = None, source: int = ANY_SOURCE, tag: int = ANY_TAG, status: Status | None = None) -> Any:
+        if source == PROC_NULL:
+            if status is not None:
+                status.source, status.tag = PROC_NULL, ANY_TAG
+            return None
         kind, payload = self._recv_frame(source, tag, status)
         return pickle.loads(payload) if kind == KIND_OBJECT else payload
 
@@ -560,12 +820,10 @@ class TcpComm:
         return None
 
     def barrier(self) -> None:
-        tag = self._tag()
-        k = 1
-        while k < self.size:
-            self._send_frame((self.rank + k) % self.size, tag, KIND_BYTES, b"")
-            self._recv_frame((self.rank - k) % self.size, tag)
-            k <<= 1
+        """Up the binomial tree to rank 0 and back down: 2 log2 N rounds, over the links the
+        other collectives use (a dissemination barrier would open 2 log2 N links a rank)."""
+        self._tree_reduce(b"", lambda a, b: a, bytes, bytes, self._tag())
+        self._tree_bcast(b"" if self.rank == 0 else None, 0, self._tag())
 
     Barrier = barrier
 
@@ -675,13 +933,22 @@ class TcpComm:
             out[displs[rank] : displs[rank] + len(chunk)] = chunk
 
     def close(self) -> None:
-        """Leave the job: close every connection and listener, which ends the threads that
-        serve them. A warm Lambda process runs job after job, so nothing may linger."""
+        """Leave the job: say so to the server (a clean departure is not reported to the
+        others), then close every connection and listener, which ends the threads that serve
+        them. A warm Lambda process runs job after job, so nothing may linger."""
         with self._cond:
             if self._closed:
                 return
             self._closed = True
-            sockets = [self._listener, self._punch_listener, self._control, *self._sockets]
+            sockets = [self._listener, self._punch_listener, self._control.sock, *(k.sock for k in self._all_links)]
+        self._stop.set()
+        if self._control.lock.acquire(timeout=1.0):
+            try:
+                send_frame(self._control.sock, self._control.session, KIND_CONTROL, self.rank, 0, b'{"op":"bye"}')
+            except OSError:
+                pass  # the server is gone already
+            finally:
+                self._control.lock.release()
         for sock in sockets:
             try:
                 sock.shutdown(socket.SHUT_RDWR)  # wakes a thread blocked in accept() or recv()
@@ -698,9 +965,9 @@ class TcpComm:
     def Abort(self, errorcode: int = 1) -> None:  # noqa: N802
         """End this process at once; peers see its connections close and raise CommError."""
         self._closed = True
-        for link in list(self._links.values()):
+        for link in list(self._all_links):
             link.sock.close()
-        self._control.close()
+        self._control.sock.close()
         os._exit(errorcode)
 
 

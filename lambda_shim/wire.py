@@ -1,15 +1,20 @@
-"""What travels on every connection: the authentication handshake and message frames.
+"""What travels on every connection: the authentication handshake and sealed frames.
 
 Every connection, rank to server or rank to rank, starts with a mutual HMAC
-challenge-response over fresh nonces, and nothing else is read from it until the peer has
-proved it knows the job's key. Frames then carry their kind, source, tag and length, so a
-reader always knows how much to expect; partial reads and writes are retried to completion.
+challenge-response, and nothing else is read from it until the peer has proved it knows the
+job's key. The proofs cover a transcript of the whole exchange: the protocol name, both fresh
+nonces, the job id, who opens the connection and whom it means to reach (a rank number, or
+``SERVER``). Each side derives the keys of the frames that follow from the job key and that
+transcript, one key per direction. So whoever relays or replays someone else's handshake
+(a fake rendezvous forwarding the real server's challenge, an on-path proxy) learns nothing
+and can inject nothing: every frame after the handshake, control messages included, is
+AES-GCM sealed under keys only the two ends hold, with the frame's sequence number as the
+nonce (a replayed, reordered, reflected or spliced frame fails).
 
-The handshake only proves who opened the connection; whoever can write into the TCP stream
-afterwards (a relay in the middle, an attacker on the path) could still inject frames. So
-each frame also carries an HMAC under a key of that connection and direction (derived from
-the job key and both nonces) over a sequence number, the header and the payload: a frame
-is unpickled only once its MAC checks, and a replayed, reordered or spliced frame fails.
+A frame is a sealed header (kind, source, tag, length), checked before anything is
+allocated for the payload, then the payload in sealed records of at most ``CHUNK`` bytes,
+each checked as it arrives. Lengths are bounded (``MAX_FRAME``); control messages are JSON
+objects of bounded size and nesting depth.
 """
 
 from __future__ import annotations
@@ -18,32 +23,52 @@ import hashlib
 import hmac
 import json
 import os
+import re
 import secrets
 import socket
 import struct
-from dataclasses import dataclass
+import time
+from collections.abc import Iterator
+from itertools import accumulate
 from pathlib import Path
 
-HELLO = b"CAI-SHIM/1"
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+PROTOCOL = b"CAI-SHIM/2"
 NONCE = 32
 MAC = 32
+TAG = 16  # AES-GCM tag
+MIN_SECRET = 32  # bytes: shorter secrets are refused
 MAX_JOB_ID = 64
-MAX_CONTROL = 64 * 1024  # largest JSON control message (server side)
-HANDSHAKE_TIMEOUT_S = 10.0
+SERVER = -1  # the rendezvous server's identity in a handshake (ranks are >= 0)
+HANDSHAKE_TIMEOUT_S = 10.0  # total, for the whole exchange
+CHUNK = 1 << 20  # payloads travel in sealed records of at most this many bytes
+MAX_FRAME = 1 << 34  # 16 GiB: the largest payload a frame may announce
+MAX_CONTROL = 64 * 1024  # largest JSON control message
+SMALL = 64 * 1024  # frames up to this size go out in one system call
+MAX_DEPTH = 4  # control messages are flat objects: deeper nesting is refused before parsing
 
-# Frame header: kind, source rank, tag, payload length.
-FRAME = struct.Struct("!Biiq")
+# Frame header (sealed): kind, source rank, tag, payload length.
+HEADER = struct.Struct("!BiiQ")
+SEALED_HEADER = HEADER.size + TAG
 KIND_OBJECT = 1  # a pickled object: only ever read from an authenticated peer
 KIND_BYTES = 2  # raw array bytes for the buffer forms: never unpickled
+KIND_CONTROL = 3  # a JSON object (server <-> rank)
+KIND_HEARTBEAT = 4  # empty: "still here"
+KIND_TABLE = 5  # the address table, binary (see ``pack_table``)
+_IDS = struct.Struct("!iiB")  # initiator, acceptor, job id length
+_ENTRY = struct.Struct("!4sH4sH")  # per rank: listener IPv4 + port, observed IPv4 + port
 
 TOKEN_ENV = "CAI_HPC_TOKEN"
 TOKEN_FILE_ENV = "CAI_HPC_TOKEN_FILE"
 
 
 class AuthError(Exception):
-    """The other side did not prove it knows the key (or broke the handshake)."""
+    """The other side did not prove it knows the key, broke the protocol, or a frame failed."""
 
 
+# ---------------------------------------------------------------- secrets
 def job_key(master: bytes, job_id: str) -> bytes:
     """The key of one job, derived from the server's master secret: a rank that knows it can
     join that job and no other."""
@@ -67,9 +92,13 @@ def load_secret(environ: dict[str, str] | None = None) -> bytes:
 
 
 def secret_bytes(text: str) -> bytes:
-    """A secret as written in a file or a secret store: hex digits, or any other text."""
+    """A secret as written in a file or a secret store: hex digits, or any other text; at
+    least ``MIN_SECRET`` bytes of it (``new_secret`` makes one)."""
     text = text.strip()
-    return bytes.fromhex(text) if _is_hex(text) else text.encode()
+    secret = bytes.fromhex(text) if _is_hex(text) else text.encode()
+    if len(secret) < MIN_SECRET:
+        raise AuthError(f"the secret is {len(secret)} bytes: at least {MIN_SECRET} are needed (64 hex digits)")
+    return secret
 
 
 def new_secret() -> str:
@@ -84,123 +113,256 @@ def _is_hex(text: str) -> bool:
     return len(text) % 2 == 0
 
 
-def recv_exact(sock: socket.socket, n: int) -> bytes:
-    """Exactly ``n`` bytes (retrying partial reads); EOFError if the peer closed first."""
+# ---------------------------------------------------------------- reading with deadlines
+def recv_exact(sock: socket.socket, n: int, deadline: float | None = None) -> bytearray:
+    """Exactly ``n`` bytes (retrying partial reads), by ``deadline`` (monotonic) if given;
+    EOFError if the peer closed first, TimeoutError at the deadline."""
     buf = bytearray(n)
-    view = memoryview(buf)
-    got = 0
-    while got < n:
-        k = sock.recv_into(view[got:], n - got)
-        if k == 0:
-            raise EOFError(f"connection closed after {got} of {n} bytes")
-        got += k
-    return bytes(buf)
+    recv_into(sock, memoryview(buf), deadline)
+    return buf
 
 
-def recv_into(sock: socket.socket, view: memoryview) -> None:
+def recv_into(sock: socket.socket, view: memoryview, deadline: float | None = None) -> None:
     got = 0
     while got < len(view):
+        if deadline is not None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"timed out after {got} of {len(view)} bytes")
+            sock.settimeout(remaining)
         k = sock.recv_into(view[got:], len(view) - got)
         if k == 0:
             raise EOFError(f"connection closed after {got} of {len(view)} bytes")
         got += k
 
 
-def initiator_mac(key: bytes, nonce_a: bytes, nonce_b: bytes, raw_job: bytes) -> bytes:
-    return hmac.new(key, b"I" + nonce_a + nonce_b + raw_job, hashlib.sha256).digest()
-
-
-def acceptor_mac(key: bytes, nonce_a: bytes, nonce_b: bytes, raw_job: bytes) -> bytes:
-    return hmac.new(key, b"A" + nonce_b + nonce_a + raw_job, hashlib.sha256).digest()
-
-
-class FrameSeal:
-    """The MACs of one connection's frames: one key and one sequence counter per direction."""
+# ---------------------------------------------------------------- sealed frames
+class Session:
+    """The AES-GCM keys of one connection, one per direction, and a record counter for each
+    (the nonce). Callers serialise sends on a connection, and reads."""
 
     def __init__(self, send_key: bytes, recv_key: bytes) -> None:
-        self._send_key, self._recv_key = send_key, recv_key
+        self._send, self._recv = AESGCM(send_key), AESGCM(recv_key)
         self._sent = self._received = 0
 
-    def seal(self, header: bytes, payload: bytes | memoryview) -> bytes:
-        """The MAC to send after this frame (callers serialise sends on a connection)."""
-        mac = _frame_mac(self._send_key, self._sent, header, payload)
+    def _seal(self, data: bytes | memoryview) -> bytes:
+        record = self._send.encrypt(self._sent.to_bytes(12, "big"), data, None)
         self._sent += 1
-        return mac
+        return record
 
-    def check(self, header: bytes | bytearray, payload: bytes | bytearray, mac: bytes) -> None:
-        if not hmac.compare_digest(mac, _frame_mac(self._recv_key, self._received, header, payload)):
-            raise AuthError(f"frame {self._received} failed its MAC (tampered, replayed or reordered)")
+    def seal_frame(self, kind: int, source: int, tag: int, payload: bytes | memoryview) -> Iterator[bytes]:
+        """The sealed records of one frame, in sending order, each sealed as it is taken (a big
+        payload is never held twice)."""
+        yield self._seal(HEADER.pack(kind, source, tag, len(payload)))
+        view = memoryview(payload)
+        for off in range(0, len(view), CHUNK):
+            yield self._seal(view[off : off + CHUNK])
+
+    def open_header(self, record: bytes | bytearray, limit: int = MAX_FRAME) -> tuple[int, int, int, int]:
+        """(kind, source, tag, length) of a sealed header; AuthError if it was not sealed by
+        the other end in this order, or announces more than ``limit`` bytes."""
+        kind, source, tag, length = HEADER.unpack(self._open(record))
+        if length > limit:
+            raise AuthError(f"a frame of {length} bytes is over the {limit}-byte limit")
+        return kind, source, tag, length
+
+    def open_into(self, record: bytes | bytearray | memoryview, out: memoryview) -> None:
+        """Check one payload record and write its bytes into ``out`` (exactly its size)."""
+        try:
+            self._recv.decrypt_into(self._nonce_in(), record, None, out)
+        except (InvalidTag, ValueError):
+            raise AuthError(f"record {self._received} failed its check (tampered, replayed or reordered)") from None
         self._received += 1
 
+    def _open(self, record: bytes | bytearray) -> bytes:
+        try:
+            data = self._recv.decrypt(self._nonce_in(), bytes(record), None)
+        except (InvalidTag, ValueError):
+            raise AuthError(f"record {self._received} failed its check (tampered, replayed or reordered)") from None
+        self._received += 1
+        return data
 
-def _frame_mac(key: bytes, seq: int, header: bytes | bytearray, payload: bytes | bytearray | memoryview) -> bytes:
-    mac = hmac.new(key, seq.to_bytes(8, "big"), hashlib.sha256)
-    mac.update(header)
-    mac.update(payload)
-    return mac.digest()
-
-
-@dataclass(frozen=True)
-class _Exchange:
-    """What both ends know after a handshake, from which the frame keys are derived."""
-
-    key: bytes
-    nonce_a: bytes
-    nonce_b: bytes
-    raw_job: bytes
-
-    def seal(self, initiator: bool) -> FrameSeal:
-        context = self.nonce_a + self.nonce_b + self.raw_job
-        to_acceptor = hmac.new(self.key, b"frames I>A" + context, hashlib.sha256).digest()
-        to_initiator = hmac.new(self.key, b"frames A>I" + context, hashlib.sha256).digest()
-        return FrameSeal(to_acceptor, to_initiator) if initiator else FrameSeal(to_initiator, to_acceptor)
+    def _nonce_in(self) -> bytes:
+        return self._received.to_bytes(12, "big")
 
 
-def handshake_accept(sock: socket.socket, key: bytes) -> tuple[str, FrameSeal]:
-    """Acceptor side (a rank; the server runs the same exchange on asyncio streams).
-    Returns the job id the initiator named, which the caller must check, and the seal for
-    the frames that follow."""
-    nonce_a = secrets.token_bytes(NONCE)
-    sock.sendall(HELLO + nonce_a)
-    nonce_b = recv_exact(sock, NONCE)
-    (length,) = recv_exact(sock, 1)
+def chunk_sizes(length: int) -> list[int]:
+    """The plaintext sizes of a payload's records."""
+    return [min(CHUNK, length - off) for off in range(0, length, CHUNK)]
+
+
+def read_frame(
+    sock: socket.socket, session: Session, limit: int = MAX_FRAME, on_record=None
+) -> tuple[int, int, int, bytearray]:
+    """One frame: the header is checked before the payload is allocated, and the payload is
+    read and checked record by record. ``on_record()`` is called after each record (liveness)."""
+    kind, source, tag, length = session.open_header(recv_exact(sock, SEALED_HEADER), limit)
+    payload = bytearray(length)
+    out = memoryview(payload)
+    record = bytearray(CHUNK + TAG)
+    off = 0
+    for n in chunk_sizes(length):
+        view = memoryview(record)[: n + TAG]
+        recv_into(sock, view)
+        session.open_into(view, out[off : off + n])
+        off += n
+        if on_record is not None:
+            on_record()
+    return kind, source, tag, payload
+
+
+def send_frame(sock: socket.socket, session: Session, kind: int, source: int, tag: int, payload=b"") -> None:
+    """Seal and send one frame (callers hold the connection's send lock)."""
+    records = session.seal_frame(kind, source, tag, payload)
+    if len(payload) <= SMALL:
+        sock.sendall(b"".join(records))  # one system call for small frames: latency
+    else:
+        for record in records:
+            sock.sendall(record)
+
+
+# ---------------------------------------------------------------- control messages
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+
+
+def encode_control(message: dict) -> bytes:
+    return json.dumps(message, separators=(",", ":")).encode()
+
+
+def decode_control(data: bytes | bytearray) -> dict:
+    """A JSON object of bounded size and depth (checked before parsing, so deep nesting
+    cannot exhaust the parser's recursion)."""
+    if len(data) > MAX_CONTROL:
+        raise AuthError(f"control message of {len(data)} bytes is over the {MAX_CONTROL} limit")
+    bare = _STRING.sub(b"", bytes(data))
+    steps = (1 if c in b"[{" else -1 if c in b"]}" else 0 for c in bare)
+    if max(accumulate(steps, initial=0)) > MAX_DEPTH:
+        raise AuthError(f"control message nested deeper than {MAX_DEPTH}")
+    try:
+        message = json.loads(data)
+    except (ValueError, RecursionError):
+        raise AuthError("control message is not JSON") from None
+    if not isinstance(message, dict):
+        raise AuthError("control message is not a JSON object")
+    return message
+
+
+def pack_table(entries: list[tuple[str, int, str, int]]) -> bytes:
+    """The address table, 12 bytes a rank: (listener host, port, observed host, port), IPv4."""
+    return b"".join(_ENTRY.pack(socket.inet_aton(h), p, socket.inet_aton(oh), op) for h, p, oh, op in entries)
+
+
+def unpack_table(data: bytes | bytearray, size: int) -> list[tuple[tuple[str, int], tuple[str, int]]]:
+    if len(data) != size * _ENTRY.size:
+        raise AuthError(f"an address table of {len(data)} bytes for {size} ranks")
+    return [((socket.inet_ntoa(h), p), (socket.inet_ntoa(oh), op)) for h, p, oh, op in _ENTRY.iter_unpack(data)]
+
+
+def table_bytes(size: int) -> int:
+    return size * _ENTRY.size
+
+
+# ---------------------------------------------------------------- handshake
+def _transcript(nonce_a: bytes, nonce_b: bytes, initiator: int, acceptor: int, raw_job: bytes) -> bytes:
+    return PROTOCOL + nonce_a + nonce_b + _IDS.pack(initiator, acceptor, len(raw_job)) + raw_job
+
+
+def _mac(key: bytes, label: bytes, transcript: bytes) -> bytes:
+    return hmac.new(key, label + transcript, hashlib.sha256).digest()
+
+
+def _session(key: bytes, transcript: bytes, initiator: bool) -> Session:
+    to_acceptor = _mac(key, b"frames I>A", transcript)
+    to_initiator = _mac(key, b"frames A>I", transcript)
+    return Session(to_acceptor, to_initiator) if initiator else Session(to_initiator, to_acceptor)
+
+
+def hello() -> tuple[bytes, bytes]:
+    """(nonce, what the acceptor sends first)."""
+    nonce = secrets.token_bytes(NONCE)
+    return nonce, PROTOCOL + nonce
+
+
+def parse_proof(head: bytes | bytearray) -> tuple[bytes, int, int, int]:
+    """(initiator's nonce, initiator id, acceptor id, job id length) from the fixed part of
+    the initiator's message; AuthError if the length is out of range."""
+    nonce_b = bytes(head[:NONCE])
+    initiator, acceptor, length = _IDS.unpack(head[NONCE:])
     if not 0 < length <= MAX_JOB_ID:
         raise AuthError("bad job id length")
-    raw_job = recv_exact(sock, length)
-    mac = recv_exact(sock, MAC)
+    return nonce_b, initiator, acceptor, length
+
+
+PROOF_HEAD = NONCE + _IDS.size
+
+
+def check_proof(
+    key: bytes, nonce_a: bytes, nonce_b: bytes, initiator: int, acceptor: int, raw_job: bytes, mac: bytes
+) -> tuple[bytes, Session]:
+    """The acceptor's check of the initiator's proof: (our proof to send back, session)."""
+    transcript = _transcript(nonce_a, nonce_b, initiator, acceptor, raw_job)
+    if not hmac.compare_digest(mac, _mac(key, b"initiator", transcript)):
+        raise AuthError("wrong key")
+    return _mac(key, b"acceptor", transcript), _session(key, transcript, initiator=False)
+
+
+_JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def valid_job_id(job_id: object) -> bool:
+    """1 to 64 letters, digits, ``.``, ``_`` or ``-``, starting with a letter or digit."""
+    return isinstance(job_id, str) and _JOB_ID.fullmatch(job_id) is not None
+
+
+def job_of(raw_job: bytes) -> str:
     try:
-        job_id = raw_job.decode("ascii")
+        return raw_job.decode("ascii")
     except UnicodeDecodeError:
         raise AuthError("job id is not ASCII") from None
-    if not hmac.compare_digest(mac, initiator_mac(key, nonce_a, nonce_b, raw_job)):
-        raise AuthError(f"wrong key for job {job_id!r}")
-    sock.sendall(acceptor_mac(key, nonce_a, nonce_b, raw_job))
-    return job_id, _Exchange(key, nonce_a, nonce_b, raw_job).seal(initiator=False)
 
 
-def handshake_connect(sock: socket.socket, key: bytes, job_id: str) -> FrameSeal:
-    """Initiator side: prove the key, and check that the acceptor knows it too. Returns the
-    seal for the frames that follow."""
+def handshake_accept(
+    sock: socket.socket, key: bytes, me: int, deadline: float | None = None
+) -> tuple[str, int, Session]:
+    """Acceptor side, as rank ``me`` (the server runs the same exchange on asyncio streams).
+    Returns (job id, initiator's rank, session); the caller checks both belong to its job."""
+    deadline = time.monotonic() + HANDSHAKE_TIMEOUT_S if deadline is None else deadline
+    nonce_a, greeting = hello()
+    sock.settimeout(max(0.01, deadline - time.monotonic()))
+    sock.sendall(greeting)
+    nonce_b, initiator, acceptor, length = parse_proof(recv_exact(sock, PROOF_HEAD, deadline))
+    rest = recv_exact(sock, length + MAC, deadline)
+    raw_job, mac = bytes(rest[:length]), bytes(rest[length:])
+    if acceptor != me:
+        raise AuthError(f"the connection was meant for {acceptor}, not {me}")
+    reply, session = check_proof(key, nonce_a, nonce_b, initiator, acceptor, raw_job, mac)
+    sock.sendall(reply)
+    return job_of(raw_job), initiator, session
+
+
+def handshake_connect(
+    sock: socket.socket, key: bytes, job_id: str, me: int, them: int, deadline: float | None = None
+) -> Session:
+    """Initiator side, as rank ``me`` reaching ``them`` (a rank or ``SERVER``): prove the key,
+    and check that the acceptor knows it too. EOFError if the acceptor hangs up before the
+    greeting (busy) or after our proof (it refused the key)."""
+    deadline = time.monotonic() + HANDSHAKE_TIMEOUT_S if deadline is None else deadline
     raw_job = job_id.encode("ascii")
-    hello = recv_exact(sock, len(HELLO) + NONCE)
-    if not hello.startswith(HELLO):
-        raise AuthError("the other side does not speak the cai-hpc shim protocol")
-    nonce_a = hello[len(HELLO) :]
+    greeting = recv_exact(sock, len(PROTOCOL) + NONCE, deadline)
+    if not greeting.startswith(PROTOCOL):
+        raise AuthError("the other side does not speak this version of the cai-hpc shim protocol")
+    nonce_a = bytes(greeting[len(PROTOCOL) :])
     nonce_b = secrets.token_bytes(NONCE)
-    sock.sendall(nonce_b + bytes([len(raw_job)]) + raw_job + initiator_mac(key, nonce_a, nonce_b, raw_job))
-    reply = recv_exact(sock, MAC)
-    if not hmac.compare_digest(reply, acceptor_mac(key, nonce_a, nonce_b, raw_job)):
+    transcript = _transcript(nonce_a, nonce_b, me, them, raw_job)
+    sock.sendall(nonce_b + _IDS.pack(me, them, len(raw_job)) + raw_job + _mac(key, b"initiator", transcript))
+    try:
+        reply = recv_exact(sock, MAC, deadline)
+    except EOFError:
+        raise RefusedError("the other side refused our proof (wrong key, or not a member of the job)") from None
+    if not hmac.compare_digest(bytes(reply), _mac(key, b"acceptor", transcript)):
         raise AuthError("the other side does not know the job key")
-    return _Exchange(key, nonce_a, nonce_b, raw_job).seal(initiator=True)
+    return _session(key, transcript, initiator=True)
 
 
-def send_control(sock: socket.socket, message: dict) -> None:
-    data = json.dumps(message).encode()
-    sock.sendall(struct.pack("!I", len(data)) + data)
-
-
-def recv_control(sock: socket.socket) -> dict:
-    (length,) = struct.unpack("!I", recv_exact(sock, 4))
-    if length > MAX_CONTROL:
-        raise AuthError(f"control message of {length} bytes is over the {MAX_CONTROL} limit")
-    return json.loads(recv_exact(sock, length))
+class RefusedError(AuthError):
+    """The acceptor hung up after our proof: it did not accept our key or identity."""

@@ -1,123 +1,174 @@
-"""The wire format on its own: the handshake and the per-frame MACs, over a socket pair."""
+"""The wire format on its own: the channel-bound handshake and sealed frames, over real
+socket pairs."""
 
 from __future__ import annotations
 
 import pickle
+import resource
 import socket
 import threading
 
 import pytest
 
 from lambda_shim.wire import (
-    FRAME,
-    HELLO,
+    HEADER,
+    KIND_CONTROL,
     KIND_OBJECT,
     MAC,
     NONCE,
+    PROTOCOL,
+    SEALED_HEADER,
     AuthError,
-    FrameSeal,
+    RefusedError,
+    decode_control,
     handshake_accept,
     handshake_connect,
+    pack_table,
+    read_frame,
+    secret_bytes,
+    send_frame,
+    unpack_table,
 )
 
 KEY = bytes(range(32))
 
 
-def handshake_pair(accept_key: bytes = KEY, connect_key: bytes = KEY) -> tuple[object, object]:
-    """What each side's handshake returned (or raised) over a real socket pair. The acceptor
-    closes its end when it is done, as a rank does, so a refused initiator sees EOF."""
+def pair() -> tuple[socket.socket, socket.socket]:
     a, b = socket.socketpair()
     a.settimeout(10)
     b.settimeout(10)
+    return a, b
+
+
+def handshake_pair(accept_key: bytes = KEY, connect_key: bytes = KEY, me: int = 1, them: int = 0):
+    """(acceptor's result or error, initiator's result or error, acceptor socket, initiator
+    socket) over a real socket pair; the acceptor is rank 0 and closes its end if refused."""
+    a, b = pair()
     got: dict[str, object] = {}
 
     def accept() -> None:
         try:
-            got["accept"] = handshake_accept(a, accept_key)
+            got["accept"] = handshake_accept(a, accept_key, 0)
         except (AuthError, EOFError) as exc:
             got["accept"] = exc
-        finally:
             a.close()
 
     thread = threading.Thread(target=accept)
     thread.start()
     try:
-        connected: object = handshake_connect(b, connect_key, "job-1")
+        connected: object = handshake_connect(b, connect_key, "job-1", me, them)
     except (AuthError, EOFError) as exc:
         connected = exc
-    finally:
-        thread.join(timeout=10)
-        b.close()
-    return got["accept"], connected
+    thread.join(timeout=10)
+    return got["accept"], connected, a, b
 
 
-def sealed_pair() -> tuple[FrameSeal, FrameSeal]:
-    """(acceptor's seal, initiator's seal) after a successful handshake."""
-    accepted, initiator = handshake_pair()
-    job, acceptor = accepted
-    assert job == "job-1"
-    return acceptor, initiator
+@pytest.fixture
+def linked():
+    """(acceptor socket, its session, initiator socket, its session) after a good handshake."""
+    accepted, initiator, a, b = handshake_pair()
+    job, peer, acceptor = accepted
+    assert (job, peer) == ("job-1", 1)
+    yield a, acceptor, b, initiator
+    a.close()
+    b.close()
 
 
-def frame(payload: bytes, source: int = 1, tag: int = 7) -> tuple[bytes, bytes]:
-    return FRAME.pack(KIND_OBJECT, source, tag, len(payload)), payload
-
-
-def test_frames_check_in_order_in_both_directions() -> None:
-    acceptor, initiator = sealed_pair()
+def test_frames_arrive_in_order_in_both_directions_and_are_not_readable_on_the_wire(linked) -> None:
+    a, acceptor, b, initiator = linked
+    payload = pickle.dumps(["to acceptor", "plaintext-marker", bytes(3 * 2**20 + 5)])
+    spy_a, spy_b = pair()  # what an on-path observer sees
+    sender = threading.Thread(target=send_frame, args=(spy_a, initiator, KIND_OBJECT, 1, 7, payload))
+    sender.start()
+    wire_bytes = bytes(read_exactly(spy_b, SEALED_HEADER + len(payload) + 4 * 16))
+    sender.join(timeout=10)
+    assert b"plaintext-marker" not in wire_bytes and b"to acceptor" not in wire_bytes
+    threading.Thread(target=b.sendall, args=(wire_bytes,)).start()
+    assert read_frame(a, acceptor) == (KIND_OBJECT, 1, 7, bytearray(payload))
     for i in range(3):
-        header, payload = frame(pickle.dumps(["to acceptor", i]))
-        acceptor.check(header, payload, initiator.seal(header, payload))
-        header, payload = frame(pickle.dumps(["to initiator", i]))
-        initiator.check(header, payload, acceptor.seal(header, payload))
+        send_frame(a, acceptor, KIND_OBJECT, 0, i, pickle.dumps(i))
+    assert [pickle.loads(read_frame(b, initiator)[3]) for _ in range(3)] == [0, 1, 2]
+    spy_a.close()
+    spy_b.close()
 
 
-def test_a_changed_payload_or_header_fails_before_anything_is_unpickled() -> None:
-    acceptor, initiator = sealed_pair()
-    header, payload = frame(pickle.dumps({"rank": 1}))
-    mac = initiator.seal(header, payload)
-    tampered = bytearray(payload)
-    tampered[-2] ^= 1
-    with pytest.raises(AuthError, match="frame 0 failed its MAC"):
-        acceptor.check(header, tampered, mac)
-    other_source, _ = frame(payload, source=2)
-    with pytest.raises(AuthError, match="frame 0 failed its MAC"):
-        acceptor.check(other_source, payload, mac)
+def read_exactly(sock: socket.socket, n: int) -> bytearray:
+    out = bytearray()
+    while len(out) < n:
+        out += sock.recv(n - len(out))
+    return out
 
 
-def test_a_replayed_or_reflected_frame_fails() -> None:
-    acceptor, initiator = sealed_pair()
-    header, payload = frame(b"x")
-    mac = initiator.seal(header, payload)
-    acceptor.check(header, payload, mac)
-    with pytest.raises(AuthError, match="frame 1 failed"):
-        acceptor.check(header, payload, mac)  # the same frame again
-    reflected = acceptor.seal(header, payload)
+def test_a_forged_header_announcing_100_gb_fails_before_anything_is_allocated(linked) -> None:
+    a, acceptor, b, _ = linked
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # What a relay or on-path attacker injects: a header with a huge length (no key, so no seal).
+    b.sendall(HEADER.pack(KIND_OBJECT, 1, 0, 100 * 10**9) + bytes(SEALED_HEADER - HEADER.size))
+    with pytest.raises(AuthError, match="record 0 failed its check"):
+        read_frame(a, acceptor)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100 * 1024  # KiB: nothing like 100 GB
+
+
+def test_a_sealed_header_over_the_limit_is_refused_before_allocation(linked) -> None:
+    a, acceptor, b, initiator = linked
+    b.sendall(next(initiator.seal_frame(KIND_OBJECT, 1, 0, b"x" * 100)))  # the header only
+    with pytest.raises(AuthError, match="over the 64-byte limit"):
+        read_frame(a, acceptor, limit=64)
+
+
+def test_a_changed_replayed_or_reflected_record_fails(linked) -> None:
+    a, acceptor, b, initiator = linked
+    records = list(initiator.seal_frame(KIND_OBJECT, 1, 0, pickle.dumps({"rank": 1})))
+    tampered = bytearray(records[1])
+    tampered[3] ^= 1
+    b.sendall(records[0] + tampered)
+    with pytest.raises(AuthError, match="record 1 failed its check"):
+        read_frame(a, acceptor)
+    # A fresh pair: a frame sent twice, or our own frame sent back to us.
+    accepted, initiator2, a2, b2 = handshake_pair()
+    acceptor2 = accepted[2]
+    frame = b"".join(initiator2.seal_frame(KIND_OBJECT, 1, 0, b"once"))
+    b2.sendall(frame + frame)
+    assert read_frame(a2, acceptor2)[3] == b"once"
     with pytest.raises(AuthError):
-        acceptor.check(header, payload, reflected)  # our own frame sent back to us
+        read_frame(a2, acceptor2)
+    a3_accepted, _, a3, b3 = handshake_pair()
+    b3.sendall(b"".join(a3_accepted[2].seal_frame(KIND_OBJECT, 0, 0, b"mine")))  # reflected
+    with pytest.raises(AuthError):
+        read_frame(a3, a3_accepted[2])
+    for s in (a2, b2, a3, b3):
+        s.close()
 
 
 def test_each_connection_has_its_own_keys() -> None:
-    first_acceptor, _ = sealed_pair()
-    _, second_initiator = sealed_pair()
-    header, payload = frame(b"x")
+    first, _, a1, b1 = handshake_pair()
+    _, second_initiator, a2, b2 = handshake_pair()
+    b1.sendall(b"".join(second_initiator.seal_frame(KIND_OBJECT, 1, 0, b"x")))
     with pytest.raises(AuthError):
-        first_acceptor.check(header, payload, second_initiator.seal(header, payload))
+        read_frame(a1, first[2])
+    for s in (a1, b1, a2, b2):
+        s.close()
 
 
 def test_a_wrong_key_fails_the_handshake_on_both_sides() -> None:
-    accepted, connected = handshake_pair(accept_key=KEY, connect_key=bytes(32))
-    assert isinstance(accepted, AuthError) and "wrong key for job 'job-1'" in str(accepted)
-    assert isinstance(connected, EOFError)  # refused before the acceptor proves anything
+    accepted, connected, _, b = handshake_pair(accept_key=KEY, connect_key=bytes(32))
+    assert isinstance(accepted, AuthError) and str(accepted) == "wrong key"  # nothing the initiator chose
+    assert isinstance(connected, RefusedError)
+    b.close()
+
+
+def test_a_handshake_meant_for_another_rank_is_refused() -> None:
+    accepted, connected, _, b = handshake_pair(them=3)  # the acceptor is rank 0
+    assert isinstance(accepted, AuthError) and "meant for 3, not 0" in str(accepted)
+    assert isinstance(connected, RefusedError)
+    b.close()
 
 
 def test_an_acceptor_that_skips_the_key_check_is_caught_by_the_initiator() -> None:
-    a, b = socket.socketpair()
-    a.settimeout(10)
-    b.settimeout(10)
+    a, b = pair()
 
     def impostor() -> None:
-        a.sendall(HELLO + bytes(NONCE))
+        a.sendall(PROTOCOL + bytes(NONCE))
         a.recv(4096)  # the initiator's proof, ignored
         a.sendall(bytes(MAC))
 
@@ -125,8 +176,60 @@ def test_an_acceptor_that_skips_the_key_check_is_caught_by_the_initiator() -> No
     thread.start()
     try:
         with pytest.raises(AuthError, match="does not know the job key"):
-            handshake_connect(b, KEY, "job-1")
+            handshake_connect(b, KEY, "job-1", 1, 0)
     finally:
         thread.join(timeout=10)
         a.close()
         b.close()
+
+
+def test_relaying_someone_elses_handshake_gives_nothing_to_inject() -> None:
+    """A man in the middle forwards a real handshake between the two ends, then writes its
+    own frame into the acceptor's stream: it fails, since the frame keys come from the
+    transcript and the job key, which the relay never holds."""
+    acceptor_side, relay_a = pair()
+    relay_b, initiator_side = pair()
+    got: dict[str, object] = {}
+    thread = threading.Thread(target=lambda: got.setdefault("a", handshake_accept(acceptor_side, KEY, 0)))
+    thread.start()
+    hello = read_exactly(relay_a, len(PROTOCOL) + NONCE)
+    relay_b.sendall(hello)
+    connecting = threading.Thread(target=lambda: got.setdefault("i", handshake_connect(initiator_side, KEY, "j", 1, 0)))
+    connecting.start()
+    proof = relay_b.recv(4096)
+    relay_a.sendall(proof)
+    relay_b.sendall(read_exactly(relay_a, MAC))
+    thread.join(timeout=10)
+    connecting.join(timeout=10)
+    _, _, session = got["a"]
+    relay_a.sendall(HEADER.pack(KIND_CONTROL, 1, 0, 2) + bytes(16) + b"{}" + bytes(16))
+    with pytest.raises(AuthError):
+        read_frame(acceptor_side, session)
+    for s in (acceptor_side, relay_a, relay_b, initiator_side):
+        s.close()
+
+
+def test_secrets_shorter_than_32_bytes_are_refused() -> None:
+    with pytest.raises(AuthError, match="at least 32"):
+        secret_bytes("hunter2")
+    with pytest.raises(AuthError, match="at least 32"):
+        secret_bytes("ab" * 31)
+    assert len(secret_bytes("ab" * 32)) == 32
+
+
+def test_deep_or_oversized_control_messages_are_refused_without_recursion() -> None:
+    with pytest.raises(AuthError, match="nested deeper"):
+        decode_control(b"[" * 30_000 + b"]" * 30_000)
+    with pytest.raises(AuthError, match="over the"):
+        decode_control(b'{"a":"' + b"x" * 70_000 + b'"}')
+    assert decode_control(b'{"op":"x","s":"[[[[[[[["}') == {"op": "x", "s": "[[[[[[[["}
+
+
+def test_the_address_table_of_100000_ranks_round_trips() -> None:
+    entries = [(f"10.0.{r // 256 % 256}.{r % 256}", 1000 + r % 60000, "127.0.0.1", 7) for r in range(100_000)]
+    data = pack_table(entries)
+    assert len(data) == 12 * 100_000
+    table = unpack_table(data, 100_000)
+    assert table[12345] == ((entries[12345][0], entries[12345][1]), ("127.0.0.1", 7))
+    with pytest.raises(AuthError):
+        unpack_table(data, 99_999)
