@@ -54,7 +54,7 @@ RENDEZVOUS_ENV = "CAI_HPC_RENDEZVOUS"  # host:port, from the function's configur
 DATA_PREFIX_ENV = "CAI_HPC_DATA_PREFIX"  # optional: every data/shard URI must be under it
 OUT_PREFIX_ENV = "CAI_HPC_OUT_PREFIX"  # optional: every out URI must be under it
 LAMBDA_MAX_S = 900.0
-_SECRET_NAME = re.compile(r"[A-Za-z0-9/_+=.@-]{1,512}")
+_SECRET_NAME = re.compile(r"[A-Za-z0-9/_+=.@:-]{1,2048}")  # a name, or an ARN (the stack passes its ARN)
 
 
 @dataclass(frozen=True)
@@ -117,7 +117,7 @@ class RankEvent:
         if ev.model is not None and not _s3_uri(ev.model):
             raise bad("model", "an s3:// URI or null")
         if not isinstance(ev.token_secret, str) or not _SECRET_NAME.fullmatch(ev.token_secret):
-            raise bad("token_secret", "a Secrets Manager secret name")
+            raise bad("token_secret", "a Secrets Manager secret name or ARN")
         if not _int(ev.batch_size, 1, 1 << 16):
             raise bad("batch_size", "an integer in 1..65536")
         if ev.threads is not None and not _int(ev.threads, 1, 1024):

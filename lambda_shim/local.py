@@ -171,7 +171,9 @@ class LocalCloud:
 
     def _spawn(self, api: RuntimeAPI, handler: str, name: str, prefix: str, memory_mb: int | None = None) -> None:
         memory_mb = memory_mb or self.memory_mb
-        lambda_env = {**self.env, "AWS_LAMBDA_RUNTIME_API": api.address, "PYTHONUNBUFFERED": "1"}
+        # The rendezvous address is part of the function's configuration, as the template sets it.
+        lambda_env = {**self.env, "CAI_HPC_RENDEZVOUS": self.rendezvous, "AWS_LAMBDA_RUNTIME_API": api.address}
+        lambda_env["PYTHONUNBUFFERED"] = "1"
         command = runtime_client_command(handler)
         if self.sandboxed:
             sandbox = Sandbox(name, memory_mb)
