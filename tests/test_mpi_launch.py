@@ -68,7 +68,10 @@ def test_pytest_mpi_suite(ranks) -> None:
 
 def test_mpi_is_initialised_funneled() -> None:
     # Only the main thread calls MPI; mpi4py would ask for MULTIPLE (which MPICH grants).
-    probe = "from cai_hpc.comm import get_comm; get_comm('mpi'); from mpi4py import MPI; print(MPI.Query_thread())"
+    probe = (  # one write per rank: print() writes its newline apart, and two ranks' lines can interleave
+        "import sys; from cai_hpc.comm import get_comm; get_comm('mpi'); from mpi4py import MPI; "
+        "sys.stdout.write(f'{MPI.Query_thread()}\\n')"
+    )
     result = mpiexec(2, "-c", probe)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["1", "1"]  # MPI_THREAD_FUNNELED (MPICH's value, and the standard's order)

@@ -45,7 +45,7 @@ def test_the_first_bad_row_is_named_when_several_are_bad(small_dataset, tmp_path
 
 def test_a_clean_slab_reads_the_shard_rows(small_dataset) -> None:
     path = small_dataset / "shard-00001.h5"
-    with ShardReader(inspect_shard(path)) as reader, h5py.File(path) as f:
+    with ShardReader(inspect_shard(path)) as reader, h5py.File(path, locking=False) as f:  # as the reader opens it
         cols = reader.read(10, 20)
         np.testing.assert_array_equal(cols.images, f["images"][10:20])
         np.testing.assert_array_equal(cols.magnitudes, f["magnitudes"][10:20])
