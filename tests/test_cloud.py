@@ -246,7 +246,7 @@ def test_handler_errors_are_one_line_and_name_the_rank(local_cloud, small_datase
     impostor = {**event, "job": "j-impostor", "world_size": 1, "token_secret": "wrong-secret", "connect_timeout_s": 5}
     with pytest.raises(TaskError) as refused:
         local_cloud.invoke_rank(impostor)
-    assert refused.value.cause.startswith("rank 0: rendezvous server") and "wrong token" in refused.value.cause
+    assert refused.value.cause.startswith("rank 0: the rendezvous server") and "refused our key" in refused.value.cause
     assert "\n" not in refused.value.cause
     assert not _listing(local_cloud, "err-out/")  # nothing written by any of them
 
