@@ -242,7 +242,7 @@ def plan_job(comm: Any, config: RunConfig) -> Job:
 
 
 def _make_output_dir(out: Location) -> None:
-    """Created only once the input passed every check, so bad input leaves no trace."""
+    """Created once planning passed (every header checked): a run refused at planning leaves no trace."""
     try:
         (out / "predictions").make_dir()
     except OSError as exc:

@@ -24,18 +24,17 @@ and ``singular_values`` (K,), attribute ``samples``) and ``projections/<shard st
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 
 from cai_hpc import predictions
+from cai_hpc.agree import agreed
 from cai_hpc.errors import InputError
 from cai_hpc.storage import Location
 
 FORMAT = "cai-hpc-pca"
 BLOCK_BYTES = 8 << 20  # rows of the scatter matrix per Reduce
-T = TypeVar("T")
 
 
 def pca(comm: Any, run: Location | str, out: Location | str, components: int) -> dict[str, Any] | None:
@@ -44,7 +43,7 @@ def pca(comm: Any, run: Location | str, out: Location | str, components: int) ->
     rank, size = comm.Get_rank(), comm.Get_size()
     if components < 1:
         raise InputError(f"--components must be at least 1, got {components}", agreed=True)
-    mine = _agreed(comm, lambda: [_check(f) for f in predictions.prediction_files(run)[rank::size]])
+    mine = agreed(comm, lambda: [_check(f) for f in predictions.prediction_files(run)[rank::size]])
     widths = {d for theirs in comm.allgather([d for _, _, d in mine]) for d in theirs}
     if len(widths) > 1:
         raise InputError(f"{run}: embeddings of different widths {sorted(widths)}", agreed=True)
@@ -89,7 +88,7 @@ def pca(comm: Any, run: Location | str, out: Location | str, components: int) ->
     comm.Bcast(basis, root=0)
 
     # 3: projections, one shard at a time; rank 0 writes the components.
-    _agreed(comm, lambda: _make_dir(out / "projections") if rank == 0 else None)
+    agreed(comm, lambda: _make_dir(out / "projections") if rank == 0 else None)
     for where, _, _ in mine:
         _write_projection(out, where, (_embeddings(where) - mean) @ basis.T)
     if rank == 0:
@@ -152,15 +151,3 @@ def _make_dir(where: Location) -> None:
         where.make_dir()
     except OSError as exc:
         raise InputError(f"{where}: cannot create the output directory: {exc.strerror}") from None
-
-
-def _agreed(comm: Any, work: Callable[[], T]) -> T:
-    """Every rank does its part; if any rank hits an InputError, all raise the first one."""
-    try:
-        result, error = work(), None
-    except InputError as exc:
-        result, error = None, str(exc)
-    errors = [e for e in comm.allgather(error) if e is not None]
-    if errors:
-        raise InputError(errors[0], agreed=True)
-    return result

@@ -92,7 +92,8 @@ def is_complete(out: Location, shard: ShardInfo, rows: int, weights: str, embedd
 def read_labelled(out: Location, shard: ShardInfo, rows: int) -> tuple[np.ndarray, np.ndarray]:
     """(predicted, true) redshift of the first ``rows`` rows of a finished shard; empty when it
     has no labels."""
-    with prediction_path(out, shard).open_h5() as f:
+    # Ranged reads of two small datasets: the whole file (embeddings too) would stay in memory on S3.
+    with prediction_path(out, shard).open_h5(header_only=True) as f:
         if "redshift" not in f:
             return np.empty(0, np.float32), np.empty(0, np.float32)
         return f["redshift_pred"][:rows], f["redshift"][:rows]

@@ -203,7 +203,10 @@ def inspect_shard(where: Location | Path | str) -> ShardInfo:
             fid = stack.enter_context(path.h5_header())
         except OSError as exc:
             raise InputError(f"{path}: {_open_failure(exc)}") from None
-        return _checked_header(fid, path)
+        try:
+            return _checked_header(fid, path)
+        except (OSError, KeyError, TypeError, ValueError) as exc:  # a damaged object header, say
+            raise InputError(f"{path}: not a readable HDF5 shard (damaged?): {_short(exc)}") from None
 
 
 def _checked_header(fid: h5py.h5f.FileID, path: Location) -> ShardInfo:

@@ -210,7 +210,7 @@ class Location:
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         try:
             tmp.write_bytes(data)
-            os.replace(tmp, path)
+            _replace_durably(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
 
@@ -228,7 +228,7 @@ class Location:
         try:
             with h5py.File(tmp, "w", locking=False) as f:
                 yield f
-            os.replace(tmp, path)
+            _replace_durably(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
 
@@ -277,6 +277,20 @@ def _read_access() -> h5py.h5p.PropFAID:
     fapl.set_file_locking(False, True)
     fapl.set_fclose_degree(h5py.h5f.CLOSE_STRONG)
     return fapl
+
+
+def _replace_durably(tmp: Path, path: Path) -> None:
+    """Rename a finished temporary file over ``path``, its data on disk first: after a node's
+    crash a renamed file whose blocks never reached the disk (NFS, Lustre, ext4 without
+    ordered data) would look whole and hold zeros."""
+    with tmp.open("rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)  # the rename itself
+    finally:
+        os.close(directory)
 
 
 def forget() -> None:

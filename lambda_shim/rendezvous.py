@@ -272,16 +272,21 @@ class Rendezvous:
             except (asyncio.IncompleteReadError, ConnectionError, AuthError) as exc:
                 return f"its connection to the server ended ({type(exc).__name__})"
             if kind == KIND_HEARTBEAT:
-                conn.send(KIND_HEARTBEAT)
+                _quietly(conn.send, KIND_HEARTBEAT)  # a failed reply shows as the read's end
                 continue
-            message = decode_control(payload) if kind == KIND_CONTROL else {}
-            op = message.get("op")
-            if op == "bye":
-                return None
-            if op == "punch" and job.complete.is_set():
-                target = job.members.get(_int(message, "peer", 0, job.size - 1))
-                if target is not None:
-                    _quietly(target.conn.control, {"op": "punch-request", "peer": member.rank})
+            # Whatever a request does wrong ends this member like a lost connection (and tells
+            # the others), never the task: a member left behind would hold its job forever.
+            try:
+                message = decode_control(payload) if kind == KIND_CONTROL else {}
+                op = message.get("op")
+                if op == "bye":
+                    return None
+                if op == "punch" and job.complete.is_set():
+                    target = job.members.get(_int(message, "peer", 0, job.size - 1))
+                    if target is not None:
+                        _quietly(target.conn.control, {"op": "punch-request", "peer": member.rank})
+            except (AuthError, ValueError, KeyError, TypeError) as exc:
+                return f"it sent a request the server cannot take ({type(exc).__name__})"
 
     def _drop(self, job: Job, member: Member) -> None:
         if job.members.get(member.rank) is member:
@@ -387,6 +392,9 @@ class Rendezvous:
             await finished  # the joining side runs the pipe until either end closes
             return
         other_conn, joined = other
+        if joined.done():  # its wait timed out a moment ago (wait_for yields while it cancels)
+            _quietly(conn.control, {"op": "error", "message": f"rank {peer} stopped waiting for the relay"})
+            return
         finished = asyncio.get_running_loop().create_future()
         joined.set_result(finished)
         job.pipes |= {conn.writer, other_conn.writer}

@@ -33,7 +33,7 @@ import socket
 import struct
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -72,6 +72,13 @@ MAX_WORLD = 100_000
 _PART = struct.Struct("!iq")
 
 
+def _writable(sock: socket.socket) -> bool:
+    """Whether a send would not block now (poll: select() fails on descriptors past 1023)."""
+    poller = select.poll()
+    poller.register(sock, select.POLLOUT)
+    return bool(poller.poll(0))
+
+
 class CommError(RuntimeError):
     """A peer died, closed its connection, or an operation missed its deadline."""
 
@@ -81,7 +88,7 @@ class ShimConfig:
     rank: int
     size: int
     job_id: str
-    key: bytes
+    key: bytes = field(repr=False)  # never in a log line or traceback
     server: tuple[str, int]
     mode: str = "auto"
     connect_timeout: float = 120.0
@@ -412,7 +419,7 @@ class TcpComm:
         if not link.lock.acquire(blocking=False):
             return  # a send is under way: it is what the peer hears from us
         try:
-            if select.select([], [link.sock], [], 0)[1]:
+            if _writable(link.sock):
                 send_frame(link.sock, link.session, KIND_HEARTBEAT, self.rank, 0)
                 link.last_send = time.monotonic()
         except (OSError, ValueError) as exc:

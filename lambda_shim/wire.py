@@ -199,7 +199,7 @@ def read_frame(
     kind, source, tag, length = session.open_header(recv_exact(sock, SEALED_HEADER), limit)
     payload = bytearray(length)
     out = memoryview(payload)
-    record = bytearray(CHUNK + TAG)
+    record = bytearray(min(CHUNK, length) + TAG)  # not 1 MiB zero-filled for every small frame
     off = 0
     for n in chunk_sizes(length):
         view = memoryview(record)[: n + TAG]

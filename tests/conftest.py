@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import math
 import os
@@ -9,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import NoReturn
 
@@ -55,6 +57,32 @@ def missing_modules(*names: str, hint: str) -> str | None:
         except ImportError as e:
             return f"{name} cannot be imported ({e}); {hint}"
     return None
+
+
+@contextlib.contextmanager
+def moto_server() -> Iterator[str]:
+    """moto's AWS server on loopback for the block, with this process's AWS settings pointed at
+    it (and put back after); yields its endpoint."""
+    if (missing := missing_modules("moto.server", hint="moto[server] is in the test extras")) is not None:
+        skip_or_fail(missing)
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "test"}
+    env |= {"AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield env["AWS_ENDPOINT_URL"]
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k)
+            else:
+                os.environ[k] = v
+        server.stop()
 
 
 def pytest_configure(config: pytest.Config) -> None:

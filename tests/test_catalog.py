@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from cai_hpc import predictions
-from tests.conftest import cai_hpc, missing_modules, skip_or_fail
+from tests.conftest import cai_hpc, moto_server
 
 STAMP = {"checkpoint": "golden.safetensors", "weights": "sha256:0123abcd/fp32"}
 
@@ -167,32 +167,12 @@ def test_memory_is_flat_in_the_catalogue_size(tmp_path, suffix, shards) -> None:
 # ------------------------------------------------------------------ S3 (moto's server)
 @pytest.fixture(scope="module")
 def moto_s3():
-    if (missing := missing_modules("moto.server", hint="moto[server] is in the test extras")) is not None:
-        skip_or_fail(missing)
-    from moto.server import ThreadedMotoServer
+    with moto_server():
+        import boto3
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {
-        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
-        "AWS_ACCESS_KEY_ID": "test",
-        "AWS_SECRET_ACCESS_KEY": "test",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    import boto3
-
-    s3 = boto3.client("s3")
-    s3.create_bucket(Bucket="cat")
-    yield s3
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k)
-        else:
-            os.environ[k] = v
-    server.stop()
+        s3 = boto3.client("s3")
+        s3.create_bucket(Bucket="cat")
+        yield s3
 
 
 def test_a_run_on_s3_makes_the_same_catalogue(moto_s3, tmp_path) -> None:

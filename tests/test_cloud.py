@@ -24,7 +24,7 @@ from lambda_shim.cloud import JobFailedError, make_plan, progress_line, start
 from lambda_shim.cost import PRICES, estimate_cost
 from lambda_shim.local import BUCKET, LocalCloud
 from lambda_shim.workflow import load_definition
-from tests.conftest import MPIEXEC, cai_hpc, missing_modules, requires_infra
+from tests.conftest import MPIEXEC, cai_hpc, missing_modules, moto_server, requires_infra
 
 pytestmark = requires_infra(missing_modules("moto.server", "awslambdaric", hint="both are in the test extras"))
 NO_AWS = {  # an environment in which boto3's chain finds nothing, quickly
@@ -286,30 +286,12 @@ def test_a_corrupt_shard_fails_the_run_in_one_line_and_writes_nothing(small_data
 # ------------------------------------------------------------------ S3 listings longer than a page
 @pytest.fixture(scope="module")
 def moto_s3():
-    from moto.server import ThreadedMotoServer
+    with moto_server():
+        import boto3
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {
-        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
-        "AWS_ACCESS_KEY_ID": "test",
-        "AWS_SECRET_ACCESS_KEY": "test",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    import boto3
-
-    s3 = boto3.client("s3")
-    s3.create_bucket(Bucket="many")
-    yield s3
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k)
-        else:
-            os.environ[k] = v
-    server.stop()
+        s3 = boto3.client("s3")
+        s3.create_bucket(Bucket="many")
+        yield s3
 
 
 def _put_many(s3, keys: list[str], body: bytes) -> None:

@@ -13,7 +13,7 @@ import pytest
 
 from cai_hpc.errors import InputError
 from lambda_shim.cloud import STACK_OUTPUTS, read_stack
-from tests.conftest import missing_modules, requires_infra
+from tests.conftest import missing_modules, moto_server, requires_infra
 
 pytestmark = requires_infra(missing_modules("moto.server", hint="moto[server] is in the test extras"))
 
@@ -41,35 +41,17 @@ def stack_template(outputs: dict[str, str]) -> str:
 def aws(small_dataset):
     """A moto server holding stack `demo` (every output) and stack `old` (no MaxRanks output), and
     the small dataset's shards under s3://stack-bucket/data/."""
-    from moto.server import ThreadedMotoServer
+    with moto_server():
+        import boto3
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {
-        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
-        "AWS_ACCESS_KEY_ID": "test",
-        "AWS_SECRET_ACCESS_KEY": "test",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    import boto3
-
-    cfn = boto3.client("cloudformation")
-    cfn.create_stack(StackName="demo", TemplateBody=stack_template(FACTS))
-    old = {k: v for k, v in FACTS.items() if k != "MaxRanks"}
-    cfn.create_stack(StackName="old", TemplateBody=stack_template(old).replace(BUCKET, "old-bucket"))
-    s3 = boto3.client("s3")
-    for shard in sorted(small_dataset.glob("*.h5")):
-        s3.upload_file(str(shard), BUCKET, f"data/{shard.name}")
-    yield s3
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k)
-        else:
-            os.environ[k] = v
-    server.stop()
+        cfn = boto3.client("cloudformation")
+        cfn.create_stack(StackName="demo", TemplateBody=stack_template(FACTS))
+        old = {k: v for k, v in FACTS.items() if k != "MaxRanks"}
+        cfn.create_stack(StackName="old", TemplateBody=stack_template(old).replace(BUCKET, "old-bucket"))
+        s3 = boto3.client("s3")
+        for shard in sorted(small_dataset.glob("*.h5")):
+            s3.upload_file(str(shard), BUCKET, f"data/{shard.name}")
+        yield s3
 
 
 def cloud(*args: str) -> subprocess.CompletedProcess:

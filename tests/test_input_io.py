@@ -24,7 +24,7 @@ from cai_hpc.engine import RunConfig, run
 from cai_hpc.job import planned_job
 from cai_hpc.shards import SAMPLE_BYTES, scan_dataset
 from cai_hpc.storage import Location
-from tests.conftest import MPIEXEC, cai_hpc, missing_modules, requires_infra, skip_or_fail
+from tests.conftest import MPIEXEC, cai_hpc, moto_server, requires_infra, skip_or_fail
 from tests.plans import planning_dataset, serial_job
 
 PLAN_SUITE = Path(__file__).with_name("test_parallel_input.py")
@@ -257,20 +257,9 @@ def test_bad_rows_on_one_rank_end_the_mpi_job_in_one_line_and_a_rerun_resumes(sm
 
 
 def test_an_s3_run_fetches_each_shard_once_and_checks_headers_on_byte_ranges(small_dataset, tmp_path) -> None:
-    if (missing := missing_modules("moto.server", hint="moto[server] is in the test extras")) is not None:
-        skip_or_fail(missing)
-    import moto.server as server_module
-
     from cai_hpc import storage
 
-    server = server_module.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "test"}
-    env |= {"AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
+    with moto_server():
         s3 = storage._s3()
         s3.create_bucket(Bucket="once")
         for shard in sorted(small_dataset.glob("*.h5")):
@@ -289,13 +278,6 @@ def test_an_s3_run_fetches_each_shard_once_and_checks_headers_on_byte_ranges(sma
         assert whole == {f"ds/{p.name}": 1 for p in small_dataset.glob("*.h5")}  # each fetched once
         assert sum(ranged.values()) < 0.15 * _sizes(small_dataset)[1]  # headers: byte ranges, not the data
         assert not storage._fetched  # and no shard kept in memory after it was read
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k)
-            else:
-                os.environ[k] = v
-        server.stop()
 
 
 def _span(header: str) -> int:
