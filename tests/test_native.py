@@ -279,12 +279,12 @@ def test_without_kernels_the_reason_is_logged_once(env, reason, tmp_path) -> Non
 
 def test_a_cache_directory_others_can_write_is_passed_over(tmp_path, monkeypatch) -> None:
     # The process loads code from the cache: one that someone else could have written to is not used.
-    shared = tmp_path / "shared"
-    shared.mkdir()
-    shared.chmod(0o777)
-    monkeypatch.setenv("CAI_HPC_CACHE", str(shared))
+    writable = tmp_path / "group-writable"
+    writable.mkdir()
+    writable.chmod(0o777)
+    monkeypatch.setenv("CAI_HPC_CACHE", str(writable))
     chosen = native._cache_dir()
-    assert chosen != shared
+    assert chosen != writable
     assert chosen.stat().st_uid == os.getuid() and not chosen.stat().st_mode & 0o022
     mine = tmp_path / "mine"
     monkeypatch.setenv("CAI_HPC_CACHE", str(mine))
