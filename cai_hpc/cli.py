@@ -505,7 +505,7 @@ def _cloud_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     size.add_argument("--shards-per-rank", type=int, help="whole shards per rank")
     job.add_argument(
         "--stack",
-        help="CloudFormation stack of lambda_shim/template.yaml: every deployment fact comes from its outputs",
+        help="CloudFormation stack of lambda_shim/aws/template.yaml: every deployment fact comes from its outputs",
     )
     job.add_argument("--max-ranks", type=int, help="without --stack: ranks the deployment runs at once (default 1000)")
     job.add_argument(
@@ -524,7 +524,7 @@ def _cloud_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     v = verbs.add_parser("plan", parents=[common, job], help="print the plan and its cost estimate (writes nothing)")
     v.set_defaults(handler=cmd_cloud_plan)
     v = verbs.add_parser("run", parents=[common, job], help="start a job and follow it to its summary")
-    v.add_argument("--state-machine", help="ARN of the deployed state machine (lambda_shim/template.yaml)")
+    v.add_argument("--state-machine", help="ARN of the deployed state machine (lambda_shim/aws/template.yaml)")
     v.add_argument("--dry-run", action="store_true", help="print the plan and its cost estimate, start nothing")
     v.add_argument("--local", action="store_true", help="emulate the whole cloud path on this machine")
     v.add_argument("-n", "--local-ranks", type=int, default=2, help="with --local: ranks (functions)")
@@ -553,7 +553,7 @@ def _plan_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _aws_plan(args: argparse.Namespace) -> Any:
-    from lambda_shim.cloud import make_plan
+    from lambda_shim.aws.cloud import make_plan
 
     if args.batch_size < 1:
         raise InputError(f"--batch-size must be at least 1, got {args.batch_size}")
@@ -566,7 +566,7 @@ def _aws_plan(args: argparse.Namespace) -> Any:
             token_secret=args.token_secret or "cai-hpc/rendezvous",
             **_plan_options(args),
         )
-    from lambda_shim.cloud import read_stack
+    from lambda_shim.aws.cloud import read_stack
 
     facts = ("max_ranks", "token_secret", "state_machine", "rendezvous")
     given = [f"--{name.replace('_', '-')}" for name in facts if getattr(args, name, None)]
@@ -600,7 +600,7 @@ def cmd_cloud_plan(args: argparse.Namespace) -> int:
 
 def cmd_cloud_run(args: argparse.Namespace) -> int:
     if args.local:
-        from lambda_shim.local import run_local
+        from lambda_shim.aws.local import run_local
 
         if args.ranks is not None or args.shards_per_rank is not None:
             raise InputError("with --local, -n N sets the ranks (--ranks and --shards-per-rank are for AWS runs)")
@@ -619,7 +619,7 @@ def cmd_cloud_run(args: argparse.Namespace) -> int:
         )
         _report(summary, args.out)
         return 0
-    from lambda_shim import cloud
+    from lambda_shim.aws import cloud
 
     plan = _aws_plan(args)
     print(plan.describe(args.rate))
@@ -632,7 +632,7 @@ def cmd_cloud_run(args: argparse.Namespace) -> int:
     print(f"execution {execution}", flush=True)
     state = cloud.follow(execution, plan.memory_mb, architecture=plan.architecture)
     if state["status"] != "SUCCEEDED":
-        from lambda_shim.gang import explain_failure
+        from lambda_shim.aws.gang import explain_failure
 
         cause = f"{state['status']}: {state.get('error')}: {state.get('cause')}"
         raise cloud.JobFailedError(explain_failure(cause, plan.world_size, plan.connect_timeout_s, plan.memory_mb))
@@ -642,14 +642,14 @@ def cmd_cloud_run(args: argparse.Namespace) -> int:
 
 
 def cmd_cloud_status(args: argparse.Namespace) -> int:
-    from lambda_shim import cloud
+    from lambda_shim.aws import cloud
 
     print(cloud.progress_line(cloud.status(args.execution)))
     return 0
 
 
 def cmd_cloud_fetch(args: argparse.Namespace) -> int:
-    from lambda_shim import cloud
+    from lambda_shim.aws import cloud
 
     summary = cloud.fetch(args.out, args.to, predictions=not args.summary_only)
     _report(summary, args.to)

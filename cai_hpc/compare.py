@@ -263,7 +263,7 @@ def projection(rows: list[Row], nodes: int, functions: int) -> dict[str, dict]:
     """Per setup: the measured rate of one unit (samples/s of the laptop, of this machine as one
     HPC node, of one emulated Lambda rank) and cold start (median ``startup_s``), the units,
     and what the setup costs per second; ``time(S) = cold_s + S / (units * rate)``."""
-    from lambda_shim.cost import PRICES
+    from lambda_shim.aws.cost import PRICES
 
     best = {}
     for row, _ in median_rows(rows):

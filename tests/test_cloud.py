@@ -19,11 +19,11 @@ import numpy as np
 import pytest
 
 from cai_hpc.errors import InputError
-from lambda_shim import gang, handler, sandbox
-from lambda_shim.cloud import JobFailedError, make_plan, progress_line, start
-from lambda_shim.cost import PRICES, estimate_cost
-from lambda_shim.local import BUCKET, LocalCloud
-from lambda_shim.workflow import load_definition
+from lambda_shim.aws import gang, handler, sandbox
+from lambda_shim.aws.cloud import JobFailedError, make_plan, progress_line, start
+from lambda_shim.aws.cost import PRICES, estimate_cost
+from lambda_shim.aws.local import BUCKET, LocalCloud
+from lambda_shim.aws.workflow import load_definition
 from tests.conftest import MPIEXEC, cai_hpc, missing_modules, moto_server, requires_infra
 
 pytestmark = requires_infra(missing_modules("moto.server", "awslambdaric", hint="both are in the test extras"))
@@ -226,7 +226,7 @@ def test_handler_errors_are_one_line_and_name_the_rank(local_cloud, small_datase
     plan = local_cloud.plan(data, f"s3://{BUCKET}/err-out", model=None, ranks=2, threads=1)
     event = dict(plan.events[0])
 
-    from lambda_shim.workflow import TaskError
+    from lambda_shim.aws.workflow import TaskError
 
     with pytest.raises(TaskError) as missing:
         local_cloud.invoke_rank({k: v for k, v in event.items() if k != "job"})
@@ -259,7 +259,7 @@ def test_a_rank_refuses_an_output_outside_s3_and_writes_nothing(local_cloud, sma
     plan = local_cloud.plan(data, f"s3://{BUCKET}/sandbox-out", model=None, ranks=2, threads=1)
     outside = Path("/var/tmp") / f"cai-hpc-sandbox-{plan.job}"
     event = {**plan.events[0], "job": f"{plan.job}-local-out", "world_size": 1, "out": str(outside)}
-    from lambda_shim.workflow import TaskError
+    from lambda_shim.aws.workflow import TaskError
 
     with pytest.raises(TaskError) as refused:
         local_cloud.invoke_rank(event)

@@ -1,5 +1,5 @@
 """`cloud plan|run --stack NAME`: every deployment fact from the stack's outputs, read from moto's
-CloudFormation server (a plain template carrying lambda_shim/template.yaml's outputs: moto does not
+CloudFormation server (a plain template carrying lambda_shim/aws/template.yaml's outputs: moto does not
 run the SAM transform), and plans the stack's roles could not carry out refused in one line."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from cai_hpc.errors import InputError
-from lambda_shim.cloud import STACK_OUTPUTS, read_stack
+from lambda_shim.aws.cloud import STACK_OUTPUTS, read_stack
 from tests.conftest import missing_modules, moto_server, requires_infra
 
 pytestmark = requires_infra(missing_modules("moto.server", hint="moto[server] is in the test extras"))
@@ -134,7 +134,7 @@ def test_a_stack_without_the_outputs_or_missing_is_one_line(aws) -> None:
 def test_arm64_is_priced_below_x86_64() -> None:
     """The same job on Graviton: the same GB-s at arm64's price (20 % less); requests, transitions
     and S3 cost the same."""
-    from lambda_shim.cost import LAMBDA_GB_S, estimate_cost, job_cost
+    from lambda_shim.aws.cost import LAMBDA_GB_S, estimate_cost, job_cost
 
     args = ([4800, 4800], 12, 3538, 100.0, 10.0)
     x86, arm = estimate_cost(*args), estimate_cost(*args, architecture="arm64")
@@ -150,8 +150,8 @@ def test_arm64_is_priced_below_x86_64() -> None:
 
 @pytest.mark.parametrize(("machine", "architecture"), [("aarch64", "arm64"), ("x86_64", "x86_64")])
 def test_summarize_bills_at_the_price_of_the_architecture_it_runs_on(aws, monkeypatch, machine, architecture) -> None:
-    from lambda_shim import handler
-    from lambda_shim.cost import LAMBDA_GB_S
+    from lambda_shim.aws import handler
+    from lambda_shim.aws.cost import LAMBDA_GB_S
 
     record = {"job": "j", "rank": 0, "shards": 1, "memory_mb": 2048, "duration_s": 100.0, "init_s": 0.0}
     out = f"summaries/{machine}"

@@ -24,7 +24,7 @@ import pytest
 from tests.conftest import missing_modules, skip_or_fail
 
 ROOT = Path(__file__).resolve().parents[1]
-SHIM = ROOT / "lambda_shim"
+SHIM = ROOT / "lambda_shim" / "aws"
 TEMPLATE = SHIM / "template.yaml"
 ASL = SHIM / "statemachine.asl.json"
 DOCKERFILE = SHIM / "Dockerfile"
@@ -39,7 +39,7 @@ INVOCATION_ERRORS = {
     "Lambda.SdkClientException",
     "Lambda.AWSLambdaException",
 }
-HANDLERS = {"RankFunction": "lambda_shim.handler.handler", "SummarizeFunction": "lambda_shim.handler.summarize"}
+HANDLERS = {"RankFunction": "lambda_shim.aws.handler.handler", "SummarizeFunction": "lambda_shim.aws.handler.summarize"}
 SUBSTITUTION = re.compile(r"\$\{([^}]*)\}")
 
 
@@ -299,7 +299,7 @@ def test_bucket_and_secret(template):
 
 
 def test_outputs_hold_every_deployment_fact(template):
-    from lambda_shim.cloud import STACK_OUTPUTS
+    from lambda_shim.aws.cloud import STACK_OUTPUTS
 
     outputs = {name: out["Value"] for name, out in template["Outputs"].items()}
     assert set(STACK_OUTPUTS) <= set(outputs), (
@@ -619,5 +619,5 @@ def test_handler_module_defines_the_template_handlers():
     defined = {node.name for node in ast.parse(module.read_text()).body if isinstance(node, ast.FunctionDef)}
     for handler in HANDLERS.values():
         mod, func = handler.rsplit(".", 1)
-        assert mod == "lambda_shim.handler"
+        assert mod == "lambda_shim.aws.handler"
         assert func in defined, f"{module} defines no top-level {func}()"

@@ -1,4 +1,4 @@
-"""lambda_shim.runtime_api: AWS's real runtime client (awslambdaric) runs our handlers against it."""
+"""lambda_shim.aws.runtime_api: AWS's real runtime client (awslambdaric) runs our handlers against it."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from lambda_shim.runtime_api import InvocationError, RuntimeAPI, runtime_client_command
+from lambda_shim.aws.runtime_api import InvocationError, RuntimeAPI, runtime_client_command
 from tests.conftest import missing_modules, requires_infra
 
 pytestmark = requires_infra(missing_modules("awslambdaric", hint="the runtime client is in the test extras"))

@@ -1,4 +1,4 @@
-"""lambda_shim.sandbox: the emulated functions' bubblewrap sandbox holds them to Lambda's rules."""
+"""lambda_shim.aws.sandbox: the emulated functions' bubblewrap sandbox holds them to Lambda's rules."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 
-from lambda_shim.sandbox import MAX_THREADS, Sandbox, unavailable
+from lambda_shim.aws.sandbox import MAX_THREADS, Sandbox, unavailable
 from tests.conftest import requires_infra, skip_or_fail
 
 WHY = unavailable()

@@ -795,7 +795,7 @@ GOOD_EVENT = {
 )
 def test_the_handler_refuses_a_bad_event_field_in_one_line(monkeypatch, change, words) -> None:
     """Finding 10: every field is checked before anything runs."""
-    from lambda_shim import handler
+    from lambda_shim.aws import handler
 
     monkeypatch.setenv("CAI_HPC_RENDEZVOUS", "127.0.0.1:7777")
     monkeypatch.setenv("CAI_HPC_OUT_PREFIX", "s3://bucket/runs/")
@@ -808,7 +808,7 @@ def test_the_handler_refuses_a_bad_event_field_in_one_line(monkeypatch, change, 
 
 
 def test_the_handler_needs_the_rendezvous_address_in_its_configuration(monkeypatch) -> None:
-    from lambda_shim import handler
+    from lambda_shim.aws import handler
 
     monkeypatch.delenv("CAI_HPC_RENDEZVOUS", raising=False)
     with pytest.raises(handler.RankFailedError, match="configuration has no CAI_HPC_RENDEZVOUS"):

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cai_hpc.errors import InputError
-from lambda_shim.cost import PRICES
+from lambda_shim.aws.cost import PRICES
 
 SCALE_STEP = 1000  # environments Lambda adds per function ...
 SCALE_PERIOD_S = 10.0  # ... every this many seconds

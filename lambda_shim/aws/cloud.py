@@ -6,13 +6,14 @@ one JSON object that the state machine's Distributed Map reads, so no payload li
 A communicator needs all its ranks alive at once, so a plan with more ranks than the
 deployment runs concurrently (the Map's MaxConcurrency, the rank function's or the account's
 Lambda concurrency) is refused rather than left to deadlock, and each rank waits for the others
-only until the plan's connect deadline (``lambda_shim.gang``). ``run`` starts the execution and follows it; ``status``
-reports one; ``fetch`` copies ``summary.json`` and the predictions to a local directory.
-``run --local`` does all of it on this machine (``lambda_shim.local``).
+only until the plan's connect deadline (``lambda_shim.aws.gang``). ``run`` starts the
+execution and follows it; ``status`` reports one; ``fetch`` copies ``summary.json`` and the
+predictions to a local directory.
+``run --local`` does all of it on this machine (``lambda_shim.aws.local``).
 
 With ``--stack NAME`` every fact of the deployment (state machine, bucket and run prefix,
 rendezvous address, secret, MaxRanks, memory, architecture) comes from the CloudFormation
-stack's outputs (``lambda_shim/template.yaml``), and a plan whose data, model or output the
+stack's outputs (``lambda_shim/aws/template.yaml``), and a plan whose data, model or output the
 stack's roles may not reach is refused before anything is listed or written.
 
 Credentials and region come from boto3's standard chain; the job's secret stays in Secrets
@@ -33,10 +34,10 @@ from cai_hpc.errors import InputError
 from cai_hpc.resources import DEFAULT_BATCH_SIZE
 from cai_hpc.shards import SAMPLE_BYTES
 from cai_hpc.storage import Location
-from lambda_shim import gang
-from lambda_shim.cost import estimate_cost, vcpus
-from lambda_shim.limits import check_rank_limits
-from lambda_shim.workflow import load_definition
+from lambda_shim.aws import gang
+from lambda_shim.aws.cost import estimate_cost, vcpus
+from lambda_shim.aws.limits import check_rank_limits
+from lambda_shim.aws.workflow import load_definition
 
 DEFAULT_MAX_RANKS = 1000  # the template's MaxRanks, and Lambda's default account concurrency
 DEFAULT_MEMORY_MB = 4096
@@ -176,7 +177,7 @@ def make_plan(
     return Plan(job, data_loc, out_loc, events, sizes, memory_mb, deadline, architecture)
 
 
-# The template's outputs a run reads (lambda_shim/template.yaml, Outputs).
+# The template's outputs a run reads (lambda_shim/aws/template.yaml, Outputs).
 STACK_OUTPUTS = (
     "StateMachineArn",
     "ResultsBucketName",
@@ -234,7 +235,7 @@ def read_stack(name: str) -> Deployment:
     outputs = {o["OutputKey"]: o["OutputValue"] for o in stack.get("Outputs", [])}
     missing = [key for key in STACK_OUTPUTS if key not in outputs]
     if missing:
-        raise InputError(f"stack {name} lacks the outputs {', '.join(missing)}: deploy lambda_shim/template.yaml")
+        raise InputError(f"stack {name} lacks the outputs {', '.join(missing)}: deploy lambda_shim/aws/template.yaml")
     if not outputs["RendezvousAddress"].rpartition(":")[2].isdigit():
         raise InputError(f"stack {name}: no rendezvous server (RendezvousAddress is {outputs['RendezvousAddress']!r})")
     return Deployment(
@@ -352,7 +353,7 @@ def progress_line(state: dict[str, Any], memory_mb: int | None = None, architect
         f"running {counts.get('running', 0)}, failed {counts.get('failed', 0)}, {elapsed:.0f} s"
     )
     if memory_mb:
-        from lambda_shim.cost import LAMBDA_GB_S
+        from lambda_shim.aws.cost import LAMBDA_GB_S
 
         # Every rank started since the execution did, so this bounds the Lambda time so far.
         started = sum(counts.get(k, 0) for k in ("running", "succeeded", "failed", "timedOut", "aborted"))

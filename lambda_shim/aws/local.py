@@ -2,10 +2,10 @@
 
 Real parts wherever they can run here: S3 and Secrets Manager are moto's server (a real HTTP
 AWS API on loopback), the ranks are N processes of AWS's own runtime client (``awslambdaric``)
-running ``lambda_shim.handler.handler`` against a local Lambda Runtime API, they meet at the
+running ``lambda_shim.aws.handler.handler`` against a local Lambda Runtime API, they meet at the
 rendezvous server and talk over TcpComm, and ``statemachine.asl.json`` itself is what runs,
-through ``lambda_shim.workflow``. Each function runs in a Lambda-like sandbox
-(``lambda_shim.sandbox``: read-only root, a sized /tmp, a non-root user, no /dev/shm, its
+through ``lambda_shim.aws.workflow``. Each function runs in a Lambda-like sandbox
+(``lambda_shim.aws.sandbox``: read-only root, a sized /tmp, a non-root user, no /dev/shm, its
 memory and thread limits, Lambda's environment) where bubblewrap can run. What is not real: one
 machine instead of a fleet (the ranks share its cores), loopback instead of Lambda's network,
 and no Step Functions service.
@@ -27,13 +27,13 @@ from typing import Any
 
 from cai_hpc.errors import InputError
 from cai_hpc.resources import usable_cores
-from lambda_shim import gang
-from lambda_shim.cloud import JobFailedError, Plan, execution_input, fetch, make_plan, write_items
+from lambda_shim.aws import gang
+from lambda_shim.aws.cloud import JobFailedError, Plan, execution_input, fetch, make_plan, write_items
+from lambda_shim.aws.runtime_api import InvocationError, RuntimeAPI, runtime_client_command
+from lambda_shim.aws.sandbox import Sandbox, unavailable
+from lambda_shim.aws.workflow import LocalWorkflow, TaskError, load_definition
 from lambda_shim.launch import start_server
-from lambda_shim.runtime_api import InvocationError, RuntimeAPI, runtime_client_command
-from lambda_shim.sandbox import Sandbox, unavailable
 from lambda_shim.wire import new_secret
-from lambda_shim.workflow import LocalWorkflow, TaskError, load_definition
 
 BUCKET = "cai-hpc-local"
 TOKEN_SECRET = "cai-hpc/rendezvous"
@@ -135,7 +135,7 @@ class LocalCloud:
         self.rank_api = RuntimeAPI(function_arn=RANK_ARN).start()
         self.summarize_api = RuntimeAPI(function_arn=SUMMARIZE_ARN).start()
         self.start_rank_functions(self.ranks)
-        self._spawn(self.summarize_api, "lambda_shim.handler.summarize", "cai-hpc-summarize", "[summarize] ", 1024)
+        self._spawn(self.summarize_api, "lambda_shim.aws.handler.summarize", "cai-hpc-summarize", "[summarize] ", 1024)
 
     def _create_rank_function(self) -> None:
         """The rank function in moto's Lambda, with its reserved concurrency (the code runs here)."""
@@ -143,14 +143,14 @@ class LocalCloud:
         role = _boto("iam").create_role(RoleName="cai-hpc-rank", AssumeRolePolicyDocument=json.dumps(trust))
         code = io.BytesIO()
         with zipfile.ZipFile(code, "w") as archive:
-            archive.writestr("emulated.txt", "the code runs in lambda_shim.local's runtime clients")
+            archive.writestr("emulated.txt", "the code runs in lambda_shim.aws.local's runtime clients")
         functions = _boto("lambda")
         functions.create_function(
             FunctionName=RANK_ARN.rpartition(":")[2],
             Role=role["Role"]["Arn"],
             Code={"ZipFile": code.getvalue()},
             Runtime="python3.12",
-            Handler="lambda_shim.handler.handler",
+            Handler="lambda_shim.aws.handler.handler",
             MemorySize=self.memory_mb,
             Timeout=int(self.timeout_s),
         )
@@ -166,7 +166,7 @@ class LocalCloud:
     def start_rank_functions(self, count: int) -> None:
         """Start ``count`` more runtime clients of the rank function (each a cold start)."""
         for _ in range(count):
-            self._spawn(self.rank_api, "lambda_shim.handler.handler", "cai-hpc-rank", f"[rank fn {self._clients}] ")
+            self._spawn(self.rank_api, "lambda_shim.aws.handler.handler", "cai-hpc-rank", f"[rank fn {self._clients}] ")
             self._clients += 1
 
     def _spawn(self, api: RuntimeAPI, handler: str, name: str, prefix: str, memory_mb: int | None = None) -> None:

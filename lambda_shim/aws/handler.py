@@ -286,7 +286,7 @@ def summarize(event: Any, context: Any) -> dict[str, Any]:
     ``summary.json``, and return a short digest."""
     from cai_hpc.records import write_json_atomic
     from cai_hpc.storage import Location
-    from lambda_shim.cost import job_cost
+    from lambda_shim.aws.cost import job_cost
 
     t0 = time.perf_counter()
     try:
