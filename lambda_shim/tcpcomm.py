@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from lambda_shim.constants import ANY_SOURCE, ANY_TAG, IN_PLACE, PROC_NULL, SUM, Status, buffer_array
+from lambda_shim.errors import CommError
 from lambda_shim.wire import (
     HANDSHAKE_TIMEOUT_S,
     KIND_BYTES,
@@ -77,10 +78,6 @@ def _writable(sock: socket.socket) -> bool:
     poller = select.poll()
     poller.register(sock, select.POLLOUT)
     return bool(poller.poll(0))
-
-
-class CommError(RuntimeError):
-    """A peer died, closed its connection, or an operation missed its deadline."""
 
 
 @dataclass
