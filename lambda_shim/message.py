@@ -463,7 +463,8 @@ def parse(msg: Any, readonly: bool, blocks: int = 0) -> Message:
     return Message(buf, offset, count, datatype)
 
 
-def _int_array(values: Any, blocks: int) -> list[int]:
+def int_array(values: Any, blocks: int) -> list[int]:
+    """mpi4py's check of a per-rank sequence (counts, displacements): exactly ``blocks`` ints."""
     items = list(values)
     if len(items) != blocks:
         raise ValueError(f"expecting {blocks} items, got {len(items)}")
@@ -496,13 +497,13 @@ def parse_vector(msg: Any, readonly: bool, blocks: int) -> VectorMessage:
     elif _is_integral(o_counts):
         counts = [operator.index(o_counts)] * blocks
     else:
-        counts = _int_array(o_counts, blocks)
+        counts = int_array(o_counts, blocks)
     if o_displs is None:
         displs = [sum(counts[:i]) for i in range(blocks)]
     elif _is_integral(o_displs):
         displs = [operator.index(o_displs) * i for i in range(blocks)]
     else:
-        displs = _int_array(o_displs, blocks)
+        displs = int_array(o_displs, blocks)
     for i, (count, displ) in enumerate(zip(counts, displs, strict=True)):
         if count < 0:
             raise MPIException(ERR_COUNT, f"negative count {count} for block {i}")
