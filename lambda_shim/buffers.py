@@ -16,6 +16,7 @@ Exscan pass a prefix along the ranks, Reduce_scatter(_block) is a Reduce and a S
 
 from __future__ import annotations
 
+import operator
 import struct
 import sys
 from collections.abc import Callable, Sequence
@@ -133,6 +134,13 @@ def _store(msg: Message, data: bytes | bytearray | memoryview, what: str) -> Non
     msg.store(data)
 
 
+def _entries(payload: memoryview, like: Message) -> np.ndarray:
+    """A peer's partial result of a reduction, as many entries as ``like`` has."""
+    if len(payload) != like.nbytes:
+        raise MPIException(ERR_TRUNCATE, f"a reduction of {like.nbytes} bytes met {len(payload)}: counts differ")
+    return np.frombuffer(payload, dtype=like.datatype.packed)
+
+
 def _raw(values: np.ndarray) -> memoryview:
     """An array's bytes without a copy (a pair's record format cannot be cast by memoryview)."""
     return memoryview(np.ascontiguousarray(values).view(np.uint8))
@@ -179,16 +187,19 @@ class BufferAPI:
             req.wait()
 
     # ------------------------------------------------------------ argument checks
+    # Ranks and tags are C ints in mpi4py: anything with __index__ (numpy ints too), else TypeError.
     def _check_root(self, root: int) -> None:
-        if not isinstance(root, int) or not 0 <= root < self.size:
+        if not 0 <= operator.index(root) < self.size:
             raise MPIException(ERR_ROOT, f"root {root!r} of a {self.size}-rank communicator")
 
     def _check_peer(self, rank: int, receiving: bool) -> None:
+        rank = operator.index(rank)
         if not (0 <= rank < self.size or rank == PROC_NULL or (receiving and rank == ANY_SOURCE)):
             raise MPIException(ERR_RANK, f"rank {rank} of a {self.size}-rank communicator")
 
     @staticmethod
     def _check_tag(tag: int, receiving: bool) -> None:
+        tag = operator.index(tag)
         if tag < 0 and not (receiving and tag == ANY_TAG):
             raise MPIException(ERR_TAG, f"tag {tag}")
 
@@ -388,15 +399,7 @@ class BufferAPI:
 
     def _reduce_to(self, send: Message, op: Any, root: int) -> np.ndarray | None:
         combine = reducer(op, send.datatype)
-        dtype = send.datatype.packed
-        return self._tree_reduce(
-            self._values(send),
-            combine,
-            _raw,
-            lambda p: np.frombuffer(p, dtype=dtype),
-            root,
-            TAG_REDUCE,
-        )
+        return self._tree_reduce(self._values(send), combine, _raw, lambda p: _entries(p, send), root, TAG_REDUCE)
 
     def Reduce(self, sendbuf: Any, recvbuf: Any, op: Any = SUM, root: int = 0) -> None:  # noqa: N802
         send, recv = self._reduction_args(sendbuf, recvbuf, receiving=self.rank == root)
@@ -418,8 +421,7 @@ class BufferAPI:
         send, recv = self._reduction_args(sendbuf, recvbuf, receiving=True)
         combine = reducer(op, send.datatype)
         mine = self._values(send)
-        dtype = send.datatype.packed
-        before = np.frombuffer(self._take(self.rank - 1, TAG_SCAN), dtype=dtype) if self.rank > 0 else None
+        before = _entries(self._take(self.rank - 1, TAG_SCAN), send) if self.rank > 0 else None
         through = mine if before is None else combine(before, mine)
         if self.rank + 1 < self.size:
             self._post(self.rank + 1, TAG_SCAN, _raw(through)).wait()
