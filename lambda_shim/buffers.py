@@ -1,8 +1,9 @@
 """mpi4py's buffer API (the capitalised methods of ``Intracomm``) over a communicator's byte
 primitives: ``BufferAPI`` is a mixin of ``Comm``, which supplies ``rank``, ``size``,
-``_isend_bytes(dest, tag, payload, sync=False, coll=False)`` and ``_irecv_bytes(source, tag,
-coll=False)`` (requests completed by ``wait``, a received one holding ``payload`` and
-``source``/``tag``).
+``_isend_bytes(dest, tag, payload, sync=False, coll=False)``, ``_irecv_bytes(source, tag,
+coll=False)`` (requests completed by ``wait``; a received one holds ``payload`` and ``envelope``
+and calls its ``on_complete`` hook), ``_coll_tag()`` (the tag of the next collective, the same
+on every rank) and ``_proc_null_request()``. See /work/notes/api-primitives.md.
 
 Every spec is read by ``lambda_shim.message`` exactly as mpi4py reads it, and every argument of a
 call (specs, root, datatypes against the operator) is checked on each rank before any message of
@@ -28,10 +29,6 @@ from lambda_shim import message as msgs
 from lambda_shim.constants import ANY_SOURCE, ANY_TAG, PROC_NULL, SUM
 from lambda_shim.errors import ERR_BUFFER, ERR_OP, ERR_RANK, ERR_ROOT, ERR_TAG, ERR_TRUNCATE, MPIException
 from lambda_shim.message import Message, VectorMessage
-
-# One tag per collective on the collective context: calls of one kind match in call order
-# (messages between two ranks do not overtake each other), calls of different kinds never match.
-TAG_BARRIER, TAG_BCAST, TAG_REDUCE, TAG_GATHER, TAG_SCATTER, TAG_ALLTOALL, TAG_SCAN, TAG_COUNTS = range(1, 9)
 
 _PART = struct.Struct("!iq")  # (rank, length) before each block of a packed gather/scatter
 
@@ -224,9 +221,6 @@ class BufferAPI:
     def _start_send(self, msg: Message | None, dest: int, tag: int, sync: bool = False) -> Any:
         return None if msg is None else self._post(dest, tag, msg.payload(), sync=sync, coll=False)
 
-    def _start_recv(self, msg: Message | None, source: int, tag: int) -> Any:
-        return None if msg is None else self._irecv_bytes(source, tag, coll=False)
-
     def Send(self, buf: Any, dest: int, tag: int = 0) -> None:  # noqa: N802 - mpi4py's names
         _wait(self._start_send(self._send_args(buf, dest, tag), dest, tag))
 
@@ -238,41 +232,34 @@ class BufferAPI:
 
     def Isend(self, buf: Any, dest: int, tag: int = 0) -> Any:  # noqa: N802
         req = self._start_send(self._send_args(buf, dest, tag), dest, tag)
-        return self._done_request() if req is None else req
+        return self._proc_null_request() if req is None else req
 
     def Issend(self, buf: Any, dest: int, tag: int = 0) -> Any:  # noqa: N802
         req = self._start_send(self._send_args(buf, dest, tag), dest, tag, sync=True)
-        return self._done_request() if req is None else req
+        return self._proc_null_request() if req is None else req
 
     Ibsend = Isend
     Irsend = Isend
 
-    @staticmethod
-    def _deliver(msg: Message | None, req: Any, status: Any) -> None:
-        """A completed receive into the user's buffer and ``status`` (PROC_NULL: empty)."""
+    def _start_recv(self, msg: Message | None, source: int, tag: int) -> Any:
+        """A posted receive that, when complete, copies the message into ``msg``'s entries
+        (ERR_TRUNCATE, raised from the completing wait, when it does not fit); PROC_NULL: done."""
         if msg is None:
-            nbytes, source, tag = 0, PROC_NULL, ANY_TAG
-        else:
-            data = req.payload
-            nbytes, source, tag = len(data), req.source, req.tag
-        if status is not None:
-            status.source, status.tag, status.count, status.error = source, tag, nbytes, 0
-        if msg is not None:
-            _store(msg, data, f"a receive from rank {source} (tag {tag})")
+            return self._proc_null_request()
+        req = self._irecv_bytes(source, tag, coll=False)
+
+        def deliver(done: Any, status: Any) -> None:
+            env = done.envelope
+            _store(msg, done.payload, f"a receive from rank {env.source} (tag {env.tag})")
+
+        req.on_complete = deliver
+        return req
 
     def Recv(self, buf: Any, source: int = ANY_SOURCE, tag: int = ANY_TAG, status: Any = None) -> None:  # noqa: N802
-        msg = self._recv_args(buf, source, tag)
-        req = self._start_recv(msg, source, tag)
-        _wait(req)
-        self._deliver(msg, req, status)
+        self._start_recv(self._recv_args(buf, source, tag), source, tag).wait(status)
 
     def Irecv(self, buf: Any, source: int = ANY_SOURCE, tag: int = ANY_TAG) -> Any:  # noqa: N802
-        msg = self._recv_args(buf, source, tag)
-        req = self._start_recv(msg, source, tag)
-        if req is None:
-            return self._done_request()
-        req.on_complete = lambda done, status: self._deliver(msg, done, status)
-        return req
+        return self._start_recv(self._recv_args(buf, source, tag), source, tag)
 
     def Sendrecv(  # noqa: N802
         self,
@@ -288,8 +275,7 @@ class BufferAPI:
         into = self._recv_args(recvbuf, source, recvtag)
         recv = self._start_recv(into, source, recvtag)
         _wait(self._start_send(out, dest, sendtag))
-        _wait(recv)
-        self._deliver(into, recv, status)
+        recv.wait(status)
 
     def Sendrecv_replace(  # noqa: N802
         self,
@@ -306,8 +292,7 @@ class BufferAPI:
         recv = self._start_recv(into, source, recvtag)
         if outgoing is not None:
             self._post(dest, sendtag, outgoing, coll=False).wait()
-        _wait(recv)
-        self._deliver(into, recv, status)
+        recv.wait(status)
 
     # ------------------------------------------------------------ trees
     def _tree_bcast(self, payload: Any, root: int, tag: int) -> Any:
@@ -341,13 +326,13 @@ class BufferAPI:
             mask <<= 1
         return value
 
-    def _tree_gather(self, mine: bytes | memoryview | None, root: int) -> dict[int, memoryview] | None:
+    def _tree_gather(self, mine: bytes | memoryview | None, root: int, tag: int) -> dict[int, memoryview] | None:
         """Every rank's bytes at ``root`` (keyed by rank), up a binomial tree; None elsewhere."""
         parts = [(self.rank, mine if mine is not None else b"")]
-        gathered = self._tree_reduce(parts, lambda a, b: a + b, _pack, _unpack, root, TAG_GATHER)
+        gathered = self._tree_reduce(parts, lambda a, b: a + b, _pack, _unpack, root, tag)
         return None if gathered is None else {rank: memoryview(data) for rank, data in gathered}
 
-    def _tree_scatter(self, blocks: dict[int, Any] | None, root: int) -> memoryview:
+    def _tree_scatter(self, blocks: dict[int, Any] | None, root: int, tag: int) -> memoryview:
         """Rank r gets ``blocks[r]`` of the root's, down a binomial tree (each subtree's blocks
         travel together)."""
         n, vr = self.size, (self.rank - root) % self.size
@@ -356,7 +341,7 @@ class BufferAPI:
         mask = 1
         while mask < n:
             if vr & mask:
-                held = _unpack(self._take((vr - mask + root) % n, TAG_SCATTER))
+                held = _unpack(self._take((vr - mask + root) % n, tag))
                 break
             mask <<= 1
         sends = []
@@ -364,20 +349,27 @@ class BufferAPI:
         while mask > 0:
             if vr + mask < n:
                 child = [(r, d) for r, d in held if vr + mask <= (r - root) % n < vr + 2 * mask]
-                sends.append(self._post((vr + mask + root) % n, TAG_SCATTER, _pack(child)))
+                sends.append(self._post((vr + mask + root) % n, tag, _pack(child)))
             mask >>= 1
         self._finish(sends)
         return memoryview(dict(held)[self.rank])
 
+    def _everyones(self, mine: bytes | memoryview, tag: int) -> dict[int, memoryview]:
+        """Every rank's bytes on every rank: a tree gather to rank 0 and a tree broadcast."""
+        parts = self._tree_gather(mine, 0, tag)
+        packed = self._tree_bcast(_pack(sorted(parts.items())) if parts is not None else None, 0, tag)
+        return dict(_unpack(packed))
+
     # ------------------------------------------------------------ collectives
     def Barrier(self) -> None:  # noqa: N802
-        self._tree_reduce(b"", lambda a, b: a, bytes, bytes, 0, TAG_BARRIER)
-        self._tree_bcast(b"", 0, TAG_BARRIER)
+        tag = self._coll_tag()
+        self._tree_reduce(b"", lambda a, b: a, bytes, bytes, 0, tag)
+        self._tree_bcast(b"", 0, tag)
 
     def Bcast(self, buf: Any, root: int = 0) -> None:  # noqa: N802
         msg = msgs.parse(buf, readonly=self.rank == root)
         self._check_root(root)
-        data = self._tree_bcast(msg.payload() if self.rank == root else None, root, TAG_BCAST)
+        data = self._tree_bcast(msg.payload() if self.rank == root else None, root, self._coll_tag())
         if self.rank != root:
             _store(msg, data, f"Bcast from rank {root}")
 
@@ -397,23 +389,24 @@ class BufferAPI:
         """A message's entries as a fresh array in their wire layout (packed pairs)."""
         return np.frombuffer(bytes(msg.payload()), dtype=msg.datatype.packed).copy()
 
-    def _reduce_to(self, send: Message, op: Any, root: int) -> np.ndarray | None:
+    def _reduce_to(self, send: Message, op: Any, root: int, tag: int) -> np.ndarray | None:
         combine = reducer(op, send.datatype)
-        return self._tree_reduce(self._values(send), combine, _raw, lambda p: _entries(p, send), root, TAG_REDUCE)
+        return self._tree_reduce(self._values(send), combine, _raw, lambda p: _entries(p, send), root, tag)
 
     def Reduce(self, sendbuf: Any, recvbuf: Any, op: Any = SUM, root: int = 0) -> None:  # noqa: N802
         send, recv = self._reduction_args(sendbuf, recvbuf, receiving=self.rank == root)
         self._check_root(root)
         reducer(op, send.datatype)
-        result = self._reduce_to(send, op, root)
+        result = self._reduce_to(send, op, root, self._coll_tag())
         if recv is not None:
             _store(recv, _raw(result), "Reduce")
 
     def Allreduce(self, sendbuf: Any, recvbuf: Any, op: Any = SUM) -> None:  # noqa: N802
         send, recv = self._reduction_args(sendbuf, recvbuf, receiving=True)
         reducer(op, send.datatype)
-        result = self._reduce_to(send, op, 0)
-        data = self._tree_bcast(_raw(result) if self.rank == 0 else None, 0, TAG_BCAST)
+        tag = self._coll_tag()
+        result = self._reduce_to(send, op, 0, tag)
+        data = self._tree_bcast(_raw(result) if self.rank == 0 else None, 0, tag)
         _store(recv, data, "Allreduce")
 
     def _prefix(self, sendbuf: Any, recvbuf: Any, op: Any, inclusive: bool) -> None:
@@ -421,10 +414,11 @@ class BufferAPI:
         send, recv = self._reduction_args(sendbuf, recvbuf, receiving=True)
         combine = reducer(op, send.datatype)
         mine = self._values(send)
-        before = _entries(self._take(self.rank - 1, TAG_SCAN), send) if self.rank > 0 else None
+        tag = self._coll_tag()
+        before = _entries(self._take(self.rank - 1, tag), send) if self.rank > 0 else None
         through = mine if before is None else combine(before, mine)
         if self.rank + 1 < self.size:
-            self._post(self.rank + 1, TAG_SCAN, _raw(through)).wait()
+            self._post(self.rank + 1, tag, _raw(through)).wait()
         if inclusive:
             _store(recv, _raw(through), "Scan")
         elif before is not None:
@@ -450,7 +444,7 @@ class BufferAPI:
         in_place = self.rank == root and msgs.is_in_place(sendbuf)
         mine = None if in_place else msgs.parse(sendbuf, readonly=True).payload()
         self._check_root(root)
-        parts = self._tree_gather(mine, root)
+        parts = self._tree_gather(mine, root, self._coll_tag())
         if parts is not None:
             if in_place:
                 del parts[root]
@@ -480,7 +474,7 @@ class BufferAPI:
             blocks = {r: send.block(r).payload() for r in range(self.size)}
         recv = None if in_place else msgs.parse(recvbuf, readonly=False)
         self._check_root(root)
-        data = self._tree_scatter(blocks, root)
+        data = self._tree_scatter(blocks, root, self._coll_tag())
         if recv is not None:
             _store(recv, data, f"{what} from rank {root}")
 
@@ -497,9 +491,7 @@ class BufferAPI:
             mine = bytes(recv.block(self.rank).payload())
         else:
             mine = msgs.parse(sendbuf, readonly=True).payload()
-        parts = self._tree_gather(mine, 0)
-        packed = self._tree_bcast(_pack(sorted(parts.items())) if parts is not None else None, 0, TAG_BCAST)
-        self._place(recv, dict(_unpack(packed)), what)
+        self._place(recv, self._everyones(mine, self._coll_tag()), what)
 
     def Allgather(self, sendbuf: Any, recvbuf: Any) -> None:  # noqa: N802
         self._allgather(sendbuf, recvbuf, vector=False)
@@ -516,8 +508,9 @@ class BufferAPI:
             send = self._blocks(sendbuf, readonly=True, vector=vector)
             outgoing = {r: send.block(r).payload() for r in range(self.size)}
         peers = [(self.rank + k) % self.size for k in range(1, self.size)]
-        receives = {p: self._irecv_bytes(p, TAG_ALLTOALL, coll=True) for p in peers}
-        sends = [self._post(p, TAG_ALLTOALL, outgoing[p]) for p in peers]
+        tag = self._coll_tag()
+        receives = {p: self._irecv_bytes(p, tag, coll=True) for p in peers}
+        sends = [self._post(p, tag, outgoing[p]) for p in peers]
         _store(recv.block(self.rank), outgoing[self.rank], f"{what}: this rank's own block")
         for peer, req in receives.items():
             req.wait()
@@ -531,17 +524,17 @@ class BufferAPI:
         self._alltoall(sendbuf, recvbuf, vector=True)
 
     # ------------------------------------------------------------ reduce-scatter
-    def _reduce_then_scatter(self, contribution: Message, op: Any, counts: list[int], recv: Message) -> None:
+    def _reduce_then_scatter(self, contribution: Message, op: Any, counts: list[int], recv: Message, tag: int) -> None:
         """Reduce every rank's ``sum(counts)`` entries to rank 0, then rank r gets entries
         ``counts[r]`` of them (after those of the ranks before it)."""
-        result = self._reduce_to(contribution, op, 0)
+        result = self._reduce_to(contribution, op, 0, tag)
         blocks = None
         if self.rank == 0:
             size = contribution.datatype.size
             flat = _raw(result)
             starts = np.concatenate([[0], np.cumsum(counts)]) * size
             blocks = {r: flat[starts[r] : starts[r + 1]] for r in range(self.size)}
-        _store(recv, self._tree_scatter(blocks, 0), "Reduce_scatter")
+        _store(recv, self._tree_scatter(blocks, 0, tag), "Reduce_scatter")
 
     def Reduce_scatter_block(self, sendbuf: Any, recvbuf: Any, op: Any = SUM) -> None:  # noqa: N802
         if msgs.is_in_place(sendbuf):
@@ -554,7 +547,7 @@ class BufferAPI:
             _check_pair(contribution, recv)
             contribution = Message(contribution.buf, contribution.offset, recv.count * self.size, recv.datatype)
         reducer(op, contribution.datatype)
-        self._reduce_then_scatter(contribution, op, [recv.count] * self.size, recv)
+        self._reduce_then_scatter(contribution, op, [recv.count] * self.size, recv, self._coll_tag())
 
     def Reduce_scatter(  # noqa: N802
         self, sendbuf: Any, recvbuf: Any, recvcounts: Sequence[int] | None = None, op: Any = SUM
@@ -562,8 +555,10 @@ class BufferAPI:
         recv = msgs.parse(recvbuf, readonly=False)
         in_place = msgs.is_in_place(sendbuf)
         send = recv if in_place else msgs.parse(sendbuf, readonly=True)
+        tag = self._coll_tag()
         if recvcounts is None and not in_place:
-            counts = self._allgather_count(recv.count)
+            everyones = self._everyones(struct.pack("!q", recv.count), tag)
+            counts = [struct.unpack("!q", everyones[r])[0] for r in range(self.size)]
         else:
             counts = msgs.int_array(recvcounts, self.size)
         total = sum(counts)
@@ -579,9 +574,4 @@ class BufferAPI:
             if recv.count != counts[self.rank]:
                 raise ValueError(f"mismatch in receive count {recv.count} and counts[{self.rank}] {counts[self.rank]}")
         reducer(op, send.datatype)
-        self._reduce_then_scatter(send, op, counts, recv)
-
-    def _allgather_count(self, count: int) -> list[int]:
-        parts = self._tree_gather(struct.pack("!q", count), 0)
-        packed = self._tree_bcast(_pack(sorted(parts.items())) if parts is not None else None, 0, TAG_COUNTS)
-        return [struct.unpack("!q", data)[0] for _, data in sorted(_unpack(packed))]
+        self._reduce_then_scatter(send, op, counts, recv, tag)
