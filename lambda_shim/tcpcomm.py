@@ -1,250 +1,541 @@
-"""TcpComm: the DESIGN.md subset of mpi4py's ``Comm`` over plain TCP, for ranks that have no
-MPI launcher (Lambda functions, or processes started by ``lambda_shim.launch``).
+"""mpi4py's ``Comm`` (an intracommunicator) over ``lambda_shim.transport``, for ranks that
+have no MPI launcher (Lambda functions, or processes started by ``lambda_shim.launch``).
 
-Connections, frames, liveness and message matching are ``lambda_shim.transport``'s; this
-layer is the API over it (point to point on context 0, collectives on context 1).
-Collectives are binomial trees (bcast, reduce, gather, scatter, the buffer forms, and the
-barrier as a reduce and a bcast): O(log N) rounds for N ranks, over links only along the tree.
+Connections, frames, liveness and message matching are the transport's; this layer is the
+API: the object methods with mpi4py's signatures, defaults, return values and errors, and
+communicator management. A communicator is a group of world ranks (its rank = the index) and
+two transport contexts: ``ctx`` for point to point, ``ctx + 1`` for its collectives, so
+messages of different communicators never match, and collectives never match user
+receives. ``Dup`` and ``Split`` agree on fresh contexts collectively (the largest next free
+context of any member). Arguments are checked on every rank before any message moves: a bad
+rank, root or tag raises ``MPI.Exception`` with MPICH's error class.
+
+Collectives are binomial trees (bcast, reduce, gather, scatter, and the barrier as a reduce
+and a bcast; allreduce and allgather add a bcast): O(log N) rounds for N ranks, over links
+only along the tree; scan and exscan are recursive doubling; alltoall is pairwise.
 """
 
 from __future__ import annotations
 
+import operator
 import pickle
 import struct
 import time
 from typing import Any
 
-import numpy as np
-
-from lambda_shim.constants import ANY_SOURCE, ANY_TAG, IN_PLACE, PROC_NULL, SUM, Status, buffer_array
-from lambda_shim.errors import CommError
+from lambda_shim.buffers import BufferAPI
+from lambda_shim.constants import (
+    ANY_SOURCE,
+    ANY_TAG,
+    MAX,
+    MAX_TAG,
+    PROC_NULL,
+    SUM,
+    TAG_UB,
+    UNDEFINED,
+    Status,
+    as_op,
+    fill_status,
+)
+from lambda_shim.errors import ERR_COMM, ERR_RANK, ERR_ROOT, ERR_TAG, CommError, MPIException
+from lambda_shim.request import RECV_BYTES, RECV_OBJECT, SEND, Request
 from lambda_shim.transport import MAX_WORLD, MODES, ShimConfig, Transport, parse_address
 from lambda_shim.wire import KIND_BYTES, KIND_OBJECT
 
-__all__ = ["MAX_WORLD", "MODES", "CommError", "ShimConfig", "TcpComm", "parse_address"]
-P2P, COLL = 0, 1  # the world communicator's contexts: point to point, collectives
+__all__ = ["MAX_WORLD", "MODES", "Comm", "CommError", "ShimConfig", "TcpComm", "parse_address"]
 _PART = struct.Struct("!iq")
+_PICKLE = pickle.HIGHEST_PROTOCOL
 
 
-class TcpComm:
-    """An mpi4py-style communicator over TCP (see the module docstring)."""
+def _dumps(obj: Any) -> bytes:
+    return pickle.dumps(obj, protocol=_PICKLE)
 
-    backend = "tcp"
 
-    def __init__(self, config: ShimConfig) -> None:
-        self._transport = Transport(config)
-        self.config = config
-        self.rank = config.rank
-        self.size = config.size
+class _Contexts:
+    """The next free context id of this process's transport, shared by all its communicators."""
+
+    def __init__(self, first: int) -> None:
+        self.next = first
+
+    def take(self) -> int:
+        ctx, self.next = self.next, self.next + 2
+        return ctx
+
+
+class _NullComm:
+    """mpi4py's ``COMM_NULL``: what ``Split`` gives a rank whose color is UNDEFINED."""
+
+    def __bool__(self) -> bool:
+        return False
+
+    def __eq__(self, other: object) -> bool:
+        return other is self or (isinstance(other, Comm) and other._freed)
+
+    __hash__ = object.__hash__
+
+    def __repr__(self) -> str:
+        return "COMM_NULL"
+
+
+COMM_NULL = _NullComm()
+
+
+class Message:
+    """mpi4py's ``Message`` (from ``mprobe``/``improbe``): a matched message to receive."""
+
+    def __init__(self, request: Request) -> None:
+        self._request = request
+
+    def __bool__(self) -> bool:
+        return bool(self._request)
+
+    def recv(self, status: Any = None) -> Any:
+        return self._request.wait(status)
+
+    def irecv(self) -> Request:
+        return self._request
+
+
+class Comm(BufferAPI):
+    """An intracommunicator over a Transport: ``group`` lists its members' world ranks."""
+
+    def __init__(self, transport: Transport, group: list[int], ctx: int, contexts: _Contexts, name: str = "") -> None:
+        self._transport = transport
+        self._group = group
+        self._world_rank = {w: r for r, w in enumerate(group)}
+        self._ctx = ctx
+        self._contexts = contexts
+        self._name = name
         self._seq = 0
+        self._freed = False
+        self.rank = self._world_rank[transport.rank]
+        self.size = len(group)
 
-    @classmethod
-    def from_env(cls, environ: dict[str, str] | None = None) -> TcpComm:
-        return cls(ShimConfig.from_env(environ))
-
-    def link_modes(self) -> dict[int, str]:
-        """The connection mode (punch, direct or relay) of the link to each peer this rank has one with."""
-        return self._transport.link_modes()
-
-    # ---------------------------------------------------------------- point to point
-    def _send_frame(self, dest: int, tag: int, kind: int, payload: bytes | memoryview, ctx: int = COLL) -> None:
-        self._transport.wait([self._transport.isend(dest, ctx, tag, kind, payload)])
-
-    def _recv_frame(
-        self, source: int, tag: int, status: Status | None = None, ctx: int = COLL
-    ) -> tuple[int, bytearray]:
-        op = self._transport.irecv(source, ctx, tag)
-        self._transport.wait([op])
-        if status is not None:
-            status.source, status.tag = op.envelope.source, op.envelope.tag
-        return op.envelope.kind, op.payload
-
-    def send(self, obj: Any, dest: int, tag: int = 0) -> None:
-        if tag < 0:
-            raise ValueError("tags must be >= 0")
-        if dest == PROC_NULL:
-            return
-        self._send_frame(dest, tag, KIND_OBJECT, pickle.dumps(obj, protocol=5), P2P)
-
-    def recv(self, buf: Any = None, source: int = ANY_SOURCE, tag: int = ANY_TAG, status: Status | None = None) -> Any:
-        if source == PROC_NULL:
-            if status is not None:
-                status.source, status.tag = PROC_NULL, ANY_TAG
-            return None
-        kind, payload = self._recv_frame(source, tag, status, P2P)
-        return pickle.loads(payload) if kind == KIND_OBJECT else payload
-
-    # ---------------------------------------------------------------- collectives
-    def Get_rank(self) -> int:  # noqa: N802
+    # ---------------------------------------------------------------- identity
+    def Get_rank(self) -> int:  # noqa: N802 - mpi4py's name
         return self.rank
 
-    def Get_size(self) -> int:  # noqa: N802
+    def Get_size(self) -> int:  # noqa: N802 - mpi4py's name
         return self.size
 
+    def Get_name(self) -> str:  # noqa: N802 - mpi4py's name
+        return self._name
+
+    def Set_name(self, name: str) -> None:  # noqa: N802 - mpi4py's name
+        self._name = str(name)
+
+    name = property(Get_name, Set_name)
+
+    def Is_inter(self) -> bool:  # noqa: N802 - mpi4py's name
+        return False
+
+    def Is_intra(self) -> bool:  # noqa: N802 - mpi4py's name
+        return True
+
+    is_inter = property(Is_inter)
+    is_intra = property(Is_intra)
+
+    def Get_attr(self, keyval: int) -> Any:  # noqa: N802 - mpi4py's name
+        """``TAG_UB``: the largest tag; other attributes are not kept (None)."""
+        return MAX_TAG if keyval == TAG_UB else None
+
     @staticmethod
-    def Wtime() -> float:  # noqa: N802
+    def Wtime() -> float:  # noqa: N802 - mpi4py's name
         return time.perf_counter()
 
-    def _tag(self) -> int:
-        """A fresh tag for each collective call (ranks call them in the same order)."""
+    def __bool__(self) -> bool:
+        return not self._freed
+
+    def __eq__(self, other: object) -> bool:
+        if other is COMM_NULL:
+            return self._freed
+        return self is other
+
+    __hash__ = object.__hash__
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self._name or 'comm'}: rank {self.rank} of {self.size}>"
+
+    # ---------------------------------------------------------------- checks
+    def _live(self) -> None:
+        if self._freed:
+            raise MPIException(ERR_COMM, "the communicator was freed")
+
+    def _valid_rank(self, rank: Any, wildcard: bool, what: str = "rank") -> int:
+        """A peer rank: of this communicator, PROC_NULL, or (receives) ANY_SOURCE."""
+        self._live()
+        rank = operator.index(rank)
+        if 0 <= rank < self.size or rank == PROC_NULL or (wildcard and rank == ANY_SOURCE):
+            return rank
+        raise MPIException(ERR_RANK, f"{what} {rank} but must be nonnegative and less than {self.size}")
+
+    @staticmethod
+    def _valid_tag(tag: Any, wildcard: bool) -> int:
+        tag = operator.index(tag)
+        if 0 <= tag <= MAX_TAG or (wildcard and tag == ANY_TAG):
+            return tag
+        raise MPIException(ERR_TAG, f"value is {tag}")
+
+    def _valid_root(self, root: Any) -> int:
+        self._live()
+        root = operator.index(root)
+        if 0 <= root < self.size:
+            return root
+        raise MPIException(ERR_ROOT, f"root {root} but must be nonnegative and less than {self.size}")
+
+    def _rank_of(self, world_rank: int) -> int:
+        return self._world_rank[world_rank]
+
+    # ---------------------------------------------------------------- primitives (used by BufferAPI)
+    def _isend_bytes(self, dest: int, tag: int, payload: Any, sync: bool = False, coll: bool = False) -> Request:
+        """Send raw bytes to rank ``dest`` of this communicator (not PROC_NULL)."""
+        op = self._transport.isend(self._group[dest], self._ctx + coll, tag, KIND_BYTES, payload, sync=sync)
+        return Request(self._transport, op, SEND, self)
+
+    def _irecv_bytes(self, source: int, tag: int, coll: bool = False) -> Request:
+        """Receive raw bytes from rank ``source`` of this communicator or ANY_SOURCE (not PROC_NULL)."""
+        world = source if source == ANY_SOURCE else self._group[source]
+        op = self._transport.irecv(world, self._ctx + coll, tag)
+        return Request(self._transport, op, RECV_BYTES, self, (source, tag))
+
+    def _proc_null_request(self) -> Request:
+        """A complete request with PROC_NULL's status (source PROC_NULL, tag ANY_TAG, no bytes)."""
+        return Request(self._transport, None, RECV_BYTES, self)
+
+    def _coll_tag(self) -> int:
+        """The next tag of this communicator's sequence of collectives (the same on every rank)."""
+        self._live()
         self._seq += 1
-        return self._seq % (1 << 30)
+        return self._seq % (MAX_TAG + 1)
 
-    def _check_root(self, root: int) -> None:
-        if not 0 <= root < self.size:
-            raise ValueError(f"root {root} is not a rank of a {self.size}-rank communicator")
+    # ---------------------------------------------------------------- point to point
+    def _isend(self, obj: Any, dest: int, tag: int, sync: bool) -> Request:
+        dest = self._valid_rank(dest, wildcard=False)
+        tag = self._valid_tag(tag, wildcard=False)
+        if dest == PROC_NULL:
+            return Request(self._transport, None, SEND, self)
+        op = self._transport.isend(self._group[dest], self._ctx, tag, KIND_OBJECT, _dumps(obj), sync=sync)
+        return Request(self._transport, op, SEND, self)
 
-    def _tree_bcast(self, payload: bytes | None, root: int, tag: int) -> bytes:
+    def isend(self, obj: Any, dest: int, tag: int = 0) -> Request:
+        return self._isend(obj, dest, tag, sync=False)
+
+    def issend(self, obj: Any, dest: int, tag: int = 0) -> Request:
+        """Complete only once the receiver has matched the message."""
+        return self._isend(obj, dest, tag, sync=True)
+
+    def ibsend(self, obj: Any, dest: int, tag: int = 0) -> Request:
+        """Buffered: complete once the message is out of the caller's hands, as a standard send here."""
+        return self._isend(obj, dest, tag, sync=False)
+
+    def send(self, obj: Any, dest: int, tag: int = 0) -> None:
+        self._isend(obj, dest, tag, sync=False).wait()
+
+    def ssend(self, obj: Any, dest: int, tag: int = 0) -> None:
+        self._isend(obj, dest, tag, sync=True).wait()
+
+    def bsend(self, obj: Any, dest: int, tag: int = 0) -> None:
+        self._isend(obj, dest, tag, sync=False).wait()
+
+    def irecv(self, buf: Any = None, source: int = ANY_SOURCE, tag: int = ANY_TAG) -> Request:
+        """A receive whose ``wait`` returns the object; ``buf`` (if given) bounds its pickled size."""
+        source = self._valid_rank(source, wildcard=True)
+        tag = self._valid_tag(tag, wildcard=True)
+        limit = None if buf is None else memoryview(buf).nbytes
+        if source == PROC_NULL:
+            return Request(self._transport, None, RECV_OBJECT, self)
+        world = source if source == ANY_SOURCE else self._group[source]
+        op = self._transport.irecv(world, self._ctx, tag)
+        return Request(self._transport, op, RECV_OBJECT, self, (source, tag), limit)
+
+    def recv(self, buf: Any = None, source: int = ANY_SOURCE, tag: int = ANY_TAG, status: Any = None) -> Any:
+        return self.irecv(buf, source, tag).wait(status)
+
+    def sendrecv(
+        self,
+        sendobj: Any,
+        dest: int,
+        sendtag: int = 0,
+        recvbuf: Any = None,
+        source: int = ANY_SOURCE,
+        recvtag: int = ANY_TAG,
+        status: Any = None,
+    ) -> Any:
+        self._valid_rank(dest, wildcard=False)
+        self._valid_tag(sendtag, wildcard=False)
+        receive = self.irecv(recvbuf, source, recvtag)
+        self.send(sendobj, dest, sendtag)
+        return receive.wait(status)
+
+    def iprobe(self, source: int = ANY_SOURCE, tag: int = ANY_TAG, status: Any = None) -> bool:
+        """Whether a matching message has arrived (``status`` describes it); it stays queued."""
+        source = self._valid_rank(source, wildcard=True)
+        tag = self._valid_tag(tag, wildcard=True)
+        if source == PROC_NULL:
+            fill_status(status, PROC_NULL, ANY_TAG, 0)
+            return True
+        world = source if source == ANY_SOURCE else self._group[source]
+        envelope = self._transport.iprobe(world, self._ctx, tag)
+        if envelope is None:
+            return False
+        fill_status(status, self._rank_of(envelope.source), envelope.tag, envelope.nbytes)
+        return True
+
+    def probe(self, source: int = ANY_SOURCE, tag: int = ANY_TAG, status: Any = None) -> bool:
+        """Wait until a matching message has arrived (``status`` describes it); True."""
+        source = self._valid_rank(source, wildcard=True)
+        tag = self._valid_tag(tag, wildcard=True)
+        if source == PROC_NULL:
+            fill_status(status, PROC_NULL, ANY_TAG, 0)
+            return True
+        world = source if source == ANY_SOURCE else self._group[source]
+        envelope = self._transport.probe(world, self._ctx, tag)
+        fill_status(status, self._rank_of(envelope.source), envelope.tag, envelope.nbytes)
+        return True
+
+    def mprobe(self, source: int = ANY_SOURCE, tag: int = ANY_TAG, status: Any = None) -> Message:
+        """Wait for a matching message and take it out of the queue: ``Message.recv()`` returns it."""
+        mine = Status()
+        self.probe(source, tag, mine)
+        if mine.source == PROC_NULL:
+            fill_status(status, PROC_NULL, ANY_TAG, 0)
+            return Message(Request(self._transport, None, RECV_OBJECT, self))
+        fill_status(status, mine.source, mine.tag, mine.count)
+        return Message(self.irecv(None, mine.source, mine.tag))
+
+    def improbe(self, source: int = ANY_SOURCE, tag: int = ANY_TAG, status: Any = None) -> Message | None:
+        """``mprobe`` if a matching message has arrived, else None."""
+        mine = Status()
+        if not self.iprobe(source, tag, mine):
+            return None
+        if mine.source == PROC_NULL:
+            fill_status(status, PROC_NULL, ANY_TAG, 0)
+            return Message(Request(self._transport, None, RECV_OBJECT, self))
+        fill_status(status, mine.source, mine.tag, mine.count)
+        return Message(self.irecv(None, mine.source, mine.tag))
+
+    # ---------------------------------------------------------------- collective plumbing
+    def _csend(self, dest: int, tag: int, payload: Any) -> None:
+        self._isend_bytes(dest, tag, payload, coll=True).wait()
+
+    def _crecv(self, source: int, tag: int) -> bytearray:
+        request = self._irecv_bytes(source, tag, coll=True)
+        self._transport.wait([request._op])
+        return request._op.payload
+
+    def _bcast_bytes(self, payload: Any, root: int, tag: int) -> Any:
         """Binomial-tree broadcast of bytes from ``root``."""
         vr = (self.rank - root) % self.size
         mask = 1
         while mask < self.size:
             if vr & mask:
-                _, payload = self._recv_frame((vr - mask + root) % self.size, tag)
+                payload = self._crecv((vr - mask + root) % self.size, tag)
                 break
             mask <<= 1
         mask >>= 1
         while mask > 0:
             if vr + mask < self.size:
-                self._send_frame((vr + mask + root) % self.size, tag, KIND_BYTES, payload)
+                self._csend((vr + mask + root) % self.size, tag, payload)
             mask >>= 1
         return payload
 
-    def _tree_reduce(self, value: Any, combine, encode, decode, tag: int) -> Any:
+    def _reduce_bytes(self, value: Any, combine, encode, decode, tag: int) -> Any:
         """Binomial-tree reduction to rank 0, combining in rank order: ``combine(lower, higher)``."""
         mask = 1
         while mask < self.size:
             if self.rank & mask:
-                self._send_frame(self.rank - mask, tag, KIND_BYTES, encode(value))
+                self._csend(self.rank - mask, tag, encode(value))
                 return None
             if self.rank + mask < self.size:
-                _, payload = self._recv_frame(self.rank + mask, tag)
-                value = combine(value, decode(payload))
+                value = combine(value, decode(self._crecv(self.rank + mask, tag)))
             mask <<= 1
         return value
 
-    def _to_root(self, payload: bytes | None, root: int, tag: int) -> bytes | None:
+    def _to_root(self, payload: Any, root: int, tag: int) -> Any:
         """Move a result held by rank 0 to ``root``."""
         if root == 0:
             return payload
         if self.rank == 0:
-            self._send_frame(root, tag, KIND_BYTES, payload)
+            self._csend(root, tag, payload)
         elif self.rank == root:
-            return bytes(self._recv_frame(0, tag)[1])
+            return self._crecv(0, tag)
         return None
 
-    def barrier(self) -> None:
-        """Up the binomial tree to rank 0 and back down: 2 log2 N rounds, over the links the
-        other collectives use (a dissemination barrier would open 2 log2 N links a rank)."""
-        self._tree_reduce(b"", lambda a, b: a, bytes, bytes, self._tag())
-        self._tree_bcast(b"" if self.rank == 0 else None, 0, self._tag())
-
-    Barrier = barrier
-
-    def bcast(self, obj: Any, root: int = 0) -> Any:
-        self._check_root(root)
-        payload = self._tree_bcast(pickle.dumps(obj, protocol=5) if self.rank == root else None, root, self._tag())
-        return obj if self.rank == root else pickle.loads(payload)
-
-    def reduce(self, sendobj: Any, op=SUM, root: int = 0) -> Any:
-        self._check_root(root)
-        tag = self._tag()
-        value = self._tree_reduce(sendobj, op, lambda v: pickle.dumps(v, protocol=5), pickle.loads, tag)
-        payload = self._to_root(pickle.dumps(value, protocol=5) if self.rank == 0 else None, root, tag)
-        if self.rank != root:
-            return None
-        return value if root == 0 else pickle.loads(payload)
-
-    def allreduce(self, sendobj: Any, op=SUM) -> Any:
-        return self.bcast(self.reduce(sendobj, op, root=0), root=0)
-
-    def gather(self, sendobj: Any, root: int = 0) -> list[Any] | None:
-        self._check_root(root)
-        parts = self._gather_parts(pickle.dumps(sendobj, protocol=5), root)
-        return None if parts is None else [pickle.loads(p) for _, p in sorted(parts)]
-
-    def _gather_parts(self, mine: bytes, root: int) -> list[tuple[int, bytes]] | None:
-        tag = self._tag()
-        parts = self._tree_reduce([(self.rank, mine)], lambda a, b: a + b, _pack, _unpack, tag)
+    def _gather_parts(self, mine: bytes, root: int, tag: int) -> list[tuple[int, bytes]] | None:
+        parts = self._reduce_bytes([(self.rank, mine)], lambda a, b: a + b, _pack, _unpack, tag)
         payload = self._to_root(_pack(parts) if self.rank == 0 else None, root, tag)
         if self.rank != root:
             return None
         return parts if root == 0 else _unpack(payload)
 
+    def _reduce_object(self, sendobj: Any, fn, root: int, tag: int) -> Any:
+        value = self._reduce_bytes(sendobj, fn, _dumps, pickle.loads, tag)
+        payload = self._to_root(_dumps(value) if self.rank == 0 else None, root, tag)
+        if self.rank != root:
+            return None
+        return value if root == 0 else pickle.loads(payload)
+
+    # ---------------------------------------------------------------- collectives
+    def barrier(self) -> None:
+        """Up the binomial tree to rank 0 and back down: 2 log2 N rounds."""
+        tag = self._coll_tag()
+        self._reduce_bytes(b"", lambda a, b: a, bytes, bytes, tag)
+        self._bcast_bytes(b"" if self.rank == 0 else None, 0, tag)
+
+    Barrier = barrier
+
+    def bcast(self, obj: Any = None, root: int = 0) -> Any:
+        root = self._valid_root(root)
+        tag = self._coll_tag()
+        payload = self._bcast_bytes(_dumps(obj) if self.rank == root else None, root, tag)
+        return obj if self.rank == root else pickle.loads(payload)
+
+    def reduce(self, sendobj: Any, op: Any = SUM, root: int = 0) -> Any:
+        root = self._valid_root(root)
+        fn = as_op(op).fn
+        return self._reduce_object(sendobj, fn, root, self._coll_tag())
+
+    def allreduce(self, sendobj: Any, op: Any = SUM) -> Any:
+        fn = as_op(op).fn
+        tag = self._coll_tag()
+        value = self._reduce_bytes(sendobj, fn, _dumps, pickle.loads, tag)
+        payload = self._bcast_bytes(_dumps(value) if self.rank == 0 else None, 0, tag)
+        return value if self.rank == 0 else pickle.loads(payload)
+
+    def gather(self, sendobj: Any, root: int = 0) -> list[Any] | None:
+        root = self._valid_root(root)
+        parts = self._gather_parts(_dumps(sendobj), root, self._coll_tag())
+        return None if parts is None else [pickle.loads(p) for _, p in sorted(parts)]
+
     def allgather(self, sendobj: Any) -> list[Any]:
-        return self.bcast(self.gather(sendobj, root=0), root=0)
+        tag = self._coll_tag()
+        parts = self._gather_parts(_dumps(sendobj), 0, tag)
+        payload = self._bcast_bytes(_pack(parts) if self.rank == 0 else None, 0, tag)
+        return [pickle.loads(p) for _, p in sorted(parts if self.rank == 0 else _unpack(payload))]
 
     def scatter(self, sendobj: Any, root: int = 0) -> Any:
-        self._check_root(root)
-        tag = self._tag()
+        """Item i of the root's sequence to rank i (None at the root: None to every rank)."""
+        root = self._valid_root(root)
+        if self.rank == root:
+            items = [None] * self.size if sendobj is None else list(sendobj)
+            if len(items) != self.size:
+                raise ValueError(f"expecting {self.size} items, got {len(items)}")
+        tag = self._coll_tag()
         vr = (self.rank - root) % self.size
         if self.rank == root:
-            if sendobj is None or len(sendobj) != self.size:
-                raise ValueError(f"scatter needs a sequence of exactly {self.size} items at the root")
-            block = [(r, pickle.dumps(sendobj[(r + root) % self.size], protocol=5)) for r in range(self.size)]
+            block = [(v, _dumps(items[(v + root) % self.size])) for v in range(self.size)]
         mask = 1
         while mask < self.size:
             if vr & mask:
-                block = _unpack(self._recv_frame((vr - mask + root) % self.size, tag)[1])
+                block = _unpack(self._crecv((vr - mask + root) % self.size, tag))
                 break
             mask <<= 1
         mask >>= 1
         while mask > 0:
             if vr + mask < self.size:
-                child = [(r, p) for r, p in block if vr + mask <= r < vr + 2 * mask]
-                self._send_frame((vr + mask + root) % self.size, tag, KIND_BYTES, _pack(child))
+                child = [(v, p) for v, p in block if vr + mask <= v < vr + 2 * mask]
+                self._csend((vr + mask + root) % self.size, tag, _pack(child))
             mask >>= 1
         return pickle.loads(dict(block)[vr])
 
-    # ---------------------------------------------------------------- buffer forms
-    def Bcast(self, buf: Any, root: int = 0) -> None:  # noqa: N802
-        self._check_root(root)
-        array = buffer_array(buf)
-        data = self._tree_bcast(
-            memoryview(np.ascontiguousarray(array)).cast("B") if self.rank == root else None, root, self._tag()
-        )
-        if self.rank != root:
-            _fill(array, data)
+    def alltoall(self, sendobj: Any) -> list[Any]:
+        """Item j of rank i's sequence goes to rank j, which returns them in rank order."""
+        items = [None] * self.size if sendobj is None else list(sendobj)
+        if len(items) != self.size:
+            raise ValueError(f"expecting {self.size} items, got {len(items)}")
+        tag = self._coll_tag()
+        receives = {r: self._irecv_bytes(r, tag, coll=True) for r in range(self.size) if r != self.rank}
+        for step in range(1, self.size):  # a different peer per step, so no rank is flooded at once
+            dest = (self.rank + step) % self.size
+            self._csend(dest, tag, _dumps(items[dest]))
+        self._transport.wait([r._op for r in receives.values()])
+        return [items[r] if r == self.rank else pickle.loads(receives[r]._op.payload) for r in range(self.size)]
 
-    def Reduce(self, sendbuf: Any, recvbuf: Any, op=SUM, root: int = 0) -> None:  # noqa: N802
-        self._check_root(root)
-        source = buffer_array(recvbuf) if sendbuf is IN_PLACE else buffer_array(sendbuf)
-        value = np.array(source, copy=True)
-        tag = self._tag()
+    def _prefix_object(self, sendobj: Any, op: Any, inclusive: bool) -> Any:
+        """Recursive doubling: after round k each rank holds the fold of the 2^k ranks below it."""
+        fn = as_op(op).fn
+        tag = self._coll_tag()
+        partial, below = sendobj, None
+        mask = 1
+        while mask < self.size:
+            partner = self.rank ^ mask
+            if partner < self.size:
+                receive = self._irecv_bytes(partner, tag, coll=True)
+                self._csend(partner, tag, _dumps(partial))
+                self._transport.wait([receive._op])
+                theirs = pickle.loads(receive._op.payload)
+                if partner < self.rank:
+                    below = theirs if below is None else fn(theirs, below)
+                    partial = fn(theirs, partial)
+                else:
+                    partial = fn(partial, theirs)
+            mask <<= 1
+        if inclusive:
+            return sendobj if below is None else fn(below, sendobj)
+        return below
 
-        def combine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-            return op.ufunc(a, b) if hasattr(op, "ufunc") else op(a, b)
+    def scan(self, sendobj: Any, op: Any = SUM) -> Any:
+        """The fold of ranks 0..rank's objects."""
+        return self._prefix_object(sendobj, op, inclusive=True)
 
-        result = self._tree_reduce(
-            value,
-            combine,
-            lambda v: memoryview(np.ascontiguousarray(v)).cast("B"),
-            lambda p: np.frombuffer(p, dtype=value.dtype).reshape(value.shape),
-            tag,
-        )
-        payload = self._to_root(
-            memoryview(np.ascontiguousarray(result)).cast("B") if self.rank == 0 else None, root, tag
-        )
-        if self.rank == root:
-            _fill(buffer_array(recvbuf), memoryview(np.ascontiguousarray(result)).cast("B") if root == 0 else payload)
+    def exscan(self, sendobj: Any, op: Any = SUM) -> Any:
+        """The fold of ranks 0..rank-1's objects (None at rank 0)."""
+        return self._prefix_object(sendobj, op, inclusive=False)
 
-    def Allreduce(self, sendbuf: Any, recvbuf: Any, op=SUM) -> None:  # noqa: N802
-        self.Reduce(sendbuf, recvbuf, op, root=0)
-        self.Bcast(recvbuf, root=0)
+    # ---------------------------------------------------------------- communicators
+    def Dup(self, info: Any = None) -> Comm:  # noqa: N802 - mpi4py's name
+        """The same group in a new message space."""
+        ctx = self.allreduce(self._contexts.next, MAX)
+        self._contexts.next = ctx + 2
+        return Comm(self._transport, list(self._group), ctx, self._contexts)
 
-    def Gatherv(self, sendbuf: Any, recvbuf: Any, root: int = 0) -> None:  # noqa: N802
-        self._check_root(root)
-        mine = memoryview(np.ascontiguousarray(buffer_array(sendbuf))).cast("B").tobytes()
-        parts = self._gather_parts(mine, root)
-        if parts is None:
-            return
-        out = buffer_array(recvbuf).reshape(-1)
-        counts, displs = _counts_displs(recvbuf, self.size)
-        for rank, data in parts:
-            chunk = np.frombuffer(data, dtype=out.dtype)
-            if len(chunk) != counts[rank]:
-                raise ValueError(f"Gatherv: rank {rank} sent {len(chunk)} items, recvbuf expects {counts[rank]}")
-            out[displs[rank] : displs[rank] + len(chunk)] = chunk
+    Clone = Dup
+
+    def Split(self, color: int = 0, key: int = 0) -> Comm | _NullComm:  # noqa: N802 - mpi4py's name
+        """One communicator per color, ranked by (key, rank here); COMM_NULL for UNDEFINED."""
+        color, key = operator.index(color), operator.index(key)
+        table = self.allgather((color, key, self._contexts.next))
+        ctx = max(nxt for _, _, nxt in table)
+        self._contexts.next = ctx + 2
+        if color == UNDEFINED:
+            return COMM_NULL
+        members = sorted((k, r) for r, (c, k, _) in enumerate(table) if c == color)
+        return Comm(self._transport, [self._group[r] for _, r in members], ctx, self._contexts)
+
+    def Free(self) -> None:  # noqa: N802 - mpi4py's name
+        """This communicator can no longer be used (it then equals COMM_NULL)."""
+        self._live()
+        self._freed = True
+
+    def Abort(self, errorcode: int = 0) -> None:  # noqa: N802 - mpi4py's name
+        """End this process at once; peers see its connections close and raise CommError."""
+        self._transport.abort(errorcode)
+
+
+class TcpComm(Comm):
+    """The world communicator of a job (mpi4py's ``COMM_WORLD``): its transport's every rank."""
+
+    backend = "tcp"
+
+    def __init__(self, config: ShimConfig) -> None:
+        transport = Transport(config)
+        super().__init__(transport, list(range(config.size)), 0, _Contexts(2), "MPI_COMM_WORLD")
+        self.config = config
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> TcpComm:
+        return cls(ShimConfig.from_env(environ))
+
+    def self_comm(self) -> Comm:
+        """``COMM_SELF``: this rank alone, in a message space of its own."""
+        return Comm(self._transport, [self._transport.rank], self._contexts.take(), self._contexts, "MPI_COMM_SELF")
+
+    def Free(self) -> None:  # noqa: N802 - mpi4py's name
+        raise MPIException(ERR_COMM, "COMM_WORLD cannot be freed")
+
+    def link_modes(self) -> dict[int, str]:
+        """The connection mode (punch, direct or relay) of the link to each peer this rank has one with."""
+        return self._transport.link_modes()
 
     def close(self) -> None:
         """Leave the job (see ``Transport.close``)."""
@@ -256,35 +547,6 @@ class TcpComm:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def Abort(self, errorcode: int = 1) -> None:  # noqa: N802
-        """End this process at once; peers see its connections close and raise CommError."""
-        self._transport.abort(errorcode)
-
-
-def _fill(array: np.ndarray, data: bytes | memoryview) -> None:
-    target = memoryview(array).cast("B") if array.flags.c_contiguous else None
-    if len(data) != array.nbytes:
-        raise ValueError(f"buffer of {array.nbytes} bytes cannot take a message of {len(data)} bytes")
-    if target is not None:
-        target[:] = data
-    else:
-        array[...] = np.frombuffer(data, dtype=array.dtype).reshape(array.shape)
-
-
-def _counts_displs(recvbuf: Any, size: int) -> tuple[list[int], list[int]]:
-    if not isinstance(recvbuf, (list, tuple)) or len(recvbuf) < 2:
-        n = buffer_array(recvbuf).size // size
-        return [n] * size, [i * n for i in range(size)]
-    spec = recvbuf[1]
-    if len(recvbuf) >= 3 and not isinstance(recvbuf[2], type):
-        counts, displs = list(spec), list(recvbuf[2])
-    elif isinstance(spec, tuple) and len(spec) == 2 and not np.isscalar(spec[0]):
-        counts, displs = list(spec[0]), list(spec[1])
-    else:
-        counts = list(spec)
-        displs = list(np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(int))
-    return [int(c) for c in counts], [int(d) for d in displs]
-
 
 def _pack(parts: list[tuple[int, bytes]]) -> bytes:
     """(rank, bytes) pairs as one payload: no pickling, so arrays stay raw bytes."""
@@ -295,7 +557,7 @@ def _pack(parts: list[tuple[int, bytes]]) -> bytes:
     return bytes(out)
 
 
-def _unpack(payload: bytes | bytearray) -> list[tuple[int, bytes]]:
+def _unpack(payload: Any) -> list[tuple[int, bytes]]:
     parts, view, pos = [], memoryview(payload), 0
     while pos < len(view):
         rank, length = _PART.unpack_from(view, pos)
