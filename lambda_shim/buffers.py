@@ -387,7 +387,7 @@ class BufferAPI:
     @staticmethod
     def _values(msg: Message) -> np.ndarray:
         """A message's entries as a fresh array in their wire layout (packed pairs)."""
-        return np.frombuffer(bytes(msg.payload()), dtype=msg.datatype.packed).copy()
+        return msg.typed().astype(msg.datatype.packed)
 
     def _reduce_to(self, send: Message, op: Any, root: int, tag: int) -> np.ndarray | None:
         combine = reducer(op, send.datatype)

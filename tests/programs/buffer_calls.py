@@ -206,7 +206,17 @@ outcome("Scatter_not_divisible", lambda: comm.Scatter(np.zeros(size + 1), np.zer
 outcome("Reduce_scatter_sum", lambda: comm.Reduce_scatter(np.zeros(size), np.zeros(1), [2] * size))
 if rank == 0:
     comm.Send(np.arange(4.0), 1, tag=21)
+    comm.Send(np.arange(3, dtype=np.int32), 1, tag=22)
 if rank == 1:
     outcome("Recv_truncated", lambda: comm.Recv(np.zeros(2), 0, 21))
+    req = comm.Irecv([np.zeros(4, dtype=np.int32), 2, MPI.INT], 0, 22)
+    outcome("Irecv_truncated_at_wait", req.Wait)
+# Nothing of the failed calls is left in flight: the next collectives see only their own messages.
+r = np.zeros(2)
+comm.Allreduce(np.array([1.0, rank]), r)
+got["Allreduce_after_errors"] = r.tolist()
+g = np.zeros(size, dtype=np.int64)
+comm.Allgather(np.array([rank * 7], dtype=np.int64), g)
+got["Allgather_after_errors"] = g.tolist()
 comm.Barrier()
 Path(sys.argv[2], f"rank{rank}.json").write_text(json.dumps(got, sort_keys=True))
