@@ -232,6 +232,9 @@ def test_count_past_the_buffer_is_refused():
         M.parse([np.arange(4.0), 5], readonly=True)
     with pytest.raises(ValueError, match="out of bounds"):
         M.parse([np.arange(4.0), (3, 2), M.DOUBLE], readonly=False)
+    with pytest.raises(ValueError, match="out of bounds"):  # a Gather's count is per rank
+        M.parse([np.arange(4.0), 2], readonly=False, blocks=3)
+    assert M.parse([np.arange(6.0), 2], readonly=False, blocks=3).count == 2
 
 
 def test_predefined_datatypes_match_mpich():
