@@ -157,6 +157,16 @@ def _check_pair(send: Message, recv: Message) -> None:
         raise MPIException(ERR_BUFFER, "the send and receive buffers are the same (use IN_PLACE)")
 
 
+def c_int(value: Any) -> int:
+    """A rank, root or tag as mpi4py's C int arguments take it: anything with ``__index__`` or
+    ``__int__`` (a float is truncated, as Cython does), else TypeError."""
+    if hasattr(type(value), "__index__"):
+        return operator.index(value)
+    if hasattr(type(value), "__int__"):
+        return int(value)
+    raise TypeError("an integer is required")
+
+
 def _wait(req: Any) -> None:
     if req is not None:
         req.wait()
@@ -184,19 +194,16 @@ class BufferAPI:
             req.wait()
 
     # ------------------------------------------------------------ argument checks
-    # Ranks and tags are C ints in mpi4py: anything with __index__ (numpy ints too), else TypeError.
     def _check_root(self, root: int) -> None:
-        if not 0 <= operator.index(root) < self.size:
+        if not 0 <= root < self.size:
             raise MPIException(ERR_ROOT, f"root {root!r} of a {self.size}-rank communicator")
 
     def _check_peer(self, rank: int, receiving: bool) -> None:
-        rank = operator.index(rank)
         if not (0 <= rank < self.size or rank == PROC_NULL or (receiving and rank == ANY_SOURCE)):
             raise MPIException(ERR_RANK, f"rank {rank} of a {self.size}-rank communicator")
 
     @staticmethod
     def _check_tag(tag: int, receiving: bool) -> None:
-        tag = operator.index(tag)
         if tag < 0 and not (receiving and tag == ANY_TAG):
             raise MPIException(ERR_TAG, f"tag {tag}")
 
@@ -222,19 +229,23 @@ class BufferAPI:
         return None if msg is None else self._post(dest, tag, msg.payload(), sync=sync, coll=False)
 
     def Send(self, buf: Any, dest: int, tag: int = 0) -> None:  # noqa: N802 - mpi4py's names
+        dest, tag = c_int(dest), c_int(tag)
         _wait(self._start_send(self._send_args(buf, dest, tag), dest, tag))
 
     def Ssend(self, buf: Any, dest: int, tag: int = 0) -> None:  # noqa: N802
+        dest, tag = c_int(dest), c_int(tag)
         _wait(self._start_send(self._send_args(buf, dest, tag), dest, tag, sync=True))
 
     Bsend = Send  # a standard send completes once its bytes are handed over: buffered already
     Rsend = Send
 
     def Isend(self, buf: Any, dest: int, tag: int = 0) -> Any:  # noqa: N802
+        dest, tag = c_int(dest), c_int(tag)
         req = self._start_send(self._send_args(buf, dest, tag), dest, tag)
         return self._proc_null_request() if req is None else req
 
     def Issend(self, buf: Any, dest: int, tag: int = 0) -> Any:  # noqa: N802
+        dest, tag = c_int(dest), c_int(tag)
         req = self._start_send(self._send_args(buf, dest, tag), dest, tag, sync=True)
         return self._proc_null_request() if req is None else req
 
@@ -256,9 +267,11 @@ class BufferAPI:
         return req
 
     def Recv(self, buf: Any, source: int = ANY_SOURCE, tag: int = ANY_TAG, status: Any = None) -> None:  # noqa: N802
+        source, tag = c_int(source), c_int(tag)
         self._start_recv(self._recv_args(buf, source, tag), source, tag).wait(status)
 
     def Irecv(self, buf: Any, source: int = ANY_SOURCE, tag: int = ANY_TAG) -> Any:  # noqa: N802
+        source, tag = c_int(source), c_int(tag)
         return self._start_recv(self._recv_args(buf, source, tag), source, tag)
 
     def Sendrecv(  # noqa: N802
@@ -271,6 +284,7 @@ class BufferAPI:
         recvtag: int = ANY_TAG,
         status: Any = None,
     ) -> None:
+        dest, sendtag, source, recvtag = c_int(dest), c_int(sendtag), c_int(source), c_int(recvtag)
         out = self._send_args(sendbuf, dest, sendtag)
         into = self._recv_args(recvbuf, source, recvtag)
         recv = self._start_recv(into, source, recvtag)
@@ -286,6 +300,7 @@ class BufferAPI:
         recvtag: int = ANY_TAG,
         status: Any = None,
     ) -> None:
+        dest, sendtag, source, recvtag = c_int(dest), c_int(sendtag), c_int(source), c_int(recvtag)
         out = self._send_args(buf, dest, sendtag)
         into = self._recv_args(buf, source, recvtag)
         outgoing = None if out is None else bytes(out.payload())  # a copy: buf is received into
@@ -367,6 +382,7 @@ class BufferAPI:
         self._tree_bcast(b"", 0, tag)
 
     def Bcast(self, buf: Any, root: int = 0) -> None:  # noqa: N802
+        root = c_int(root)
         msg = msgs.parse(buf, readonly=self.rank == root)
         self._check_root(root)
         data = self._tree_bcast(msg.payload() if self.rank == root else None, root, self._coll_tag())
@@ -394,6 +410,7 @@ class BufferAPI:
         return self._tree_reduce(self._values(send), combine, _raw, lambda p: _entries(p, send), root, tag)
 
     def Reduce(self, sendbuf: Any, recvbuf: Any, op: Any = SUM, root: int = 0) -> None:  # noqa: N802
+        root = c_int(root)
         send, recv = self._reduction_args(sendbuf, recvbuf, receiving=self.rank == root)
         self._check_root(root)
         reducer(op, send.datatype)
@@ -437,6 +454,7 @@ class BufferAPI:
                 _store(recv.block(rank), parts[rank], f"{what}: the block of rank {rank}")
 
     def _gather(self, sendbuf: Any, recvbuf: Any, root: int, vector: bool) -> None:
+        root = c_int(root)
         what = "Gatherv" if vector else "Gather"
         recv = None
         if self.rank == root:
@@ -466,6 +484,7 @@ class BufferAPI:
         self._gather(sendbuf, recvbuf, root, vector=True)
 
     def _scatter(self, sendbuf: Any, recvbuf: Any, root: int, vector: bool) -> None:
+        root = c_int(root)
         what = "Scatterv" if vector else "Scatter"
         blocks = None
         in_place = self.rank == root and msgs.is_in_place(recvbuf)
