@@ -87,9 +87,33 @@ def op_name(op: Any) -> str:
     raise MPIException(ERR_OP, f"{op!r} is not a predefined reduction operator")
 
 
+def _is_user(op: Any) -> bool:
+    return getattr(op, "name", None) == "USER"
+
+
+def _user_reducer(op: Any, datatype: msgs.Datatype) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """An ``Op.Create`` operator on buffers, called as mpi4py calls it: ``function(inbuf,
+    inoutbuf, datatype)`` with the lower ranks' entries in ``inbuf``, the result left in
+    ``inoutbuf`` (byte buffers over the entries)."""
+    function = getattr(op, "function", None)
+
+    def combine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        out = b.copy()
+        inbuf, inoutbuf = memoryview(a.view(np.uint8)), memoryview(out.view(np.uint8))
+        if function is not None:
+            function(inbuf, inoutbuf, datatype)
+        else:  # an Op that keeps only fn(x, y) = function(x, y, None)
+            op.fn(inbuf, inoutbuf)
+        return out
+
+    return combine
+
+
 def reducer(op: Any, datatype: msgs.Datatype) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
     """The elementwise function of ``op`` on ``datatype``; MPI.Exception(ERR_OP) if MPI does
     not define it there (LAND on DOUBLE, SUM on C_BOOL, MAXLOC on DOUBLE, REPLACE...)."""
+    if _is_user(op):
+        return _user_reducer(op, datatype)
     name = op_name(op)
     kinds, fn = OPERATORS[name]
     if datatype.kind not in kinds:
@@ -406,8 +430,20 @@ class BufferAPI:
         return msg.typed().astype(msg.datatype.packed)
 
     def _reduce_to(self, send: Message, op: Any, root: int, tag: int) -> np.ndarray | None:
+        """The reduction of every rank's entries at ``root``. A tree rooted at ``root`` combines
+        ranks out of order; an operator that does not commute goes up the tree of rank 0 (which
+        combines lower ranks first, as MPI requires) and its result on to the root."""
         combine = reducer(op, send.datatype)
-        return self._tree_reduce(self._values(send), combine, _raw, lambda p: _entries(p, send), root, tag)
+        commutes = not _is_user(op) or getattr(op, "commute", False)
+        top = root if commutes else 0
+        result = self._tree_reduce(self._values(send), combine, _raw, lambda p: _entries(p, send), top, tag)
+        if top == root:
+            return result
+        if self.rank == top:
+            self._post(root, tag, _raw(result)).wait()
+        elif self.rank == root:
+            return _entries(self._take(top, tag), send).copy()
+        return None
 
     def Reduce(self, sendbuf: Any, recvbuf: Any, op: Any = SUM, root: int = 0) -> None:  # noqa: N802
         root = c_int(root)

@@ -548,4 +548,24 @@ def bcast_none():
 
 rec("Bcast_None_count0", bcast_none)
 
+
+def compose(inbuf, inoutbuf, datatype) -> None:
+    """A user operator that is associative but does not commute: affine maps x -> a*x + b as
+    (a, b) pairs, the lower ranks' map applied first."""
+    low, high = np.frombuffer(inbuf, dtype=np.float64), np.frombuffer(inoutbuf, dtype=np.float64)
+    high[:] = [low[0] * high[0], high[0] * low[1] + high[1]]
+
+
+def user_ops():
+    op = MPI.Op.Create(compose, commute=False)
+    mine = np.array([rank + 2.0, rank + 1.0])
+    r, a, s = np.zeros(2), np.zeros(2), np.zeros(2)
+    comm.Reduce(mine, r, op=op, root=last)
+    comm.Allreduce(mine, a, op=op)
+    comm.Scan(mine, s, op=op)
+    return [r.tolist() if rank == last else None, a.tolist(), s.tolist()]
+
+
+rec("user_op_not_commuting", user_ops)
+
 Path(sys.argv[2], f"rank{rank}.json").write_text(json.dumps(got, sort_keys=True))
