@@ -87,9 +87,33 @@ def op_name(op: Any) -> str:
     raise MPIException(ERR_OP, f"{op!r} is not a predefined reduction operator")
 
 
+def _is_user(op: Any) -> bool:
+    return getattr(op, "name", None) == "USER"
+
+
+def _user_reducer(op: Any, datatype: msgs.Datatype) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """An ``Op.Create`` operator on buffers, called as mpi4py calls it: ``function(inbuf,
+    inoutbuf, datatype)`` with the lower ranks' entries in ``inbuf``, the result left in
+    ``inoutbuf`` (byte buffers over the entries)."""
+    function = getattr(op, "function", None)
+
+    def combine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        out = b.copy()
+        inbuf, inoutbuf = memoryview(a.view(np.uint8)), memoryview(out.view(np.uint8))
+        if function is not None:
+            function(inbuf, inoutbuf, datatype)
+        else:  # an Op that keeps only fn(x, y) = function(x, y, None)
+            op.fn(inbuf, inoutbuf)
+        return out
+
+    return combine
+
+
 def reducer(op: Any, datatype: msgs.Datatype) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
     """The elementwise function of ``op`` on ``datatype``; MPI.Exception(ERR_OP) if MPI does
     not define it there (LAND on DOUBLE, SUM on C_BOOL, MAXLOC on DOUBLE, REPLACE...)."""
+    if _is_user(op):
+        return _user_reducer(op, datatype)
     name = op_name(op)
     kinds, fn = OPERATORS[name]
     if datatype.kind not in kinds:
@@ -157,6 +181,16 @@ def _check_pair(send: Message, recv: Message) -> None:
         raise MPIException(ERR_BUFFER, "the send and receive buffers are the same (use IN_PLACE)")
 
 
+def c_int(value: Any) -> int:
+    """A rank, root or tag as mpi4py's C int arguments take it: anything with ``__index__`` or
+    ``__int__`` (a float is truncated, as Cython does), else TypeError."""
+    if hasattr(type(value), "__index__"):
+        return operator.index(value)
+    if hasattr(type(value), "__int__"):
+        return int(value)
+    raise TypeError("an integer is required")
+
+
 def _wait(req: Any) -> None:
     if req is not None:
         req.wait()
@@ -184,19 +218,16 @@ class BufferAPI:
             req.wait()
 
     # ------------------------------------------------------------ argument checks
-    # Ranks and tags are C ints in mpi4py: anything with __index__ (numpy ints too), else TypeError.
     def _check_root(self, root: int) -> None:
-        if not 0 <= operator.index(root) < self.size:
+        if not 0 <= root < self.size:
             raise MPIException(ERR_ROOT, f"root {root!r} of a {self.size}-rank communicator")
 
     def _check_peer(self, rank: int, receiving: bool) -> None:
-        rank = operator.index(rank)
         if not (0 <= rank < self.size or rank == PROC_NULL or (receiving and rank == ANY_SOURCE)):
             raise MPIException(ERR_RANK, f"rank {rank} of a {self.size}-rank communicator")
 
     @staticmethod
     def _check_tag(tag: int, receiving: bool) -> None:
-        tag = operator.index(tag)
         if tag < 0 and not (receiving and tag == ANY_TAG):
             raise MPIException(ERR_TAG, f"tag {tag}")
 
@@ -222,19 +253,23 @@ class BufferAPI:
         return None if msg is None else self._post(dest, tag, msg.payload(), sync=sync, coll=False)
 
     def Send(self, buf: Any, dest: int, tag: int = 0) -> None:  # noqa: N802 - mpi4py's names
+        dest, tag = c_int(dest), c_int(tag)
         _wait(self._start_send(self._send_args(buf, dest, tag), dest, tag))
 
     def Ssend(self, buf: Any, dest: int, tag: int = 0) -> None:  # noqa: N802
+        dest, tag = c_int(dest), c_int(tag)
         _wait(self._start_send(self._send_args(buf, dest, tag), dest, tag, sync=True))
 
     Bsend = Send  # a standard send completes once its bytes are handed over: buffered already
     Rsend = Send
 
     def Isend(self, buf: Any, dest: int, tag: int = 0) -> Any:  # noqa: N802
+        dest, tag = c_int(dest), c_int(tag)
         req = self._start_send(self._send_args(buf, dest, tag), dest, tag)
         return self._proc_null_request() if req is None else req
 
     def Issend(self, buf: Any, dest: int, tag: int = 0) -> Any:  # noqa: N802
+        dest, tag = c_int(dest), c_int(tag)
         req = self._start_send(self._send_args(buf, dest, tag), dest, tag, sync=True)
         return self._proc_null_request() if req is None else req
 
@@ -256,9 +291,11 @@ class BufferAPI:
         return req
 
     def Recv(self, buf: Any, source: int = ANY_SOURCE, tag: int = ANY_TAG, status: Any = None) -> None:  # noqa: N802
+        source, tag = c_int(source), c_int(tag)
         self._start_recv(self._recv_args(buf, source, tag), source, tag).wait(status)
 
     def Irecv(self, buf: Any, source: int = ANY_SOURCE, tag: int = ANY_TAG) -> Any:  # noqa: N802
+        source, tag = c_int(source), c_int(tag)
         return self._start_recv(self._recv_args(buf, source, tag), source, tag)
 
     def Sendrecv(  # noqa: N802
@@ -271,6 +308,7 @@ class BufferAPI:
         recvtag: int = ANY_TAG,
         status: Any = None,
     ) -> None:
+        dest, sendtag, source, recvtag = c_int(dest), c_int(sendtag), c_int(source), c_int(recvtag)
         out = self._send_args(sendbuf, dest, sendtag)
         into = self._recv_args(recvbuf, source, recvtag)
         recv = self._start_recv(into, source, recvtag)
@@ -286,6 +324,7 @@ class BufferAPI:
         recvtag: int = ANY_TAG,
         status: Any = None,
     ) -> None:
+        dest, sendtag, source, recvtag = c_int(dest), c_int(sendtag), c_int(source), c_int(recvtag)
         out = self._send_args(buf, dest, sendtag)
         into = self._recv_args(buf, source, recvtag)
         outgoing = None if out is None else bytes(out.payload())  # a copy: buf is received into
@@ -361,15 +400,20 @@ class BufferAPI:
         return dict(_unpack(packed))
 
     # ------------------------------------------------------------ collectives
+    # Each takes its tag before anything else: ranks where a bad argument raises still advance
+    # the collective sequence, so the next collective matches across ranks (and the messages of
+    # the ranks that went ahead, under the old tag, never match anything).
     def Barrier(self) -> None:  # noqa: N802
         tag = self._coll_tag()
         self._tree_reduce(b"", lambda a, b: a, bytes, bytes, 0, tag)
         self._tree_bcast(b"", 0, tag)
 
     def Bcast(self, buf: Any, root: int = 0) -> None:  # noqa: N802
+        tag = self._coll_tag()
+        root = c_int(root)
         msg = msgs.parse(buf, readonly=self.rank == root)
         self._check_root(root)
-        data = self._tree_bcast(msg.payload() if self.rank == root else None, root, self._coll_tag())
+        data = self._tree_bcast(msg.payload() if self.rank == root else None, root, tag)
         if self.rank != root:
             _store(msg, data, f"Bcast from rank {root}")
 
@@ -387,34 +431,48 @@ class BufferAPI:
     @staticmethod
     def _values(msg: Message) -> np.ndarray:
         """A message's entries as a fresh array in their wire layout (packed pairs)."""
-        return np.frombuffer(bytes(msg.payload()), dtype=msg.datatype.packed).copy()
+        return msg.typed().astype(msg.datatype.packed)
 
     def _reduce_to(self, send: Message, op: Any, root: int, tag: int) -> np.ndarray | None:
+        """The reduction of every rank's entries at ``root``. A tree rooted at ``root`` combines
+        ranks out of order; an operator that does not commute goes up the tree of rank 0 (which
+        combines lower ranks first, as MPI requires) and its result on to the root."""
         combine = reducer(op, send.datatype)
-        return self._tree_reduce(self._values(send), combine, _raw, lambda p: _entries(p, send), root, tag)
+        commutes = not _is_user(op) or getattr(op, "commute", False)
+        top = root if commutes else 0
+        result = self._tree_reduce(self._values(send), combine, _raw, lambda p: _entries(p, send), top, tag)
+        if top == root:
+            return result
+        if self.rank == top:
+            self._post(root, tag, _raw(result)).wait()
+        elif self.rank == root:
+            return _entries(self._take(top, tag), send).copy()
+        return None
 
     def Reduce(self, sendbuf: Any, recvbuf: Any, op: Any = SUM, root: int = 0) -> None:  # noqa: N802
+        tag = self._coll_tag()
+        root = c_int(root)
         send, recv = self._reduction_args(sendbuf, recvbuf, receiving=self.rank == root)
         self._check_root(root)
         reducer(op, send.datatype)
-        result = self._reduce_to(send, op, root, self._coll_tag())
+        result = self._reduce_to(send, op, root, tag)
         if recv is not None:
             _store(recv, _raw(result), "Reduce")
 
     def Allreduce(self, sendbuf: Any, recvbuf: Any, op: Any = SUM) -> None:  # noqa: N802
+        tag = self._coll_tag()
         send, recv = self._reduction_args(sendbuf, recvbuf, receiving=True)
         reducer(op, send.datatype)
-        tag = self._coll_tag()
         result = self._reduce_to(send, op, 0, tag)
         data = self._tree_bcast(_raw(result) if self.rank == 0 else None, 0, tag)
         _store(recv, data, "Allreduce")
 
     def _prefix(self, sendbuf: Any, recvbuf: Any, op: Any, inclusive: bool) -> None:
         """Scan/Exscan: each rank takes the prefix of the ranks before it, adds its own, passes it on."""
+        tag = self._coll_tag()
         send, recv = self._reduction_args(sendbuf, recvbuf, receiving=True)
         combine = reducer(op, send.datatype)
         mine = self._values(send)
-        tag = self._coll_tag()
         before = _entries(self._take(self.rank - 1, tag), send) if self.rank > 0 else None
         through = mine if before is None else combine(before, mine)
         if self.rank + 1 < self.size:
@@ -437,6 +495,8 @@ class BufferAPI:
                 _store(recv.block(rank), parts[rank], f"{what}: the block of rank {rank}")
 
     def _gather(self, sendbuf: Any, recvbuf: Any, root: int, vector: bool) -> None:
+        tag = self._coll_tag()
+        root = c_int(root)
         what = "Gatherv" if vector else "Gather"
         recv = None
         if self.rank == root:
@@ -444,7 +504,7 @@ class BufferAPI:
         in_place = self.rank == root and msgs.is_in_place(sendbuf)
         mine = None if in_place else msgs.parse(sendbuf, readonly=True).payload()
         self._check_root(root)
-        parts = self._tree_gather(mine, root, self._coll_tag())
+        parts = self._tree_gather(mine, root, tag)
         if parts is not None:
             if in_place:
                 del parts[root]
@@ -466,6 +526,8 @@ class BufferAPI:
         self._gather(sendbuf, recvbuf, root, vector=True)
 
     def _scatter(self, sendbuf: Any, recvbuf: Any, root: int, vector: bool) -> None:
+        tag = self._coll_tag()
+        root = c_int(root)
         what = "Scatterv" if vector else "Scatter"
         blocks = None
         in_place = self.rank == root and msgs.is_in_place(recvbuf)
@@ -474,7 +536,7 @@ class BufferAPI:
             blocks = {r: send.block(r).payload() for r in range(self.size)}
         recv = None if in_place else msgs.parse(recvbuf, readonly=False)
         self._check_root(root)
-        data = self._tree_scatter(blocks, root, self._coll_tag())
+        data = self._tree_scatter(blocks, root, tag)
         if recv is not None:
             _store(recv, data, f"{what} from rank {root}")
 
@@ -485,13 +547,14 @@ class BufferAPI:
         self._scatter(sendbuf, recvbuf, root, vector=True)
 
     def _allgather(self, sendbuf: Any, recvbuf: Any, vector: bool) -> None:
+        tag = self._coll_tag()
         what = "Allgatherv" if vector else "Allgather"
         recv = self._blocks(recvbuf, readonly=False, vector=vector)
         if msgs.is_in_place(sendbuf):
             mine = bytes(recv.block(self.rank).payload())
         else:
             mine = msgs.parse(sendbuf, readonly=True).payload()
-        self._place(recv, self._everyones(mine, self._coll_tag()), what)
+        self._place(recv, self._everyones(mine, tag), what)
 
     def Allgather(self, sendbuf: Any, recvbuf: Any) -> None:  # noqa: N802
         self._allgather(sendbuf, recvbuf, vector=False)
@@ -500,6 +563,7 @@ class BufferAPI:
         self._allgather(sendbuf, recvbuf, vector=True)
 
     def _alltoall(self, sendbuf: Any, recvbuf: Any, vector: bool) -> None:
+        tag = self._coll_tag()
         what = "Alltoallv" if vector else "Alltoall"
         recv = self._blocks(recvbuf, readonly=False, vector=vector)
         if msgs.is_in_place(sendbuf):
@@ -508,7 +572,6 @@ class BufferAPI:
             send = self._blocks(sendbuf, readonly=True, vector=vector)
             outgoing = {r: send.block(r).payload() for r in range(self.size)}
         peers = [(self.rank + k) % self.size for k in range(1, self.size)]
-        tag = self._coll_tag()
         receives = {p: self._irecv_bytes(p, tag, coll=True) for p in peers}
         sends = [self._post(p, tag, outgoing[p]) for p in peers]
         _store(recv.block(self.rank), outgoing[self.rank], f"{what}: this rank's own block")
@@ -537,6 +600,7 @@ class BufferAPI:
         _store(recv, self._tree_scatter(blocks, 0, tag), "Reduce_scatter")
 
     def Reduce_scatter_block(self, sendbuf: Any, recvbuf: Any, op: Any = SUM) -> None:  # noqa: N802
+        tag = self._coll_tag()
         if msgs.is_in_place(sendbuf):
             whole = msgs.parse(recvbuf, readonly=False, blocks=self.size)
             contribution = Message(whole.buf, whole.offset, whole.count * self.size, whole.datatype)
@@ -547,15 +611,15 @@ class BufferAPI:
             _check_pair(contribution, recv)
             contribution = Message(contribution.buf, contribution.offset, recv.count * self.size, recv.datatype)
         reducer(op, contribution.datatype)
-        self._reduce_then_scatter(contribution, op, [recv.count] * self.size, recv, self._coll_tag())
+        self._reduce_then_scatter(contribution, op, [recv.count] * self.size, recv, tag)
 
     def Reduce_scatter(  # noqa: N802
         self, sendbuf: Any, recvbuf: Any, recvcounts: Sequence[int] | None = None, op: Any = SUM
     ) -> None:
+        tag = self._coll_tag()
         recv = msgs.parse(recvbuf, readonly=False)
         in_place = msgs.is_in_place(sendbuf)
         send = recv if in_place else msgs.parse(sendbuf, readonly=True)
-        tag = self._coll_tag()
         if recvcounts is None and not in_place:
             everyones = self._everyones(struct.pack("!q", recv.count), tag)
             counts = [struct.unpack("!q", everyones[r])[0] for r in range(self.size)]

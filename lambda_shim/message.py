@@ -382,6 +382,8 @@ class VectorMessage:
 
 def _unpack(msg: Any, vector: bool) -> tuple[Any, Any, Any, Any]:
     """(buffer, count(s), displ(s), datatype) of a spec, before any of them is checked."""
+    if msg is IN_PLACE:  # mpi4py's IN_PLACE is an empty byte buffer: a message of nothing
+        return bytearray(), None, None, None
     if _is_buffer(msg):
         return msg, None, None, None
     if not isinstance(msg, (list, tuple)):
@@ -444,8 +446,11 @@ def parse(msg: Any, readonly: bool, blocks: int = 0) -> Message:
             raise ValueError(f"message: negative count {count}")
         if count > 0 and buf is None:
             raise ValueError(f"message: buffer is None but count is {count}")
-        if count * extent > available:
-            raise ValueError(f"message: count {count} out of bounds, number of datatype entries {available // extent}")
+        if count * max(blocks, 1) * extent > available:  # a count is per block
+            raise ValueError(
+                f"message: count {count} out of bounds"
+                f"{f' ({blocks} blocks)' if blocks > 1 else ''}, number of datatype entries {available // extent}"
+            )
     else:
         if available % extent:
             raise ValueError(

@@ -206,7 +206,366 @@ outcome("Scatter_not_divisible", lambda: comm.Scatter(np.zeros(size + 1), np.zer
 outcome("Reduce_scatter_sum", lambda: comm.Reduce_scatter(np.zeros(size), np.zeros(1), [2] * size))
 if rank == 0:
     comm.Send(np.arange(4.0), 1, tag=21)
+    comm.Send(np.arange(3, dtype=np.int32), 1, tag=22)
 if rank == 1:
     outcome("Recv_truncated", lambda: comm.Recv(np.zeros(2), 0, 21))
+    req = comm.Irecv([np.zeros(4, dtype=np.int32), 2, MPI.INT], 0, 22)
+    outcome("Irecv_truncated_at_wait", req.Wait)
+# Nothing of the failed calls is left in flight: the next collectives see only their own messages.
+r = np.zeros(2)
+comm.Allreduce(np.array([1.0, rank]), r)
+got["Allreduce_after_errors"] = r.tolist()
+g = np.zeros(size, dtype=np.int64)
+comm.Allgather(np.array([rank * 7], dtype=np.int64), g)
+got["Allgather_after_errors"] = g.tolist()
 comm.Barrier()
+
+# ---- more datatypes, spec forms and completion calls, each call's outcome recorded
+
+
+def rec(name: str, call) -> None:
+    """What a call returns, or the exception class (and MPI error class) it raises."""
+    try:
+        got[name] = call()
+    except MPI.Exception as exc:
+        got[name] = ["MPI.Exception", exc.Get_error_class()]
+    except (ValueError, TypeError, KeyError, BufferError) as exc:
+        got[name] = [type(exc).__name__]
+    comm.Barrier()
+
+
+def plain(a):
+    """An array (or array.array) as JSON-able lists: pairs, complex and char entries too."""
+    if isinstance(a, np.ndarray):
+        if a.dtype.names:
+            return [[float(x) for x in t] for t in a.tolist()]
+        if a.dtype.kind == "c":
+            return [[float(x.real), float(x.imag)] for x in a.ravel()]
+        if a.dtype.kind == "S":
+            return [x.decode("latin-1") for x in a.ravel()]
+        return np.asarray(a, dtype=float if a.dtype.kind in "fg" else a.dtype).tolist()
+    return list(a)
+
+
+for code in ("i1", "u2", "f4", "c16", "?", "g", "i8", "u1"):
+
+    def allred(code=code):
+        x = (np.arange(4) + rank).astype(code) if code != "?" else np.array([rank % 2 == 0, True, False, rank == 1])
+        r = np.zeros(4, dtype=x.dtype)
+        op = MPI.LOR if code == "?" else MPI.SUM
+        comm.Allreduce(x, r, op=op)
+        return plain(r)
+
+    rec(f"Allreduce_{code}", allred)
+
+    def mx(code=code):
+        x = (np.arange(4) * (rank + 1) % 5).astype(code)
+        r = np.zeros(4, dtype=x.dtype)
+        comm.Allreduce(x, r, op=MPI.MAX)
+        return plain(r)
+
+    rec(f"Allreduce_MAX_{code}", mx)
+
+    def bc(code=code):
+        x = (np.arange(5) + 1).astype(code) if rank == 1 else np.zeros(5, dtype=code)
+        comm.Bcast([x, 3], root=1)
+        return plain(x)
+
+    rec(f"Bcast_{code}", bc)
+for tname, vt in [
+    ("FLOAT_INT", "f4"),
+    ("SHORT_INT", "i2"),
+    ("LONG_INT", "i8"),
+    ("TWOINT", "i4"),
+    ("LONG_DOUBLE_INT", "g"),
+]:
+    dt = np.dtype([("v", vt), ("i", "i4")], align=True)
+
+    def loc(tname=tname, dt=dt):
+        x = np.array([((rank * 5) % 3, rank), (-rank, 10 - rank), (1, rank)], dtype=dt)
+        r = np.zeros(3, dtype=dt)
+        comm.Allreduce([x, getattr(MPI, tname)], [r, getattr(MPI, tname)], op=MPI.MINLOC)
+        s = np.zeros(3, dtype=dt)
+        comm.Scan([x, getattr(MPI, tname)], [s, getattr(MPI, tname)], op=MPI.MAXLOC)
+        return plain(r) + plain(s)
+
+    rec(f"LOC_{tname}", loc)
+
+
+def char_sum():
+    x = np.array([b"a", b"b"], dtype="S1")
+    r = np.zeros(2, dtype="S1")
+    comm.Allreduce([x, MPI.CHAR], [r, MPI.CHAR], op=MPI.MAX)
+    return plain(r)
+
+
+rec("CHAR_MAX", char_sum)
+
+
+def gather_simple_displ():
+    r = np.full(2 * size + 3, -1.0)
+    comm.Gather(np.array([rank, rank + 0.5]), [r, (2, 1), MPI.DOUBLE] if rank == 0 else None, root=0)
+    return plain(r)
+
+
+rec("Gather_count_displ", gather_simple_displ)
+
+
+def scatter_inplace():
+    s = np.arange(3.0 * size) if rank == 1 else np.full(3, -1.0)
+    comm.Scatter([s, 3, MPI.DOUBLE] if rank == 1 else None, MPI.IN_PLACE if rank == 1 else s, root=1)
+    return plain(s)
+
+
+rec("Scatter_in_place", scatter_inplace)
+
+
+def gatherv_stride():
+    r = np.full(3 * size, -1.0)
+    comm.Gatherv([np.array([rank + 1.0, 9.0]), 1, MPI.DOUBLE], [r, (1, 3), MPI.DOUBLE], root=size - 1)
+    return plain(r)
+
+
+rec("Gatherv_stride", gatherv_stride)
+
+
+def scatterv_default():
+    s = np.arange(2.0 * size + 1)
+    x = np.full(3, -1.0)
+    comm.Scatterv(s if rank == 0 else None, [x, 2 + (rank == 0)], root=0)
+    return plain(x)
+
+
+rec("Scatterv_even_split", scatterv_default)
+
+
+def allgather_inplace_type():
+    r = np.arange(size, dtype=np.int32) * 0 + rank * 3
+    comm.Allgather(MPI.IN_PLACE, [r, MPI.INT])
+    return plain(r)
+
+
+rec("Allgather_in_place_type", allgather_inplace_type)
+
+
+def alltoall_count():
+    s = np.arange(2 * size, dtype=np.int32) + 100 * rank
+    r = np.full(2 * size, -1, dtype=np.int32)
+    comm.Alltoall([s, 1, MPI.INT], [r, 1, MPI.INT])
+    return plain(r)
+
+
+rec("Alltoall_count1", alltoall_count)
+
+
+def alltoall_inplace():
+    r = np.arange(size, dtype=np.int64) + 10 * rank
+    comm.Alltoall(MPI.IN_PLACE, r)
+    return plain(r)
+
+
+rec("Alltoall_in_place", alltoall_inplace)
+
+
+def alltoallv_inplace():
+    r = np.arange(2 * size, dtype=np.float64) + 10 * rank
+    comm.Alltoallv(MPI.IN_PLACE, [r, 2])
+    return plain(r)
+
+
+rec("Alltoallv_in_place", alltoallv_inplace)
+
+
+def rsb_inplace():
+    r = np.arange(2.0 * size) + rank
+    comm.Reduce_scatter_block(MPI.IN_PLACE, r)
+    return plain(r)
+
+
+rec("Reduce_scatter_block_in_place", rsb_inplace)
+
+
+def rs_inplace():
+    counts = [1] * size
+    r = np.arange(1.0 * size) * (rank + 1)
+    comm.Reduce_scatter(MPI.IN_PLACE, r, counts)
+    return plain(r)
+
+
+rec("Reduce_scatter_in_place", rs_inplace)
+
+
+def rs_nocounts():
+    r = np.zeros(2)
+    comm.Reduce_scatter(np.arange(2.0 * size), r)
+    return plain(r)
+
+
+rec("Reduce_scatter_no_counts", rs_nocounts)
+
+
+def exscan_inplace():
+    r = np.array([rank + 1, 2], dtype=np.int32)
+    comm.Exscan(MPI.IN_PLACE, r, op=MPI.PROD)
+    return plain(r) if rank > 0 else None
+
+
+rec("Exscan_in_place", exscan_inplace)
+
+
+def waitall():
+    bufs = [np.zeros(2) for _ in range(size)]
+    reqs = [comm.Irecv(bufs[p], p, 5) for p in range(size)]
+    sreqs = [comm.Isend(np.array([rank, p], dtype=float), p, 5) for p in range(size)]
+    sts = [MPI.Status() for _ in reqs]
+    MPI.Request.Waitall(reqs, sts)
+    MPI.Request.Waitall(sreqs)
+    return [plain(b) for b in bufs] + [[s.Get_source(), s.Get_count(MPI.DOUBLE)] for s in sts]
+
+
+rec("Irecv_Waitall", waitall)
+
+
+def waitany():
+    b = np.zeros(1, dtype=np.int64)
+    req = comm.Irecv(b, (rank - 1) % size, 6)
+    comm.Issend(np.array([rank], dtype=np.int64), (rank + 1) % size, 6).Wait()
+    idx = MPI.Request.Waitany([req])
+    return [idx, plain(b)]
+
+
+rec("Irecv_Waitany_Issend", waitany)
+
+
+def irecv_partial():
+    b = bytearray(3)
+    req = comm.Irecv(b, MPI.ANY_SOURCE, 8)
+    comm.Send(b"xyz"[: rank % 3 + 1], (rank + 1) % size, 8)
+    st = MPI.Status()
+    req.Wait(st)
+    return [b.decode("latin-1"), st.Get_count(), st.Get_source()]
+
+
+rec("Irecv_bytearray_partial", irecv_partial)
+
+
+def sendrecv_pn():
+    b = np.full(2, -1.0)
+    st = MPI.Status()
+    comm.Sendrecv(np.ones(2), MPI.PROC_NULL, 0, b, MPI.PROC_NULL, 0, st)
+    return [plain(b), st.Get_source(), st.Get_tag(), st.Get_count()]
+
+
+rec("Sendrecv_PROC_NULL", sendrecv_pn)
+
+
+def bcast_types():
+    x = array.array("d", [rank, rank])
+    comm.Bcast([x, MPI.DOUBLE], root=size - 1)
+    return list(x)
+
+
+rec("Bcast_array_double", bcast_types)
+
+
+def bcast_mv():
+    x = bytearray(b"q" * 6) if rank == 0 else bytearray(6)
+    comm.Bcast([memoryview(x)[1:5], 2, 1, MPI.BYTE], root=0)
+    return x.decode("latin-1")
+
+
+rec("Bcast_memoryview_slice", bcast_mv)
+
+
+def reduce_pn_root_err():
+    comm.Reduce(np.ones(2), np.zeros(2), root=MPI.PROC_NULL)
+
+
+rec("Reduce_root_PROC_NULL", reduce_pn_root_err)
+
+
+def scatter_recv_none_nonroot():
+    x = np.zeros(1)
+    comm.Scatter(np.arange(1.0 * size), x, root=0)
+    return plain(x)
+
+
+rec("Scatter_root_sendbuf_everywhere", scatter_recv_none_nonroot)
+
+
+def bad_op():
+    comm.Allreduce(np.ones(2), np.zeros(2), op=MPI.REPLACE)
+
+
+rec("Allreduce_REPLACE", bad_op)
+
+
+def bxor_float():
+    comm.Reduce(np.ones(2), np.zeros(2), op=MPI.BXOR, root=0)
+
+
+rec("Reduce_BXOR_float", bxor_float)
+
+
+def gatherv_negcount():
+    comm.Gatherv(np.ones(1), [np.zeros(9), [1] * (size - 1) + [-1]], root=rank)
+
+
+rec("Gatherv_neg_count", gatherv_negcount)
+
+
+def float_tag():
+    b = np.zeros(1)
+    comm.Sendrecv(np.ones(1), rank, 1.5, b, rank, 1)  # mpi4py's C int arguments truncate floats
+    return plain(b)
+
+
+rec("Sendrecv_float_tag", float_tag)
+
+
+def np_root():
+    x = np.arange(2.0) if rank == 1 else np.zeros(2)
+    comm.Bcast(x, root=np.int64(1))
+    return plain(x)
+
+
+rec("Bcast_numpy_root", np_root)
+
+
+def reduce_count0():
+    r = np.full(2, 3.0)
+    comm.Allreduce([np.ones(2), 0, MPI.DOUBLE], [r, 0, MPI.DOUBLE])
+    return plain(r)
+
+
+rec("Allreduce_count0", reduce_count0)
+
+
+def bcast_none():
+    comm.Bcast([None, 0, MPI.INT], root=0)
+    return "done"
+
+
+rec("Bcast_None_count0", bcast_none)
+
+
+def compose(inbuf, inoutbuf, datatype) -> None:
+    """A user operator that is associative but does not commute: affine maps x -> a*x + b as
+    (a, b) pairs, the lower ranks' map applied first."""
+    low, high = np.frombuffer(inbuf, dtype=np.float64), np.frombuffer(inoutbuf, dtype=np.float64)
+    high[:] = [low[0] * high[0], high[0] * low[1] + high[1]]
+
+
+def user_ops():
+    op = MPI.Op.Create(compose, commute=False)
+    mine = np.array([rank + 2.0, rank + 1.0])
+    r, a, s = np.zeros(2), np.zeros(2), np.zeros(2)
+    comm.Reduce(mine, r, op=op, root=last)
+    comm.Allreduce(mine, a, op=op)
+    comm.Scan(mine, s, op=op)
+    return [r.tolist() if rank == last else None, a.tolist(), s.tolist()]
+
+
+rec("user_op_not_commuting", user_ops)
+
 Path(sys.argv[2], f"rank{rank}.json").write_text(json.dumps(got, sort_keys=True))
