@@ -876,16 +876,19 @@ class Transport:
                 if not self._closed:
                     raise
             finally:
-                self._release_progress()
+                self._release_progress(mine=0)
         with self._cond:
             self._finished = True
             orphaned = self._orphaned
         if orphaned:  # close() could not wait for this thread: the engine is ours to close
             self._close_engine()
 
-    def _release_progress(self) -> None:
+    def _release_progress(self, mine: int = 1) -> None:
+        """Give the engine up; threads waiting for it are woken. ``mine``: whether the caller
+        counts in ``_inside``. (Any thread about to wait counts there before it looks at the
+        lock, and the notice is given under ``_cond``, so none can miss it.)"""
         self._progress.release()
-        if self._waiting:
+        if self._inside > mine:
             with self._cond:
                 self._cond.notify_all()
 
@@ -1071,7 +1074,7 @@ class Transport:
             try:
                 self._poll(0.0, lambda: op.done)
             finally:
-                self._release_progress()
+                self._release_progress(mine=0)
         with self._cond:
             if not op.done:
                 self._check(op)
