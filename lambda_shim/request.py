@@ -86,6 +86,8 @@ class Request:
             if status is not None:
                 status.Set_error(exc.Get_error_class())
             raise
+        finally:
+            self._op = None  # the payload is delivered: do not keep it alive with the request
 
     def _deliver(self, status: Status) -> Any:
         op, what = self._op, self._what
