@@ -327,6 +327,7 @@ class Transport:
         self._modes: dict[int, str] = {}  # peer -> how the link we send on was made
         self._server_lost: str | None = None
         self._closed = False
+        self._failed = False  # a CommError reached the caller: the bye says so
         self._handshakes = threading.BoundedSemaphore(MAX_HANDSHAKES)
         # The progress engine: one epoll set; whoever holds ``_progress`` reads and flushes.
         self._epoll = select.epoll()
@@ -925,6 +926,9 @@ class Transport:
                         self._cond.wait(nap)
                     finally:
                         self._waiting -= 1
+        except CommError:
+            self._failed = True
+            raise
         finally:
             with self._cond:
                 self._inside -= 1
@@ -1009,11 +1013,16 @@ class Transport:
             self._deliver(dest, ctx, tag, kind, bytearray(payload), ack)
             op.done = not sync
             return op
-        link = self._link(dest)
+        try:
+            link = self._link(dest)
+        except CommError:
+            self._failed = True
+            raise
         if sync:
             with self._cond:
                 self._unacked[(dest, ctx, tag)].append(op)
         if not self._queue(link, kind | SYNC if sync else kind, tag, payload, ctx, None if sync else op):
+            self._failed = True
             raise CommError(f"rank {self.rank}: peer rank {dest} is gone: {link.why_dead}")
         return op
 
@@ -1077,7 +1086,11 @@ class Transport:
                 self._release_progress(mine=0)
         with self._cond:
             if not op.done:
-                self._check(op)
+                try:
+                    self._check(op)
+                except CommError:
+                    self._failed = True
+                    raise
             return op.done
 
     def wait(self, ops: list[Op], deadline: float | None = None, need: int | None = None) -> None:
@@ -1210,12 +1223,15 @@ class Transport:
                 self._close_engine()
 
     def _say_bye(self) -> None:
-        """A sealed bye after whatever the server link still has queued, within a second."""
+        """A sealed bye after whatever the server link still has queued, within a second. A
+        rank that saw an error says so: the server then reports it gone to the others, since
+        a rank waiting for it without a connection to it would otherwise wait forever."""
         link = self._control
         if link.ended or not link.out_lock.acquire(timeout=1.0):
             return
         try:
-            link.out.append(_Out(_records(link.session, KIND_CONTROL, self.rank, 0, b'{"op":"bye"}', 0), None))
+            bye = encode_control({"op": "bye", "failed": True} if self._failed else {"op": "bye"})
+            link.out.append(_Out(_records(link.session, KIND_CONTROL, self.rank, 0, bye, 0), None))
             room = select.poll()  # not select(): descriptors past 1023
             room.register(link.sock, select.POLLOUT)
             give_up = time.monotonic() + 1.0
