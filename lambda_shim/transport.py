@@ -75,7 +75,7 @@ from lambda_shim.wire import (
     read_frame,
     send_frame,
     table_bytes,
-    unpack_table,
+    table_entry,
     valid_job_id,
 )
 
@@ -454,17 +454,16 @@ class Transport:
                 raise CommError(f"rank {self.rank}: rendezvous: {decode_control(payload).get('message')}")
             if kind != KIND_TABLE:
                 raise AuthError(f"a frame of kind {kind} instead of the address table")
-            table = unpack_table(payload, self.size)
+            if len(payload) != table_bytes(self.size):
+                raise AuthError(f"an address table of {len(payload)} bytes for {self.size} ranks")
         except (OSError, EOFError, AuthError) as exc:
             link.sock.close()
             raise CommError(f"rank {self.rank}: no address table from the rendezvous server: {exc}") from None
         except CommError:
             link.sock.close()
             raise
-        self._table = {r: [listener] for r, (listener, _) in enumerate(table)}
-        # Where the server saw each rank come from: the outside of its NAT, for punching.
-        self._observed = {r: observed for r, (_, observed) in enumerate(table)}
-        self._observed_rank = {a: r for r, a in self._observed.items()}
+        self._table = bytes(payload)  # entries are decoded when needed (see table_entry)
+        self._observed_ranks: dict[tuple[str, int], int] | None = None
         return link
 
     def _rank_in(self, message: dict, key: str) -> int:
@@ -568,7 +567,7 @@ class Transport:
         try:
             _tune(sock)
             if punched:
-                peer = self._observed_rank.get(tuple(addr[:2]))
+                peer = self._observed_rank(tuple(addr[:2]))
                 if peer is None:
                     raise AuthError(f"{addr} is no rank's punched address")
                 link = self._paired_handshake(sock, peer, deadline)
@@ -615,7 +614,7 @@ class Transport:
             sock = _reusable_socket(self._bind_host, self._punch_port)
             sock.settimeout(max(0.1, min(2.0, deadline - time.monotonic())))
             try:
-                sock.connect(self._observed[peer])
+                sock.connect(self._observed(peer))
                 _tune(sock)
                 link = self._paired_handshake(sock, peer, min(deadline, time.monotonic() + HANDSHAKE_TIMEOUT_S))
                 self._adopt(link)
@@ -626,7 +625,7 @@ class Transport:
                 time.sleep(0.02)
         if peer in self._links:
             return None
-        raise CommError(f"rank {self.rank}: could not punch through to rank {peer} at {self._observed[peer]}: {last}")
+        raise CommError(f"rank {self.rank}: could not punch through to rank {peer} at {self._observed(peer)}: {last}")
 
     def _join_relay(self, peer: int) -> None:
         try:
@@ -662,33 +661,33 @@ class Transport:
         """Connect to the peer's listener, retrying until the deadline, except when the
         peer is known to be gone, or its listener has refused us for ``REFUSED_S`` (it was
         listening before the table went out: it has left)."""
+        addr = table_entry(self._table, peer)[0]
         last: Exception | None = None
-        for addr in self._table[peer]:
+        refused_since = None
+        while time.monotonic() < deadline and peer not in self._dead:
+            try:
+                sock = socket.create_connection(addr, timeout=max(0.1, min(5.0, deadline - time.monotonic())))
+            except OSError as exc:
+                last = exc
+                if isinstance(exc, ConnectionRefusedError):
+                    refused_since = refused_since or time.monotonic()
+                    if time.monotonic() - refused_since > REFUSED_S:
+                        break
+                time.sleep(0.05)
+                continue
             refused_since = None
-            while time.monotonic() < deadline and peer not in self._dead:
-                try:
-                    sock = socket.create_connection(addr, timeout=max(0.1, min(5.0, deadline - time.monotonic())))
-                except OSError as exc:
-                    last = exc
-                    if isinstance(exc, ConnectionRefusedError):
-                        refused_since = refused_since or time.monotonic()
-                        if time.monotonic() - refused_since > REFUSED_S:
-                            break
-                    time.sleep(0.05)
-                    continue
-                refused_since = None
-                try:
-                    _tune(sock)
-                    attempt = min(deadline, time.monotonic() + HANDSHAKE_TIMEOUT_S)
-                    session = handshake_connect(sock, self.config.key, self.config.job_id, self.rank, peer, attempt)
-                    return _Link(sock, peer, session)
-                except (OSError, EOFError, AuthError) as exc:
-                    sock.close()
-                    last = exc
-                    time.sleep(0.05)
+            try:
+                _tune(sock)
+                attempt = min(deadline, time.monotonic() + HANDSHAKE_TIMEOUT_S)
+                session = handshake_connect(sock, self.config.key, self.config.job_id, self.rank, peer, attempt)
+                return _Link(sock, peer, session)
+            except (OSError, EOFError, AuthError) as exc:
+                sock.close()
+                last = exc
+                time.sleep(0.05)
         if peer in self._dead:
             raise CommError(f"rank {self.rank}: peer rank {peer} is gone: {self._dead[peer]}")
-        raise CommError(f"rank {self.rank}: cannot connect to rank {peer} at {self._table[peer]}: {last}")
+        raise CommError(f"rank {self.rank}: cannot connect to rank {peer} at {addr}: {last}")
 
     def _mode_of(self, sock: socket.socket) -> str:
         """How a link was made, from its socket: through the server, from or to the punched port, or direct."""
@@ -845,6 +844,17 @@ class Transport:
                 self._end_link(link, f"a send to it failed: it took nothing for {stall:g} s")
             elif now - link.last_send >= every and not link.out:
                 self._queue(link, KIND_HEARTBEAT, 0, b"", 0)
+
+    def _observed(self, peer: int) -> tuple[str, int]:
+        """Where the server saw ``peer`` come from: the outside of its NAT, for punching."""
+        return table_entry(self._table, peer)[1]
+
+    def _observed_rank(self, addr: tuple[str, int]) -> int | None:
+        """The rank the server saw come from ``addr`` (the map is made on the first punched
+        connection: only punching needs it)."""
+        if self._observed_ranks is None:
+            self._observed_ranks = {self._observed(r): r for r in range(self.size)}
+        return self._observed_ranks.get(addr)
 
     def _send_stall_s(self) -> float:
         op = self.config.op_timeout
