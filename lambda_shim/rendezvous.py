@@ -279,8 +279,8 @@ class Rendezvous:
             try:
                 message = decode_control(payload) if kind == KIND_CONTROL else {}
                 op = message.get("op")
-                if op == "bye":
-                    return None
+                if op == "bye":  # after an error the others are told, as if it had vanished
+                    return "it left after an error" if message.get("failed") is True else None
                 if op == "punch" and job.complete.is_set():
                     target = job.members.get(_int(message, "peer", 0, job.size - 1))
                     if target is not None:

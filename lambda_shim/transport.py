@@ -75,7 +75,7 @@ from lambda_shim.wire import (
     read_frame,
     send_frame,
     table_bytes,
-    unpack_table,
+    table_entry,
     valid_job_id,
 )
 
@@ -327,6 +327,7 @@ class Transport:
         self._modes: dict[int, str] = {}  # peer -> how the link we send on was made
         self._server_lost: str | None = None
         self._closed = False
+        self._failed = False  # a CommError reached the caller: the bye says so
         self._handshakes = threading.BoundedSemaphore(MAX_HANDSHAKES)
         # The progress engine: one epoll set; whoever holds ``_progress`` reads and flushes.
         self._epoll = select.epoll()
@@ -453,17 +454,16 @@ class Transport:
                 raise CommError(f"rank {self.rank}: rendezvous: {decode_control(payload).get('message')}")
             if kind != KIND_TABLE:
                 raise AuthError(f"a frame of kind {kind} instead of the address table")
-            table = unpack_table(payload, self.size)
+            if len(payload) != table_bytes(self.size):
+                raise AuthError(f"an address table of {len(payload)} bytes for {self.size} ranks")
         except (OSError, EOFError, AuthError) as exc:
             link.sock.close()
             raise CommError(f"rank {self.rank}: no address table from the rendezvous server: {exc}") from None
         except CommError:
             link.sock.close()
             raise
-        self._table = {r: [listener] for r, (listener, _) in enumerate(table)}
-        # Where the server saw each rank come from: the outside of its NAT, for punching.
-        self._observed = {r: observed for r, (_, observed) in enumerate(table)}
-        self._observed_rank = {a: r for r, a in self._observed.items()}
+        self._table = bytes(payload)  # entries are decoded when needed (see table_entry)
+        self._observed_ranks: dict[tuple[str, int], int] | None = None
         return link
 
     def _rank_in(self, message: dict, key: str) -> int:
@@ -567,7 +567,7 @@ class Transport:
         try:
             _tune(sock)
             if punched:
-                peer = self._observed_rank.get(tuple(addr[:2]))
+                peer = self._observed_rank(tuple(addr[:2]))
                 if peer is None:
                     raise AuthError(f"{addr} is no rank's punched address")
                 link = self._paired_handshake(sock, peer, deadline)
@@ -614,7 +614,7 @@ class Transport:
             sock = _reusable_socket(self._bind_host, self._punch_port)
             sock.settimeout(max(0.1, min(2.0, deadline - time.monotonic())))
             try:
-                sock.connect(self._observed[peer])
+                sock.connect(self._observed(peer))
                 _tune(sock)
                 link = self._paired_handshake(sock, peer, min(deadline, time.monotonic() + HANDSHAKE_TIMEOUT_S))
                 self._adopt(link)
@@ -625,7 +625,7 @@ class Transport:
                 time.sleep(0.02)
         if peer in self._links:
             return None
-        raise CommError(f"rank {self.rank}: could not punch through to rank {peer} at {self._observed[peer]}: {last}")
+        raise CommError(f"rank {self.rank}: could not punch through to rank {peer} at {self._observed(peer)}: {last}")
 
     def _join_relay(self, peer: int) -> None:
         try:
@@ -661,33 +661,33 @@ class Transport:
         """Connect to the peer's listener, retrying until the deadline, except when the
         peer is known to be gone, or its listener has refused us for ``REFUSED_S`` (it was
         listening before the table went out: it has left)."""
+        addr = table_entry(self._table, peer)[0]
         last: Exception | None = None
-        for addr in self._table[peer]:
+        refused_since = None
+        while time.monotonic() < deadline and peer not in self._dead:
+            try:
+                sock = socket.create_connection(addr, timeout=max(0.1, min(5.0, deadline - time.monotonic())))
+            except OSError as exc:
+                last = exc
+                if isinstance(exc, ConnectionRefusedError):
+                    refused_since = refused_since or time.monotonic()
+                    if time.monotonic() - refused_since > REFUSED_S:
+                        break
+                time.sleep(0.05)
+                continue
             refused_since = None
-            while time.monotonic() < deadline and peer not in self._dead:
-                try:
-                    sock = socket.create_connection(addr, timeout=max(0.1, min(5.0, deadline - time.monotonic())))
-                except OSError as exc:
-                    last = exc
-                    if isinstance(exc, ConnectionRefusedError):
-                        refused_since = refused_since or time.monotonic()
-                        if time.monotonic() - refused_since > REFUSED_S:
-                            break
-                    time.sleep(0.05)
-                    continue
-                refused_since = None
-                try:
-                    _tune(sock)
-                    attempt = min(deadline, time.monotonic() + HANDSHAKE_TIMEOUT_S)
-                    session = handshake_connect(sock, self.config.key, self.config.job_id, self.rank, peer, attempt)
-                    return _Link(sock, peer, session)
-                except (OSError, EOFError, AuthError) as exc:
-                    sock.close()
-                    last = exc
-                    time.sleep(0.05)
+            try:
+                _tune(sock)
+                attempt = min(deadline, time.monotonic() + HANDSHAKE_TIMEOUT_S)
+                session = handshake_connect(sock, self.config.key, self.config.job_id, self.rank, peer, attempt)
+                return _Link(sock, peer, session)
+            except (OSError, EOFError, AuthError) as exc:
+                sock.close()
+                last = exc
+                time.sleep(0.05)
         if peer in self._dead:
             raise CommError(f"rank {self.rank}: peer rank {peer} is gone: {self._dead[peer]}")
-        raise CommError(f"rank {self.rank}: cannot connect to rank {peer} at {self._table[peer]}: {last}")
+        raise CommError(f"rank {self.rank}: cannot connect to rank {peer} at {addr}: {last}")
 
     def _mode_of(self, sock: socket.socket) -> str:
         """How a link was made, from its socket: through the server, from or to the punched port, or direct."""
@@ -845,6 +845,17 @@ class Transport:
             elif now - link.last_send >= every and not link.out:
                 self._queue(link, KIND_HEARTBEAT, 0, b"", 0)
 
+    def _observed(self, peer: int) -> tuple[str, int]:
+        """Where the server saw ``peer`` come from: the outside of its NAT, for punching."""
+        return table_entry(self._table, peer)[1]
+
+    def _observed_rank(self, addr: tuple[str, int]) -> int | None:
+        """The rank the server saw come from ``addr`` (the map is made on the first punched
+        connection: only punching needs it)."""
+        if self._observed_ranks is None:
+            self._observed_ranks = {self._observed(r): r for r in range(self.size)}
+        return self._observed_ranks.get(addr)
+
     def _send_stall_s(self) -> float:
         op = self.config.op_timeout
         return self.config.liveness if op is None else min(self.config.liveness, op)
@@ -925,6 +936,9 @@ class Transport:
                         self._cond.wait(nap)
                     finally:
                         self._waiting -= 1
+        except CommError:
+            self._failed = True
+            raise
         finally:
             with self._cond:
                 self._inside -= 1
@@ -1009,11 +1023,16 @@ class Transport:
             self._deliver(dest, ctx, tag, kind, bytearray(payload), ack)
             op.done = not sync
             return op
-        link = self._link(dest)
+        try:
+            link = self._link(dest)
+        except CommError:
+            self._failed = True
+            raise
         if sync:
             with self._cond:
                 self._unacked[(dest, ctx, tag)].append(op)
         if not self._queue(link, kind | SYNC if sync else kind, tag, payload, ctx, None if sync else op):
+            self._failed = True
             raise CommError(f"rank {self.rank}: peer rank {dest} is gone: {link.why_dead}")
         return op
 
@@ -1077,7 +1096,11 @@ class Transport:
                 self._release_progress(mine=0)
         with self._cond:
             if not op.done:
-                self._check(op)
+                try:
+                    self._check(op)
+                except CommError:
+                    self._failed = True
+                    raise
             return op.done
 
     def wait(self, ops: list[Op], deadline: float | None = None, need: int | None = None) -> None:
@@ -1210,12 +1233,15 @@ class Transport:
                 self._close_engine()
 
     def _say_bye(self) -> None:
-        """A sealed bye after whatever the server link still has queued, within a second."""
+        """A sealed bye after whatever the server link still has queued, within a second. A
+        rank that saw an error says so: the server then reports it gone to the others, since
+        a rank waiting for it without a connection to it would otherwise wait forever."""
         link = self._control
         if link.ended or not link.out_lock.acquire(timeout=1.0):
             return
         try:
-            link.out.append(_Out(_records(link.session, KIND_CONTROL, self.rank, 0, b'{"op":"bye"}', 0), None))
+            bye = encode_control({"op": "bye", "failed": True} if self._failed else {"op": "bye"})
+            link.out.append(_Out(_records(link.session, KIND_CONTROL, self.rank, 0, bye, 0), None))
             room = select.poll()  # not select(): descriptors past 1023
             room.register(link.sock, select.POLLOUT)
             give_up = time.monotonic() + 1.0

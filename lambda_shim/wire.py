@@ -389,6 +389,14 @@ def unpack_table(data: bytes | bytearray, size: int) -> list[tuple[tuple[str, in
     return [((socket.inet_ntoa(h), p), (socket.inet_ntoa(oh), op)) for h, p, oh, op in _ENTRY.iter_unpack(data)]
 
 
+def table_entry(data: bytes | bytearray, rank: int) -> tuple[tuple[str, int], tuple[str, int]]:
+    """One rank's (listener, observed) addresses from a table already checked by its length:
+    a rank reads the entries of the peers it talks to, not all N of them (N ranks decoding N
+    entries each is quadratic work at wire-up)."""
+    h, p, oh, op = _ENTRY.unpack_from(data, rank * _ENTRY.size)
+    return (socket.inet_ntoa(h), p), (socket.inet_ntoa(oh), op)
+
+
 def table_bytes(size: int) -> int:
     return size * _ENTRY.size
 

@@ -744,17 +744,17 @@ def test_launched_ranks_get_the_job_key_only() -> None:
     assert result.stdout.strip().endswith("] ['CAI_HPC_TOKEN_FILE']")
 
 
-def test_64_ranks_in_two_processes_wire_up_and_leave() -> None:
+def test_256_ranks_in_two_processes_wire_up_and_leave() -> None:
     """Finding 11 at CI size: many ranks per process through one server (2,000 in the note)."""
     result = subprocess.run(
-        [sys.executable, str(PROGRAMS / "many_ranks.py"), "--drive", "64", "--procs", "2", "--timeout", "120"],
+        [sys.executable, str(PROGRAMS / "many_ranks.py"), "--drive", "256", "--procs", "2", "--timeout", "120"],
         capture_output=True,
         text=True,
         timeout=300,
         env=clean_env(),
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    assert "ranks=64 processes=2" in result.stdout
+    assert "ranks=256 processes=2" in result.stdout
 
 
 GOOD_EVENT = {

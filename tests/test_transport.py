@@ -249,3 +249,17 @@ def test_connecting_to_a_rank_that_left_fails_fast(world) -> None:
     with pytest.raises(CommError, match=r"rank 0: cannot connect to rank 1 .* Connection refused"):
         send(a, 1, 0, b"anyone?")
     assert time.monotonic() - t0 < 10
+
+
+def test_a_rank_that_leaves_after_an_error_is_reported_to_ranks_waiting_for_it(world) -> None:
+    """Rank 0 waits for rank 1 with no connection to it; rank 1 fails (here: a wait past its
+    deadline) and leaves. Its bye says so, the server tells rank 0, and rank 0's wait ends
+    with the news instead of waiting forever."""
+    a, b, _ = world(3)
+    with pytest.raises(CommError, match="no message from rank 2"):
+        b.wait([b.irecv(2, 0, 0)], deadline=time.monotonic() + 0.2)
+    b.close()
+    t0 = time.monotonic()
+    with pytest.raises(CommError, match="rank 0: peer rank 1 is gone while we wait for it: it left the job"):
+        a.wait([a.irecv(1, 0, 0)], deadline=time.monotonic() + 30)
+    assert time.monotonic() - t0 < 15
