@@ -211,6 +211,8 @@ if rank == 1:
     outcome("Recv_truncated", lambda: comm.Recv(np.zeros(2), 0, 21))
     req = comm.Irecv([np.zeros(4, dtype=np.int32), 2, MPI.INT], 0, 22)
     outcome("Irecv_truncated_at_wait", req.Wait)
+# A bad argument on some ranks only: the root's part goes out, the others raise.
+outcome("Scatter_recv_None_off_root", lambda: comm.Scatter(np.arange(1.0 * size), None, root=0))
 # Nothing of the failed calls is left in flight: the next collectives see only their own messages.
 r = np.zeros(2)
 comm.Allreduce(np.array([1.0, rank]), r)
