@@ -3,7 +3,7 @@ primitives: ``BufferAPI`` is a mixin of ``Comm``, which supplies ``rank``, ``siz
 ``_isend_bytes(dest, tag, payload, sync=False, coll=False)``, ``_irecv_bytes(source, tag,
 coll=False)`` (requests completed by ``wait``; a received one holds ``payload`` and ``envelope``
 and calls its ``on_complete`` hook), ``_coll_tag()`` (the tag of the next collective, the same
-on every rank) and ``_proc_null_request()``. See /work/notes/api-primitives.md.
+on every rank) and ``_proc_null_request()`` (see ``lambda_shim.tcpcomm.Comm``).
 
 Every spec is read by ``lambda_shim.message`` exactly as mpi4py reads it, and every argument of a
 call (specs, root, datatypes against the operator) is checked on each rank before any message of
