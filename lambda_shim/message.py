@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from lambda_shim.constants import IN_PLACE
-from lambda_shim.errors import ERR_COUNT, MPIException
+from lambda_shim.errors import ERR_COUNT, ERR_TYPE, MPIException
 
 # Datatype kinds: which reduction operators MPICH allows on them.
 KIND_INTEGER, KIND_FLOATING, KIND_COMPLEX, KIND_LOGICAL, KIND_BYTE, KIND_PAIR, KIND_OPAQUE = (
@@ -295,7 +295,7 @@ def as_datatype(obj: Any) -> Datatype:
     if mpi is not None and isinstance(obj, mpi.Datatype):
         found = BY_NAME.get(obj.Get_name())
         if found is None:
-            raise MPIException(3, f"mpi4py datatype {obj.Get_name()} is not one lambda_shim supports")
+            raise MPIException(ERR_TYPE, f"mpi4py datatype {obj.Get_name()} is not one lambda_shim supports")
         return found
     return lookup(obj)
 
