@@ -302,6 +302,8 @@ def test_vector_specs():
         M.parse_vector([buf, [1, 2]], readonly=False, blocks=3)
     with pytest.raises(TypeError):  # a 2-item list is counts in a vector spec: [[1], [2]] is not ints
         M.parse_vector([buf, [[1], [2], [3]]], readonly=False, blocks=3)
+    with pytest.raises(TypeError):  # as mpi4py: the items are converted before the length is checked
+        M.parse_vector([buf, ([1], [2]), None, None], readonly=False, blocks=3)
     with pytest.raises(MPIException) as info:
         M.parse_vector([buf, [1, -1, 1]], readonly=False, blocks=3)
     assert info.value.Get_error_class() == ERR_COUNT
