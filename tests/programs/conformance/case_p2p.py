@@ -1,0 +1,249 @@
+"""Point to point: every send mode in object and buffer form, probe, sendrecv, PROC_NULL,
+ANY_SOURCE/ANY_TAG, message order, and large messages."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from harness import Suite
+
+
+def run(s: Suite) -> None:
+    MPI, comm, rank, size = s.MPI, s.comm, s.rank, s.size  # noqa: N806 - the name mpi4py programs use
+
+    @s.case("attach_buffer")
+    def attach_buffer() -> Any:
+        return MPI.Attach_buffer(bytearray(1 << 20))
+
+    # Blocking object sends, rank 0 to each rank and back (a star: no mode can deadlock).
+    for mode in ("send", "ssend", "bsend"):
+
+        @s.case(f"{mode}.star")
+        def star(mode: str = mode) -> Any:
+            send = getattr(comm, mode)
+            if rank == 0:
+                for dest in range(1, size):
+                    send({"mode": mode, "to": dest}, dest=dest, tag=11)
+                replies = []
+                for _ in range(1, size):
+                    status = MPI.Status()
+                    msg = comm.recv(source=MPI.ANY_SOURCE, tag=12, status=status)
+                    replies.append((msg, s.status(status)))
+                return sorted(replies)
+            status = MPI.Status()
+            msg = comm.recv(source=0, tag=11, status=status)
+            send((mode, rank), dest=0, tag=12)
+            return msg, s.status(status)
+
+    # Nonblocking object sends round a ring.
+    for mode in ("isend", "issend", "ibsend"):
+
+        @s.case(f"{mode}.ring")
+        def ring(mode: str = mode) -> Any:
+            send = getattr(comm, mode)(("ring", mode, rank, list(range(rank))), dest=s.right, tag=21)
+            recv = comm.irecv(source=s.left, tag=21)
+            status = MPI.Status()
+            msg = recv.wait(status)
+            sent = send.wait()
+            return msg, sent, s.status(status), bool(send), bool(recv)
+
+    # Blocking buffer sends, a star again; Rsend needs the receive posted first.
+    for mode in ("Send", "Ssend", "Bsend", "Rsend"):
+
+        @s.case(f"{mode}.star")
+        def buffer_star(mode: str = mode) -> Any:
+            send = getattr(comm, mode)
+            if rank == 0:
+                comm.Barrier()
+                for dest in range(1, size):
+                    send(np.arange(dest + 2, dtype=np.int32) * 10, dest=dest, tag=13)
+                return None
+            buf = np.full(rank + 4, -1, dtype=np.int32)
+            req = comm.Irecv(buf, source=0, tag=13)
+            comm.Barrier()
+            status = MPI.Status()
+            req.Wait(status)
+            return buf, s.status(status, MPI.INT)
+
+    for mode in ("Isend", "Issend", "Ibsend", "Irsend"):
+
+        @s.case(f"{mode}.ring")
+        def buffer_ring(mode: str = mode) -> Any:
+            buf = np.zeros(3)
+            recv = comm.Irecv([buf, MPI.DOUBLE], source=s.left, tag=22)
+            comm.Barrier()  # every receive posted: an Irsend is legal
+            send = getattr(comm, mode)(np.array([rank, rank + 0.5, -rank]), dest=s.right, tag=22)
+            statuses = [MPI.Status(), MPI.Status()]
+            done = MPI.Request.Waitall([send, recv], statuses)
+            return done, buf, s.status(statuses[1], MPI.DOUBLE)
+
+    @s.case("detach_buffer")
+    def detach_buffer() -> Any:
+        return len(MPI.Detach_buffer())
+
+    # The send forms of a buffer message, received with a status and counted.
+    specs = {
+        "plain": lambda a: a,
+        "count": lambda a: [a, 3],
+        "count_type": lambda a: [a, 3, MPI.INT64_T],
+        "count_displ_type": lambda a: [a, (3, 2), MPI.INT64_T],
+        "count_displ_type4": lambda a: [a, 2, 1, MPI.INT64_T],
+        "type": lambda a: [a, MPI.INT64_T],
+        "bytes_type": lambda a: [a, MPI.BYTE],
+        "memoryview": lambda a: memoryview(a)[1:4],
+    }
+    for name, spec in specs.items():
+
+        @s.case(f"Send.spec.{name}")
+        def send_spec(spec: Any = spec) -> Any:
+            if rank == 0:
+                for dest in range(1, size):
+                    comm.Send(spec(np.arange(6, dtype=np.int64) + dest), dest=dest, tag=14)
+                return None
+            buf = np.full(8, -1, dtype=np.int64)
+            status = MPI.Status()
+            comm.Recv(buf, source=0, tag=14, status=status)
+            return buf, s.status(status, MPI.INT64_T), status.Get_count(MPI.BYTE), status.Get_count()
+
+    @s.case("Recv.spec.count_displ")
+    def recv_spec() -> Any:
+        buf = np.full(6, -1.0)
+        comm.Sendrecv(np.array([rank, 1.5]), dest=s.right, sendtag=15, recvbuf=[buf, (2, 3), MPI.DOUBLE], source=s.left)
+        return buf
+
+    # Tags out of order; ANY_SOURCE and ANY_TAG with a status.
+    @s.case("tags_and_wildcards")
+    def tags_and_wildcards() -> Any:
+        if rank == 0:
+            for dest in range(1, size):
+                comm.send(f"tag7-to-{dest}", dest=dest, tag=7)
+                comm.send(f"tag3-to-{dest}", dest=dest, tag=3)
+            seen = []
+            for _ in range(1, size):
+                status = MPI.Status()
+                msg = comm.recv(source=MPI.ANY_SOURCE, tag=MPI.ANY_TAG, status=status)
+                seen.append((status.Get_source(), status.Get_tag(), msg, status.source, status.tag))
+            return sorted(seen)
+        first = comm.recv(source=0, tag=3)
+        second = comm.recv(source=0, tag=7)
+        comm.send(("hello", rank), dest=0, tag=10 + rank)
+        return first, second
+
+    @s.case("non_overtaking")
+    def non_overtaking() -> Any:
+        for i in range(5):
+            comm.send((rank, i), dest=s.right, tag=30 + i % 2)
+        return [comm.recv(source=MPI.ANY_SOURCE, tag=MPI.ANY_TAG) for _ in range(5)]
+
+    @s.case("sendrecv.ring")
+    def sendrecv_ring() -> Any:
+        status = MPI.Status()
+        msg = comm.sendrecv({"from": rank}, dest=s.right, sendtag=5, source=s.left, recvtag=5, status=status)
+        return msg, s.status(status)
+
+    @s.case("sendrecv.chain")
+    def sendrecv_chain() -> Any:
+        right = rank + 1 if rank < s.last else MPI.PROC_NULL
+        left = rank - 1 if rank > 0 else MPI.PROC_NULL
+        status = MPI.Status()
+        return comm.sendrecv(rank * 10, dest=right, source=left, status=status), s.status(status)
+
+    @s.case("Sendrecv.ring")
+    def buffer_sendrecv() -> Any:
+        recv = np.zeros(2, dtype=np.int32)
+        status = MPI.Status()
+        comm.Sendrecv(np.array([rank, -rank], dtype=np.int32), s.right, 6, recv, s.left, 6, status)
+        return recv, s.status(status, MPI.INT)
+
+    @s.case("Sendrecv_replace.ring")
+    def sendrecv_replace() -> Any:
+        buf = np.array([rank, rank * 2, rank * 3], dtype=np.float32)
+        status = MPI.Status()
+        comm.Sendrecv_replace(buf, dest=s.right, sendtag=8, source=s.left, recvtag=8, status=status)
+        return buf, s.status(status, MPI.FLOAT)
+
+    @s.case("Sendrecv_replace.spec")
+    def sendrecv_replace_spec() -> Any:
+        buf = np.array([rank, rank * 2, rank * 3, 99], dtype=np.int64)
+        comm.Sendrecv_replace([buf, 2, MPI.INT64_T], dest=s.right, source=s.left)
+        return buf
+
+    # PROC_NULL: sends vanish, receives complete at once with an empty status.
+    @s.case("proc_null.object")
+    def proc_null_object() -> Any:
+        status = MPI.Status()
+        got = [comm.send("x", dest=MPI.PROC_NULL), comm.ssend("x", dest=MPI.PROC_NULL)]
+        got.append(comm.isend("x", dest=MPI.PROC_NULL).wait())
+        got.append(comm.recv(source=MPI.PROC_NULL, status=status))
+        got.append(s.status(status, MPI.BYTE))
+        got.append(comm.irecv(source=MPI.PROC_NULL).wait(status))
+        got.append(s.status(status, MPI.BYTE))
+        got.append(comm.sendrecv("y", dest=MPI.PROC_NULL, source=MPI.PROC_NULL))
+        return got
+
+    @s.case("proc_null.buffer")
+    def proc_null_buffer() -> Any:
+        status = MPI.Status()
+        buf = np.arange(3.0)
+        comm.Send(buf, dest=MPI.PROC_NULL)
+        comm.Recv(buf, source=MPI.PROC_NULL, status=status)
+        first = s.status(status, MPI.DOUBLE)
+        comm.Irecv(buf, source=MPI.PROC_NULL).Wait(status)
+        return buf, first, s.status(status, MPI.DOUBLE)
+
+    @s.case("proc_null.probe")
+    def proc_null_probe() -> Any:
+        status = MPI.Status()
+        probed = comm.probe(source=MPI.PROC_NULL, status=status)
+        first = s.status(status, MPI.BYTE)
+        return probed, first, comm.iprobe(source=MPI.PROC_NULL, status=status), s.status(status, MPI.BYTE)
+
+    # probe / iprobe: nothing there yet, then the message, counted before it is received.
+    @s.case("probe")
+    def probe() -> Any:
+        if rank == 0:
+            comm.Barrier()
+            for dest in range(1, size):
+                comm.Send(np.arange(dest + 1, dtype=np.float64), dest=dest, tag=40)
+            return None
+        before = comm.iprobe(source=0, tag=40)
+        comm.Barrier()
+        status = MPI.Status()
+        probed = comm.probe(source=0, tag=40, status=status)
+        counted = s.status(status, MPI.DOUBLE), status.Get_count(MPI.BYTE)
+        buf = np.zeros(status.Get_count(MPI.DOUBLE))
+        comm.Recv(buf, source=status.Get_source(), tag=status.Get_tag())
+        return before, probed, counted, buf, comm.iprobe(source=0, tag=40)
+
+    @s.case("iprobe.any")
+    def iprobe_any() -> Any:
+        comm.Send(np.arange(rank + 1, dtype=np.int16), dest=s.right, tag=41 + rank)
+        status = MPI.Status()
+        found = s.until(lambda: comm.iprobe(MPI.ANY_SOURCE, MPI.ANY_TAG, status), bool)
+        counted = s.status(status, MPI.INT16_T)
+        buf = np.zeros(rank + 5, dtype=np.int16)
+        comm.Recv(buf, source=MPI.ANY_SOURCE, tag=MPI.ANY_TAG)
+        return found, counted, buf
+
+    # Large messages: 100 MB as an object, 32 MB as a buffer, last rank to rank 0.
+    @s.case("large.object")
+    def large_object() -> Any:
+        if rank == s.last:
+            comm.send(np.full(100 * 2**20 // 8, 3.5), dest=0, tag=99)
+        if rank == 0:
+            big = comm.recv(source=s.last, tag=99)
+            return big.nbytes, float(big.sum()), big.dtype.str
+        return None
+
+    @s.case("large.buffer")
+    def large_buffer() -> Any:
+        n = 32 * 2**20 // 4
+        if rank == s.last:
+            comm.Send(np.arange(n, dtype=np.int32), dest=0, tag=98)
+        if rank == 0:
+            big = np.zeros(n, dtype=np.int32)
+            status = MPI.Status()
+            comm.Recv(big, source=s.last, tag=98, status=status)
+            return int(big.astype(np.int64).sum()), int(big[-1]), s.status(status, MPI.INT)
+        return None
