@@ -39,6 +39,13 @@ def run(s: Suite) -> None:
         d.Free()
         return got
 
+    @s.case("clone")
+    def clone() -> Any:
+        c = comm.Clone()
+        got = c.Get_rank(), c.Get_size(), MPI.Comm.Compare(comm, c), c.allreduce(rank)
+        c.Free()
+        return got
+
     @s.case("dup.isolated")
     def dup_isolated() -> Any:
         # Same source, same tag on two communicators: each receive sees only its own.

@@ -112,6 +112,21 @@ def run(s: Suite) -> None:
         comm.Sendrecv(np.array([rank, 1.5]), dest=s.right, sendtag=15, recvbuf=[buf, (2, 3), MPI.DOUBLE], source=s.left)
         return buf
 
+    @s.case("status.fresh")
+    def status_fresh() -> Any:
+        status = MPI.Status()
+        fields = status.source, status.tag, status.error, status.count, status.cancelled
+        return fields, s.status(status, MPI.BYTE), status.Get_count()
+
+    @s.case("status.count_undefined")
+    def status_count_undefined() -> Any:
+        # 3 bytes are no whole number of ints: Get_count and Get_elements say UNDEFINED.
+        comm.Send(bytearray(b"abc"), dest=s.right, tag=16)
+        status = MPI.Status()
+        comm.Recv(bytearray(8), source=s.left, tag=16, status=status)
+        fields = status.source, status.tag, status.error, status.count, status.cancelled
+        return fields, s.status(status, MPI.INT), status.Get_count()
+
     # Tags out of order; ANY_SOURCE and ANY_TAG with a status.
     @s.case("tags_and_wildcards")
     def tags_and_wildcards() -> Any:
