@@ -17,19 +17,35 @@ from functools import reduce as _fold
 from typing import Any
 
 from cai_hpc.errors import InputError
-from lambda_shim.constants import (  # noqa: F401 - re-exported: the engine and tests import them from here
-    ANY_SOURCE,
-    ANY_TAG,
-    IN_PLACE,
-    MAX,
-    MIN,
-    PROC_NULL,
-    PROD,
-    SUM,
-    Op,
-    Status,
-    buffer_array,
+from lambda_shim import constants as _shim
+
+# mpi4py's names this module offers (``comm.SUM``, ``comm.Status()``...): mpi4py's own objects
+# where mpi4py is installed (mpi4py's communicator takes only its own ops; lambda_shim's take
+# both), lambda_shim.MPI's otherwise. Integer constants are equal either way (MPICH's values).
+_MPI_NAMES = frozenset(
+    {"ANY_SOURCE", "ANY_TAG", "PROC_NULL", "UNDEFINED", "ROOT", "IN_PLACE", "Status", "Op"} | set(_shim.OPS)
 )
+
+
+def _mpi_names() -> Any:
+    """mpi4py's ``MPI`` module if mpi4py is installed (imported as ``_mpi_world`` imports it), else lambda_shim's."""
+    try:
+        import mpi4py
+    except ImportError:
+        from lambda_shim import MPI
+
+        return MPI
+    if "mpi4py.MPI" not in sys.modules:
+        mpi4py.rc.thread_level = "funneled"  # see _mpi_world
+    from mpi4py import MPI
+
+    return MPI
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MPI_NAMES:
+        return getattr(_mpi_names(), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class SelfComm:
@@ -81,11 +97,11 @@ class SelfComm:
             raise ValueError("scatter needs a sequence of exactly size (1) items")
         return sendobj[0]
 
-    def reduce(self, sendobj: Any, op: Op = SUM, root: int = 0) -> Any:
+    def reduce(self, sendobj: Any, op: Any = _shim.SUM, root: int = 0) -> Any:
         self._check_root(root)
         return _fold(op, [sendobj])
 
-    def allreduce(self, sendobj: Any, op: Op = SUM) -> Any:
+    def allreduce(self, sendobj: Any, op: Any = _shim.SUM) -> Any:
         return _fold(op, [sendobj])
 
     def send(self, obj: Any, dest: int, tag: int = 0) -> None:
@@ -93,14 +109,15 @@ class SelfComm:
             raise ValueError(f"dest {dest} is not a rank of a 1-rank communicator")
         self._mailbox.append((tag, copy.deepcopy(obj)))
 
-    def recv(self, buf: Any = None, source: int = ANY_SOURCE, tag: int = ANY_TAG, status: Status | None = None) -> Any:
-        if source not in (0, ANY_SOURCE):
+    def recv(
+        self, buf: Any = None, source: int = _shim.ANY_SOURCE, tag: int = _shim.ANY_TAG, status: Any = None
+    ) -> Any:
+        if source not in (0, _shim.ANY_SOURCE):
             raise ValueError(f"source {source} is not a rank of a 1-rank communicator")
         for i, (msg_tag, obj) in enumerate(self._mailbox):
-            if tag in (ANY_TAG, msg_tag):
+            if tag in (_shim.ANY_TAG, msg_tag):
                 del self._mailbox[i]
-                if status is not None:
-                    status.source, status.tag = 0, msg_tag
+                _shim.fill_status(status, 0, msg_tag, 0)
                 return obj
         raise RuntimeError(f"recv(tag={tag}) on a 1-rank communicator with no matching message")
 
@@ -108,18 +125,18 @@ class SelfComm:
     def Bcast(self, buf: Any, root: int = 0) -> None:  # noqa: N802
         self._check_root(root)
 
-    def Allreduce(self, sendbuf: Any, recvbuf: Any, op: Op = SUM) -> None:  # noqa: N802
-        if sendbuf is not IN_PLACE:
-            buffer_array(recvbuf)[...] = buffer_array(sendbuf)
+    def Allreduce(self, sendbuf: Any, recvbuf: Any, op: Any = _shim.SUM) -> None:  # noqa: N802
+        if not _shim.is_in_place(sendbuf):
+            _shim.buffer_array(recvbuf)[...] = _shim.buffer_array(sendbuf)
 
-    def Reduce(self, sendbuf: Any, recvbuf: Any, op: Op = SUM, root: int = 0) -> None:  # noqa: N802
+    def Reduce(self, sendbuf: Any, recvbuf: Any, op: Any = _shim.SUM, root: int = 0) -> None:  # noqa: N802
         self._check_root(root)
         self.Allreduce(sendbuf, recvbuf, op)
 
     def Gatherv(self, sendbuf: Any, recvbuf: Any, root: int = 0) -> None:  # noqa: N802
         self._check_root(root)
-        src = buffer_array(sendbuf).ravel()
-        buffer_array(recvbuf).ravel()[: src.size] = src
+        src = _shim.buffer_array(sendbuf).ravel()
+        _shim.buffer_array(recvbuf).ravel()[: src.size] = src
 
     def Abort(self, errorcode: int = 1) -> None:  # noqa: N802
         sys.stdout.flush()

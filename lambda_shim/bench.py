@@ -150,7 +150,7 @@ def frame_rates(repeat: int = 5) -> list[dict]:
             off += n
 
     def hmac_sha256(payload: bytes, seq: list[int] = [0]) -> None:  # noqa: B006 - a counter, as before
-        header = HEADER.pack(KIND_BYTES, 0, 0, len(payload))
+        header = HEADER.pack(KIND_BYTES, 0, 0, 0, len(payload))
         for _side in range(2):  # the sender computes it, the receiver checks it
             mac = hmac.new(key, seq[0].to_bytes(8, "big"), hashlib.sha256)
             mac.update(header)

@@ -1,10 +1,14 @@
 """mpi4py's constants, operators and ``Status`` for communicators that are not mpi4py
 (``SelfComm``, ``TcpComm``), with MPICH's values, so code written against either behaves
-the same. Nothing here imports the rest of cai_hpc: the communicator core stands alone."""
+the same. Nothing here imports the rest of cai_hpc: the communicator core stands alone.
+
+mpi4py's own objects are accepted too when a program has imported ``mpi4py.MPI`` (``as_op``,
+``is_in_place``); this module never imports it (that would initialise MPI)."""
 
 from __future__ import annotations
 
 import operator
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -14,39 +18,233 @@ import numpy as np
 ANY_SOURCE = -2  # MPICH's MPI_ANY_SOURCE
 ANY_TAG = -1  # MPICH's MPI_ANY_TAG
 PROC_NULL = -1  # MPICH's MPI_PROC_NULL: sends to it vanish, receives from it return None
-IN_PLACE = object()  # stands for mpi4py's MPI.IN_PLACE in the buffer forms
+ROOT = -3  # MPICH's MPI_ROOT
+UNDEFINED = -32766  # MPICH's MPI_UNDEFINED
+TAG_UB = 1681915905  # MPICH's keyval for the attribute (comm.Get_attr(TAG_UB) is MAX_TAG)
+MAX_TAG = 2**29 - 1  # MPICH's tag upper bound: larger tags are ERR_TAG
 
 
-@dataclass(frozen=True)
+class _Sentinel:
+    """A named marker object (mpi4py's ``IN_PLACE``, ``BOTTOM``)."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __repr__(self) -> str:
+        return self._name
+
+
+IN_PLACE = _Sentinel("IN_PLACE")  # stands for mpi4py's MPI.IN_PLACE in the buffer forms
+
+
+def _mpi4py() -> Any:
+    """mpi4py's MPI module if this program imported it, else None (never imported here)."""
+    return sys.modules.get("mpi4py.MPI")
+
+
+def is_in_place(obj: Any) -> bool:
+    """Whether ``obj`` is ``IN_PLACE``: ours, or mpi4py's."""
+    if obj is IN_PLACE:
+        return True
+    mpi = _mpi4py()
+    return mpi is not None and obj is mpi.IN_PLACE
+
+
+def _land(x: Any, y: Any) -> Any:
+    return np.logical_and(x, y) if _arrays(x, y) else bool(x) and bool(y)
+
+
+def _lor(x: Any, y: Any) -> Any:
+    return np.logical_or(x, y) if _arrays(x, y) else bool(x) or bool(y)
+
+
+def _lxor(x: Any, y: Any) -> Any:
+    return np.logical_xor(x, y) if _arrays(x, y) else bool(x) != bool(y)
+
+
+def _max(x: Any, y: Any) -> Any:
+    if _arrays(x, y):
+        return np.maximum(x, y)
+    return y if y > x else x  # mpi4py's order: the first wins a tie
+
+
+def _min(x: Any, y: Any) -> Any:
+    if _arrays(x, y):
+        return np.minimum(x, y)
+    return y if y < x else x
+
+
+def _maxloc(x: Any, y: Any) -> tuple[Any, Any]:
+    """mpi4py's MAXLOC on (value, index) pairs: the larger value; on a tie, the lower index."""
+    (u, i), (v, j) = x, y
+    if u > v:
+        return u, i
+    if v > u:
+        return v, j
+    return (v, j) if j < i else (u, i)
+
+
+def _minloc(x: Any, y: Any) -> tuple[Any, Any]:
+    (u, i), (v, j) = x, y
+    if u < v:
+        return u, i
+    if v < u:
+        return v, j
+    return (v, j) if j < i else (u, i)
+
+
+def _arrays(x: Any, y: Any) -> bool:
+    return isinstance(x, np.ndarray) or isinstance(y, np.ndarray)
+
+
+@dataclass(frozen=True, eq=False)
 class Op:
-    """A reduction operator: ``fn`` folds two Python objects, ``ufunc`` two arrays."""
+    """A reduction operator: ``fn(x, y)`` folds two Python objects (``x`` from the lower
+    ranks), numpy arrays elementwise; ``ufunc`` does arrays for the buffer forms (None for
+    MAXLOC, MINLOC, REPLACE, NO_OP and user operators)."""
 
     name: str
     fn: Callable[[Any, Any], Any]
-    ufunc: np.ufunc
+    ufunc: np.ufunc | None = None
+    commute: bool = True
 
-    def __call__(self, a: Any, b: Any) -> Any:
-        return self.fn(a, b)
+    def __call__(self, x: Any, y: Any) -> Any:
+        return self.fn(x, y)
+
+    def __repr__(self) -> str:
+        return f"<Op {self.name}>"
+
+    def Is_commutative(self) -> bool:  # noqa: N802 - mpi4py's name
+        return self.commute
+
+    def Is_predefined(self) -> bool:  # noqa: N802 - mpi4py's name
+        return self.name != "USER"
+
+    @property
+    def is_commutative(self) -> bool:
+        return self.commute
+
+    @property
+    def is_predefined(self) -> bool:
+        return self.Is_predefined()
+
+    def Free(self) -> None:  # noqa: N802 - mpi4py's name
+        """Nothing to release: an Op here is a Python object."""
+
+    @classmethod
+    def Create(cls, function: Callable[[Any, Any, Any], Any], commute: bool = False) -> Op:  # noqa: N802
+        """A user operator, as mpi4py's ``Op.Create``: ``function(x, y, datatype)`` returns
+        the combination of ``x`` (lower ranks) and ``y``; objects get ``datatype`` None."""
+        return cls("USER", lambda x, y: function(x, y, None), None, bool(commute))
 
 
 SUM = Op("SUM", operator.add, np.add)
 PROD = Op("PROD", operator.mul, np.multiply)
-MAX = Op("MAX", max, np.maximum)
-MIN = Op("MIN", min, np.minimum)
+MAX = Op("MAX", _max, np.maximum)
+MIN = Op("MIN", _min, np.minimum)
+LAND = Op("LAND", _land, np.logical_and)
+LOR = Op("LOR", _lor, np.logical_or)
+LXOR = Op("LXOR", _lxor, np.logical_xor)
+BAND = Op("BAND", operator.and_, np.bitwise_and)
+BOR = Op("BOR", operator.or_, np.bitwise_or)
+BXOR = Op("BXOR", operator.xor, np.bitwise_xor)
+MAXLOC = Op("MAXLOC", _maxloc)
+MINLOC = Op("MINLOC", _minloc)
+REPLACE = Op("REPLACE", lambda x, y: y, commute=False)
+NO_OP = Op("NO_OP", lambda x, y: x, commute=False)
+OPS = {op.name: op for op in (SUM, PROD, MAX, MIN, LAND, LOR, LXOR, BAND, BOR, BXOR, MAXLOC, MINLOC, REPLACE, NO_OP)}
+
+
+def as_op(op: Any) -> Op:
+    """Our ``Op`` for ``op``: one of ours, mpi4py's predefined ``MPI.SUM`` ..., a user operator
+    made by mpi4py's ``Op.Create`` or any callable ``f(x, y)``; TypeError otherwise."""
+    if isinstance(op, Op):
+        return op
+    mpi = _mpi4py()
+    if mpi is not None and isinstance(op, mpi.Op):
+        for name, ours in OPS.items():
+            if op == getattr(mpi, name):
+                return ours
+        return Op("USER", op, None, op.Is_commutative())
+    if callable(op):
+        return Op("USER", op, None, False)
+    raise TypeError(f"expected an MPI.Op, got {type(op).__name__}")
 
 
 class Status:
-    """Filled by ``recv(status=...)`` with the matched message's source and tag."""
+    """mpi4py's ``Status``: the source, tag, error, size (``count``, in bytes) and cancelled
+    flag of a completed receive. An empty status has ANY_SOURCE, ANY_TAG, no error, count 0."""
 
-    def __init__(self) -> None:
-        self.source = ANY_SOURCE
-        self.tag = ANY_TAG
+    def __init__(self, status: Status | None = None) -> None:
+        self.source, self.tag, self.error, self.count, self.cancelled = ANY_SOURCE, ANY_TAG, 0, 0, False
+        if status is not None:
+            self.source, self.tag, self.error = status.source, status.tag, status.error
+            self.count, self.cancelled = status.count, status.cancelled
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Status):
+            return NotImplemented
+        mine = (self.source, self.tag, self.error, self.count, self.cancelled)
+        return mine == (other.source, other.tag, other.error, other.count, other.cancelled)
+
+    __hash__ = None  # mutable
+
+    def __repr__(self) -> str:
+        return f"Status(source={self.source}, tag={self.tag}, error={self.error}, count={self.count})"
+
+    def _fill(self, source: int, tag: int, nbytes: int, cancelled: bool = False) -> None:
+        self.source, self.tag, self.error, self.count, self.cancelled = source, tag, 0, nbytes, cancelled
 
     def Get_source(self) -> int:  # noqa: N802 - mpi4py's name
         return self.source
 
+    def Set_source(self, source: int) -> None:  # noqa: N802 - mpi4py's name
+        self.source = source
+
     def Get_tag(self) -> int:  # noqa: N802 - mpi4py's name
         return self.tag
+
+    def Set_tag(self, tag: int) -> None:  # noqa: N802 - mpi4py's name
+        self.tag = tag
+
+    def Get_error(self) -> int:  # noqa: N802 - mpi4py's name
+        return self.error
+
+    def Set_error(self, error: int) -> None:  # noqa: N802 - mpi4py's name
+        self.error = error
+
+    def Get_count(self, datatype: Any = None) -> int:  # noqa: N802 - mpi4py's name
+        """Whole items of ``datatype`` (default bytes) received; UNDEFINED if not a whole number."""
+        size = 1 if datatype is None else datatype.Get_size()
+        if size == 0:
+            return 0
+        return self.count // size if self.count % size == 0 else UNDEFINED
+
+    def Get_elements(self, datatype: Any) -> int:  # noqa: N802 - mpi4py's name
+        return self.Get_count(datatype)
+
+    def Set_elements(self, datatype: Any, count: int) -> None:  # noqa: N802 - mpi4py's name
+        self.count = count * (1 if datatype is None else datatype.Get_size())
+
+    def Is_cancelled(self) -> bool:  # noqa: N802 - mpi4py's name
+        return self.cancelled
+
+    def Set_cancelled(self, flag: bool) -> None:  # noqa: N802 - mpi4py's name
+        self.cancelled = bool(flag)
+
+
+def fill_status(status: Any, source: int, tag: int, nbytes: int, cancelled: bool = False) -> None:
+    """Fill ``status``: ours, or mpi4py's ``MPI.Status`` (a program may pass either)."""
+    if status is None:
+        return
+    if isinstance(status, Status):
+        status._fill(source, tag, nbytes, cancelled)
+        return
+    status.Set_source(source)
+    status.Set_tag(tag)
+    status.Set_error(0)
+    status.Set_cancelled(cancelled)
+    status.Set_elements(_mpi4py().BYTE, nbytes)
 
 
 def buffer_array(buf: Any) -> np.ndarray:

@@ -23,6 +23,7 @@ import time
 import uuid
 from pathlib import Path
 
+from lambda_shim.transport import MODES
 from lambda_shim.wire import job_key, new_secret
 
 SERVER_START_S = 30.0
@@ -129,7 +130,12 @@ def _wait_all(procs: list[subprocess.Popen], grace: float) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lambda_shim.launch", description=__doc__.split("\n\n")[0])
     parser.add_argument("-n", "--ranks", type=int, required=True)
-    parser.add_argument("--mode", default="auto", choices=["auto", "punch", "direct", "relay"])
+    parser.add_argument(
+        "--mode",
+        default=os.environ.get("CAI_HPC_CONNECT") or "auto",
+        choices=MODES,
+        help="how ranks connect (default: $CAI_HPC_CONNECT if set, else auto)",
+    )
     parser.add_argument("--grace", type=float, default=30.0, help="seconds the others get after one rank fails")
     parser.add_argument("-v", "--verbose", action="store_true", help="log the rendezvous server")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- then the command each rank runs")
@@ -137,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command or args.ranks < 1:
         parser.error("give -n N (N >= 1) and a command after --")
+    if args.mode not in MODES:  # a default from the environment is not checked by argparse
+        parser.error(f"CAI_HPC_CONNECT={args.mode!r}: choose one of {', '.join(MODES)}")
     try:
         return launch(args.ranks, command, args.mode, args.grace, args.verbose)
     except (OSError, RuntimeError) as exc:  # a command that cannot start, a server that did not

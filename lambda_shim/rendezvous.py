@@ -112,7 +112,7 @@ class Conn:
         self.send(KIND_CONTROL, encode_control(message))
 
     async def read(self) -> tuple[int, bytearray]:
-        kind, _, _, length = self.session.open_header(await self.reader.readexactly(SEALED_HEADER), MAX_CONTROL)
+        kind, _, _, _, length = self.session.open_header(await self.reader.readexactly(SEALED_HEADER), MAX_CONTROL)
         payload = bytearray(length)
         out, off = memoryview(payload), 0
         for n in chunk_sizes(length):

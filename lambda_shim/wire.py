@@ -11,7 +11,7 @@ and can inject nothing: every frame after the handshake, control messages includ
 AES-GCM sealed under keys only the two ends hold, with the frame's sequence number as the
 nonce (a replayed, reordered, reflected or spliced frame fails).
 
-A frame is a sealed header (kind, source, tag, length), checked before anything is
+A frame is a sealed header (kind, source, context, tag, length), checked before anything is
 allocated for the payload, then the payload in sealed records of at most ``CHUNK`` bytes,
 each checked as it arrives. Lengths are bounded (``MAX_FRAME``); control messages are JSON
 objects of bounded size and nesting depth.
@@ -31,11 +31,12 @@ import time
 from collections.abc import Iterator
 from itertools import accumulate
 from pathlib import Path
+from typing import NamedTuple
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-PROTOCOL = b"CAI-SHIM/2"
+PROTOCOL = b"CAI-SHIM/3"
 NONCE = 32
 MAC = 32
 TAG = 16  # AES-GCM tag
@@ -49,19 +50,37 @@ MAX_CONTROL = 64 * 1024  # largest JSON control message
 SMALL = 64 * 1024  # frames up to this size go out in one system call
 MAX_DEPTH = 4  # control messages are flat objects: deeper nesting is refused before parsing
 
-# Frame header (sealed): kind, source rank, tag, payload length.
-HEADER = struct.Struct("!BiiQ")
+# Frame header (sealed): kind, source rank, communicator context, tag, payload length.
+HEADER = struct.Struct("!BiIiQ")
 SEALED_HEADER = HEADER.size + TAG
 KIND_OBJECT = 1  # a pickled object: only ever read from an authenticated peer
 KIND_BYTES = 2  # raw array bytes for the buffer forms: never unpickled
 KIND_CONTROL = 3  # a JSON object (server <-> rank)
 KIND_HEARTBEAT = 4  # empty: "still here"
 KIND_TABLE = 5  # the address table, binary (see ``pack_table``)
+KIND_ACK = 6  # empty: the receiver matched the oldest sync send of this context and tag
+SYNC = 0x80  # or-ed into the kind of an object or bytes frame: acknowledge it when matched
 _IDS = struct.Struct("!iiB")  # initiator, acceptor, job id length
 _ENTRY = struct.Struct("!4sH4sH")  # per rank: listener IPv4 + port, observed IPv4 + port
 
 TOKEN_ENV = "CAI_HPC_TOKEN"
 TOKEN_FILE_ENV = "CAI_HPC_TOKEN_FILE"
+
+
+class Header(NamedTuple):
+    kind: int
+    source: int
+    ctx: int
+    tag: int
+    length: int
+
+
+class Frame(NamedTuple):
+    kind: int
+    source: int
+    ctx: int
+    tag: int
+    payload: bytearray
 
 
 class AuthError(Exception):
@@ -150,21 +169,23 @@ class Session:
         self._sent += 1
         return record
 
-    def seal_frame(self, kind: int, source: int, tag: int, payload: bytes | memoryview) -> Iterator[bytes]:
+    def seal_frame(
+        self, kind: int, source: int, tag: int, payload: bytes | memoryview = b"", ctx: int = 0
+    ) -> Iterator[bytes]:
         """The sealed records of one frame, in sending order, each sealed as it is taken (a big
         payload is never held twice)."""
-        yield self._seal(HEADER.pack(kind, source, tag, len(payload)))
+        yield self._seal(HEADER.pack(kind, source, ctx, tag, len(payload)))
         view = memoryview(payload)
         for off in range(0, len(view), CHUNK):
             yield self._seal(view[off : off + CHUNK])
 
-    def open_header(self, record: bytes | bytearray, limit: int = MAX_FRAME) -> tuple[int, int, int, int]:
-        """(kind, source, tag, length) of a sealed header; AuthError if it was not sealed by
-        the other end in this order, or announces more than ``limit`` bytes."""
-        kind, source, tag, length = HEADER.unpack(self._open(record))
-        if length > limit:
-            raise AuthError(f"a frame of {length} bytes is over the {limit}-byte limit")
-        return kind, source, tag, length
+    def open_header(self, record: bytes | bytearray | memoryview, limit: int = MAX_FRAME) -> Header:
+        """The fields of a sealed header; AuthError if it was not sealed by the other end in
+        this order, or announces more than ``limit`` bytes."""
+        header = Header._make(HEADER.unpack(self._open(record)))
+        if header.length > limit:
+            raise AuthError(f"a frame of {header.length} bytes is over the {limit}-byte limit")
+        return header
 
     def open_into(self, record: bytes | bytearray | memoryview, out: memoryview) -> None:
         """Check one payload record and write its bytes into ``out`` (exactly its size)."""
@@ -174,7 +195,7 @@ class Session:
             raise AuthError(f"record {self._received} failed its check (tampered, replayed or reordered)") from None
         self._received += 1
 
-    def _open(self, record: bytes | bytearray) -> bytes:
+    def _open(self, record: bytes | bytearray | memoryview) -> bytes:
         try:
             data = self._recv.decrypt(self._nonce_in(), bytes(record), None)
         except (InvalidTag, ValueError):
@@ -191,12 +212,10 @@ def chunk_sizes(length: int) -> list[int]:
     return [min(CHUNK, length - off) for off in range(0, length, CHUNK)]
 
 
-def read_frame(
-    sock: socket.socket, session: Session, limit: int = MAX_FRAME, on_record=None
-) -> tuple[int, int, int, bytearray]:
+def read_frame(sock: socket.socket, session: Session, limit: int = MAX_FRAME, on_record=None) -> Frame:
     """One frame: the header is checked before the payload is allocated, and the payload is
     read and checked record by record. ``on_record()`` is called after each record (liveness)."""
-    kind, source, tag, length = session.open_header(recv_exact(sock, SEALED_HEADER), limit)
+    kind, source, ctx, tag, length = session.open_header(recv_exact(sock, SEALED_HEADER), limit)
     payload = bytearray(length)
     out = memoryview(payload)
     record = bytearray(min(CHUNK, length) + TAG)  # not 1 MiB zero-filled for every small frame
@@ -208,7 +227,7 @@ def read_frame(
         off += n
         if on_record is not None:
             on_record()
-    return kind, source, tag, payload
+    return Frame(kind, source, ctx, tag, payload)
 
 
 def send_frame(sock: socket.socket, session: Session, kind: int, source: int, tag: int, payload=b"") -> None:

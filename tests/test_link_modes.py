@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from lambda_shim import tcpcomm
+from lambda_shim import transport
 from lambda_shim.launch import start_server
 from lambda_shim.tcpcomm import CommError, ShimConfig, TcpComm
 from lambda_shim.wire import job_key, new_secret
@@ -57,7 +57,7 @@ def test_auto_skips_direct_on_lambda(rendezvous, monkeypatch, on_lambda, fallbac
     def blocked(self, peer, deadline):  # a NAT that punching cannot pass
         raise CommError(f"rank {self.rank}: could not punch through to rank {peer}")
 
-    monkeypatch.setattr(tcpcomm.TcpComm, "_punch_link", blocked)
+    monkeypatch.setattr(transport.Transport, "_punch_link", blocked)
     if on_lambda:
         monkeypatch.setenv("AWS_LAMBDA_FUNCTION_NAME", "cai-hpc-rank")
     else:

@@ -572,7 +572,7 @@ def test_a_job_of_1500_ranks_gets_its_table(server) -> None:
         return sock, session
 
     links = [register(r) for r in range(size)]
-    tables = [read_frame(sock, session, 12 * size)[3] for sock, session in links[:: size // 5]]
+    tables = [read_frame(sock, session, 12 * size).payload for sock, session in links[:: size // 5]]
     for sock, _ in links:
         sock.close()
     assert all(len(t) == 12 * size for t in tables)
@@ -593,7 +593,7 @@ def test_a_slowloris_on_a_rank_listener_is_bounded_and_the_job_goes_on(server) -
         t.join(timeout=60)
     comms.sort(key=lambda c: c.rank)
     before = threading.active_count()
-    target = comms[0]._listener.getsockname()
+    target = comms[0]._transport._listener.getsockname()
     slow = []
     for _ in range(300):
         s = socket.create_connection(target)
@@ -666,7 +666,7 @@ def test_a_finished_job_gets_no_relay(server) -> None:
     assert [c for c, _ in server.run_job(2, job)] == [0, 0]
     sock, session = _raw_client(server, job, 0)
     send_frame(sock, session, KIND_CONTROL, 0, 0, encode_control({"op": "relay", "peer": 1, "wait_s": 30}))
-    _, _, _, payload = read_frame(sock, session, 65536)
+    payload = read_frame(sock, session, 65536).payload
     sock.close()
     assert json.loads(payload)["message"].startswith("relay refused")
 

@@ -84,10 +84,10 @@ def test_frames_arrive_in_order_in_both_directions_and_are_not_readable_on_the_w
     sender.join(timeout=10)
     assert b"plaintext-marker" not in wire_bytes and b"to acceptor" not in wire_bytes
     threading.Thread(target=b.sendall, args=(wire_bytes,)).start()
-    assert read_frame(a, acceptor) == (KIND_OBJECT, 1, 7, bytearray(payload))
+    assert read_frame(a, acceptor) == (KIND_OBJECT, 1, 0, 7, bytearray(payload))
     for i in range(3):
         send_frame(a, acceptor, KIND_OBJECT, 0, i, pickle.dumps(i))
-    assert [pickle.loads(read_frame(b, initiator)[3]) for _ in range(3)] == [0, 1, 2]
+    assert [pickle.loads(read_frame(b, initiator).payload) for _ in range(3)] == [0, 1, 2]
     spy_a.close()
     spy_b.close()
 
@@ -103,7 +103,7 @@ def test_a_forged_header_announcing_100_gb_fails_before_anything_is_allocated(li
     a, acceptor, b, _ = linked
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     # What a relay or on-path attacker injects: a header with a huge length (no key, so no seal).
-    b.sendall(HEADER.pack(KIND_OBJECT, 1, 0, 100 * 10**9) + bytes(SEALED_HEADER - HEADER.size))
+    b.sendall(HEADER.pack(KIND_OBJECT, 1, 0, 0, 100 * 10**9) + bytes(SEALED_HEADER - HEADER.size))
     with pytest.raises(AuthError, match="record 0 failed its check"):
         read_frame(a, acceptor)
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100 * 1024  # KiB: nothing like 100 GB
@@ -129,7 +129,7 @@ def test_a_changed_replayed_or_reflected_record_fails(linked) -> None:
     acceptor2 = accepted[2]
     frame = b"".join(initiator2.seal_frame(KIND_OBJECT, 1, 0, b"once"))
     b2.sendall(frame + frame)
-    assert read_frame(a2, acceptor2)[3] == b"once"
+    assert read_frame(a2, acceptor2).payload == b"once"
     with pytest.raises(AuthError):
         read_frame(a2, acceptor2)
     a3_accepted, _, a3, b3 = handshake_pair()
@@ -202,7 +202,7 @@ def test_relaying_someone_elses_handshake_gives_nothing_to_inject() -> None:
     thread.join(timeout=10)
     connecting.join(timeout=10)
     _, _, session = got["a"]
-    relay_a.sendall(HEADER.pack(KIND_CONTROL, 1, 0, 2) + bytes(16) + b"{}" + bytes(16))
+    relay_a.sendall(HEADER.pack(KIND_CONTROL, 1, 0, 0, 2) + bytes(16) + b"{}" + bytes(16))
     with pytest.raises(AuthError):
         read_frame(acceptor_side, session)
     for s in (acceptor_side, relay_a, relay_b, initiator_side):

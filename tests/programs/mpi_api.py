@@ -1,0 +1,251 @@
+"""mpi4py's object API, call by call, on mpi4py (``mpi``) or on lambda_shim (``shim``: the
+same program with only the import changed). Each rank writes ``case -> repr(outcome)`` as
+JSON to OUT/rank<r>.json; an exception is recorded as (``raised``, its class name, whether it
+is an ``MPI.Exception``, its error class). Needs 3 or more ranks.
+
+Usage: mpi_api.py {mpi|shim} OUT_DIR"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+if sys.argv[1] == "mpi":
+    from mpi4py import MPI
+else:
+    from lambda_shim import MPI
+
+comm = MPI.COMM_WORLD
+rank, size = comm.Get_rank(), comm.Get_size()
+last, right, left = size - 1, (comm.rank + 1) % size, (comm.rank - 1) % size
+got: dict[str, str] = {}
+
+
+def case(name: str, call) -> None:
+    if "-v" in sys.argv:
+        print(rank, name, file=sys.stderr, flush=True)
+    try:
+        value = call()
+    except Exception as exc:  # noqa: BLE001 - what was raised is the outcome
+        is_mpi = isinstance(exc, MPI.Exception)
+        value = ("raised", type(exc).__name__, is_mpi, exc.Get_error_class() if is_mpi else None)
+    got[name] = repr(value)
+
+
+def status_of(status) -> tuple:
+    return status.Get_source(), status.Get_tag(), status.Get_error(), status.Get_count(), status.Is_cancelled()
+
+
+# ---- constants
+case("constants", lambda: (MPI.ANY_SOURCE, MPI.ANY_TAG, MPI.PROC_NULL, MPI.UNDEFINED, MPI.ROOT))
+case("tag_ub", lambda: comm.Get_attr(MPI.TAG_UB))
+case("names", lambda: (comm.Get_name(), comm.Is_inter(), comm.Is_intra(), comm.rank, comm.size))
+case("empty_status", lambda: status_of(MPI.Status()))
+case("error_class", lambda: (MPI.Exception(MPI.ERR_RANK).Get_error_class(), MPI.ERR_ROOT, MPI.ERR_TAG))
+
+# ---- collectives on objects
+case("bcast", lambda: comm.bcast({"from": rank}, root=last))
+case("reduce_prod_root1", lambda: comm.reduce(rank + 2, op=MPI.PROD, root=1))
+for name in ("SUM", "PROD", "MAX", "MIN", "LAND", "LOR", "LXOR", "BAND", "BOR", "BXOR", "REPLACE", "NO_OP"):
+    case(f"allreduce_{name}", lambda name=name: comm.allreduce(rank + 1, op=getattr(MPI, name)))
+case("allreduce_MAXLOC", lambda: comm.allreduce((rank % 2, rank), op=MPI.MAXLOC))
+case("allreduce_MINLOC", lambda: comm.allreduce((rank % 2, rank), op=MPI.MINLOC))
+case("allreduce_lists", lambda: comm.allreduce([rank]))
+case("allreduce_max_lists", lambda: comm.allreduce([rank, -rank], op=MPI.MAX))
+case("reduce_str_root_last", lambda: comm.reduce(str(rank), root=last))
+case("op_create", lambda: comm.allreduce(rank, op=MPI.Op.Create(lambda a, b, _: a * 10 + b, commute=False)))
+case("gather_root_last", lambda: comm.gather(rank * rank, root=last))
+case("allgather", lambda: comm.allgather({"r": rank}))
+case("scatter_root1", lambda: comm.scatter([i * 10 for i in range(size)] if rank == 1 else None, root=1))
+case("scatter_none", lambda: comm.scatter(None, root=0))
+case("alltoall", lambda: comm.alltoall([(rank, j) for j in range(size)]))
+case("scan", lambda: comm.scan(rank + 1))
+case("scan_str", lambda: comm.scan(str(rank)))
+case("scan_max", lambda: comm.scan(-rank, op=MPI.MAX))
+case("exscan", lambda: comm.exscan(rank + 1))
+case("exscan_str", lambda: comm.exscan(str(rank)))
+case("exscan_prod", lambda: comm.exscan(rank + 2, op=MPI.PROD))
+case("barrier", lambda: comm.barrier())
+
+# ---- bad arguments: every rank raises, nothing moves
+case("bcast_bad_root", lambda: comm.bcast(1, root=size))
+case("reduce_negative_root", lambda: comm.reduce(1, root=-1))
+case("gather_bad_root", lambda: comm.gather(1, root=size + 3))
+case("scatter_bad_root", lambda: comm.scatter([1] * size, root=size))
+case("send_bad_dest", lambda: comm.send(1, size))
+case("send_root_dest", lambda: comm.send(1, MPI.ROOT))
+case("send_negative_tag", lambda: comm.send(1, right, tag=-5))
+case("send_any_tag", lambda: comm.send(1, right, tag=MPI.ANY_TAG))
+case("send_tag_above_ub", lambda: comm.send(1, right, tag=comm.Get_attr(MPI.TAG_UB) + 1))
+case("isend_bad_dest", lambda: comm.isend(1, size + 1))
+case("recv_bad_source", lambda: comm.recv(source=size))
+case("recv_bad_tag", lambda: comm.recv(source=left, tag=-7))
+case("irecv_bad_source", lambda: comm.irecv(source=size))
+case("probe_bad_source", lambda: comm.probe(source=size))
+case("iprobe_bad_tag", lambda: comm.iprobe(source=left, tag=-9))
+case("sendrecv_bad_dest", lambda: comm.sendrecv(1, size))
+
+# ---- PROC_NULL: sends vanish, receives get None with source PROC_NULL, tag ANY_TAG
+status = MPI.Status()
+case("send_proc_null", lambda: comm.send("x", MPI.PROC_NULL))
+case("recv_proc_null", lambda: (comm.recv(source=MPI.PROC_NULL, status=status), status_of(status)))
+case("irecv_proc_null", lambda: (comm.irecv(source=MPI.PROC_NULL).wait(status), status_of(status)))
+case("isend_proc_null", lambda: comm.isend("x", MPI.PROC_NULL).wait())
+case("sendrecv_proc_null", lambda: comm.sendrecv("x", MPI.PROC_NULL, source=MPI.PROC_NULL))
+case("probe_proc_null", lambda: (comm.probe(MPI.PROC_NULL, status=status), status_of(status)))
+case("iprobe_proc_null", lambda: (comm.iprobe(MPI.PROC_NULL, status=status), status_of(status)))
+
+# ---- point to point
+if rank == 0:
+    for dest in range(1, size):
+        comm.send(("seven", dest), dest, tag=7)
+        comm.send(("three", dest), dest, tag=3)
+    received = []
+    for _ in range(1, size):
+        item = comm.recv(source=MPI.ANY_SOURCE, tag=MPI.ANY_TAG, status=status)
+        received.append((item, status_of(status)))
+    case("any_source_any_tag", lambda: sorted(received))
+else:
+    case("tag3_first", lambda: (comm.recv(source=0, tag=3, status=status), status_of(status)))
+    case("tag7_second", lambda: comm.recv(source=0, tag=7))
+    comm.send({"rank": rank}, 0, tag=10 + rank)
+case("sendrecv_ring", lambda: (comm.sendrecv(rank, right, 5, None, left, 5, status), status_of(status)))
+case("sendrecv_self", lambda: comm.sendrecv("me", rank, 6, None, rank, 6))
+case("isend_self", lambda: (comm.isend("me", rank, 8).wait(), comm.recv(source=rank, tag=8)))
+case("ssend_ring", lambda: (comm.irecv(source=left, tag=9), comm.ssend(rank, right, 9))[0].wait())
+MPI.Attach_buffer(bytearray(1 << 16))
+case("bsend_ring", lambda: (comm.bsend(rank, right, 11), comm.recv(source=left, tag=11)))
+case("ibsend_ring", lambda: (comm.ibsend(rank, right, 12).wait(), comm.recv(source=left, tag=12)))
+
+
+def ring_requests():
+    receive = comm.irecv(source=left, tag=13)
+    send = comm.isend([rank] * 3, right, tag=13)
+    statuses = [MPI.Status(), MPI.Status()]
+    values = MPI.Request.waitall([send, receive], statuses)
+    return values, [status_of(s) for s in statuses], bool(send), bool(receive), send == MPI.REQUEST_NULL
+
+
+case("waitall_ring", ring_requests)
+
+
+def synchronous_send_waits_for_the_match():
+    """issend is incomplete until the receiver matches it (the receiver waits for a barrier)."""
+    if rank == 0:
+        request = comm.issend("sync", 1, tag=14)
+        time.sleep(0.2)
+        early = request.test()
+        comm.barrier()
+        return early, request.wait(), bool(request)
+    if rank == 1:
+        comm.barrier()
+        return comm.probe(source=0, tag=14, status=status), status_of(status), comm.recv(source=0, tag=14)
+    comm.barrier()
+    return None
+
+
+case("issend_waits", synchronous_send_waits_for_the_match)
+
+
+def probes():
+    if rank == 1:
+        comm.send(b"probed", 0, tag=15)
+        comm.send(b"taken", 0, tag=16)
+        return None
+    if rank != 0:
+        return None
+    seen = comm.probe(source=MPI.ANY_SOURCE, tag=15, status=status), status_of(status)
+    again = comm.iprobe(source=1, tag=15, status=status), status_of(status)
+    nothing = comm.iprobe(source=1, tag=99)
+    message = comm.mprobe(source=1, tag=16, status=status)
+    taken = status_of(status), message.recv()
+    return seen, again, nothing, comm.recv(source=1, tag=15), taken
+
+
+case("probe", probes)
+
+
+def completions():
+    """Receives matched by synchronous sends before the barrier are complete after it."""
+    if rank == 0:
+        requests = [comm.irecv(source=1, tag=20 + i) for i in range(4)]
+        pending = comm.irecv(source=1, tag=29)
+        comm.barrier()
+        comm.barrier()
+        statuses = []
+        out = [MPI.Request.testany([pending]), MPI.Request.testsome([pending]), MPI.Request.testall([pending])]
+        out += [pending.test(), MPI.Request.Testany([pending]), MPI.Request.Testsome([pending])]
+        out.append(MPI.Request.waitany(requests, status))
+        out.append(status_of(status))
+        out.append(MPI.Request.testany(requests, status))
+        out.append(MPI.Request.waitsome(requests, statuses))
+        out.append([status_of(s) for s in statuses])
+        out += [[bool(r) for r in requests], MPI.Request.waitall(requests), MPI.Request.testall(requests)]
+        out += [MPI.Request.waitany(requests), MPI.Request.testany(requests), MPI.Request.Waitany(requests)]
+        out += [MPI.Request.waitsome(requests), MPI.Request.testsome(requests), MPI.Request.Waitsome(requests)]
+        out += [MPI.Request.Testsome(requests), MPI.Request.Testall(requests), MPI.Request.Waitall(requests)]
+        out += [requests[0].wait(), requests[0].Wait(), requests[0].test(), requests[0].Get_status(status)]
+        pending.Cancel()
+        out += [pending.wait(status), status_of(status), bool(pending)]
+        return out
+    if rank == 1:
+        comm.barrier()
+        for i in range(4):
+            comm.ssend(f"m{i}", 0, tag=20 + i)
+        comm.barrier()
+        return None
+    comm.barrier()
+    comm.barrier()
+    return None
+
+
+case("completions", completions)
+
+
+def truncated():
+    """A receive buffer smaller than the message: ERR_TRUNCATE from the wait."""
+    send = comm.isend("x" * 50, right, 30)
+    try:
+        return comm.irecv(bytearray(8), source=left, tag=30).wait()
+    finally:
+        send.wait()
+
+
+case("truncated", truncated)
+
+
+# ---- communicators
+def duplicates():
+    dup = comm.Dup()
+    if rank == 0:
+        dup.send("on dup", 1, tag=1)
+        comm.send("on world", 1, tag=1)
+    got_world = comm.recv(source=0, tag=MPI.ANY_TAG) if rank == 1 else None
+    got_dup = dup.recv(source=0, tag=MPI.ANY_TAG) if rank == 1 else None
+    out = (dup.rank, dup.size, dup.Get_name(), dup.allreduce(rank), got_world, got_dup, dup == comm)
+    dup.Free()
+    return (*out, dup == MPI.COMM_NULL)
+
+
+case("dup", duplicates)
+
+
+def splits():
+    halves = comm.Split(rank % 2, -rank)
+    out = (halves.rank, halves.size, halves.allgather(rank), halves.bcast(rank, root=halves.size - 1))
+    others = comm.Split(MPI.UNDEFINED if rank == 0 else 7, rank)
+    out += (others == MPI.COMM_NULL,)
+    if others != MPI.COMM_NULL:
+        out += (others.rank, others.allreduce(rank), others.scan(rank))
+    clone = comm.Clone()
+    return (*out, clone.size, clone.exscan(1))
+
+
+case("split", splits)
+case("freed_world_message", lambda: comm.bcast("still works"))
+
+comm.barrier()
+out = Path(sys.argv[2])
+(out / f"rank{rank}.json").write_text(json.dumps(got, indent=1))

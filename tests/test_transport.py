@@ -1,0 +1,201 @@
+"""lambda_shim.transport: MPI's matching rules, synchronous sends, probe and cancel, between
+real ranks (threads of this process) wired up through a real rendezvous server on loopback."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from lambda_shim.constants import ANY_SOURCE, ANY_TAG
+from lambda_shim.errors import CommError
+from lambda_shim.launch import start_server
+from lambda_shim.transport import Envelope, ShimConfig, Transport
+from lambda_shim.wire import KIND_BYTES, KIND_OBJECT, job_key, new_secret
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module")
+def rendezvous(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("rendezvous")
+    master = new_secret()
+    (tmp / "secret").write_text(master)
+    proc, address = start_server(tmp, tmp / "secret")
+    yield bytes.fromhex(master), address
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+@pytest.fixture
+def world(rendezvous):
+    """A function making a job of ``size`` Transports (mode ``direct`` unless told), all
+    closed at the end of the test."""
+    master, address = rendezvous
+    host, _, port = address.rpartition(":")
+    made: list[Transport] = []
+
+    def make(size: int = 2, mode: str = "direct", **kw) -> list[Transport]:
+        job = uuid.uuid4().hex
+        configs = [
+            ShimConfig(r, size, job, job_key(master, job), (host, int(port)), mode=mode, connect_timeout=30, **kw)
+            for r in range(size)
+        ]
+        with ThreadPoolExecutor(size) as pool:
+            ranks = list(pool.map(Transport, configs))
+        made.extend(ranks)
+        return ranks
+
+    yield make
+    for t in made:
+        t.close()
+
+
+def send(t: Transport, dest: int, tag: int, data: bytes, ctx: int = 0, sync: bool = False):
+    return t.isend(dest, ctx, tag, KIND_BYTES, data, sync=sync)
+
+
+def recv(t: Transport, source: int, tag: int, ctx: int = 0) -> tuple[int, int, bytes]:
+    op = t.irecv(source, ctx, tag)
+    t.wait([op], deadline=time.monotonic() + 30)
+    return op.envelope.source, op.envelope.tag, bytes(op.payload)
+
+
+def settle(t: Transport, source: int, ctx: int, tag: int) -> Envelope:
+    """Until a message from ``source`` has arrived (and stays unmatched)."""
+    return t.probe(source, ctx, tag, deadline=time.monotonic() + 30)
+
+
+def test_contexts_are_separate_message_spaces(world) -> None:
+    a, b = world()
+    send(b, 0, 3, b"collective", ctx=1)
+    send(b, 0, 3, b"user", ctx=0)
+    assert recv(a, 1, 3, ctx=0) == (1, 3, b"user")
+    assert recv(a, ANY_SOURCE, ANY_TAG, ctx=1) == (1, 3, b"collective")
+
+
+def test_messages_from_one_source_are_not_overtaken(world) -> None:
+    a, b = world()
+    for i in range(50):
+        send(b, 0, i % 3, str(i).encode())
+    got = [recv(a, 1, ANY_TAG) for _ in range(50)]
+    assert [int(data) for _, _, data in got] == list(range(50))
+    assert [tag for _, tag, _ in got] == [i % 3 for i in range(50)]
+
+
+def test_a_tag_picks_its_messages_in_order_past_others(world) -> None:
+    a, b = world()
+    for i, tag in enumerate((1, 2, 1, 2)):
+        send(b, 0, tag, bytes([i]))
+    settle(a, 1, 0, 2)
+    assert [recv(a, 1, 2)[2] for _ in range(2)] == [b"\x01", b"\x03"]
+    assert [recv(a, 1, 1)[2] for _ in range(2)] == [b"\x00", b"\x02"]
+
+
+def test_posted_receives_are_matched_in_posting_order(world) -> None:
+    a, b, c = world(3)
+    first = a.irecv(ANY_SOURCE, 0, ANY_TAG)
+    second = a.irecv(1, 0, 7)
+    third = a.irecv(ANY_SOURCE, 0, 7)
+    send(b, 0, 7, b"one")
+    a.wait([first], deadline=time.monotonic() + 30)
+    assert not second.done and not third.done
+    send(c, 0, 7, b"from two")
+    a.wait([third], deadline=time.monotonic() + 30)
+    assert not second.done  # rank 2's message could not match it
+    send(b, 0, 7, b"two")
+    a.wait([second], deadline=time.monotonic() + 30)
+    assert (first.envelope.source, bytes(first.payload)) == (1, b"one")
+    assert (third.envelope.source, bytes(third.payload)) == (2, b"from two")
+    assert bytes(second.payload) == b"two"
+
+
+def test_any_source_takes_every_sender(world) -> None:
+    a, *others = world(4)
+    for t in others:
+        send(t, 0, t.rank, bytes([t.rank]))
+    got = sorted(recv(a, ANY_SOURCE, ANY_TAG) for _ in others)
+    assert got == [(r, r, bytes([r])) for r in (1, 2, 3)]
+
+
+def test_a_sync_send_completes_only_when_the_receiver_matches_it(world) -> None:
+    a, b = world()
+    op = send(b, 0, 4, b"sync", sync=True)
+    settle(a, 1, 0, 4)  # it has arrived, unmatched
+    with pytest.raises(CommError, match="no ack from rank 0"):
+        b.wait([op], deadline=time.monotonic() + 0.5)
+    assert not op.done
+    assert recv(a, 1, 4) == (1, 4, b"sync")
+    b.wait([op], deadline=time.monotonic() + 30)
+    assert op.done
+
+
+def test_sync_sends_with_one_tag_are_acked_in_order(world) -> None:
+    a, b = world()
+    ops = [send(b, 0, 9, bytes([i]), sync=True) for i in range(3)]
+    settle(a, 1, 0, 9)
+    recv(a, 1, 9)
+    b.wait(ops[:1], deadline=time.monotonic() + 30)
+    time.sleep(0.2)
+    assert [op.done for op in ops] == [True, False, False]
+
+
+def test_a_standard_send_needs_no_receive(world) -> None:
+    a, b = world()
+    op = send(b, 0, 1, bytes(3 * 2**20))
+    b.wait([op], deadline=time.monotonic() + 30)
+    assert op.done
+    assert len(recv(a, 1, 1)[2]) == 3 * 2**20
+
+
+def test_probe_reports_without_receiving(world) -> None:
+    a, b = world()
+    assert a.iprobe(1, 0, ANY_TAG) is None
+    b.isend(0, 0, 6, KIND_OBJECT, b"12345")
+    envelope = settle(a, ANY_SOURCE, 0, ANY_TAG)
+    assert envelope == Envelope(source=1, tag=6, kind=KIND_OBJECT, nbytes=5)
+    assert a.iprobe(1, 0, 6) == envelope
+    assert a.iprobe(1, 1, 6) is None and a.iprobe(1, 0, 5) is None
+    assert recv(a, 1, 6) == (1, 6, b"12345")
+    assert a.iprobe(1, 0, ANY_TAG) is None
+
+
+def test_cancel_takes_back_an_unmatched_receive_only(world) -> None:
+    a, b = world()
+    pending = a.irecv(1, 0, 2)
+    assert a.cancel(pending) and pending.cancelled and pending.done
+    send(b, 0, 2, b"after")
+    assert recv(a, 1, 2) == (1, 2, b"after")  # the cancelled receive took nothing
+    matched = a.irecv(1, 0, 2)
+    send(b, 0, 2, b"x")
+    a.wait([matched], deadline=time.monotonic() + 30)
+    assert not a.cancel(matched) and not matched.cancelled
+
+
+def test_sends_to_self_loop_back(world) -> None:
+    [solo] = world(1)
+    op = send(solo, 0, 3, b"me", sync=True)
+    assert not op.done
+    assert solo.iprobe(0, 0, 3) == Envelope(0, 3, KIND_BYTES, 2)
+    assert recv(solo, 0, 3) == (0, 3, b"me")
+    assert op.done
+
+
+def test_wait_for_some_of_many(world) -> None:
+    a, b = world()
+    ops = [a.irecv(1, 0, tag) for tag in range(4)]
+    send(b, 0, 2, b"2")
+    a.wait(ops, deadline=time.monotonic() + 30, need=1)
+    assert [op.done for op in ops] == [False, False, True, False]
+    assert a.test(ops[2]) and not a.test(ops[0])
+
+
+def test_a_wait_on_a_peer_that_left_names_it(world) -> None:
+    a, b = world()
+    send(b, 0, 0, b"hello")
+    assert recv(a, 1, 0)[2] == b"hello"  # linked
+    b.close()
+    with pytest.raises(CommError, match="rank 0: peer rank 1 is gone while we wait for it"):
+        recv(a, 1, 0)
