@@ -343,6 +343,40 @@ def run(s: Suite) -> None:
         comm.Exscan(MPI.IN_PLACE, buf, op=MPI.MAX)
         return buf if rank > 0 else None
 
+    # Empty messages, and vectors where some ranks give nothing.
+    @s.case("zero_length.collectives")
+    def zero_length_collectives() -> Any:
+        empty = np.zeros(0)
+        comm.Bcast(empty, root=last)
+        comm.Allreduce(empty, np.zeros(0), op=MPI.SUM)
+        recv = np.zeros(0)
+        comm.Allgather(empty, recv)
+        comm.Alltoall(empty, recv)
+        return recv
+
+    @s.case("zero_length.vectors")
+    def zero_length_vectors() -> Any:
+        odd = [r % 2 * (r + 1) for r in range(size)]  # even ranks give nothing
+        offsets = [sum(odd[:r]) for r in range(size)]
+        recv = np.full(sum(odd) + 1, -1.0)
+        comm.Allgatherv(np.full(odd[rank], rank + 0.5), [recv, odd, offsets, dbl])
+        gathered = np.full(sum(odd), -1.0) if rank == 0 else None
+        comm.Gatherv(np.full(odd[rank], float(rank)), [gathered, odd, offsets, dbl] if rank == 0 else None, root=0)
+        mine = np.full(odd[rank] + 1, -1.0)
+        send = [np.arange(float(sum(odd))), odd, offsets, dbl] if rank == last else None
+        comm.Scatterv(send, [mine, odd[rank], dbl], root=last)
+        return recv, gathered, mine
+
+    @s.case("zero_length.alltoallv")
+    def zero_length_alltoallv() -> Any:
+        # rank r sends r values to each rank d > r, nothing to the others.
+        send_counts = [rank if d > rank else 0 for d in range(size)]
+        recv_counts = [src if rank > src else 0 for src in range(size)]
+        send = np.full(sum(send_counts), float(rank))
+        recv = np.full(sum(recv_counts) + 1, -1.0)
+        comm.Alltoallv([send, send_counts], [recv, recv_counts])
+        return recv
+
     @s.case("Barrier")
     def barrier() -> Any:
         return comm.Barrier()

@@ -57,6 +57,14 @@ def run(s: Suite) -> None:
         "Scan.REPLACE": lambda: comm.Scan(np.zeros(2), np.zeros(2), op=MPI.REPLACE),
         "Exscan.NO_OP": lambda: comm.Exscan(np.zeros(2), np.zeros(2), op=MPI.NO_OP),
         "comm_null.used": lambda: MPI.COMM_NULL.Get_rank(),
+        "send.str_rank": lambda: comm.send(1, dest=str(s.right)),
+        "send.tag_overflow": lambda: comm.send(1, dest=s.right, tag=2**31),
+        "send.tag_above_ub": lambda: comm.send(1, dest=s.right, tag=comm.Get_attr(MPI.TAG_UB) + 1),
+        "Bcast.noncontiguous": lambda: comm.Bcast(np.zeros(6)[::2]),
+        "Allreduce.LAND_float": lambda: comm.Allreduce(np.ones(2), np.zeros(2), op=MPI.LAND),
+        "Allreduce.BXOR_float": lambda: comm.Allreduce(np.ones(2), np.zeros(2), op=MPI.BXOR),
+        "Allreduce.MAXLOC_double": lambda: comm.Allreduce(np.ones(2), np.zeros(2), op=MPI.MAXLOC),
+        "alltoall.wrong_length": lambda: comm.alltoall(list(range(size + 1))),
     }
     for key, call in local.items():
         s.case(key)(call)

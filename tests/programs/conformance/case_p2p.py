@@ -241,6 +241,73 @@ def run(s: Suite) -> None:
         comm.Recv(buf, source=MPI.ANY_SOURCE, tag=MPI.ANY_TAG)
         return found, counted, buf
 
+    @s.case("Probe.Iprobe")
+    def buffer_probe() -> Any:
+        comm.Send(np.arange(rank + 2, dtype=np.float32), dest=s.right, tag=42)
+        status = MPI.Status()
+        found = s.until(lambda: comm.Iprobe(s.left, 42, status), bool)
+        first = s.status(status, MPI.FLOAT)
+        probed = comm.Probe(source=MPI.ANY_SOURCE, tag=42, status=status)
+        buf = np.zeros(status.Get_count(MPI.FLOAT), dtype=np.float32)
+        comm.Recv(buf, source=s.left, tag=42)
+        return found, first, probed, s.status(status, MPI.FLOAT), buf
+
+    @s.case("mprobe")
+    def mprobe() -> Any:
+        comm.send({"m": rank}, dest=s.right, tag=43)
+        status = MPI.Status()
+        message = comm.mprobe(source=MPI.ANY_SOURCE, tag=43, status=status)
+        return s.status(status), message.recv(), comm.iprobe(source=s.left, tag=43)
+
+    @s.case("improbe")
+    def improbe() -> Any:
+        before = comm.improbe(source=s.left, tag=44)
+        comm.Barrier()
+        comm.send(("im", rank), dest=s.right, tag=44)
+        status = MPI.Status()
+        message = s.until(lambda: comm.improbe(source=s.left, tag=44, status=status), lambda m: m is not None)
+        return before, s.status(status), message.recv()
+
+    @s.case("Mprobe.Improbe")
+    def buffer_mprobe() -> Any:
+        comm.Send(np.full(3, rank, dtype=np.int64), dest=s.right, tag=45)
+        comm.Send(np.full(2, -rank, dtype=np.int64), dest=s.right, tag=46)
+        status = MPI.Status()
+        message = comm.Mprobe(source=s.left, tag=45, status=status)
+        first = np.zeros(3, dtype=np.int64)
+        message.Recv(first)
+        counted = s.status(status, MPI.INT64_T)
+        other = s.until(lambda: comm.Improbe(source=s.left, tag=46, status=status), lambda m: m is not None)
+        second = np.zeros(2, dtype=np.int64)
+        other.Recv(second)
+        return first, counted, second, s.status(status, MPI.INT64_T)
+
+    @s.case("argument_types")
+    def argument_types() -> Any:
+        # Ranks and tags are C ints to mpi4py: numpy integers and floats (truncated) are taken.
+        comm.send("np", dest=np.int64(s.right), tag=np.int32(47))
+        got = comm.recv(source=np.int16(s.left), tag=np.uint8(47))
+        comm.send("float", dest=float(s.right), tag=48)
+        return got, comm.recv(source=s.left, tag=48.0)
+
+    @s.case("tag_ub")
+    def tag_ub() -> Any:
+        ub = comm.Get_attr(MPI.TAG_UB)
+        comm.send("highest tag", dest=s.right, tag=ub)
+        status = MPI.Status()
+        return ub, comm.recv(source=s.left, tag=ub, status=status), s.status(status)
+
+    @s.case("zero_length")
+    def zero_length() -> Any:
+        comm.Send(np.zeros(0), dest=s.right, tag=49)
+        status = MPI.Status()
+        buf = np.full(2, -1.0)
+        comm.Recv(buf, source=s.left, tag=49, status=status)
+        comm.Send([buf, 0, MPI.DOUBLE], dest=s.right, tag=50)
+        comm.Recv(buf, source=s.left, tag=50)
+        empty = comm.sendrecv(b"", dest=s.right, sendtag=51, source=s.left, recvtag=51)
+        return buf, s.status(status, MPI.DOUBLE), empty
+
     # Large messages: 100 MB as an object, 32 MB as a buffer, last rank to rank 0.
     @s.case("large.object")
     def large_object() -> Any:
