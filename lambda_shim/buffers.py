@@ -400,16 +400,20 @@ class BufferAPI:
         return dict(_unpack(packed))
 
     # ------------------------------------------------------------ collectives
+    # Each takes its tag before anything else: ranks where a bad argument raises still advance
+    # the collective sequence, so the next collective matches across ranks (and the messages of
+    # the ranks that went ahead, under the old tag, never match anything).
     def Barrier(self) -> None:  # noqa: N802
         tag = self._coll_tag()
         self._tree_reduce(b"", lambda a, b: a, bytes, bytes, 0, tag)
         self._tree_bcast(b"", 0, tag)
 
     def Bcast(self, buf: Any, root: int = 0) -> None:  # noqa: N802
+        tag = self._coll_tag()
         root = c_int(root)
         msg = msgs.parse(buf, readonly=self.rank == root)
         self._check_root(root)
-        data = self._tree_bcast(msg.payload() if self.rank == root else None, root, self._coll_tag())
+        data = self._tree_bcast(msg.payload() if self.rank == root else None, root, tag)
         if self.rank != root:
             _store(msg, data, f"Bcast from rank {root}")
 
@@ -446,28 +450,29 @@ class BufferAPI:
         return None
 
     def Reduce(self, sendbuf: Any, recvbuf: Any, op: Any = SUM, root: int = 0) -> None:  # noqa: N802
+        tag = self._coll_tag()
         root = c_int(root)
         send, recv = self._reduction_args(sendbuf, recvbuf, receiving=self.rank == root)
         self._check_root(root)
         reducer(op, send.datatype)
-        result = self._reduce_to(send, op, root, self._coll_tag())
+        result = self._reduce_to(send, op, root, tag)
         if recv is not None:
             _store(recv, _raw(result), "Reduce")
 
     def Allreduce(self, sendbuf: Any, recvbuf: Any, op: Any = SUM) -> None:  # noqa: N802
+        tag = self._coll_tag()
         send, recv = self._reduction_args(sendbuf, recvbuf, receiving=True)
         reducer(op, send.datatype)
-        tag = self._coll_tag()
         result = self._reduce_to(send, op, 0, tag)
         data = self._tree_bcast(_raw(result) if self.rank == 0 else None, 0, tag)
         _store(recv, data, "Allreduce")
 
     def _prefix(self, sendbuf: Any, recvbuf: Any, op: Any, inclusive: bool) -> None:
         """Scan/Exscan: each rank takes the prefix of the ranks before it, adds its own, passes it on."""
+        tag = self._coll_tag()
         send, recv = self._reduction_args(sendbuf, recvbuf, receiving=True)
         combine = reducer(op, send.datatype)
         mine = self._values(send)
-        tag = self._coll_tag()
         before = _entries(self._take(self.rank - 1, tag), send) if self.rank > 0 else None
         through = mine if before is None else combine(before, mine)
         if self.rank + 1 < self.size:
@@ -490,6 +495,7 @@ class BufferAPI:
                 _store(recv.block(rank), parts[rank], f"{what}: the block of rank {rank}")
 
     def _gather(self, sendbuf: Any, recvbuf: Any, root: int, vector: bool) -> None:
+        tag = self._coll_tag()
         root = c_int(root)
         what = "Gatherv" if vector else "Gather"
         recv = None
@@ -498,7 +504,7 @@ class BufferAPI:
         in_place = self.rank == root and msgs.is_in_place(sendbuf)
         mine = None if in_place else msgs.parse(sendbuf, readonly=True).payload()
         self._check_root(root)
-        parts = self._tree_gather(mine, root, self._coll_tag())
+        parts = self._tree_gather(mine, root, tag)
         if parts is not None:
             if in_place:
                 del parts[root]
@@ -520,6 +526,7 @@ class BufferAPI:
         self._gather(sendbuf, recvbuf, root, vector=True)
 
     def _scatter(self, sendbuf: Any, recvbuf: Any, root: int, vector: bool) -> None:
+        tag = self._coll_tag()
         root = c_int(root)
         what = "Scatterv" if vector else "Scatter"
         blocks = None
@@ -529,7 +536,7 @@ class BufferAPI:
             blocks = {r: send.block(r).payload() for r in range(self.size)}
         recv = None if in_place else msgs.parse(recvbuf, readonly=False)
         self._check_root(root)
-        data = self._tree_scatter(blocks, root, self._coll_tag())
+        data = self._tree_scatter(blocks, root, tag)
         if recv is not None:
             _store(recv, data, f"{what} from rank {root}")
 
@@ -540,13 +547,14 @@ class BufferAPI:
         self._scatter(sendbuf, recvbuf, root, vector=True)
 
     def _allgather(self, sendbuf: Any, recvbuf: Any, vector: bool) -> None:
+        tag = self._coll_tag()
         what = "Allgatherv" if vector else "Allgather"
         recv = self._blocks(recvbuf, readonly=False, vector=vector)
         if msgs.is_in_place(sendbuf):
             mine = bytes(recv.block(self.rank).payload())
         else:
             mine = msgs.parse(sendbuf, readonly=True).payload()
-        self._place(recv, self._everyones(mine, self._coll_tag()), what)
+        self._place(recv, self._everyones(mine, tag), what)
 
     def Allgather(self, sendbuf: Any, recvbuf: Any) -> None:  # noqa: N802
         self._allgather(sendbuf, recvbuf, vector=False)
@@ -555,6 +563,7 @@ class BufferAPI:
         self._allgather(sendbuf, recvbuf, vector=True)
 
     def _alltoall(self, sendbuf: Any, recvbuf: Any, vector: bool) -> None:
+        tag = self._coll_tag()
         what = "Alltoallv" if vector else "Alltoall"
         recv = self._blocks(recvbuf, readonly=False, vector=vector)
         if msgs.is_in_place(sendbuf):
@@ -563,7 +572,6 @@ class BufferAPI:
             send = self._blocks(sendbuf, readonly=True, vector=vector)
             outgoing = {r: send.block(r).payload() for r in range(self.size)}
         peers = [(self.rank + k) % self.size for k in range(1, self.size)]
-        tag = self._coll_tag()
         receives = {p: self._irecv_bytes(p, tag, coll=True) for p in peers}
         sends = [self._post(p, tag, outgoing[p]) for p in peers]
         _store(recv.block(self.rank), outgoing[self.rank], f"{what}: this rank's own block")
@@ -592,6 +600,7 @@ class BufferAPI:
         _store(recv, self._tree_scatter(blocks, 0, tag), "Reduce_scatter")
 
     def Reduce_scatter_block(self, sendbuf: Any, recvbuf: Any, op: Any = SUM) -> None:  # noqa: N802
+        tag = self._coll_tag()
         if msgs.is_in_place(sendbuf):
             whole = msgs.parse(recvbuf, readonly=False, blocks=self.size)
             contribution = Message(whole.buf, whole.offset, whole.count * self.size, whole.datatype)
@@ -602,15 +611,15 @@ class BufferAPI:
             _check_pair(contribution, recv)
             contribution = Message(contribution.buf, contribution.offset, recv.count * self.size, recv.datatype)
         reducer(op, contribution.datatype)
-        self._reduce_then_scatter(contribution, op, [recv.count] * self.size, recv, self._coll_tag())
+        self._reduce_then_scatter(contribution, op, [recv.count] * self.size, recv, tag)
 
     def Reduce_scatter(  # noqa: N802
         self, sendbuf: Any, recvbuf: Any, recvcounts: Sequence[int] | None = None, op: Any = SUM
     ) -> None:
+        tag = self._coll_tag()
         recv = msgs.parse(recvbuf, readonly=False)
         in_place = msgs.is_in_place(sendbuf)
         send = recv if in_place else msgs.parse(sendbuf, readonly=True)
-        tag = self._coll_tag()
         if recvcounts is None and not in_place:
             everyones = self._everyones(struct.pack("!q", recv.count), tag)
             counts = [struct.unpack("!q", everyones[r])[0] for r in range(self.size)]

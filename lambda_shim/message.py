@@ -382,6 +382,8 @@ class VectorMessage:
 
 def _unpack(msg: Any, vector: bool) -> tuple[Any, Any, Any, Any]:
     """(buffer, count(s), displ(s), datatype) of a spec, before any of them is checked."""
+    if msg is IN_PLACE:  # mpi4py's IN_PLACE is an empty byte buffer: a message of nothing
+        return bytearray(), None, None, None
     if _is_buffer(msg):
         return msg, None, None, None
     if not isinstance(msg, (list, tuple)):

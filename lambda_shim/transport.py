@@ -14,14 +14,24 @@ receives in the order they were posted, at the moment a message arrives or a rec
 posted. A synchronous send completes when the receiver has matched it (an ack frame comes
 back).
 
+One progress engine serves every connection: one epoll set over the links, the server's
+connection and the listeners, non-blocking sockets, frames read incrementally (a frame cut
+anywhere keeps its state on its link) and sends queued per link. A thread that waits for
+an operation runs the engine itself, so a receive completes in the thread that waits for
+it, with no handoff. A background thread runs it only when no thread has been inside the
+transport for a little while (a compute phase), so incoming data is still drained, peers'
+large sends never stall and heartbeats go out; in a tight exchange it never needs waking.
+A sender whose socket is full keeps reading while it waits, so two ranks sending large
+messages to each other never deadlock.
+
 Nothing blocks forever. Connecting has a deadline (the server is retried with backoff until
 it). Every link, the server's included, carries heartbeats: a peer that sends nothing for
 the liveness deadline (``CAI_HPC_LIVENESS``, 60 s by default; a stopped or frozen process,
 a vanished machine) is declared dead, while a slow peer that is alive is not. A send that
 makes no progress for that long fails, and an optional per-operation timeout bounds every
-wait and send. A dead peer makes every rank waiting on it raise ``CommError`` naming it
-(its connection ends, or the server reports it gone); losing the server while a wait
-depends on it (a peer this rank has no connection to) is a ``CommError`` too.
+wait. A dead peer makes every wait that depends on it raise ``CommError`` naming it (its
+connection ends, or the server reports it gone); losing the server while a wait depends on
+it (a peer this rank has no connection to) is a ``CommError`` too.
 """
 
 from __future__ import annotations
@@ -32,10 +42,9 @@ import os
 import random
 import select
 import socket
-import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from lambda_shim.constants import ANY_SOURCE, ANY_TAG
@@ -49,10 +58,13 @@ from lambda_shim.wire import (
     KIND_OBJECT,
     KIND_TABLE,
     MAX_CONTROL,
+    MAX_FRAME,
     SERVER,
     SMALL,
     SYNC,
     AuthError,
+    Frame,
+    FrameReader,
     RefusedError,
     Session,
     decode_control,
@@ -72,13 +84,9 @@ GONE_GRACE_S = 2.0  # a rank reported gone may still have a connection being set
 DEFAULT_LIVENESS_S = 60.0
 MAX_HANDSHAKES = 32  # handshakes in flight on this rank's listeners; more are turned away
 MAX_WORLD = 100_000
-
-
-def _writable(sock: socket.socket) -> bool:
-    """Whether a send would not block now (poll: select() fails on descriptors past 1023)."""
-    poller = select.poll()
-    poller.register(sock, select.POLLOUT)
-    return bool(poller.poll(0))
+QUIET_S = 0.002  # the background thread runs progress once no thread was inside for this long
+QUIET_MAX_S = 0.02  # ... checking at most this often while threads stay inside (a long wait)
+IN, OUT = select.EPOLLIN, select.EPOLLOUT
 
 
 @dataclass
@@ -163,20 +171,67 @@ def _env_number(env, name: str, kind: type, default: float | None = None):
         raise CommError(f"tcp backend: {name}={text!r} is not a number") from None
 
 
+class _Out:
+    """A frame queued on a link: its records are sealed as they are taken (in stream order,
+    a big payload never held twice); ``op`` is done once the last byte is handed to the kernel."""
+
+    __slots__ = ("op", "pending", "records")
+
+    def __init__(self, records: Iterator[bytes], op: SendOp | None) -> None:
+        self.records = records
+        self.pending = memoryview(b"")
+        self.op = op
+
+
+def _records(session: Session, kind: int, source: int, tag: int, payload, ctx: int) -> Iterator[bytes]:
+    """A frame's records; a small frame as one piece (one system call)."""
+    if len(payload) <= SMALL:
+        yield session.seal_small(kind, source, tag, payload, ctx)
+    else:
+        yield from session.seal_frame(kind, source, tag, payload, ctx)
+
+
 class _Link:
-    """One authenticated connection (to a peer, or to the server): sends are serialised by
-    a lock, which also keeps the send side of its session in frame order."""
+    """One authenticated connection (to a peer, or to the server), non-blocking once adopted:
+    its frame reader (used by the thread running progress), its queue of frames to send
+    (``out_lock`` keeps them whole and in the session's order), and its liveness clocks."""
 
     def __init__(self, sock: socket.socket, peer: int, session: Session) -> None:
         self.sock = sock
+        self.fd = -1  # its descriptor, once in the engine
         self.peer = peer
         self.session = session
-        self.lock = threading.Lock()
-        self.last_recv = self.last_send = time.monotonic()
-        self.why_dead: str | None = None  # set by whoever declares it dead, before closing it
+        self.reader = FrameReader(session, MAX_CONTROL if peer == SERVER else MAX_FRAME)
+        self.out: collections.deque[_Out] = collections.deque()
+        self.out_lock = threading.Lock()
+        self.writing = False  # registered for EPOLLOUT: output is waiting for room
+        self.last_recv = self.last_send = self.moved = time.monotonic()
+        self.why_dead: str | None = None  # set once, by whoever ends it
+        self.ended = False  # taken out of the engine (under the transport's lock)
 
-    def touch(self) -> None:
-        self.last_recv = time.monotonic()
+    def who(self) -> str:
+        return "the rendezvous server" if self.peer == SERVER else f"rank {self.peer}"
+
+    def flush(self) -> bool:
+        """Hand queued bytes to the kernel until it takes no more (holding ``out_lock``);
+        True when the queue is empty. OSError if the connection failed."""
+        while self.out:
+            item = self.out[0]
+            if not item.pending:
+                record = next(item.records, None)
+                if record is None:
+                    self.out.popleft()
+                    if item.op is not None:
+                        item.op.done = True
+                    continue
+                item.pending = memoryview(record)
+            try:
+                n = self.sock.send(item.pending)
+            except BlockingIOError:
+                return False
+            item.pending = item.pending[n:]
+            self.last_send = self.moved = time.monotonic()
+        return True
 
 
 def _reusable_socket(host: str, port: int) -> socket.socket:
@@ -196,12 +251,6 @@ def _tune(sock: socket.socket) -> None:
     for opt, value in (("TCP_KEEPIDLE", 10), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 2)):
         if hasattr(socket, opt):
             sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, opt), value)
-
-
-def _send_deadline(sock: socket.socket, seconds: float) -> None:
-    """A blocking send that moves no byte for ``seconds`` fails (the peer stopped reading)."""
-    whole = int(seconds)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", whole, int((seconds - whole) * 1e6)))
 
 
 @dataclass
@@ -258,7 +307,7 @@ class _Message:
 
 class Transport:
     """Connections, frames, liveness and message matching for one rank (see the module
-    docstring). Addresses are world ranks; every method is thread-safe."""
+    docstring). Addresses are world ranks; every public method is thread-safe."""
 
     def __init__(self, config: ShimConfig) -> None:
         self.config = config
@@ -270,7 +319,7 @@ class Transport:
         self._unacked: dict[tuple[int, int, int], collections.deque[SendOp]] = collections.defaultdict(
             collections.deque
         )  # (dest, ctx, tag) -> sync sends waiting for their ack, oldest first
-        self._links: dict[int, _Link] = {}
+        self._links: dict[int, _Link] = {}  # peer -> the link we send on
         self._all_links: list[_Link] = []  # every adopted link, for heartbeats and to close on leaving
         self._open_links: collections.Counter = collections.Counter()
         self._connecting: dict[int, threading.Lock] = collections.defaultdict(threading.Lock)
@@ -278,8 +327,24 @@ class Transport:
         self._modes: dict[int, str] = {}  # peer -> how the link we send on was made
         self._server_lost: str | None = None
         self._closed = False
-        self._stop = threading.Event()
         self._handshakes = threading.BoundedSemaphore(MAX_HANDSHAKES)
+        # The progress engine: one epoll set; whoever holds ``_progress`` reads and flushes.
+        self._epoll = select.epoll()
+        self._fds: dict[int, object] = {}  # fd -> _Link, a listener, or the wake pipe
+        self._progress = threading.Lock()
+        self._poller: int | None = None  # the thread inside epoll.poll, if any
+        self._inside = 0  # threads in wait() or probe()
+        self._entries = 0  # how many times one came in (the background thread watches it)
+        self._last_exit = time.monotonic()
+        self._waiting = 0  # threads waiting on ``_cond`` for another's progress
+        self._chores_due = 0.0
+        self._paused: list[socket.socket] = []  # listeners out of descriptors, until _resume_at
+        self._resume_at = 0.0
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._fds[self._wake_r] = self._wake_r
+        self._epoll.register(self._wake_r, IN)
         # Loopback jobs listen on loopback only; others on every interface.
         loopback = config.server[0] in ("127.0.0.1", "localhost", "::1")
         self._bind_host = "127.0.0.1" if loopback else ""
@@ -293,18 +358,22 @@ class Transport:
         try:
             self._control = self._register()
         except BaseException:
-            # A warm Lambda process lives on after a failed invocation: leave no listener behind.
-            self._listener.close()
-            self._punch_listener.close()
+            # A warm Lambda process lives on after a failed invocation: leave nothing behind.
+            for sock in (self._listener, self._punch_listener):
+                sock.close()
+            self._close_engine()
             raise
+        for listener in (self._listener, self._punch_listener):
+            listener.setblocking(False)
+            self._fds[listener.fileno()] = listener
+            self._epoll.register(listener, IN)
+        self._engage(self._control)
+        self._background = threading.Thread(target=self._run_background, daemon=True, name="transport-progress")
         try:
-            for listener, punched in ((self._listener, False), (self._punch_listener, True)):
-                threading.Thread(target=self._accept_loop, args=(listener, punched), daemon=True).start()
-            threading.Thread(target=self._control_loop, daemon=True, name="transport-control").start()
-            threading.Thread(target=self._heartbeat_loop, daemon=True, name="transport-heartbeat").start()
+            self._background.start()
         except RuntimeError:  # can't start new thread
             self.close()
-            raise CommError(f"rank {self.rank}: cannot start this rank's threads (out of threads)") from None
+            raise CommError(f"rank {self.rank}: cannot start this rank's thread (out of threads)") from None
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Transport:
@@ -390,50 +459,7 @@ class Transport:
         # Where the server saw each rank come from: the outside of its NAT, for punching.
         self._observed = {r: observed for r, (_, observed) in enumerate(table)}
         self._observed_rank = {a: r for r, a in self._observed.items()}
-        link.sock.settimeout(None)
-        _send_deadline(link.sock, self._send_stall_s())
-        link.touch()
         return link
-
-    def _send_stall_s(self) -> float:
-        op = self.config.op_timeout
-        return self.config.liveness if op is None else min(self.config.liveness, op)
-
-    def _send_control(self, message: dict) -> None:
-        self._send_on(self._control, KIND_CONTROL, 0, encode_control(message))
-
-    def _control_loop(self) -> None:
-        """Relay requests, punch requests and departures from the server, until it is lost."""
-        link = self._control
-        try:
-            while True:
-                kind, _, _, _, payload = read_frame(link.sock, link.session, MAX_CONTROL)
-                link.touch()
-                if kind == KIND_HEARTBEAT:
-                    continue
-                if kind != KIND_CONTROL:
-                    raise AuthError(f"a frame of kind {kind} from the server")
-                message = decode_control(payload)
-                op = message.get("op")
-                if op == "relay-request":
-                    peer = self._rank_in(message, "peer")
-                    threading.Thread(target=self._join_relay, args=(peer,), daemon=True).start()
-                elif op == "punch-request":
-                    peer = self._rank_in(message, "peer")
-                    deadline = time.monotonic() + self.config.connect_timeout
-                    threading.Thread(target=self._quiet_punch_back, args=(peer, deadline), daemon=True).start()
-                elif op == "gone":
-                    ranks = [r for r in message.get("ranks", []) if type(r) is int and 0 <= r < self.size]
-                    threading.Timer(GONE_GRACE_S, self._peers_gone, args=(ranks,)).start()
-        except Exception as exc:  # noqa: BLE001 - whatever ends this loop, the server is lost: waiters must know
-            why = link.why_dead or (
-                str(exc) if isinstance(exc, AuthError) else f"connection ended ({type(exc).__name__})"
-            )
-            self._declare_dead(link, why)
-            with self._cond:
-                if not self._closed:
-                    self._server_lost = f"the rendezvous server is lost: {why}"
-                self._cond.notify_all()
 
     def _rank_in(self, message: dict, key: str) -> int:
         value = message.get(key)
@@ -441,73 +467,95 @@ class Transport:
             raise AuthError(f"the server named no peer rank: {key}")
         return value
 
-    def _peers_gone(self, peers: list[int]) -> None:
-        """The server saw ``peers`` leave. A connection with one, if any, says more (its queued
-        messages still arrive); without one, nothing from it can ever come."""
+    def _peers_gone(self, peers: list[int], when: float) -> None:
+        """The server saw ``peers`` leave (a moment ago, by ``when``: a connection with one may
+        still be being set up). A connection with one says more (its queued messages still
+        arrive); without one, nothing from it can ever come."""
+        time.sleep(max(0.0, when - time.monotonic()))
         with self._cond:
             for peer in peers:
                 if peer not in self._links:
                     self._dead.setdefault(peer, "it left the job without connecting to this rank")
             self._cond.notify_all()
+        self._kick()
 
-    def _heartbeat_loop(self) -> None:
-        """Say "still here" on every quiet link, and declare dead every link (the server's
-        included) that said nothing for the liveness deadline."""
-        liveness = self.config.liveness
-        every = liveness / 4
-        while not self._stop.wait(every / 2):
-            now = time.monotonic()
-            for link in [self._control, *self._all_links]:
-                if link.why_dead:
-                    continue
-                if now - link.last_recv > liveness:
-                    who = "the rendezvous server" if link.peer == SERVER else f"rank {link.peer}"
-                    self._declare_dead(link, f"nothing from {who} for {liveness:g} s (stopped, frozen or cut off)")
-                elif now - link.last_send >= every:
-                    self._heartbeat(link)
+    def _send_control(self, message: dict) -> None:
+        self._queue(self._control, KIND_CONTROL, 0, encode_control(message), 0)
 
-    def _heartbeat(self, link: _Link) -> None:
-        """Only when the link is idle and its socket has room: a heartbeat never waits."""
-        if not link.lock.acquire(blocking=False):
-            return  # a send is under way: it is what the peer hears from us
-        try:
-            if _writable(link.sock):
-                send_frame(link.sock, link.session, KIND_HEARTBEAT, self.rank, 0)
-                link.last_send = time.monotonic()
-        except (OSError, ValueError) as exc:
-            self._declare_dead(link, f"a heartbeat could not be sent: {exc}")
-        finally:
-            link.lock.release()
+    def _engage(self, link: _Link) -> None:
+        """Hand a link to the progress engine."""
+        link.sock.setblocking(False)
+        link.fd = link.sock.fileno()
+        link.last_recv = time.monotonic()
+        self._fds[link.fd] = link
+        self._epoll.register(link.fd, IN)
 
-    def _declare_dead(self, link: _Link, why: str) -> None:
-        """Record why, then shut the socket down: its reader wakes up and reports the peer."""
-        if link.why_dead is None:
-            link.why_dead = why
-        try:
-            link.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+    def _adopt(self, link: _Link) -> None:
+        """A new link joins the engine; the first link to a peer is the one we send on. (Two
+        ranks may open a link each way; the other side may send on either.)"""
+        with self._cond:
+            if self._closed:  # an accept that raced close(): nobody will read or close it
+                link.sock.close()
+                return
+            if self._links.setdefault(link.peer, link) is link:
+                self._modes[link.peer] = self._mode_of(link.sock)
+            self._open_links[link.peer] += 1
+            self._all_links.append(link)
+            self._engage(link)
 
-    def _accept_loop(self, listener: socket.socket, punched: bool) -> None:
-        """Accept until closed: errors (out of file descriptors, out of threads) cost the
-        connection at hand, never the loop; at most ``MAX_HANDSHAKES`` run at once."""
-        while not self._closed:
+    def _end_link(self, link: _Link, why: str) -> None:
+        """Take a link out of the engine for good: nothing more is read from it or sent on it
+        (shut down, not closed, so no descriptor number is reused under a thread still using
+        it). Its peer is gone once every link to it has ended (another may still hold its last
+        frames); when the server's ends, waits that depend on the server fail."""
+        with self._cond:
+            if link.ended:
+                return
+            link.ended = True
+            link.why_dead = link.why_dead or why
+            self._fds.pop(link.fd, None)
+            for call in (lambda: self._epoll.unregister(link.fd), lambda: link.sock.shutdown(socket.SHUT_RDWR)):
+                try:
+                    call()
+                except (OSError, ValueError):
+                    pass  # closed already
+            with link.out_lock:
+                failed = CommError(f"rank {self.rank}: sending to {link.who()} failed: {link.why_dead}")
+                for item in link.out:
+                    if item.op is not None:
+                        item.op.error = failed
+                link.out.clear()
+            if link.peer == SERVER:
+                if not self._closed:
+                    self._server_lost = f"the rendezvous server is lost: {link.why_dead}"
+            else:
+                self._open_links[link.peer] -= 1
+                if self._open_links[link.peer] == 0:
+                    self._dead.setdefault(link.peer, link.why_dead)
+            self._cond.notify_all()
+        self._kick()  # a poller may be waiting for what can no longer come
+
+    def _accept(self, listener: socket.socket) -> None:
+        """Take the connections waiting on a listener; each is authenticated in a thread of
+        its own, at most ``MAX_HANDSHAKES`` at once (more are turned away: the peer retries).
+        Errors (out of file descriptors, out of threads) cost the connection at hand only."""
+        punched = listener is self._punch_listener
+        while True:
             try:
                 sock, addr = listener.accept()
-            except OSError:
-                if self._closed:
-                    return
-                time.sleep(0.05)
-                continue
+            except BlockingIOError:
+                return  # none left
+            except OSError:  # none to be had now (out of descriptors): the backlog keeps them
+                self._epoll.modify(listener, 0)  # a short pause, rather than a busy loop
+                self._paused.append(listener)
+                self._resume_at = time.monotonic() + 0.05
+                return
             if not self._handshakes.acquire(blocking=False):
-                sock.close()  # too many handshakes under way: the peer retries
+                sock.close()
                 continue
-            try:
-                threading.Thread(target=self._accept_one, args=(sock, addr, punched), daemon=True).start()
-            except RuntimeError:  # can't start a new thread
+            if not _spawn(self._accept_one, sock, addr, punched):
                 self._handshakes.release()
                 sock.close()
-                time.sleep(0.05)
 
     def _accept_one(self, sock: socket.socket, addr: tuple, punched: bool) -> None:
         deadline = time.monotonic() + HANDSHAKE_TIMEOUT_S  # for the whole exchange, however slow the bytes
@@ -528,10 +576,7 @@ class Transport:
             return
         finally:
             self._handshakes.release()
-        try:
-            self._adopt(link)
-        except CommError:
-            pass  # out of threads: the link is shut, the peer sees it end
+        self._adopt(link)
 
     def _paired_handshake(self, sock: socket.socket, peer: int, deadline: float | None = None) -> _Link:
         """Authenticate a connection whose two ends both think they opened it (a relay pipe,
@@ -628,32 +673,6 @@ class Transport:
                     time.sleep(0.05)
         raise CommError(f"rank {self.rank}: cannot connect to rank {peer} at {self._table[peer]}: {last}")
 
-    def _adopt(self, link: _Link) -> None:
-        """Start reading a new link; the first link to a peer is the one we send on. (Two
-        ranks may open a link each way; the other side may send on either.)"""
-        link.sock.settimeout(None)
-        _send_deadline(link.sock, self._send_stall_s())
-        link.touch()
-        with self._cond:
-            if self._closed:  # an accept that raced close(): nobody will read or close it
-                link.sock.close()
-                return
-            if self._links.setdefault(link.peer, link) is link:
-                self._modes[link.peer] = self._mode_of(link.sock)
-            self._open_links[link.peer] += 1
-            self._all_links.append(link)
-        try:
-            threading.Thread(
-                target=self._read_loop, args=(link,), daemon=True, name=f"tcpcomm-read-{link.peer}"
-            ).start()
-        except RuntimeError:  # out of threads: this link cannot be served
-            with self._cond:
-                self._open_links[link.peer] -= 1
-                if self._links.get(link.peer) is link:
-                    del self._links[link.peer]
-            self._declare_dead(link, "no thread to read it")
-            raise CommError(f"rank {self.rank}: cannot start a thread for the link to rank {link.peer}") from None
-
     def _mode_of(self, sock: socket.socket) -> str:
         """How a link was made, from its socket: through the server, from or to the punched port, or direct."""
         try:
@@ -702,36 +721,246 @@ class Transport:
                         return
             self._adopt(self._relay_link(peer))
 
-    def _read_loop(self, link: _Link) -> None:
+    # ---------------------------------------------------------------- the progress engine
+    def _poll(self, timeout: float, ready: Callable[[], bool]) -> None:
+        """One round of the engine (holding ``_progress``): chores when due, then wait up to
+        ``timeout`` for events (unless ``ready()`` already) and handle them."""
+        if self._closed:
+            raise CommError(f"rank {self.rank}: this rank's transport is closed")
+        now = time.monotonic()
+        if now >= self._chores_due:
+            self._chores(now)
+        if self._paused and now >= self._resume_at:
+            for listener in self._paused:
+                self._epoll.modify(listener, IN)
+            self._paused.clear()
+        self._poller = threading.get_ident()  # before the last look: completions kick us from now on
         try:
-            while True:
-                kind, source, ctx, tag, payload = read_frame(link.sock, link.session, on_record=link.touch)
-                link.touch()
-                if kind == KIND_HEARTBEAT:
-                    continue
-                if source != link.peer or kind & ~SYNC not in (KIND_OBJECT, KIND_BYTES, KIND_ACK):
-                    raise AuthError(f"a malformed frame from rank {link.peer}")
-                if kind == KIND_ACK:
-                    self._acked(link.peer, ctx, tag)
-                    continue
-                ack = (lambda c=ctx, t=tag: self._send_on(link, KIND_ACK, t, b"", c)) if kind & SYNC else None
-                self._deliver(_Message(link.peer, ctx, tag, kind & ~SYNC, payload, ack))
-        except Exception as exc:  # noqa: BLE001 - whatever ends a reader, its peer is dead to every waiter
-            if link.why_dead:
-                why = link.why_dead
+            if ready():
+                return
+            due = min(self._chores_due, self._resume_at) if self._paused else self._chores_due
+            events = self._epoll.poll(max(0.0, min(timeout, due - now)))
+        finally:
+            self._poller = None
+        for fd, mask in events:
+            target = self._fds.get(fd)
+            if isinstance(target, _Link):
+                if mask & OUT:
+                    self._flush(target)
+                if mask & ~OUT:
+                    self._read(target)
+            elif isinstance(target, socket.socket):
+                self._accept(target)
+            elif target is not None:
+                _drain(self._wake_r)
+
+    def _kick(self) -> None:
+        """Wake the thread inside epoll.poll, if any."""
+        if self._poller is not None:
+            try:
+                os.write(self._wake_w, b"\0")
+            except OSError:
+                pass  # full (a kick is pending anyway) or closed
+
+    def _read(self, link: _Link) -> None:
+        """Frames that arrived on a link; anything wrong with it ends it."""
+        seen = link.reader.records
+        try:
+            frames = link.reader.feed(link.sock)
+            if link.reader.records != seen:
+                link.last_recv = time.monotonic()
+            handle = self._on_control if link.peer == SERVER else self._on_frame
+            for frame in frames:
+                handle(link, frame)
+        except Exception as exc:  # noqa: BLE001 - whatever breaks a link, its peer is dead to every waiter
+            if link.peer == SERVER:
+                why = str(exc) if isinstance(exc, AuthError) else f"connection ended ({type(exc).__name__})"
             elif isinstance(exc, (OSError, EOFError)):
                 why = f"connection closed ({type(exc).__name__})"
             else:
                 why = f"{type(exc).__name__}: {exc}"
-            # Nothing more is read from it, or sent. (Shut down, not closed: a sender may be
-            # inside a call on it, and a closed descriptor's number could be reused under it.)
-            self._declare_dead(link, why)
+            self._end_link(link, why)
+
+    def _on_frame(self, link: _Link, frame: Frame) -> None:
+        kind, source, ctx, tag, payload = frame
+        if kind == KIND_HEARTBEAT:
+            return
+        if source != link.peer or kind & ~SYNC not in (KIND_OBJECT, KIND_BYTES, KIND_ACK):
+            raise AuthError(f"a malformed frame from rank {link.peer}")
+        if kind == KIND_ACK:
+            self._acked(link.peer, ctx, tag)
+            return
+        ack = (lambda: self._queue(link, KIND_ACK, tag, b"", ctx)) if kind & SYNC else None
+        self._deliver(link.peer, ctx, tag, kind & ~SYNC, payload, ack)
+
+    def _on_control(self, link: _Link, frame: Frame) -> None:
+        """Relay requests, punch requests and departures from the server."""
+        if frame.kind == KIND_HEARTBEAT:
+            return
+        if frame.kind != KIND_CONTROL:
+            raise AuthError(f"a frame of kind {frame.kind} from the server")
+        message = decode_control(frame.payload)
+        op = message.get("op")
+        if op == "relay-request":
+            _spawn(self._join_relay, self._rank_in(message, "peer"))
+        elif op == "punch-request":
+            _spawn(
+                self._quiet_punch_back, self._rank_in(message, "peer"), time.monotonic() + self.config.connect_timeout
+            )
+        elif op == "gone":
+            ranks = [r for r in message.get("ranks", []) if type(r) is int and 0 <= r < self.size]
+            _spawn(self._peers_gone, ranks, time.monotonic() + GONE_GRACE_S)
+
+    def _chores(self, now: float) -> None:
+        """Say "still here" on every quiet link; end every link (the server's included) that
+        said nothing for the liveness deadline, or whose queued output moved nothing for the
+        send deadline (the peer stopped reading)."""
+        liveness = self.config.liveness
+        every = liveness / 4
+        stall = self._send_stall_s()
+        self._chores_due = now + every / 2
+        for link in [self._control, *self._all_links]:
+            if link.ended:
+                continue
+            if now - link.last_recv > liveness:
+                self._end_link(link, f"nothing from {link.who()} for {liveness:g} s (stopped, frozen or cut off)")
+            elif link.out and now - link.moved > stall:
+                self._end_link(link, f"a send to it failed: it took nothing for {stall:g} s")
+            elif now - link.last_send >= every and not link.out:
+                self._queue(link, KIND_HEARTBEAT, 0, b"", 0)
+
+    def _send_stall_s(self) -> float:
+        op = self.config.op_timeout
+        return self.config.liveness if op is None else min(self.config.liveness, op)
+
+    def _run_background(self) -> None:
+        """Run the engine while no thread is inside the transport (a compute phase): drain
+        what arrives, keep sends moving, send heartbeats. It checks every ``QUIET_S`` while
+        threads come and go, less often while one stays inside (a long wait runs the engine
+        itself), and gives the engine up as soon as a thread comes in."""
+        nap, seen = QUIET_S, -1
+        while not self._closed:
+            if self._inside or time.monotonic() - self._last_exit < QUIET_S:
+                nap = QUIET_S if self._entries != seen else min(2 * nap, QUIET_MAX_S)
+                seen = self._entries
+                time.sleep(nap)
+                continue
+            if not self._progress.acquire(blocking=False):
+                time.sleep(QUIET_S)
+                continue
+            try:
+                while not self._inside and not self._closed:
+                    self._poll(self.config.liveness, lambda: self._inside > 0 or self._closed)
+            except CommError:
+                return  # closed
+            finally:
+                self._release_progress()
+
+    def _release_progress(self) -> None:
+        self._progress.release()
+        if self._waiting:
             with self._cond:
-                # Gone only once every link to it has closed: another may still hold its last frames.
-                self._open_links[link.peer] -= 1
-                if self._open_links[link.peer] == 0:
-                    self._dead.setdefault(link.peer, why)
                 self._cond.notify_all()
+
+    def _block(self, ready: Callable[[], bool], pending: Callable[[], list[Op]], deadline, seconds) -> None:
+        """Run the engine (or wait while another thread runs it) until ``ready()``; raise
+        why not when it can never be, or at the deadline."""
+        with self._cond:
+            self._inside += 1
+            self._entries += 1
+        if self._poller is not None:
+            self._kick()  # the background thread gives the engine up
+        try:
+            while not ready():
+                if self._dead or self._server_lost or self._closed:
+                    with self._cond:
+                        for op in pending():
+                            self._check(op)
+                nap = 1.0
+                if deadline is not None:
+                    nap = min(nap, deadline - time.monotonic())
+                    if nap <= 0:
+                        raise self._timed_out(pending()[0], seconds)
+                if self._progress.acquire(blocking=False):
+                    try:
+                        self._poll(nap, ready)
+                    finally:
+                        self._release_progress()
+                    continue
+                with self._cond:
+                    if ready() or not self._progress.locked():
+                        continue
+                    self._waiting += 1
+                    try:
+                        self._cond.wait(nap)
+                    finally:
+                        self._waiting -= 1
+        finally:
+            with self._cond:
+                self._inside -= 1
+                self._last_exit = time.monotonic()
+
+    # ---------------------------------------------------------------- sending
+    def _queue(self, link: _Link, kind: int, tag: int, payload, ctx: int, op: SendOp | None = None) -> bool:
+        """Queue one frame on a link and send what the socket takes now; False if the link
+        has ended. A small frame with nothing queued before it goes out at once, unqueued."""
+        error = None
+        with link.out_lock:
+            if link.ended:
+                return False
+            if link.out or len(payload) > SMALL:
+                if not link.out:
+                    link.moved = time.monotonic()  # the send deadline counts from now
+                link.out.append(_Out(_records(link.session, kind, self.rank, tag, payload, ctx), op))
+            else:
+                data = link.session.seal_small(kind, self.rank, tag, payload, ctx)
+                try:
+                    sent = link.sock.send(data)
+                except BlockingIOError:
+                    sent = 0
+                except OSError as exc:
+                    error = exc
+                else:
+                    link.last_send = link.moved = time.monotonic()
+                    if sent == len(data):
+                        if op is not None:
+                            op.done = True
+                        return True
+                if error is None:
+                    item = _Out(iter(()), op)
+                    item.pending = memoryview(data)[sent:]
+                    link.out.append(item)
+        if error is not None:
+            self._end_link(link, f"a send to it failed: {error.strerror or error}")
+            return False
+        self._flush(link)
+        return True
+
+    def _flush(self, link: _Link) -> None:
+        """Send what a link's queue holds as far as its socket takes it now, and watch the
+        socket for room while some is left; a failed send ends the link."""
+        if not link.out_lock.acquire(blocking=False):
+            return  # another thread is sending on it, and will watch for room
+        try:
+            queued = len(link.out)
+            drained = link.flush()
+            if drained == link.writing:
+                link.writing = not drained
+                self._epoll.modify(link.fd, IN | OUT if link.writing else IN)
+            finished = queued - len(link.out)
+        except OSError as exc:
+            error = exc
+        else:
+            error = None
+        finally:
+            link.out_lock.release()
+        if error is not None:
+            if link.ended or isinstance(error, FileNotFoundError):
+                return  # ended meanwhile (unregistered from the engine): that is the news
+            self._end_link(link, f"a send to it failed: {error.strerror or error}")
+        elif finished:
+            with self._cond:
+                self._completed()
 
     # ---------------------------------------------------------------- messages
     def isend(
@@ -741,22 +970,19 @@ class Transport:
         is handed to the connection; ``sync`` is done once the receiver has matched it."""
         if not 0 <= dest < self.size:
             raise ValueError(f"dest {dest} is not a rank of a {self.size}-rank job")
+        payload = memoryview(payload).cast("B")  # lengths in bytes, whatever the items
         op = SendOp(dest, ctx, tag)
         if dest == self.rank:
             ack = (lambda: self._complete(op)) if sync else None
-            self._deliver(_Message(dest, ctx, tag, kind, bytearray(payload), ack))
-            if not sync:
-                op.done = True
+            self._deliver(dest, ctx, tag, kind, bytearray(payload), ack)
+            op.done = not sync
             return op
-        if dest in self._dead:
-            raise CommError(f"rank {self.rank}: peer rank {dest} is gone: {self._dead[dest]}")
         link = self._link(dest)
         if sync:
             with self._cond:
                 self._unacked[(dest, ctx, tag)].append(op)
-        self._send_on(link, kind | SYNC if sync else kind, tag, payload, ctx)
-        if not sync:
-            op.done = True
+        if not self._queue(link, kind | SYNC if sync else kind, tag, payload, ctx, None if sync else op):
+            raise CommError(f"rank {self.rank}: peer rank {dest} is gone: {link.why_dead}")
         return op
 
     def irecv(self, source: int, ctx: int, tag: int) -> RecvOp:
@@ -788,16 +1014,16 @@ class Transport:
 
     def probe(self, source: int, ctx: int, tag: int, deadline: float | None = None) -> Envelope:
         """Wait until ``iprobe`` would report a message, and report it."""
-        deadline, seconds = self._limit(deadline)
-        probe = RecvOp(source, ctx, tag)
-        with self._cond:
-            while True:
-                envelope = self.iprobe(source, ctx, tag)
-                if envelope is not None:
-                    return envelope
-                self._check(probe)
-                self._check_time(probe, deadline, seconds)
-                self._cond.wait(self._nap(deadline))
+        found: list[Envelope] = []
+
+        def ready() -> bool:
+            envelope = self.iprobe(source, ctx, tag)
+            if envelope is not None:
+                found.append(envelope)
+            return envelope is not None
+
+        self._block(ready, lambda: [RecvOp(source, ctx, tag)], *self._limit(deadline))
+        return found[-1]
 
     def cancel(self, op: Op) -> bool:
         """Cancel a receive no message has matched yet (True); anything else is left as is."""
@@ -805,12 +1031,18 @@ class Transport:
             if isinstance(op, RecvOp) and not op.done and op in self._posted:
                 self._posted.remove(op)
                 op.cancelled = op.done = True
-                self._cond.notify_all()
+                self._completed()
                 return True
         return False
 
     def test(self, op: Op) -> bool:
-        """Whether ``op`` is done; raises its error if it can never be."""
+        """Progress once (if no other thread is running the engine), then whether ``op`` is
+        done; raises its error if it can never be."""
+        if not op.done and self._progress.acquire(blocking=False):
+            try:
+                self._poll(0.0, lambda: op.done)
+            finally:
+                self._release_progress()
         with self._cond:
             if not op.done:
                 self._check(op)
@@ -820,14 +1052,17 @@ class Transport:
         """Until at least ``need`` of ``ops`` (default: all) are done; CommError if one of the
         ops it waits for can never complete, or at the deadline (default: the op timeout)."""
         need = len(ops) if need is None else need
-        deadline, seconds = self._limit(deadline)
-        with self._cond:
-            while sum(op.done for op in ops) < need:
-                pending = [op for op in ops if not op.done]
-                for op in pending:
-                    self._check(op)
-                self._check_time(pending[0], deadline, seconds)
-                self._cond.wait(self._nap(deadline))
+        if len(ops) == 1 and need == 1:  # the common case, kept lean
+            [op] = ops
+            if not op.done:
+                self._block(lambda: op.done, lambda: [op], *self._limit(deadline))
+            return
+
+        def ready() -> bool:
+            return sum(op.done for op in ops) >= need
+
+        if not ready():
+            self._block(ready, lambda: [op for op in ops if not op.done], *self._limit(deadline))
 
     def _limit(self, deadline: float | None) -> tuple[float | None, float | None]:
         """(deadline, its length in seconds): the one given, or the op timeout from now."""
@@ -837,10 +1072,6 @@ class Transport:
             return time.monotonic() + self.config.op_timeout, self.config.op_timeout
         return None, None
 
-    @staticmethod
-    def _nap(deadline: float | None) -> float:
-        return 1.0 if deadline is None else max(0.0, min(1.0, deadline - time.monotonic()))
-
     def _check(self, op: Op) -> None:
         """Raise (and record on ``op``) why it can never complete, if it cannot (holding ``_cond``)."""
         if op.error is None:
@@ -848,14 +1079,15 @@ class Transport:
         if op.error is not None:
             raise op.error
 
-    def _check_time(self, op: Op, deadline: float | None, seconds: float | None) -> None:
-        """A wait that reached its deadline fails (the op itself stays pending)."""
-        if deadline is not None and time.monotonic() >= deadline:
-            what = "no ack" if isinstance(op, SendOp) else "no message"
-            peer = op.dest if isinstance(op, SendOp) else op.source
-            raise CommError(f"rank {self.rank}: {what} from rank {peer} (tag {op.tag}) within {seconds} s")
+    def _timed_out(self, op: Op, seconds: float | None) -> CommError:
+        """Why a wait that reached its deadline fails (the op itself stays pending)."""
+        if isinstance(op, SendOp):
+            return CommError(f"rank {self.rank}: a send to rank {op.dest} (tag {op.tag}) not done within {seconds} s")
+        return CommError(f"rank {self.rank}: no message from rank {op.source} (tag {op.tag}) within {seconds} s")
 
     def _why_not(self, op: Op) -> CommError | None:
+        if self._closed:
+            return CommError(f"rank {self.rank}: this rank's transport is closed")
         peer = op.dest if isinstance(op, SendOp) else op.source
         gone = self._dead if peer == ANY_SOURCE else {peer: self._dead[peer]} if peer in self._dead else {}
         if gone:
@@ -872,18 +1104,23 @@ class Transport:
                 )
         return None
 
-    def _deliver(self, message: _Message) -> None:
-        """An arrived message goes to the first posted receive it matches, or waits for one."""
+    def _deliver(self, source: int, ctx: int, tag: int, kind: int, payload: bytearray, ack=None) -> None:
+        """An arrived message goes to the first posted receive it matches, or waits for one;
+        ``ack()`` is called when a receive matches it (a synchronous send waits for that)."""
         with self._cond:
-            op = next((op for op in self._posted if op.matches(message.source, message.ctx, message.tag)), None)
-            if op is None:
-                self._unexpected.append(message)
+            for i, op in enumerate(self._posted):
+                if op.ctx == ctx and op.source in (ANY_SOURCE, source) and op.tag in (ANY_TAG, tag):
+                    del self._posted[i]
+                    op.envelope = Envelope(source, tag, kind, len(payload))
+                    op.payload = payload
+                    op.done = True
+                    break
             else:
-                self._posted.remove(op)
-                self._fill(op, message)
-            self._cond.notify_all()  # a completed receive, or news for a probe
-        if op is not None and message.ack is not None:
-            message.ack()
+                op = None
+                self._unexpected.append(_Message(source, ctx, tag, kind, payload, ack))
+            self._completed()  # a completed receive, or news for a probe
+        if op is not None and ack is not None:
+            ack()
 
     @staticmethod
     def _fill(op: RecvOp, message: _Message) -> None:
@@ -892,10 +1129,18 @@ class Transport:
         op.payload = message.payload
         op.done = True
 
+    def _completed(self) -> None:
+        """Something a thread may wait for happened (holding ``_cond``): wake the threads
+        waiting for another's progress, and the one inside epoll.poll if it is not us."""
+        if self._waiting:
+            self._cond.notify_all()
+        if self._poller not in (None, threading.get_ident()):
+            self._kick()
+
     def _complete(self, op: Op) -> None:
         with self._cond:
             op.done = True
-            self._cond.notify_all()
+            self._completed()
 
     def _acked(self, peer: int, ctx: int, tag: int) -> None:
         with self._cond:
@@ -903,59 +1148,51 @@ class Transport:
             if not waiting:
                 raise AuthError(f"an ack from rank {peer} for no synchronous send")
             waiting.popleft().done = True
-            self._cond.notify_all()
-
-    # ---------------------------------------------------------------- sending
-    def _send_on(self, link: _Link, kind: int, tag: int, payload: bytes | memoryview, ctx: int = 0) -> None:
-        """Send one frame by the operation deadline, if any; a send that fails or stalls
-        leaves the stream mid-frame, so the link is declared dead."""
-        deadline = None if self.config.op_timeout is None else time.monotonic() + self.config.op_timeout
-        who = "the rendezvous server" if link.peer == SERVER else f"rank {link.peer}"
-        try:
-            with link.lock:
-                records = link.session.seal_frame(kind, self.rank, tag, payload, ctx)
-                if len(payload) <= SMALL:
-                    link.sock.sendall(b"".join(records))  # one system call for small frames
-                else:
-                    for record in records:
-                        if deadline is not None and time.monotonic() > deadline:
-                            raise TimeoutError(f"not sent within {self.config.op_timeout:g} s")
-                        link.sock.sendall(record)
-                link.last_send = time.monotonic()
-        except OSError as exc:
-            if link.why_dead:  # declared dead while we sent: that is the news
-                why = link.why_dead
-            elif isinstance(exc, BlockingIOError):
-                why = f"it took nothing for {self._send_stall_s():g} s"
-            else:
-                why = str(exc) if isinstance(exc, TimeoutError) else exc.strerror or str(exc)
-            self._declare_dead(link, f"a send to it failed: {why}")
-            raise CommError(f"rank {self.rank}: sending to {who} failed: {why}") from None
+            self._completed()
 
     # ---------------------------------------------------------------- leaving
     def close(self) -> None:
         """Leave the job: say so to the server (a clean departure is not reported to the
-        others), then close every connection and listener, which ends the threads that serve
-        them. A warm Lambda process runs job after job, so nothing may linger."""
+        others), then close every connection and listener and stop the engine. A warm Lambda
+        process runs job after job, so nothing may linger."""
         with self._cond:
             if self._closed:
                 return
             self._closed = True
-            sockets = [self._listener, self._punch_listener, self._control.sock, *(k.sock for k in self._all_links)]
-        self._stop.set()
-        if self._control.lock.acquire(timeout=1.0):
+            self._cond.notify_all()
+        self._kick()
+        if self._background is not threading.current_thread():
+            self._background.join(timeout=5.0)
+        self._say_bye()
+        for sock in [self._listener, self._punch_listener, self._control.sock, *(k.sock for k in self._all_links)]:
             try:
-                send_frame(self._control.sock, self._control.session, KIND_CONTROL, self.rank, 0, b'{"op":"bye"}')
-            except OSError:
-                pass  # the server is gone already
-            finally:
-                self._control.lock.release()
-        for sock in sockets:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)  # wakes a thread blocked in accept() or recv()
+                sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
             sock.close()
+        self._close_engine()
+
+    def _say_bye(self) -> None:
+        """A sealed bye after whatever the server link still has queued, within a second."""
+        link = self._control
+        if link.ended or not link.out_lock.acquire(timeout=1.0):
+            return
+        try:
+            link.out.append(_Out(_records(link.session, KIND_CONTROL, self.rank, 0, b'{"op":"bye"}', 0), None))
+            room = select.poll()  # not select(): descriptors past 1023
+            room.register(link.sock, select.POLLOUT)
+            give_up = time.monotonic() + 1.0
+            while not link.flush() and time.monotonic() < give_up:
+                room.poll(50)
+        except (OSError, ValueError):
+            pass  # the server is gone already
+        finally:
+            link.out_lock.release()
+
+    def _close_engine(self) -> None:
+        self._epoll.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
 
     def __enter__(self) -> Transport:
         return self
@@ -966,7 +1203,23 @@ class Transport:
     def abort(self, errorcode: int = 1) -> None:
         """End this process at once; peers see its connections close and raise CommError."""
         self._closed = True
-        for link in list(self._all_links):
+        for link in [self._control, *self._all_links]:
             link.sock.close()
-        self._control.sock.close()
         os._exit(errorcode)
+
+
+def _spawn(target: Callable, *args: object) -> bool:
+    """Run ``target(*args)`` in a daemon thread; False if no thread can be started."""
+    try:
+        threading.Thread(target=target, args=args, daemon=True).start()
+    except RuntimeError:
+        return False
+    return True
+
+
+def _drain(fd: int) -> None:
+    try:
+        while os.read(fd, 4096):
+            pass
+    except BlockingIOError:
+        pass

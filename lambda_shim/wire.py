@@ -179,6 +179,16 @@ class Session:
         for off in range(0, len(view), CHUNK):
             yield self._seal(view[off : off + CHUNK])
 
+    def seal_small(self, kind: int, source: int, tag: int, payload: bytes | memoryview = b"", ctx: int = 0) -> bytes:
+        """A frame whose payload fits one record (``seal_frame``'s records as one piece)."""
+        n, seal = self._sent, self._send.encrypt
+        header = seal(n.to_bytes(12, "big"), HEADER.pack(kind, source, ctx, tag, len(payload)), None)
+        if not payload:
+            self._sent = n + 1
+            return header
+        self._sent = n + 2
+        return header + seal((n + 1).to_bytes(12, "big"), payload, None)
+
     def open_header(self, record: bytes | bytearray | memoryview, limit: int = MAX_FRAME) -> Header:
         """The fields of a sealed header; AuthError if it was not sealed by the other end in
         this order, or announces more than ``limit`` bytes."""
@@ -197,7 +207,7 @@ class Session:
 
     def _open(self, record: bytes | bytearray | memoryview) -> bytes:
         try:
-            data = self._recv.decrypt(self._nonce_in(), bytes(record), None)
+            data = self._recv.decrypt(self._nonce_in(), record, None)
         except (InvalidTag, ValueError):
             raise AuthError(f"record {self._received} failed its check (tampered, replayed or reordered)") from None
         self._received += 1
@@ -228,6 +238,108 @@ def read_frame(sock: socket.socket, session: Session, limit: int = MAX_FRAME, on
         if on_record is not None:
             on_record()
     return Frame(kind, source, ctx, tag, payload)
+
+
+_NOTHING = memoryview(b"")
+
+
+class FrameReader:
+    """Frames from a non-blocking socket, read as the bytes arrive: ``feed`` takes what the
+    socket has now and returns the frames it completed; a frame cut anywhere waits, with its
+    state, for the next call. The same checks as ``read_frame``: the header is opened before
+    anything is allocated for the payload, the length is bounded, and each record is checked
+    as it arrives. Small records go through a scratch buffer (one system call takes several);
+    a record larger than it is read into a buffer of its own, its payload decrypted from there."""
+
+    SCRATCH = 64 * 1024
+
+    def __init__(self, session: Session, limit: int = MAX_FRAME) -> None:
+        self._session = session
+        self._limit = limit
+        self._scratch = memoryview(bytearray(self.SCRATCH))
+        self._start = self._end = 0  # unread bytes: scratch[start:end]
+        self._header: Header | None = None  # of the frame under way
+        self._payload = _NOTHING
+        self._off = 0  # payload bytes checked so far
+        self._big: memoryview | None = None  # a record larger than the scratch, being read
+        self._spare: memoryview | None = None  # where such records are read, during a big frame
+        self._got = 0
+        self.records = 0  # records checked, ever (liveness: authenticated bytes arrived)
+
+    def _need(self) -> int:
+        if self._header is None:
+            return SEALED_HEADER
+        return min(CHUNK, self._header.length - self._off) + TAG
+
+    def feed(self, sock: socket.socket, budget: int = 4 * CHUNK) -> list[Frame]:
+        """The frames completed by what ``sock`` has now (at most about ``budget`` bytes read);
+        EOFError at the end of the stream, AuthError on a record that fails its check."""
+        frames: list[Frame] = []
+        scratch, read = self._scratch, 0
+        try:
+            while read < budget:
+                header = self._header
+                need = SEALED_HEADER if header is None else min(CHUNK, header.length - self._off) + TAG
+                if need > self.SCRATCH:
+                    read += self._feed_big(sock, need, frames)
+                    continue
+                start = self._start
+                if self._end - start >= need:
+                    self._start = start + need
+                    self._take(scratch[start : start + need], frames)
+                    if frames and self._start == self._end:
+                        self._start = self._end = 0
+                        break  # nothing more buffered: the poller says when more comes
+                    continue
+                if self.SCRATCH - start < need:  # make room: the unread bytes to the front
+                    left = self._end - start
+                    scratch[:left] = scratch[start : self._end]
+                    self._start, self._end = 0, left
+                n = sock.recv_into(scratch[self._end :])
+                if n == 0:
+                    raise EOFError("connection closed")
+                self._end += n
+                read += n
+        except BlockingIOError:
+            pass
+        return frames
+
+    def _feed_big(self, sock: socket.socket, need: int, frames: list[Frame]) -> int:
+        """Read a record larger than the scratch buffer straight into a buffer of its size."""
+        if self._big is None:
+            if self._spare is None:  # one record buffer for the whole frame, not one per record
+                self._spare = memoryview(bytearray(CHUNK + TAG))
+            self._big = self._spare[:need]
+            held = min(need, self._end - self._start)  # what the scratch holds of it already
+            self._big[:held] = self._scratch[self._start : self._start + held]
+            self._start += held
+            self._got = held
+        n = 0
+        if self._got < need:
+            n = sock.recv_into(self._big[self._got : need])
+            if n == 0:
+                raise EOFError("connection closed")
+            self._got += n
+        if self._got == need:
+            big, self._big = self._big, None
+            self._take(big, frames)
+        return n
+
+    def _take(self, unit: memoryview, frames: list[Frame]) -> None:
+        """Check one whole record: a header, or the next piece of the payload."""
+        header = self._header
+        if header is None:
+            header = self._header = self._session.open_header(unit, self._limit)
+            self._payload = memoryview(bytearray(header.length))
+            self._off = 0
+        else:
+            n = len(unit) - TAG
+            self._session.open_into(unit, self._payload[self._off : self._off + n])
+            self._off += n
+        self.records += 1
+        if self._off == header.length:
+            frames.append(Frame(header.kind, header.source, header.ctx, header.tag, self._payload.obj))
+            self._header, self._payload, self._spare = None, _NOTHING, None
 
 
 def send_frame(sock: socket.socket, session: Session, kind: int, source: int, tag: int, payload=b"") -> None:

@@ -9,11 +9,13 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 from lambda_shim import message as M
+from lambda_shim.constants import IN_PLACE
 from lambda_shim.errors import ERR_COUNT, MPIException
 from tests.conftest import missing_modules, skip_or_fail
 
@@ -81,6 +83,7 @@ SEND_SPECS = [
     ("None", "[b, 1, MPI.INT]"),
     ("None", "[b, 1]"),
     ("MPI.BOTTOM", "[b, 0, MPI.INT]"),
+    ("None", "MPI.IN_PLACE"),
 ]
 
 # (buffer expression, spec over `b`, bytes received): read as a receive; the buffer after it.
@@ -184,6 +187,10 @@ def mpi4py_results(tmp_path_factory) -> dict:
     return json.loads(Path(tmp / "out.json").read_text())
 
 
+# The names the specs use, as lambda_shim.MPI has them (message's datatypes, constants' IN_PLACE).
+MPI = SimpleNamespace(**M.DATATYPES, BOTTOM=M.BOTTOM, IN_PLACE=IN_PLACE)
+
+
 def _failure(exc: Exception) -> list:
     if isinstance(exc, MPIException):
         return ["error", "MPI.Exception", exc.Get_error_class()]
@@ -193,7 +200,7 @@ def _failure(exc: Exception) -> list:
 def ours_send(buf: str, spec: str) -> list:
     b = eval(buf, globals(), {"MPI": M})
     try:
-        msg = M.parse(eval(spec, globals(), {"MPI": M, "b": b}), readonly=True)
+        msg = M.parse(eval(spec, globals(), {"MPI": MPI, "b": b}), readonly=True)
     except Exception as exc:  # noqa: BLE001 - compared with mpi4py's
         return _failure(exc)
     return ["ok", bytes(msg.payload()).hex()]
@@ -202,7 +209,7 @@ def ours_send(buf: str, spec: str) -> list:
 def ours_recv(buf: str, spec: str, nbytes: int) -> list:
     b = eval(buf, globals(), {"MPI": M})
     try:
-        msg = M.parse(eval(spec, globals(), {"MPI": M, "b": b}), readonly=False)
+        msg = M.parse(eval(spec, globals(), {"MPI": MPI, "b": b}), readonly=False)
     except Exception as exc:  # noqa: BLE001
         return _failure(exc)
     assert nbytes <= msg.nbytes

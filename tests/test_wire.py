@@ -19,6 +19,7 @@ from lambda_shim.wire import (
     PROTOCOL,
     SEALED_HEADER,
     AuthError,
+    FrameReader,
     RefusedError,
     decode_control,
     handshake_accept,
@@ -233,3 +234,59 @@ def test_the_address_table_of_100000_ranks_round_trips() -> None:
     assert table[12345] == ((entries[12345][0], entries[12345][1]), ("127.0.0.1", 7))
     with pytest.raises(AuthError):
         unpack_table(data, 99_999)
+
+
+def feed_all(reader: FrameReader, sock: socket.socket) -> list:
+    sock.setblocking(False)
+    return reader.feed(sock)
+
+
+def test_the_incremental_reader_keeps_a_frame_cut_anywhere(linked) -> None:
+    """Frames arriving a byte at a time, a big frame in pieces, several frames in one read."""
+    a, acceptor, b, initiator = linked
+    reader = FrameReader(acceptor)
+    small = b"".join(initiator.seal_frame(KIND_OBJECT, 1, 0, b"tiny", ctx=7))
+    for byte in small[:-1]:
+        b.sendall(bytes([byte]))
+        assert feed_all(reader, a) == []
+    b.sendall(small[-1:])
+    assert feed_all(reader, a) == [(KIND_OBJECT, 1, 7, 0, bytearray(b"tiny"))]
+    big = bytes(range(256)) * (5 * 2**12 + 3)  # 5 MiB + 768 bytes: six records, most past the scratch
+    wire_bytes = b"".join(initiator.seal_frame(KIND_OBJECT, 1, 2, big))
+    wire_bytes += b"".join(initiator.seal_frame(KIND_CONTROL, 1, 3, b"after", ctx=1))
+    sender = threading.Thread(target=b.sendall, args=(wire_bytes,))
+    sender.start()
+    frames: list = []
+    while len(frames) < 2:
+        frames += feed_all(reader, a)
+    sender.join(timeout=10)
+    assert frames == [(KIND_OBJECT, 1, 0, 2, bytearray(big)), (KIND_CONTROL, 1, 1, 3, bytearray(b"after"))]
+
+
+def test_the_incremental_reader_checks_the_header_before_allocating(linked) -> None:
+    a, acceptor, b, _ = linked
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    b.sendall(HEADER.pack(KIND_OBJECT, 1, 0, 0, 100 * 10**9) + bytes(SEALED_HEADER - HEADER.size))
+    with pytest.raises(AuthError, match="record 0 failed its check"):
+        feed_all(FrameReader(acceptor), a)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100 * 1024  # KiB
+
+
+def test_the_incremental_reader_refuses_a_sealed_header_over_its_limit(linked) -> None:
+    a, acceptor, b, initiator = linked
+    b.sendall(next(initiator.seal_frame(KIND_OBJECT, 1, 0, b"x" * 100)))  # the header only
+    with pytest.raises(AuthError, match="over the 64-byte limit"):
+        feed_all(FrameReader(acceptor, limit=64), a)
+
+
+def test_the_incremental_reader_fails_a_tampered_record_and_the_end_of_the_stream(linked) -> None:
+    a, acceptor, b, initiator = linked
+    header, record = initiator.seal_frame(KIND_OBJECT, 1, 0, b"payload")
+    tampered = bytearray(record)
+    tampered[0] ^= 1
+    b.sendall(header + tampered)
+    with pytest.raises(AuthError, match="record 1 failed its check"):
+        feed_all(FrameReader(acceptor), a)
+    b.close()
+    with pytest.raises(EOFError):
+        feed_all(FrameReader(acceptor), a)

@@ -7,11 +7,14 @@
 
 Every rank wires up, then runs barrier + allreduce + gather, then leaves. A process prints
 one line: its slowest wire-up, collectives and teardown (seconds); the driver prints the job's.
+A process still running 30 s after the connect timeout dumps every thread's stack to stderr
+and exits (a hang shows where each rank waits).
 """
 
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import itertools
 import os
 import subprocess
@@ -28,6 +31,7 @@ def run_ranks(first: int, count: int) -> int:
 
     threading.stack_size(512 * 1024)  # thousands of threads: keep each one small
     base = ShimConfig.from_env(os.environ | {"RANK": "0"})
+    faulthandler.dump_traceback_later(base.connect_timeout + 30, exit=True)
     size = base.size
     times: dict[str, list[float]] = {"wireup": [], "collectives": [], "teardown": []}
     errors: list[str] = []

@@ -111,6 +111,7 @@ else:
     case("tag3_first", lambda: (comm.recv(source=0, tag=3, status=status), status_of(status)))
     case("tag7_second", lambda: comm.recv(source=0, tag=7))
     comm.send({"rank": rank}, 0, tag=10 + rank)
+comm.barrier()  # else rank 0's wildcard receives could take the next case's messages
 case("sendrecv_ring", lambda: (comm.sendrecv(rank, right, 5, None, left, 5, status), status_of(status)))
 case("sendrecv_self", lambda: comm.sendrecv("me", rank, 6, None, rank, 6))
 case("isend_self", lambda: (comm.isend("me", rank, 8).wait(), comm.recv(source=rank, tag=8)))

@@ -1,0 +1,203 @@
+"""lambda_shim as mpi4py: ``from lambda_shim import MPI`` runs mpi4py's object API with
+mpi4py's results, statuses and exceptions (real ranks under ``lambda_shim.launch``, compared
+with the same program under MPICH's ``mpiexec``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import skip_or_fail
+
+PROGRAMS = Path(__file__).with_name("programs")
+MPIEXEC = shutil.which("mpiexec", path=str(Path(sys.executable).parent)) or shutil.which("mpiexec")
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    drop = ("PMI_", "MPI_LOCAL", "SLURM_", "CAI_HPC_", "RANK", "WORLD_SIZE")
+    return {**{k: v for k, v in os.environ.items() if not k.startswith(drop)}, **extra}
+
+
+def launch(
+    ranks: int, *command: str, mode: str | None = "auto", env: dict | None = None
+) -> subprocess.CompletedProcess:
+    modes = [] if mode is None else ["--mode", mode]
+    return subprocess.run(
+        [sys.executable, "-m", "lambda_shim.launch", "-n", str(ranks), *modes, "--grace", "5", "--", *command],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=clean_env() if env is None else env,
+    )
+
+
+def run_python(ranks: int, code: str, tmp_path: Path, **kw) -> subprocess.CompletedProcess:
+    program = tmp_path / "program.py"
+    program.write_text(code)
+    return launch(ranks, sys.executable, str(program), **kw)
+
+
+def results(out: Path, ranks: int) -> list[dict[str, str]]:
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(ranks)]
+
+
+@pytest.fixture(scope="module")
+def mpi4py_results(tmp_path_factory) -> list[dict[str, str]]:
+    if MPIEXEC is None:
+        skip_or_fail("no mpiexec to compare with")
+    out = tmp_path_factory.mktemp("mpi-api-mpi4py")
+    result = subprocess.run(
+        [MPIEXEC, "-n", "3", sys.executable, str(PROGRAMS / "mpi_api.py"), "mpi", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=clean_env(),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return results(out, 3)
+
+
+@pytest.mark.parametrize("mode", ["direct", "relay"])
+def test_the_object_api_gives_what_mpi4py_gives(mode, mpi4py_results, tmp_path) -> None:
+    result = launch(3, sys.executable, str(PROGRAMS / "mpi_api.py"), "shim", str(tmp_path), mode=mode)
+    assert result.returncode == 0, result.stderr[-3000:]
+    shim = results(tmp_path, 3)
+    for rank in range(3):
+        differ = {k: (v, shim[rank].get(k)) for k, v in mpi4py_results[rank].items() if shim[rank].get(k) != v}
+        assert not differ, f"rank {rank}: case: (mpi4py, shim): {differ}"
+        assert shim[rank].keys() == mpi4py_results[rank].keys()
+    # What mpi4py+MPICH gave, spelled out, so that the comparison cannot pass on two failures.
+    rank0, rank1 = shim[0], shim[1]
+    assert rank0["constants"] == "(-2, -1, -1, -32766, -3)" and rank0["tag_ub"] == "536870911"
+    assert rank0["allreduce_MAXLOC"] == "(1, 1)" and rank0["allreduce_MINLOC"] == "(0, 0)"
+    assert rank0["scan_str"] == "'0'" and shim[2]["exscan_str"] == "'01'" and rank0["exscan"] == "None"
+    assert rank0["alltoall"] == "[(0, 0), (1, 0), (2, 0)]"
+    assert rank0["bcast_bad_root"] == rank1["bcast_bad_root"] == "('raised', 'Exception', True, 7)"
+    assert rank0["send_bad_dest"] == "('raised', 'Exception', True, 6)"
+    assert rank0["send_tag_above_ub"] == "('raised', 'Exception', True, 4)"
+    assert rank0["truncated"] == "('raised', 'Exception', True, 14)"
+    assert rank0["recv_proc_null"] == "(None, (-1, -1, 0, 0, False))"
+    assert rank0["issend_waits"].startswith("((False, None), None, False)")
+    assert rank0["dup"] == "(0, 3, '', 3, None, None, False, True)"
+    assert rank1["dup"] == "(1, 3, '', 3, 'on world', 'on dup', False, True)"
+    assert rank0["split"] == "(1, 2, [2, 0], 0, True, 3, None)"
+
+
+def test_importing_mpi_opens_no_connection_and_the_world_says_what_is_missing(tmp_path) -> None:
+    code = (
+        "import socket\n"
+        "def refuse(*a, **k): raise AssertionError('a socket at import')\n"
+        "real, socket.socket = socket.socket, refuse\n"
+        "from lambda_shim import MPI\n"
+        "socket.socket = real\n"
+        "print(MPI.SUM, MPI.ANY_SOURCE, MPI.DOUBLE, MPI.IN_PLACE, MPI.Is_initialized())\n"
+        "try:\n"
+        "    MPI.COMM_WORLD\n"
+        "except MPI.Exception as exc:\n"
+        "    print('world:', exc)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=clean_env(), cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    first, second = result.stdout.splitlines()
+    assert first == "<Op SUM> -2 <lambda_shim Datatype MPI_DOUBLE> IN_PLACE True"
+    assert second.startswith("world: tcp backend: RANK, WORLD_SIZE") and "lambda_shim.launch" in second
+
+
+def test_ops_reduce_arrays_elementwise_on_every_rank(tmp_path) -> None:
+    code = (
+        "import numpy as np\n"
+        "from lambda_shim import MPI\n"
+        "comm = MPI.COMM_WORLD\n"
+        "a = np.array([comm.rank, -comm.rank, 5])\n"
+        "out = [comm.allreduce(a, op=op).tolist() for op in (MPI.MAX, MPI.MIN, MPI.SUM)]\n"
+        "lor = comm.reduce(a > 0, op=MPI.LOR, root=2)\n"
+        "out.append(None if lor is None else lor.tolist())\n"
+        "print(comm.rank, out)\n"
+    )
+    result = run_python(3, code, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = sorted(line.split("] ", 1)[1] for line in result.stdout.splitlines())
+    assert lines == [
+        "0 [[2, 0, 5], [0, -2, 5], [3, -3, 15], None]",
+        "1 [[2, 0, 5], [0, -2, 5], [3, -3, 15], None]",
+        "2 [[2, 0, 5], [0, -2, 5], [3, -3, 15], [True, False, True]]",
+    ]
+
+
+def test_tcpcomm_takes_mpi4py_constants_ops_status_and_in_place(tmp_path) -> None:
+    code = (
+        "import numpy as np\n"
+        "from mpi4py import MPI\n"
+        "from lambda_shim.tcpcomm import TcpComm\n"
+        "comm = TcpComm.from_env()\n"
+        "r = comm.rank\n"
+        "out = [comm.allreduce(r, op=MPI.MAX), comm.allreduce((r, r), op=MPI.MINLOC), comm.scan(r, op=MPI.PROD)]\n"
+        "buf = np.array([r, 1.0])\n"
+        "comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.MAX)\n"
+        "out.append(buf.tolist())\n"
+        "comm.send(('hi', r), (r + 1) % comm.size, tag=3)\n"
+        "status = MPI.Status()\n"
+        "out.append(comm.recv(source=MPI.ANY_SOURCE, tag=MPI.ANY_TAG, status=status))\n"
+        "out.append((status.Get_source(), status.Get_tag(), status.Get_count() > 0))\n"
+        "out.append(comm.recv(source=MPI.PROC_NULL, status=status))\n"
+        "out.append((status.Get_source(), status.Get_tag()))\n"
+        "print(r, out)\n"
+        "comm.close()\n"
+    )
+    result = run_python(2, code, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = sorted(line.split("] ", 1)[1] for line in result.stdout.splitlines())
+    assert lines == [
+        "0 [1, (0, 0), 0, [1.0, 1.0], ('hi', 1), (1, 3, True), None, (-1, -1)]",
+        "1 [1, (0, 0), 0, [1.0, 1.0], ('hi', 0), (0, 3, True), None, (-1, -1)]",
+    ]
+
+
+def test_cai_hpc_comm_names_are_mpi4pys_where_mpi4py_is_installed() -> None:
+    code = (
+        "from cai_hpc import comm\n"
+        "from mpi4py import MPI\n"
+        "assert comm.SUM is MPI.SUM and comm.MAXLOC is MPI.MAXLOC and comm.IN_PLACE is MPI.IN_PLACE\n"
+        "assert comm.Status is MPI.Status and comm.ANY_SOURCE == MPI.ANY_SOURCE == -2\n"
+        "assert comm.PROC_NULL == MPI.PROC_NULL and comm.ANY_TAG == MPI.ANY_TAG\n"
+        "print('ok')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=clean_env())
+    assert result.returncode == 0 and result.stdout == "ok\n", result.stderr[-3000:]
+
+
+def test_the_communicator_core_imports_nothing_from_cai_hpc() -> None:
+    code = (
+        "import sys\n"
+        "from lambda_shim import MPI, tcpcomm, launch, request, constants, buffers\n"
+        "print(sorted(m for m in sys.modules if m.startswith('cai_hpc')))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=clean_env())
+    assert result.returncode == 0 and result.stdout == "[]\n", result.stderr[-3000:]
+
+
+@pytest.mark.parametrize(("env_mode", "flag", "expected"), [("relay", None, "relay"), ("relay", "direct", "direct")])
+def test_launch_mode_defaults_to_cai_hpc_connect(env_mode, flag, expected, tmp_path) -> None:
+    code = (
+        "from lambda_shim import MPI\n"
+        "comm = MPI.COMM_WORLD\n"
+        "comm.barrier()\n"
+        "print(sorted(set(comm.link_modes().values())))\n"
+    )
+    result = run_python(2, code, tmp_path, mode=flag, env=clean_env(CAI_HPC_CONNECT=env_mode))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(result.stdout.splitlines()) == [f"[0] ['{expected}']", f"[1] ['{expected}']"]
+
+
+def test_launch_refuses_a_bad_cai_hpc_connect(tmp_path) -> None:
+    result = launch(1, sys.executable, "-c", "pass", mode=None, env=clean_env(CAI_HPC_CONNECT="carrier-pigeon"))
+    assert result.returncode == 2
+    assert "CAI_HPC_CONNECT='carrier-pigeon'" in result.stderr.splitlines()[-1]
