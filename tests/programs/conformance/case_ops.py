@@ -108,3 +108,35 @@ def run(s: Suite) -> None:
             recv = np.zeros_like(send)
             comm.Allreduce(send, recv, op=getattr(MPI, name))
             return recv
+
+    # User operators (Op.Create) on buffers: a commutative one, and one that does not commute
+    # (2x2 integer matrix products), which MPI applies in rank order.
+    def add(inbuf: Any, inoutbuf: Any, datatype: Any) -> None:
+        out = np.frombuffer(inoutbuf, dtype=np.int32)
+        out += np.frombuffer(inbuf, dtype=np.int32)
+
+    def matmul(inbuf: Any, inoutbuf: Any, datatype: Any) -> None:
+        out = np.frombuffer(inoutbuf, dtype=np.int64).reshape(2, 2)
+        out[...] = np.frombuffer(inbuf, dtype=np.int64).reshape(2, 2) @ out
+
+    matrix = np.array([[rank + 1, 1], [1, 0]], dtype=np.int64)
+
+    @s.case("user.commutative")
+    def user_commutative() -> Any:
+        op = MPI.Op.Create(add, commute=True)
+        recv = np.zeros(2, dtype=np.int32)
+        comm.Allreduce(np.array([rank, 1], dtype=np.int32), recv, op=op)
+        commutes = op.Is_commutative()
+        op.Free()
+        return recv, commutes
+
+    @s.case("user.noncommutative")
+    def user_noncommutative() -> Any:
+        op = MPI.Op.Create(matmul, commute=False)
+        every, prefix, at_root = np.zeros_like(matrix), np.zeros_like(matrix), np.zeros_like(matrix)
+        comm.Allreduce(matrix, every, op=op)
+        comm.Scan(matrix, prefix, op=op)
+        comm.Reduce(matrix, at_root, op=op, root=last)
+        commutes = op.Is_commutative()
+        op.Free()
+        return every, prefix, at_root, commutes

@@ -66,6 +66,27 @@ def run(s: Suite) -> None:
         after = s.until(lambda: req.get_status(status), bool)
         return before, after, s.status(status), bool(req), req.wait()
 
+    @s.case("issend.unmatched")
+    def issend_unmatched() -> Any:
+        # A synchronous send is not complete before the receiver has matched it.
+        req = comm.issend("sync", dest=1, tag=18) if rank == 0 else None
+        before = (req.test(), Request.testall([req]), req.get_status()) if req else None
+        comm.Barrier()
+        if rank == 1:
+            return comm.recv(source=0, tag=18)
+        return (before, req.wait(), bool(req)) if req else None
+
+    @s.case("Issend.unmatched")
+    def buffer_issend_unmatched() -> Any:
+        req = comm.Issend(np.arange(3, dtype=np.int32), dest=1, tag=19) if rank == 0 else None
+        before = (req.Test(), req.Get_status()) if req else None
+        comm.Barrier()
+        if rank == 1:
+            buf = np.zeros(3, dtype=np.int32)
+            comm.Recv(buf, source=0, tag=19)
+            return buf
+        return (before, req.Wait(), bool(req)) if req else None
+
     @s.case("waitall")
     def waitall() -> Any:
         reqs = [comm.isend((rank, "a"), dest=s.right, tag=5), comm.irecv(source=s.left, tag=5)]
