@@ -3,7 +3,7 @@ primitives: ``BufferAPI`` is a mixin of ``Comm``, which supplies ``rank``, ``siz
 ``_isend_bytes(dest, tag, payload, sync=False, coll=False)``, ``_irecv_bytes(source, tag,
 coll=False)`` (requests completed by ``wait``; a received one holds ``payload`` and ``envelope``
 and calls its ``on_complete`` hook), ``_coll_tag()`` (the tag of the next collective, the same
-on every rank) and ``_proc_null_request()``. See /work/notes/api-primitives.md.
+on every rank) and ``_proc_null_request()`` (see ``lambda_shim.tcpcomm.Comm``).
 
 Every spec is read by ``lambda_shim.message`` exactly as mpi4py reads it, and every argument of a
 call (specs, root, datatypes against the operator) is checked on each rank before any message of
@@ -183,12 +183,32 @@ def _check_pair(send: Message, recv: Message) -> None:
 
 def c_int(value: Any) -> int:
     """A rank, root or tag as mpi4py's C int arguments take it: anything with ``__index__`` or
-    ``__int__`` (a float is truncated, as Cython does), else TypeError."""
+    ``__int__`` (a float is truncated, as Cython does), else TypeError; OverflowError outside a
+    C int."""
     if hasattr(type(value), "__index__"):
-        return operator.index(value)
-    if hasattr(type(value), "__int__"):
-        return int(value)
-    raise TypeError("an integer is required")
+        number = operator.index(value)
+    elif hasattr(type(value), "__int__"):
+        number = int(value)
+    else:
+        raise TypeError("an integer is required")
+    if not -(2**31) <= number < 2**31:
+        raise OverflowError(f"value {number} does not fit in a C int")
+    return number
+
+
+def deliver_into(req: Any, msg: Message | Any) -> Any:
+    """Make a posted receive request copy its message into ``msg`` (a parsed Message, or a
+    buffer spec, read as mpi4py reads a receive buffer) when it completes, raising
+    MPI.Exception(ERR_TRUNCATE) from the completing call when it does not fit; returns ``req``.
+    For mpi4py's ``Message.Recv(buf)``/``Irecv(buf)`` on a message matched by ``mprobe``, too."""
+    into = msg if isinstance(msg, Message) else msgs.parse(msg, readonly=False)
+
+    def deliver(done: Any, status: Any) -> None:
+        env = done.envelope
+        _store(into, done.payload, f"a receive from rank {env.source} (tag {env.tag})")
+
+    req.on_complete = deliver
+    return req
 
 
 def _wait(req: Any) -> None:
@@ -277,18 +297,10 @@ class BufferAPI:
     Irsend = Isend
 
     def _start_recv(self, msg: Message | None, source: int, tag: int) -> Any:
-        """A posted receive that, when complete, copies the message into ``msg``'s entries
-        (ERR_TRUNCATE, raised from the completing wait, when it does not fit); PROC_NULL: done."""
+        """A posted receive into ``msg``'s entries (PROC_NULL: a request already done)."""
         if msg is None:
             return self._proc_null_request()
-        req = self._irecv_bytes(source, tag, coll=False)
-
-        def deliver(done: Any, status: Any) -> None:
-            env = done.envelope
-            _store(msg, done.payload, f"a receive from rank {env.source} (tag {env.tag})")
-
-        req.on_complete = deliver
-        return req
+        return deliver_into(self._irecv_bytes(source, tag, coll=False), msg)
 
     def Recv(self, buf: Any, source: int = ANY_SOURCE, tag: int = ANY_TAG, status: Any = None) -> None:  # noqa: N802
         source, tag = c_int(source), c_int(tag)

@@ -167,7 +167,7 @@ class Comm(BufferAPI):
         rank = operator.index(rank)
         if 0 <= rank < self.size or rank == PROC_NULL or (wildcard and rank == ANY_SOURCE):
             return rank
-        raise MPIException(ERR_RANK, f"{what} {rank} but must be nonnegative and less than {self.size}")
+        raise MPIException(ERR_RANK, f"{what} has value {rank} but must be nonnegative and less than {self.size}")
 
     @staticmethod
     def _valid_tag(tag: Any, wildcard: bool) -> int:
@@ -181,7 +181,7 @@ class Comm(BufferAPI):
         root = operator.index(root)
         if 0 <= root < self.size:
             return root
-        raise MPIException(ERR_ROOT, f"root {root} but must be nonnegative and less than {self.size}")
+        raise MPIException(ERR_ROOT, f"root has value {root} but must be nonnegative and less than {self.size}")
 
     def _rank_of(self, world_rank: int) -> int:
         return self._world_rank[world_rank]
