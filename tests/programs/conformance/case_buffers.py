@@ -377,6 +377,17 @@ def run(s: Suite) -> None:
         comm.Alltoallv([send, send_counts], [recv, recv_counts])
         return recv
 
+    @s.case("large.collectives")
+    def large_collectives() -> Any:
+        n = 2**20  # 8 MB of int64 per rank
+        buf = np.arange(n, dtype=np.int64) if rank == last else np.zeros(n, dtype=np.int64)
+        comm.Bcast(buf, root=last)
+        total = np.zeros(n, dtype=np.int64)
+        comm.Allreduce(buf * (rank + 1), total, op=MPI.SUM)
+        gathered = np.zeros(size * 2**16, dtype=np.int64)
+        comm.Allgather(buf[rank * 2**16 : (rank + 1) * 2**16], gathered)
+        return int(buf.sum()), int(total.sum()), int(total[-1]), bool(np.array_equal(gathered, buf[: size * 2**16]))
+
     @s.case("Barrier")
     def barrier() -> Any:
         return comm.Barrier()
