@@ -388,6 +388,36 @@ def run(s: Suite) -> None:
         comm.Allgather(buf[rank * 2**16 : (rank + 1) * 2**16], gathered)
         return int(buf.sum()), int(total.sum()), int(total[-1]), bool(np.array_equal(gathered, buf[: size * 2**16]))
 
+    @s.case("keywords")
+    def keywords() -> Any:
+        one = np.full(1, float(rank))
+        every = np.zeros(size)
+        got = []
+        buf = np.full(2, float(rank))
+        comm.Bcast(buf=buf, root=last)
+        got.append(buf.copy())
+        comm.Reduce(sendbuf=one, recvbuf=buf[:1], op=MPI.SUM, root=0)
+        comm.Allreduce(sendbuf=one, recvbuf=buf[1:], op=MPI.MAX)
+        got.append(buf.copy())
+        comm.Gather(sendbuf=one, recvbuf=every if rank == 0 else None, root=0)
+        got.append(every.copy())
+        comm.Gatherv(sendbuf=one, recvbuf=[every, [1] * size, list(range(size)), dbl] if rank == 1 else None, root=1)
+        got.append(every.copy())
+        comm.Scatter(sendbuf=every if rank == 0 else None, recvbuf=one, root=0)
+        comm.Scatterv(sendbuf=[every, [1] * size] if rank == 0 else None, recvbuf=one, root=0)
+        comm.Allgather(sendbuf=one, recvbuf=every)
+        comm.Allgatherv(sendbuf=one, recvbuf=[every, [1] * size])
+        comm.Alltoall(sendbuf=np.arange(float(size)), recvbuf=every)
+        got.append(every.copy())
+        comm.Alltoallv(sendbuf=[np.arange(float(size)) * rank, [1] * size], recvbuf=[every, [1] * size])
+        got.append(every.copy())
+        comm.Reduce_scatter(sendbuf=np.arange(float(size)), recvbuf=one, recvcounts=[1] * size, op=MPI.SUM)
+        comm.Reduce_scatter_block(sendbuf=np.arange(float(size)), recvbuf=one, op=MPI.MAX)
+        got.append(one.copy())
+        comm.Scan(sendbuf=np.full(1, 2.0), recvbuf=one, op=MPI.PROD)
+        comm.Exscan(sendbuf=np.full(1, 2.0), recvbuf=buf[:1], op=MPI.SUM)
+        return [*got, one, buf[1:] if rank == 0 else buf]
+
     @s.case("Barrier")
     def barrier() -> Any:
         return comm.Barrier()

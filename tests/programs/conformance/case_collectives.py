@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from harness import Suite
 
@@ -41,3 +43,19 @@ def run(s: Suite) -> None:
     }
     for key, call in cases.items():
         s.case(key)(call)
+
+    @s.case("keywords")
+    def keywords() -> Any:
+        got = [comm.bcast(obj=rank * 2, root=last), comm.gather(sendobj=rank, root=1)]
+        got += [comm.scatter(sendobj=list(range(size)) if rank == 0 else None, root=0)]
+        got += [comm.allgather(sendobj=-rank), comm.alltoall(sendobj=[rank] * size)]
+        got += [comm.reduce(sendobj=rank, op=MPI.MAX, root=0), comm.allreduce(sendobj=rank, op=MPI.MIN)]
+        got += [comm.scan(sendobj=rank, op=MPI.SUM), comm.exscan(sendobj=rank, op=MPI.SUM)]
+        return got
+
+    # A Python callable as the operator (mpi4py's object collectives take one), applied in rank order.
+    concat = lambda a, b: a + b  # noqa: E731 - an operator given inline, as a user would
+    s.case("allreduce.callable")(lambda: comm.allreduce(str(rank), op=concat))
+    s.case("reduce.callable")(lambda: comm.reduce([rank], op=concat, root=last))
+    s.case("scan.callable")(lambda: comm.scan((rank,), op=concat))
+    s.case("exscan.callable")(lambda: comm.exscan(str(rank), op=concat))

@@ -122,6 +122,16 @@ def run(s: Suite) -> None:
         sub.Free()
         return on_sub, on_parent
 
+    @s.case("split.keywords")
+    def split_keywords() -> Any:
+        sub = comm.Split(color=rank // 2, key=-rank)
+        got = sub.Get_rank(), sub.Get_size(), sub.allgather(rank)
+        sub.Free()
+        default = comm.Split()
+        got += (default.Get_rank(), default.Get_size())
+        default.Free()
+        return got
+
     @s.case("split.undefined")
     def split_undefined() -> Any:
         sub = comm.Split(MPI.UNDEFINED if rank == 0 else 1, 0)

@@ -308,6 +308,30 @@ def run(s: Suite) -> None:
         empty = comm.sendrecv(b"", dest=s.right, sendtag=51, source=s.left, recvtag=51)
         return buf, s.status(status, MPI.DOUBLE), empty
 
+    @s.case("keywords")
+    def keywords() -> Any:
+        # Every argument by mpi4py's keyword names.
+        st = MPI.Status()
+        comm.send(obj=("kw", rank), dest=s.right, tag=52)
+        got = [comm.recv(buf=None, source=s.left, tag=52, status=st), s.status(st)]
+        req = comm.isend(obj=rank, dest=s.right, tag=53)
+        got += [comm.irecv(source=s.left, tag=53).wait(status=st), req.wait(status=None)]
+        got.append(comm.sendrecv(sendobj=rank, dest=s.right, sendtag=54, recvbuf=None, source=s.left, recvtag=54))
+        comm.Send(buf=np.full(2, rank), dest=s.right, tag=55)
+        got.append(comm.probe(source=s.left, tag=55, status=st))
+        buf = np.zeros(2, dtype=int)
+        comm.Recv(buf=buf, source=s.left, tag=55, status=st)
+        got += [buf, s.status(st, MPI.LONG)]
+        req = comm.Isend(buf=np.full(1, rank), dest=s.right, tag=56)
+        one = np.zeros(1, dtype=int)
+        comm.Irecv(buf=one, source=s.left, tag=56).Wait(status=st)
+        req.Wait()
+        got.append(one)
+        two = np.zeros(2)
+        comm.Sendrecv(sendbuf=np.full(2, rank + 0.5), dest=s.right, sendtag=57, recvbuf=two, source=s.left, recvtag=57)
+        comm.Sendrecv_replace(buf=two, dest=s.right, sendtag=58, source=s.left, recvtag=58, status=st)
+        return [*got, two, s.status(st, MPI.DOUBLE), comm.iprobe(source=s.left, tag=58, status=None)]
+
     # Large messages: 100 MB as an object, 32 MB as a buffer, last rank to rank 0.
     @s.case("large.object")
     def large_object() -> Any:
