@@ -418,6 +418,23 @@ def run(s: Suite) -> None:
         comm.Exscan(sendbuf=np.full(1, 2.0), recvbuf=buf[:1], op=MPI.SUM)
         return [*got, one, buf[1:] if rank == 0 else buf]
 
+    datatypes = ("BYTE", "CHAR", "SIGNED_CHAR", "UNSIGNED_CHAR", "SHORT", "UNSIGNED_SHORT", "INT", "UNSIGNED")
+    datatypes += ("LONG", "UNSIGNED_LONG", "LONG_LONG", "FLOAT", "DOUBLE", "LONG_DOUBLE", "C_BOOL", "BOOL", "WCHAR")
+    datatypes += ("INT8_T", "INT16_T", "INT32_T", "INT64_T", "UINT8_T", "UINT16_T", "UINT32_T", "UINT64_T")
+    datatypes += ("C_FLOAT_COMPLEX", "C_DOUBLE_COMPLEX", "COMPLEX", "DOUBLE_COMPLEX", "AINT", "OFFSET", "COUNT")
+    datatypes += ("FLOAT_INT", "DOUBLE_INT", "LONG_INT", "TWOINT", "SHORT_INT")
+
+    @s.case("datatypes.size_extent")
+    def datatype_sizes() -> Any:
+        def describe(t: Any) -> Any:
+            return t.Get_size(), t.Get_extent(), t.size, t.extent
+
+        return {name: s.attempt(lambda name=name: describe(getattr(MPI, name))) for name in datatypes}
+
+    @s.case("datatypes.names")
+    def datatype_names() -> Any:
+        return {name: s.attempt(lambda name=name: getattr(MPI, name).Get_name()) for name in datatypes}
+
     @s.case("Barrier")
     def barrier() -> Any:
         return comm.Barrier()

@@ -57,6 +57,7 @@ def run(s: Suite) -> None:
         "Scan.REPLACE": lambda: comm.Scan(np.zeros(2), np.zeros(2), op=MPI.REPLACE),
         "Exscan.NO_OP": lambda: comm.Exscan(np.zeros(2), np.zeros(2), op=MPI.NO_OP),
         "comm_null.used": lambda: MPI.COMM_NULL.Get_rank(),
+        "send.unpicklable": lambda: comm.send(lambda: 0, dest=s.right),
         "send.str_rank": lambda: comm.send(1, dest=str(s.right)),
         "send.tag_overflow": lambda: comm.send(1, dest=s.right, tag=2**31),
         "send.tag_above_ub": lambda: comm.send(1, dest=s.right, tag=comm.Get_attr(MPI.TAG_UB) + 1),

@@ -89,6 +89,25 @@ def run(s: Suite) -> None:
             comm.Scan([pairs, 3, MPI.TWOINT], [recv, 3, MPI.TWOINT], op=op)
             return recv
 
+    # The other (value, index) pair types, as numpy structured arrays laid out as C structs.
+    pair_types = {
+        "FLOAT_INT": np.dtype([("v", "f4"), ("i", "i4")], align=True),
+        "DOUBLE_INT": np.dtype([("v", "f8"), ("i", "i4")], align=True),
+        "LONG_INT": np.dtype([("v", "i8"), ("i", "i4")], align=True),
+        "SHORT_INT": np.dtype([("v", "i2"), ("i", "i4")], align=True),
+    }
+    for type_name, dtype in pair_types.items():
+        for name in LOCATION:
+
+            @s.case(f"Allreduce.{name}.{type_name}")
+            def allreduce_pair_type(name: str = name, type_name: str = type_name, dtype: Any = dtype) -> Any:
+                send = np.zeros(2, dtype=dtype)
+                send["v"], send["i"] = [values["MAXLOC"][0], -rank], rank
+                recv = np.zeros(2, dtype=dtype)
+                datatype = getattr(MPI, type_name)
+                comm.Allreduce([send, datatype], [recv, datatype], op=getattr(MPI, name))
+                return recv["v"].tolist(), recv["i"].tolist()
+
     # Other element types: floats, complex, bytes, booleans.
     typed = {
         "SUM.float64": (np.array([rank + 0.5, -2.0 * rank]), "SUM"),
