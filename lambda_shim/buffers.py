@@ -196,16 +196,13 @@ def c_int(value: Any) -> int:
     return number
 
 
-def deliver_into(req: Any, msg: Message | Any) -> Any:
-    """Make a posted receive request copy its message into ``msg`` (a parsed Message, or a
-    buffer spec, read as mpi4py reads a receive buffer) when it completes, raising
-    MPI.Exception(ERR_TRUNCATE) from the completing call when it does not fit; returns ``req``.
-    For mpi4py's ``Message.Recv(buf)``/``Irecv(buf)`` on a message matched by ``mprobe``, too."""
-    into = msg if isinstance(msg, Message) else msgs.parse(msg, readonly=False)
+def _deliver_into(req: Any, msg: Message) -> Any:
+    """Make a posted receive request copy its message into ``msg``'s entries when it completes,
+    raising MPI.Exception(ERR_TRUNCATE) from the completing call when it does not fit."""
 
     def deliver(done: Any, status: Any) -> None:
         env = done.envelope
-        _store(into, done.payload, f"a receive from rank {env.source} (tag {env.tag})")
+        _store(msg, done.payload, f"a receive from rank {env.source} (tag {env.tag})")
 
     req.on_complete = deliver
     return req
@@ -300,7 +297,7 @@ class BufferAPI:
         """A posted receive into ``msg``'s entries (PROC_NULL: a request already done)."""
         if msg is None:
             return self._proc_null_request()
-        return deliver_into(self._irecv_bytes(source, tag, coll=False), msg)
+        return _deliver_into(self._irecv_bytes(source, tag, coll=False), msg)
 
     def Recv(self, buf: Any, source: int = ANY_SOURCE, tag: int = ANY_TAG, status: Any = None) -> None:  # noqa: N802
         source, tag = c_int(source), c_int(tag)

@@ -22,6 +22,7 @@ ROOT = -3  # MPICH's MPI_ROOT
 UNDEFINED = -32766  # MPICH's MPI_UNDEFINED
 TAG_UB = 1681915905  # MPICH's keyval for the attribute (comm.Get_attr(TAG_UB) is MAX_TAG)
 MAX_TAG = 2**29 - 1  # MPICH's tag upper bound: larger tags are ERR_TAG
+IDENT, CONGRUENT, SIMILAR, UNEQUAL = 0, 1, 2, 3  # Comm.Compare's answers (MPICH's values)
 
 
 class _Sentinel:
@@ -245,6 +246,21 @@ def fill_status(status: Any, source: int, tag: int, nbytes: int, cancelled: bool
     status.Set_error(0)
     status.Set_cancelled(cancelled)
     status.Set_elements(_mpi4py().BYTE, nbytes)
+
+
+def c_int(value: Any) -> int:
+    """A rank, root or tag as mpi4py's C int arguments take it: anything with ``__index__`` or
+    ``__int__`` (a float is truncated, as Cython does), TypeError otherwise, OverflowError
+    outside a C int's range."""
+    if hasattr(type(value), "__index__"):
+        value = operator.index(value)
+    elif hasattr(type(value), "__int__"):
+        value = int(value)
+    else:
+        raise TypeError(f"an integer is required, not {type(value).__name__}")
+    if not -(2**31) <= value < 2**31:
+        raise OverflowError("value too large to convert to int")
+    return value
 
 
 def buffer_array(buf: Any) -> np.ndarray:

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from lambda_shim.constants import IN_PLACE
-from lambda_shim.errors import ERR_COUNT, MPIException
+from lambda_shim.errors import ERR_COUNT, ERR_TYPE, MPIException
 
 # Datatype kinds: which reduction operators MPICH allows on them.
 KIND_INTEGER, KIND_FLOATING, KIND_COMPLEX, KIND_LOGICAL, KIND_BYTE, KIND_PAIR, KIND_OPAQUE = (
@@ -295,7 +295,7 @@ def as_datatype(obj: Any) -> Datatype:
     if mpi is not None and isinstance(obj, mpi.Datatype):
         found = BY_NAME.get(obj.Get_name())
         if found is None:
-            raise MPIException(3, f"mpi4py datatype {obj.Get_name()} is not one lambda_shim supports")
+            raise MPIException(ERR_TYPE, f"mpi4py datatype {obj.Get_name()} is not one lambda_shim supports")
         return found
     return lookup(obj)
 
@@ -309,8 +309,18 @@ def _datatype_of_format(fmt: str) -> Datatype:
     return lookup(fmt)
 
 
+def _from_dlpack(obj: Any) -> np.ndarray:
+    """A numpy view of a DLPack array on the CPU (a torch tensor...), as mpi4py takes them."""
+    try:
+        return np.from_dlpack(obj)
+    except (BufferError, RuntimeError, TypeError, ValueError) as exc:
+        raise BufferError(f"dlpack: {exc}") from None
+
+
 def byte_view(obj: Any, readonly: bool) -> tuple[np.ndarray, str]:
     """The buffer's memory as a flat uint8 array (a view, never a copy) and its format."""
+    if not _has_buffer(obj) and hasattr(obj, "__dlpack__"):
+        obj = _from_dlpack(obj)
     try:
         mv = memoryview(obj)
     except TypeError:
@@ -407,12 +417,17 @@ def _unpack(msg: Any, vector: bool) -> tuple[Any, Any, Any, Any]:
     return buf, count, displ, datatype
 
 
-def _is_buffer(obj: Any) -> bool:
+def _has_buffer(obj: Any) -> bool:
     try:
         memoryview(obj)
     except TypeError:
         return False
     return True
+
+
+def _is_buffer(obj: Any) -> bool:
+    """What mpi4py takes for a whole message: the buffer protocol, or DLPack (torch tensors)."""
+    return _has_buffer(obj) or hasattr(obj, "__dlpack__")
 
 
 def _basic(buf: Any, datatype: Any, readonly: bool) -> tuple[np.ndarray | None, Datatype]:

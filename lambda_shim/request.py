@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from lambda_shim.constants import ANY_SOURCE, ANY_TAG, PROC_NULL, UNDEFINED, Status, fill_status
-from lambda_shim.errors import ERR_TRUNCATE, MPIException
+from lambda_shim.errors import ERR_IN_STATUS, ERR_PENDING, ERR_TRUNCATE, CommError, MPIException
 from lambda_shim.wire import KIND_OBJECT
 
 # What a request delivers when it completes.
@@ -29,14 +29,14 @@ class Request:
         transport: Any = None,
         op: Any = None,
         what: str = SEND,
-        comm: Any = None,
+        ranks: dict[int, int] | None = None,
         posted: tuple[int, int] = (ANY_SOURCE, ANY_TAG),
         limit: int | None = None,
     ) -> None:
         self._transport = transport
         self._op = op  # None: complete already (PROC_NULL)
         self._what = what
-        self._comm = comm
+        self._ranks = ranks  # world rank -> rank in the communicator
         self._posted = posted  # (source, tag) the receive was posted with, in the comm's ranks
         self._limit = limit  # bytes the receive buffer holds, if one was given
         self._active = what is not None
@@ -70,28 +70,36 @@ class Request:
         if op.cancelled:
             return *self._posted, 0, True
         envelope = op.envelope
-        return self._comm._rank_of(envelope.source), envelope.tag, envelope.nbytes, False
+        return self._ranks[envelope.source], envelope.tag, envelope.nbytes, False
 
     def _complete(self, status: Any) -> Any:
-        """Finish a complete request once: fill ``status``, deliver the value, become null."""
+        """Finish a complete request once: fill ``status``, deliver the value, become null.
+        An error (a message larger than the buffer) is also recorded in ``status``."""
         self._active = False
         source, tag, nbytes, cancelled = self._status()
         mine = Status()
         mine._fill(source, tag, nbytes, cancelled)
-        if status is not None and status is not mine:
-            fill_status(status, source, tag, nbytes, cancelled)
+        fill_status(status, source, tag, nbytes, cancelled)
+        try:
+            return self._deliver(mine)
+        except MPIException as exc:
+            if status is not None:
+                status.Set_error(exc.Get_error_class())
+            raise
+
+    def _deliver(self, status: Status) -> Any:
         op, what = self._op, self._what
-        if what == SEND or op is None or cancelled:
+        if what == SEND or op is None or status.cancelled:
             return None
-        if self._limit is not None and nbytes > self._limit:
+        if self._limit is not None and status.count > self._limit:
             raise MPIException(
-                ERR_TRUNCATE, f"message of {nbytes} bytes from rank {source} but the buffer holds {self._limit}"
+                ERR_TRUNCATE, f"a message of {status.count} bytes from rank {status.source}, room for {self._limit}"
             )
         if what == RECV_BYTES:
             self.payload, self.envelope = op.payload, op.envelope
-            self.envelope.source = source
+            self.envelope.source = status.source
             if self.on_complete is not None:
-                self.on_complete(self, mine)
+                self.on_complete(self, status)
             return None
         return pickle.loads(op.payload) if op.envelope.kind == KIND_OBJECT else bytes(op.payload)
 
@@ -166,13 +174,31 @@ class Request:
             statuses.append(Status())
         return statuses[k]
 
+    @staticmethod
+    def _complete_each(pairs: list[tuple[Request, Any]]) -> list[Any]:
+        """Complete the (request, status) pairs in order. A failure ends it as MPICH does: the
+        call raises ERR_IN_STATUS, the failed request's status holds its error, and the
+        requests after it stay active with ERR_PENDING in their statuses."""
+        values: list[Any] = []
+        for k, (request, status) in enumerate(pairs):
+            try:
+                values.append(request.wait(status))
+            except CommError:
+                raise
+            except MPIException:
+                for _, later in pairs[k + 1 :]:
+                    if later is not None:
+                        later.Set_error(ERR_PENDING)
+                raise MPIException(ERR_IN_STATUS, "a request failed: its status holds the error") from None
+        return values
+
     @classmethod
     def waitall(cls, requests: Sequence[Request], statuses: list | None = None) -> list[Any]:
         ops = [r._op for r in requests if r._active and r._op is not None]
         if ops:
             ops_transport = next(r._transport for r in requests if r._active and r._op is not None)
             ops_transport.wait(ops)
-        return [r.wait(cls._status_at(statuses, k)) for k, r in enumerate(requests)]
+        return cls._complete_each([(r, cls._status_at(statuses, k)) for k, r in enumerate(requests)])
 
     @classmethod
     def Waitall(cls, requests: Sequence[Request], statuses: list | None = None) -> bool:  # noqa: N802
@@ -196,7 +222,7 @@ class Request:
         if not any(r._active for r in requests):
             return None, None
         done = cls._wait_some(requests)
-        return done, [requests[i]._complete(cls._status_at(statuses, k)) for k, i in enumerate(done)]
+        return done, cls._complete_each([(requests[i], cls._status_at(statuses, k)) for k, i in enumerate(done)])
 
     @classmethod
     def Waitsome(cls, requests: Sequence[Request], statuses: list | None = None) -> list[int] | None:  # noqa: N802
@@ -207,7 +233,7 @@ class Request:
         """(True, objects) when every request is complete (all are then null); else (False, None)."""
         if not all(r._done() for r in requests if r._active):
             return False, None
-        return True, [r.wait(cls._status_at(statuses, k)) for k, r in enumerate(requests)]
+        return True, cls._complete_each([(r, cls._status_at(statuses, k)) for k, r in enumerate(requests)])
 
     @classmethod
     def Testall(cls, requests: Sequence[Request], statuses: list | None = None) -> bool:  # noqa: N802
@@ -234,7 +260,7 @@ class Request:
         if not active:
             return None, None
         done = [i for i in active if requests[i]._done()]
-        return done, [requests[i]._complete(cls._status_at(statuses, k)) for k, i in enumerate(done)]
+        return done, cls._complete_each([(requests[i], cls._status_at(statuses, k)) for k, i in enumerate(done)])
 
     @classmethod
     def Testsome(cls, requests: Sequence[Request], statuses: list | None = None) -> list[int] | None:  # noqa: N802

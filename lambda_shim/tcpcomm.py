@@ -17,7 +17,6 @@ only along the tree; scan and exscan are recursive doubling; alltoall is pairwis
 
 from __future__ import annotations
 
-import operator
 import pickle
 import struct
 import time
@@ -27,18 +26,24 @@ from lambda_shim.buffers import BufferAPI
 from lambda_shim.constants import (
     ANY_SOURCE,
     ANY_TAG,
+    CONGRUENT,
+    IDENT,
     MAX,
     MAX_TAG,
     PROC_NULL,
+    SIMILAR,
     SUM,
     TAG_UB,
     UNDEFINED,
+    UNEQUAL,
     Status,
     as_op,
+    c_int,
     fill_status,
 )
-from lambda_shim.errors import ERR_COMM, ERR_RANK, ERR_ROOT, ERR_TAG, CommError, MPIException
-from lambda_shim.request import RECV_BYTES, RECV_OBJECT, SEND, Request
+from lambda_shim.errors import ERR_COMM, ERR_RANK, ERR_ROOT, ERR_TAG, ERR_TRUNCATE, CommError, MPIException
+from lambda_shim.message import parse as parse_spec
+from lambda_shim.request import RECV_BYTES, RECV_OBJECT, REQUEST_NULL, SEND, Request
 from lambda_shim.transport import MAX_WORLD, MODES, ShimConfig, Transport, parse_address
 from lambda_shim.wire import KIND_BYTES, KIND_OBJECT
 
@@ -63,15 +68,28 @@ class _Contexts:
 
 
 class _NullComm:
-    """mpi4py's ``COMM_NULL``: what ``Split`` gives a rank whose color is UNDEFINED."""
+    """mpi4py's ``COMM_NULL``, and what a communicator becomes once freed: its every call
+    raises ``MPI.Exception`` with ERR_COMM."""
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_") or not (name in ("rank", "size") or hasattr(Comm, name)):
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        if name in ("rank", "size") or not callable(getattr(Comm, name)):
+            raise MPIException(ERR_COMM, "a null communicator (COMM_NULL, or one that was freed)")
+
+        def null_call(*args: Any, **kwargs: Any) -> Any:
+            raise MPIException(ERR_COMM, f"{name} on a null communicator (COMM_NULL, or one that was freed)")
+
+        return null_call
 
     def __bool__(self) -> bool:
         return False
 
     def __eq__(self, other: object) -> bool:
-        return other is self or (isinstance(other, Comm) and other._freed)
+        return isinstance(other, _NullComm)
 
-    __hash__ = object.__hash__
+    def __hash__(self) -> int:
+        return 0
 
     def __repr__(self) -> str:
         return "COMM_NULL"
@@ -81,7 +99,8 @@ COMM_NULL = _NullComm()
 
 
 class Message:
-    """mpi4py's ``Message`` (from ``mprobe``/``improbe``): a matched message to receive."""
+    """mpi4py's ``Message`` (from ``mprobe``/``Mprobe``): a message already taken out of the
+    queue, received by ``recv``/``irecv`` (an object) or ``Recv``/``Irecv`` (into a buffer)."""
 
     def __init__(self, request: Request) -> None:
         self._request = request
@@ -89,11 +108,29 @@ class Message:
     def __bool__(self) -> bool:
         return bool(self._request)
 
-    def recv(self, status: Any = None) -> Any:
-        return self._request.wait(status)
-
     def irecv(self) -> Request:
-        return self._request
+        request, self._request = self._request, REQUEST_NULL
+        return request
+
+    def recv(self, status: Any = None) -> Any:
+        return self.irecv().wait(status)
+
+    def Irecv(self, buf: Any) -> Request:  # noqa: N802 - mpi4py's name
+        request = self.irecv()
+        if request._op is None:  # PROC_NULL: nothing to receive
+            return request
+        spec = parse_spec(buf, readonly=False)
+
+        def store(done: Request, status: Status) -> None:
+            if len(done.payload) > spec.nbytes:
+                raise MPIException(ERR_TRUNCATE, f"a message of {len(done.payload)} bytes, room for {spec.nbytes}")
+            spec.store(done.payload)
+
+        request._what, request.on_complete = RECV_BYTES, store
+        return request
+
+    def Recv(self, buf: Any, status: Any = None) -> None:  # noqa: N802 - mpi4py's name
+        self.Irecv(buf).wait(status)
 
 
 class Comm(BufferAPI):
@@ -107,7 +144,7 @@ class Comm(BufferAPI):
         self._contexts = contexts
         self._name = name
         self._seq = 0
-        self._freed = False
+        self._permanent = False  # COMM_WORLD and COMM_SELF cannot be freed
         self.rank = self._world_rank[transport.rank]
         self.size = len(group)
 
@@ -143,42 +180,35 @@ class Comm(BufferAPI):
     def Wtime() -> float:  # noqa: N802 - mpi4py's name
         return time.perf_counter()
 
-    def __bool__(self) -> bool:
-        return not self._freed
-
-    def __eq__(self, other: object) -> bool:
-        if other is COMM_NULL:
-            return self._freed
-        return self is other
-
-    __hash__ = object.__hash__
+    def Compare(self, other: Comm) -> int:  # noqa: N802 - mpi4py's name
+        """IDENT (the same communicator), CONGRUENT (same ranks in the same order), SIMILAR
+        (same ranks, another order) or UNEQUAL."""
+        if other is self:
+            return IDENT
+        if other._group == self._group:
+            return CONGRUENT
+        return SIMILAR if sorted(other._group) == sorted(self._group) else UNEQUAL
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self._name or 'comm'}: rank {self.rank} of {self.size}>"
 
     # ---------------------------------------------------------------- checks
-    def _live(self) -> None:
-        if self._freed:
-            raise MPIException(ERR_COMM, "the communicator was freed")
-
     def _valid_rank(self, rank: Any, wildcard: bool, what: str = "rank") -> int:
         """A peer rank: of this communicator, PROC_NULL, or (receives) ANY_SOURCE."""
-        self._live()
-        rank = operator.index(rank)
+        rank = c_int(rank)
         if 0 <= rank < self.size or rank == PROC_NULL or (wildcard and rank == ANY_SOURCE):
             return rank
         raise MPIException(ERR_RANK, f"{what} has value {rank} but must be nonnegative and less than {self.size}")
 
     @staticmethod
     def _valid_tag(tag: Any, wildcard: bool) -> int:
-        tag = operator.index(tag)
+        tag = c_int(tag)
         if 0 <= tag <= MAX_TAG or (wildcard and tag == ANY_TAG):
             return tag
         raise MPIException(ERR_TAG, f"value is {tag}")
 
     def _valid_root(self, root: Any) -> int:
-        self._live()
-        root = operator.index(root)
+        root = c_int(root)
         if 0 <= root < self.size:
             return root
         raise MPIException(ERR_ROOT, f"root has value {root} but must be nonnegative and less than {self.size}")
@@ -190,21 +220,20 @@ class Comm(BufferAPI):
     def _isend_bytes(self, dest: int, tag: int, payload: Any, sync: bool = False, coll: bool = False) -> Request:
         """Send raw bytes to rank ``dest`` of this communicator (not PROC_NULL)."""
         op = self._transport.isend(self._group[dest], self._ctx + coll, tag, KIND_BYTES, payload, sync=sync)
-        return Request(self._transport, op, SEND, self)
+        return Request(self._transport, op, SEND, self._world_rank)
 
     def _irecv_bytes(self, source: int, tag: int, coll: bool = False) -> Request:
         """Receive raw bytes from rank ``source`` of this communicator or ANY_SOURCE (not PROC_NULL)."""
         world = source if source == ANY_SOURCE else self._group[source]
         op = self._transport.irecv(world, self._ctx + coll, tag)
-        return Request(self._transport, op, RECV_BYTES, self, (source, tag))
+        return Request(self._transport, op, RECV_BYTES, self._world_rank, (source, tag))
 
     def _proc_null_request(self) -> Request:
         """A complete request with PROC_NULL's status (source PROC_NULL, tag ANY_TAG, no bytes)."""
-        return Request(self._transport, None, RECV_BYTES, self)
+        return Request(self._transport, None, RECV_BYTES, self._world_rank)
 
     def _coll_tag(self) -> int:
         """The next tag of this communicator's sequence of collectives (the same on every rank)."""
-        self._live()
         self._seq += 1
         return self._seq % (MAX_TAG + 1)
 
@@ -213,9 +242,9 @@ class Comm(BufferAPI):
         dest = self._valid_rank(dest, wildcard=False)
         tag = self._valid_tag(tag, wildcard=False)
         if dest == PROC_NULL:
-            return Request(self._transport, None, SEND, self)
+            return Request(self._transport, None, SEND, self._world_rank)
         op = self._transport.isend(self._group[dest], self._ctx, tag, KIND_OBJECT, _dumps(obj), sync=sync)
-        return Request(self._transport, op, SEND, self)
+        return Request(self._transport, op, SEND, self._world_rank)
 
     def isend(self, obj: Any, dest: int, tag: int = 0) -> Request:
         return self._isend(obj, dest, tag, sync=False)
@@ -243,10 +272,10 @@ class Comm(BufferAPI):
         tag = self._valid_tag(tag, wildcard=True)
         limit = None if buf is None else memoryview(buf).nbytes
         if source == PROC_NULL:
-            return Request(self._transport, None, RECV_OBJECT, self)
+            return Request(self._transport, None, RECV_OBJECT, self._world_rank)
         world = source if source == ANY_SOURCE else self._group[source]
         op = self._transport.irecv(world, self._ctx, tag)
-        return Request(self._transport, op, RECV_OBJECT, self, (source, tag), limit)
+        return Request(self._transport, op, RECV_OBJECT, self._world_rank, (source, tag), limit)
 
     def recv(self, buf: Any = None, source: int = ANY_SOURCE, tag: int = ANY_TAG, status: Any = None) -> Any:
         return self.irecv(buf, source, tag).wait(status)
@@ -293,26 +322,26 @@ class Comm(BufferAPI):
         fill_status(status, self._rank_of(envelope.source), envelope.tag, envelope.nbytes)
         return True
 
+    def _matched_message(self, found: Status, status: Any) -> Message:
+        """Take the message a probe just found (``found``) out of the queue: it is the oldest
+        from its source with its tag, and messages from one source are matched in order."""
+        fill_status(status, found.source, found.tag, found.count)
+        if found.source == PROC_NULL:
+            return Message(Request(self._transport, None, RECV_OBJECT, self._world_rank))
+        return Message(self.irecv(None, found.source, found.tag))
+
     def mprobe(self, source: int = ANY_SOURCE, tag: int = ANY_TAG, status: Any = None) -> Message:
-        """Wait for a matching message and take it out of the queue: ``Message.recv()`` returns it."""
-        mine = Status()
-        self.probe(source, tag, mine)
-        if mine.source == PROC_NULL:
-            fill_status(status, PROC_NULL, ANY_TAG, 0)
-            return Message(Request(self._transport, None, RECV_OBJECT, self))
-        fill_status(status, mine.source, mine.tag, mine.count)
-        return Message(self.irecv(None, mine.source, mine.tag))
+        """Wait for a matching message and take it out of the queue (``Message.recv()`` returns it)."""
+        found = Status()
+        self.probe(source, tag, found)
+        return self._matched_message(found, status)
 
     def improbe(self, source: int = ANY_SOURCE, tag: int = ANY_TAG, status: Any = None) -> Message | None:
         """``mprobe`` if a matching message has arrived, else None."""
-        mine = Status()
-        if not self.iprobe(source, tag, mine):
-            return None
-        if mine.source == PROC_NULL:
-            fill_status(status, PROC_NULL, ANY_TAG, 0)
-            return Message(Request(self._transport, None, RECV_OBJECT, self))
-        fill_status(status, mine.source, mine.tag, mine.count)
-        return Message(self.irecv(None, mine.source, mine.tag))
+        found = Status()
+        return self._matched_message(found, status) if self.iprobe(source, tag, found) else None
+
+    Probe, Iprobe, Mprobe, Improbe = probe, iprobe, mprobe, improbe
 
     # ---------------------------------------------------------------- collective plumbing
     def _csend(self, dest: int, tag: int, payload: Any) -> None:
@@ -493,7 +522,7 @@ class Comm(BufferAPI):
 
     def Split(self, color: int = 0, key: int = 0) -> Comm | _NullComm:  # noqa: N802 - mpi4py's name
         """One communicator per color, ranked by (key, rank here); COMM_NULL for UNDEFINED."""
-        color, key = operator.index(color), operator.index(key)
+        color, key = c_int(color), c_int(key)
         table = self.allgather((color, key, self._contexts.next))
         ctx = max(nxt for _, _, nxt in table)
         self._contexts.next = ctx + 2
@@ -503,9 +532,12 @@ class Comm(BufferAPI):
         return Comm(self._transport, [self._group[r] for _, r in members], ctx, self._contexts)
 
     def Free(self) -> None:  # noqa: N802 - mpi4py's name
-        """This communicator can no longer be used (it then equals COMM_NULL)."""
-        self._live()
-        self._freed = True
+        """This communicator becomes COMM_NULL: every later call on it raises ERR_COMM. (Its
+        pending requests still complete: they hold what they need.)"""
+        if self._permanent:
+            raise MPIException(ERR_COMM, f"{self._name} cannot be freed")
+        self.__dict__.clear()
+        self.__class__ = _NullComm
 
     def Abort(self, errorcode: int = 0) -> None:  # noqa: N802 - mpi4py's name
         """End this process at once; peers see its connections close and raise CommError."""
@@ -520,6 +552,7 @@ class TcpComm(Comm):
     def __init__(self, config: ShimConfig) -> None:
         transport = Transport(config)
         super().__init__(transport, list(range(config.size)), 0, _Contexts(2), "MPI_COMM_WORLD")
+        self._permanent = True
         self.config = config
 
     @classmethod
@@ -528,10 +561,9 @@ class TcpComm(Comm):
 
     def self_comm(self) -> Comm:
         """``COMM_SELF``: this rank alone, in a message space of its own."""
-        return Comm(self._transport, [self._transport.rank], self._contexts.take(), self._contexts, "MPI_COMM_SELF")
-
-    def Free(self) -> None:  # noqa: N802 - mpi4py's name
-        raise MPIException(ERR_COMM, "COMM_WORLD cannot be freed")
+        alone = Comm(self._transport, [self._transport.rank], self._contexts.take(), self._contexts, "MPI_COMM_SELF")
+        alone._permanent = True
+        return alone
 
     def link_modes(self) -> dict[int, str]:
         """The connection mode (punch, direct or relay) of the link to each peer this rank has one with."""

@@ -84,8 +84,8 @@ GONE_GRACE_S = 2.0  # a rank reported gone may still have a connection being set
 DEFAULT_LIVENESS_S = 60.0
 MAX_HANDSHAKES = 32  # handshakes in flight on this rank's listeners; more are turned away
 MAX_WORLD = 100_000
+REFUSED_S = 2.0  # a peer's listener that refuses connections this long has left
 QUIET_S = 0.002  # the background thread runs progress once no thread was inside for this long
-QUIET_MAX_S = 0.02  # ... checking at most this often while threads stay inside (a long wait)
 IN, OUT = select.EPOLLIN, select.EPOLLOUT
 
 
@@ -336,6 +336,10 @@ class Transport:
         self._inside = 0  # threads in wait() or probe()
         self._entries = 0  # how many times one came in (the background thread watches it)
         self._last_exit = time.monotonic()
+        self._rests = False  # the background thread sleeps until a thread leaves ...
+        self._resting = threading.Event()  # ... which sets this
+        self._orphaned = False  # closed while the background thread still ran: it closes the engine
+        self._finished = False  # the background thread has ended
         self._waiting = 0  # threads waiting on ``_cond`` for another's progress
         self._chores_due = 0.0
         self._paused: list[socket.socket] = []  # listeners out of descriptors, until _resume_at
@@ -372,6 +376,7 @@ class Transport:
         try:
             self._background.start()
         except RuntimeError:  # can't start new thread
+            self._finished = True
             self.close()
             raise CommError(f"rank {self.rank}: cannot start this rank's thread (out of threads)") from None
 
@@ -653,15 +658,24 @@ class Transport:
             raise
 
     def _direct_link(self, peer: int, deadline: float) -> _Link:
+        """Connect to the peer's listener, retrying until the deadline, except when the
+        peer is known to be gone, or its listener has refused us for ``REFUSED_S`` (it was
+        listening before the table went out: it has left)."""
         last: Exception | None = None
         for addr in self._table[peer]:
-            while time.monotonic() < deadline:
+            refused_since = None
+            while time.monotonic() < deadline and peer not in self._dead:
                 try:
                     sock = socket.create_connection(addr, timeout=max(0.1, min(5.0, deadline - time.monotonic())))
                 except OSError as exc:
                     last = exc
+                    if isinstance(exc, ConnectionRefusedError):
+                        refused_since = refused_since or time.monotonic()
+                        if time.monotonic() - refused_since > REFUSED_S:
+                            break
                     time.sleep(0.05)
                     continue
+                refused_since = None
                 try:
                     _tune(sock)
                     attempt = min(deadline, time.monotonic() + HANDSHAKE_TIMEOUT_S)
@@ -671,6 +685,8 @@ class Transport:
                     sock.close()
                     last = exc
                     time.sleep(0.05)
+        if peer in self._dead:
+            raise CommError(f"rank {self.rank}: peer rank {peer} is gone: {self._dead[peer]}")
         raise CommError(f"rank {self.rank}: cannot connect to rank {peer} at {self._table[peer]}: {last}")
 
     def _mode_of(self, sock: socket.socket) -> str:
@@ -835,15 +851,20 @@ class Transport:
 
     def _run_background(self) -> None:
         """Run the engine while no thread is inside the transport (a compute phase): drain
-        what arrives, keep sends moving, send heartbeats. It checks every ``QUIET_S`` while
-        threads come and go, less often while one stays inside (a long wait runs the engine
-        itself), and gives the engine up as soon as a thread comes in."""
-        nap, seen = QUIET_S, -1
+        what arrives, keep sends moving, send heartbeats. While threads come and go it looks
+        every ``QUIET_S``; while one stays inside (a long wait runs the engine itself) it
+        sleeps until that thread leaves (which wakes it: rare, never in a tight exchange);
+        it gives the engine up as soon as a thread comes in."""
         while not self._closed:
             if self._inside or time.monotonic() - self._last_exit < QUIET_S:
-                nap = QUIET_S if self._entries != seen else min(2 * nap, QUIET_MAX_S)
-                seen = self._entries
-                time.sleep(nap)
+                entries = self._entries
+                time.sleep(QUIET_S)
+                if self._inside and self._entries == entries:
+                    self._resting.clear()
+                    self._rests = True
+                    if self._inside and self._entries == entries:  # looked at after _rests is set
+                        self._resting.wait(self.config.liveness)
+                    self._rests = False
                 continue
             if not self._progress.acquire(blocking=False):
                 time.sleep(QUIET_S)
@@ -851,14 +872,23 @@ class Transport:
             try:
                 while not self._inside and not self._closed:
                     self._poll(self.config.liveness, lambda: self._inside > 0 or self._closed)
-            except CommError:
-                return  # closed
+            except (CommError, OSError, ValueError):
+                if not self._closed:
+                    raise
             finally:
-                self._release_progress()
+                self._release_progress(mine=0)
+        with self._cond:
+            self._finished = True
+            orphaned = self._orphaned
+        if orphaned:  # close() could not wait for this thread: the engine is ours to close
+            self._close_engine()
 
-    def _release_progress(self) -> None:
+    def _release_progress(self, mine: int = 1) -> None:
+        """Give the engine up; threads waiting for it are woken. ``mine``: whether the caller
+        counts in ``_inside``. (Any thread about to wait counts there before it looks at the
+        lock, and the notice is given under ``_cond``, so none can miss it.)"""
         self._progress.release()
-        if self._waiting:
+        if self._inside > mine:
             with self._cond:
                 self._cond.notify_all()
 
@@ -899,6 +929,8 @@ class Transport:
             with self._cond:
                 self._inside -= 1
                 self._last_exit = time.monotonic()
+            if self._rests:  # looked at after _inside changed
+                self._resting.set()
 
     # ---------------------------------------------------------------- sending
     def _queue(self, link: _Link, kind: int, tag: int, payload, ctx: int, op: SendOp | None = None) -> bool:
@@ -1042,7 +1074,7 @@ class Transport:
             try:
                 self._poll(0.0, lambda: op.done)
             finally:
-                self._release_progress()
+                self._release_progress(mine=0)
         with self._cond:
             if not op.done:
                 self._check(op)
@@ -1161,16 +1193,21 @@ class Transport:
             self._closed = True
             self._cond.notify_all()
         self._kick()
+        self._resting.set()
         if self._background is not threading.current_thread():
             self._background.join(timeout=5.0)
-        self._say_bye()
-        for sock in [self._listener, self._punch_listener, self._control.sock, *(k.sock for k in self._all_links)]:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            sock.close()
-        self._close_engine()
+        with self._progress:  # no thread is using the sockets or the engine from here on
+            self._say_bye()
+            for sock in [self._listener, self._punch_listener, self._control.sock, *(k.sock for k in self._all_links)]:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                sock.close()
+            with self._cond:
+                self._orphaned = not self._finished
+            if not self._orphaned:
+                self._close_engine()
 
     def _say_bye(self) -> None:
         """A sealed bye after whatever the server link still has queued, within a second."""

@@ -13,6 +13,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch  # the spec expressions use it too (DLPack buffers)
 
 from lambda_shim import message as M
 from lambda_shim.constants import IN_PLACE
@@ -84,6 +85,9 @@ SEND_SPECS = [
     ("None", "[b, 1]"),
     ("MPI.BOTTOM", "[b, 0, MPI.INT]"),
     ("None", "MPI.IN_PLACE"),
+    ("torch.arange(4, dtype=torch.float32)", "b"),
+    ("torch.arange(4, dtype=torch.int64)", "[b, (2, 1), MPI.LONG]"),
+    ("torch.arange(16.0).reshape(4, 4)[:, 1]", "b"),
 ]
 
 # (buffer expression, spec over `b`, bytes received): read as a receive; the buffer after it.
@@ -99,6 +103,7 @@ RECV_SPECS = [
     ("memoryview(bytearray(8))", "b", 5),
     ("b'abcd'", "b", 4),
     ("np.zeros(4)[::2]", "b", 8),
+    ("torch.zeros(4, dtype=torch.float64)", "[b, 1, 2, MPI.DOUBLE]", 8),
 ]
 
 # Buffers whose datatype is inferred from their format.
@@ -110,14 +115,19 @@ INFERRED = [
     "b'abcd'",
     "memoryview(bytearray(16)).cast('d')",
     "memoryview(bytearray(16)).cast('c')",
+    *[f"torch.zeros(2, dtype=torch.{t})" for t in ["float32", "float64", "int64", "int32", "int8", "uint8", "bool"]],
 ]
 
 REFERENCE = r"""
 import array, json, sys
 import numpy as np
+import torch
 from mpi4py import MPI
 c = MPI.COMM_WORLD
 cases = json.load(open(sys.argv[1]))
+
+def raw(b):
+    return b.numpy() if isinstance(b, torch.Tensor) else b
 
 def failure(exc):
     code = exc.Get_error_class() if isinstance(exc, MPI.Exception) else None
@@ -142,7 +152,7 @@ def recv(buf, spec, nbytes):
         return failure(exc)
     c.Send(bytes(range(1, nbytes + 1)), 0)
     req.Wait()
-    return ["ok", memoryview(b).tobytes().hex()]
+    return ["ok", memoryview(raw(b)).tobytes().hex()]
 
 TYPES = [getattr(MPI, n) for n in dir(MPI) if isinstance(getattr(MPI, n), MPI.Datatype)]
 
@@ -154,7 +164,7 @@ def inferred(buf):
         if t == MPI.DATATYPE_NULL:
             continue
         try:
-            c.Allreduce(eval(buf), [bytearray(memoryview(eval(buf)).nbytes), t], op=MPI.BOR)
+            c.Allreduce(eval(buf), [bytearray(memoryview(raw(eval(buf))).nbytes), t], op=MPI.BOR)
         except ValueError:
             continue
         except MPI.Exception:
@@ -214,7 +224,7 @@ def ours_recv(buf: str, spec: str, nbytes: int) -> list:
         return _failure(exc)
     assert nbytes <= msg.nbytes
     msg.store(bytes(range(1, nbytes + 1)))
-    return ["ok", memoryview(b).tobytes().hex()]
+    return ["ok", memoryview(b.numpy() if isinstance(b, torch.Tensor) else b).tobytes().hex()]
 
 
 @pytest.mark.parametrize("case", range(len(SEND_SPECS)), ids=[f"{b} {s}" for b, s in SEND_SPECS])

@@ -87,6 +87,11 @@ def test_the_object_api_gives_what_mpi4py_gives(mode, mpi4py_results, tmp_path) 
     assert rank0["dup"] == "(0, 3, '', 3, None, None, False, True)"
     assert rank1["dup"] == "(1, 3, '', 3, 'on world', 'on dup', False, True)"
     assert rank0["split"] == "(1, 2, [2, 0], 0, True, 3, None)"
+    assert rank0["compare"] == "[0, 1, 2, 3]" and rank0["freed_used"] == "('raised', 'Exception', True, 5)"
+    assert rank0["comm_null_used"] == "('raised', 'Exception', True, 5)"
+    assert rank0["tag_overflow"] == "('raised', 'OverflowError', False, None)"
+    assert rank0["truncated_in_waitall"] == "(17, [14, 18], [False, True])"
+    assert rank0["capitalised_probes"] == "((True, (2, 51, 0, 24, False)), [0.0, 1.0, 2.0], False, [0.0, 1.0])"
 
 
 def test_importing_mpi_opens_no_connection_and_the_world_says_what_is_missing(tmp_path) -> None:

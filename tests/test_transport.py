@@ -239,3 +239,13 @@ def test_a_large_send_completes_while_the_receiver_computes(world) -> None:
     op = send(b, 0, 8, bytes(32 * 2**20))
     b.wait([op], deadline=time.monotonic() + 60)  # far more than the sockets hold: a has read it
     assert settle(a, 1, 0, 8) == Envelope(1, 8, KIND_BYTES, 32 * 2**20)
+
+
+def test_connecting_to_a_rank_that_left_fails_fast(world) -> None:
+    """Its listener refuses us: it has left; no retrying until the 30 s connect deadline."""
+    a, b = world(2)
+    b.close()
+    t0 = time.monotonic()
+    with pytest.raises(CommError, match=r"rank 0: cannot connect to rank 1 .* Connection refused"):
+        send(a, 1, 0, b"anyone?")
+    assert time.monotonic() - t0 < 10

@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 if sys.argv[1] == "mpi":
     from mpi4py import MPI
 else:
@@ -245,7 +247,54 @@ def splits():
 
 
 case("split", splits)
-case("freed_world_message", lambda: comm.bcast("still works"))
+case("compare", lambda: [comm.Compare(c) for c in (comm, comm.Dup(), comm.Split(0, -rank), comm.Split(rank % 2))])
+case("compare_names", lambda: (MPI.IDENT, MPI.CONGRUENT, MPI.SIMILAR, MPI.UNEQUAL))
+
+
+def freed():
+    dup = comm.Dup()
+    dup.Free()
+    return dup.Get_size()
+
+
+case("freed_used", freed)
+case("comm_null_used", lambda: MPI.COMM_NULL.Get_rank())
+case("world_after_free", lambda: comm.bcast("still works"))
+case("float_rank_and_tag", lambda: (comm.send("f", dest=float(right), tag=48.0), comm.recv(source=left, tag=48.9)))
+case("tag_overflow", lambda: comm.send(1, dest=right, tag=2**31))
+
+
+def truncated_in_waitall():
+    """A failing request among several: ERR_IN_STATUS, its status holds ERR_TRUNCATE."""
+    sends = [comm.isend("y" * 60, right, 49), comm.isend("z", right, 50)]
+    receives = [comm.irecv(bytearray(8), source=left, tag=49), comm.irecv(source=left, tag=50)]
+    statuses = [MPI.Status(), MPI.Status()]
+    try:
+        MPI.Request.Waitall(receives, statuses)
+        outcome = "no error"
+    except MPI.Exception as exc:
+        outcome = exc.Get_error_class()
+    MPI.Request.waitall(sends)
+    return outcome, [MPI.Get_error_class(s.Get_error()) for s in statuses], [bool(r) for r in receives]
+
+
+case("truncated_in_waitall", truncated_in_waitall)
+
+
+def capitalised_probes():
+    comm.Send(np.arange(3.0), right, tag=51)
+    comm.send(np.arange(2.0), right, tag=52)
+    found = comm.Probe(left, 51, status), status_of(status)
+    got = np.zeros(3)
+    message = comm.Mprobe(left, 51, status)
+    message.Recv(got)
+    late = comm.improbe(left, 52)
+    while late is None:
+        late = comm.improbe(left, 52)
+    return found, got.tolist(), bool(message), late.recv().tolist()
+
+
+case("capitalised_probes", capitalised_probes)
 
 comm.barrier()
 out = Path(sys.argv[2])
