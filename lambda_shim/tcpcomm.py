@@ -539,8 +539,9 @@ class Comm(BufferAPI):
         self.__dict__.clear()
         self.__class__ = _NullComm
 
-    def Abort(self, errorcode: int = 0) -> None:  # noqa: N802 - mpi4py's name
-        """End this process at once; peers see its connections close and raise CommError."""
+    def Abort(self, errorcode: int = 1) -> None:  # noqa: N802 - mpi4py's name
+        """End this process at once; peers see its connections close and raise CommError.
+        (DESIGN.md's default code, 1: mpi4py's is 0, which would look like success.)"""
         self._transport.abort(errorcode)
 
 
