@@ -485,10 +485,10 @@ def parse(msg: Any, readonly: bool, blocks: int = 0) -> Message:
 
 def int_array(values: Any, blocks: int) -> list[int]:
     """mpi4py's check of a per-rank sequence (counts, displacements): exactly ``blocks`` ints."""
-    items = list(values)
+    items = [operator.index(v) for v in values]  # mpi4py converts every item before the length
     if len(items) != blocks:
         raise ValueError(f"expecting {blocks} items, got {len(items)}")
-    return [operator.index(v) for v in items]
+    return items
 
 
 def _is_integral(obj: Any) -> bool:
