@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import resource
 import shutil
 import socket
@@ -109,33 +108,6 @@ def server(tmp_path):
 
 
 # ---- same results as mpi4py ----
-
-
-@pytest.fixture(scope="module")
-def mpi_conformance(tmp_path_factory) -> Path:
-    if MPIEXEC is None:
-        skip_or_fail("no mpiexec to compare with")
-    out = tmp_path_factory.mktemp("conf-mpi")
-    result = subprocess.run(
-        [MPIEXEC, "-n", "4", sys.executable, str(PROGRAMS / "conformance.py"), "mpi", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=clean_env(),
-    )
-    assert result.returncode == 0, result.stderr
-    return out
-
-
-@pytest.mark.parametrize("mode", MODES)
-def test_every_call_gives_what_mpi4py_gives(mode, mpi_conformance, tmp_path) -> None:
-    result = launch(4, sys.executable, str(PROGRAMS / "conformance.py"), "tcp", str(tmp_path), mode=mode)
-    assert result.returncode == 0, result.stderr[-3000:]
-    for rank in range(4):
-        mine = pickle.loads((tmp_path / f"rank{rank}.pkl").read_bytes())
-        theirs = pickle.loads((mpi_conformance / f"rank{rank}.pkl").read_bytes())
-        assert mine == theirs
-    assert pickle.loads((tmp_path / "rank0.pkl").read_bytes())["big"] == (100 * 2**20, 3.5 * 100 * 2**20 / 8)
 
 
 @pytest.mark.parametrize("ranks", [2, 4])

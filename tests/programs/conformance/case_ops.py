@@ -1,0 +1,161 @@
+"""Every predefined reduction operator in allreduce, reduce, scan and exscan, on Python
+objects and on buffers of the types each operator is defined for."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from harness import Suite
+
+ARITHMETIC = ("SUM", "PROD", "MAX", "MIN")
+LOGICAL = ("LAND", "LOR", "LXOR")
+BITWISE = ("BAND", "BOR", "BXOR")
+LOCATION = ("MAXLOC", "MINLOC")
+SPECIAL = ("REPLACE", "NO_OP")  # defined for accumulate only in MPI; mpi4py's objects fold them
+
+
+def run(s: Suite) -> None:
+    MPI, comm, rank, last = s.MPI, s.comm, s.rank, s.last  # noqa: N806 - the name mpi4py programs use
+    pick = [3, -1, 4, 1, -5]
+    values = {
+        **dict.fromkeys(ARITHMETIC, pick[rank % 5]),
+        **dict.fromkeys(LOGICAL, [1, 0, 2, 1, 0][rank % 5]),
+        **dict.fromkeys(BITWISE, [0b1101, 0b0111, 0b1011, 0b0110, 0b1110][rank % 5]),
+        **dict.fromkeys(LOCATION, ([3, 1, 3, 0, 1][rank % 5], rank)),  # ties: the lower rank wins
+        **dict.fromkeys(SPECIAL, rank * 10),
+    }
+    for name, value in values.items():
+        op = getattr(MPI, name)
+        s.case(f"allreduce.{name}")(lambda op=op, value=value: comm.allreduce(value, op=op))
+        s.case(f"reduce.{name}")(lambda op=op, value=value: comm.reduce(value, op=op, root=last))
+        s.case(f"scan.{name}")(lambda op=op, value=value: comm.scan(value, op=op))
+        s.case(f"exscan.{name}")(lambda op=op, value=value: comm.exscan(value, op=op))
+
+    # Buffers: int32 for every operator but the location ones (pairs of int32: MPI.TWOINT);
+    # REPLACE and NO_OP are refused in reductions (ERR_OP: case_errors).
+    v = pick[rank % 5]
+    arrays = {
+        **dict.fromkeys(ARITHMETIC, np.array([v, 2 * v, -v, rank], dtype=np.int32)),
+        **dict.fromkeys(LOGICAL, np.array([v > 0, rank % 2, 0, 1], dtype=np.int32)),
+        **dict.fromkeys(BITWISE, np.array([values["BAND"], rank, 0xFF, 1 << rank], dtype=np.int32)),
+    }
+    for name, send in arrays.items():
+        op = getattr(MPI, name)
+
+        @s.case(f"Allreduce.{name}")
+        def allreduce(op: Any = op, send: Any = send) -> Any:
+            recv = np.full_like(send, -7)
+            comm.Allreduce(send, recv, op=op)
+            return recv
+
+        @s.case(f"Reduce.{name}")
+        def reduce(op: Any = op, send: Any = send) -> Any:
+            recv = np.full_like(send, -7)
+            comm.Reduce(send, recv, op=op, root=last)
+            return recv
+
+        @s.case(f"Scan.{name}")
+        def scan(op: Any = op, send: Any = send) -> Any:
+            recv = np.full_like(send, -7)
+            comm.Scan(send, recv, op=op)
+            return recv
+
+        @s.case(f"Exscan.{name}")
+        def exscan(op: Any = op, send: Any = send) -> Any:
+            recv = np.full_like(send, -7)
+            comm.Exscan(send, recv, op=op)
+            return recv if rank > 0 else None  # undefined on rank 0
+
+    pairs = np.array([[values["MAXLOC"][0], rank], [-rank, rank], [7, rank]], dtype=np.int32)
+    for name in LOCATION:
+        op = getattr(MPI, name)
+
+        @s.case(f"Allreduce.{name}")
+        def allreduce_pairs(op: Any = op) -> Any:
+            recv = np.full_like(pairs, -7)
+            comm.Allreduce([pairs, MPI.TWOINT], [recv, MPI.TWOINT], op=op)
+            return recv
+
+        @s.case(f"Reduce.{name}")
+        def reduce_pairs(op: Any = op) -> Any:
+            recv = np.full_like(pairs, -7)
+            comm.Reduce([pairs, MPI.TWOINT], [recv, MPI.TWOINT], op=op, root=0)
+            return recv
+
+        @s.case(f"Scan.{name}")
+        def scan_pairs(op: Any = op) -> Any:
+            recv = np.full_like(pairs, -7)
+            comm.Scan([pairs, 3, MPI.TWOINT], [recv, 3, MPI.TWOINT], op=op)
+            return recv
+
+    # The other (value, index) pair types, as numpy structured arrays laid out as C structs.
+    pair_types = {
+        "FLOAT_INT": np.dtype([("v", "f4"), ("i", "i4")], align=True),
+        "DOUBLE_INT": np.dtype([("v", "f8"), ("i", "i4")], align=True),
+        "LONG_INT": np.dtype([("v", "i8"), ("i", "i4")], align=True),
+        "SHORT_INT": np.dtype([("v", "i2"), ("i", "i4")], align=True),
+    }
+    for type_name, dtype in pair_types.items():
+        for name in LOCATION:
+
+            @s.case(f"Allreduce.{name}.{type_name}")
+            def allreduce_pair_type(name: str = name, type_name: str = type_name, dtype: Any = dtype) -> Any:
+                send = np.zeros(2, dtype=dtype)
+                send["v"], send["i"] = [values["MAXLOC"][0], -rank], rank
+                recv = np.zeros(2, dtype=dtype)
+                datatype = getattr(MPI, type_name)
+                comm.Allreduce([send, datatype], [recv, datatype], op=getattr(MPI, name))
+                return recv["v"].tolist(), recv["i"].tolist()
+
+    # Other element types: floats, complex, bytes, booleans.
+    typed = {
+        "SUM.float64": (np.array([rank + 0.5, -2.0 * rank]), "SUM"),
+        "MAX.float32": (np.array([rank - 1.5, 2.0], dtype=np.float32), "MAX"),
+        "PROD.complex128": (np.array([1 + 1j * rank, 2.0]), "PROD"),
+        "MIN.int64": (np.array([-(2**40) * rank, 2**40], dtype=np.int64), "MIN"),
+        "BXOR.uint8": (np.array([rank, 255 - rank], dtype=np.uint8), "BXOR"),
+        "LOR.bool": (np.array([rank == 1, False]), "LOR"),
+        "LAND.bool": (np.array([True, rank != 1]), "LAND"),
+        "SUM.int8": (np.array([rank, -rank], dtype=np.int8), "SUM"),
+        "SUM.uint16": (np.array([rank, 1000], dtype=np.uint16), "SUM"),
+    }
+    for key, (send, name) in typed.items():
+
+        @s.case(f"Allreduce.{key}")
+        def allreduce_typed(send: Any = send, name: str = name) -> Any:
+            recv = np.zeros_like(send)
+            comm.Allreduce(send, recv, op=getattr(MPI, name))
+            return recv
+
+    # User operators (Op.Create) on buffers: a commutative one, and one that does not commute
+    # (2x2 integer matrix products), which MPI applies in rank order.
+    def add(inbuf: Any, inoutbuf: Any, datatype: Any) -> None:
+        out = np.frombuffer(inoutbuf, dtype=np.int32)
+        out += np.frombuffer(inbuf, dtype=np.int32)
+
+    def matmul(inbuf: Any, inoutbuf: Any, datatype: Any) -> None:
+        out = np.frombuffer(inoutbuf, dtype=np.int64).reshape(2, 2)
+        out[...] = np.frombuffer(inbuf, dtype=np.int64).reshape(2, 2) @ out
+
+    matrix = np.array([[rank + 1, 1], [1, 0]], dtype=np.int64)
+
+    @s.case("user.commutative")
+    def user_commutative() -> Any:
+        op = MPI.Op.Create(add, commute=True)
+        recv = np.zeros(2, dtype=np.int32)
+        comm.Allreduce(np.array([rank, 1], dtype=np.int32), recv, op=op)
+        commutes = op.Is_commutative()
+        op.Free()
+        return recv, commutes
+
+    @s.case("user.noncommutative")
+    def user_noncommutative() -> Any:
+        op = MPI.Op.Create(matmul, commute=False)
+        every, prefix, at_root = np.zeros_like(matrix), np.zeros_like(matrix), np.zeros_like(matrix)
+        comm.Allreduce(matrix, every, op=op)
+        comm.Scan(matrix, prefix, op=op)
+        comm.Reduce(matrix, at_root, op=op, root=last)
+        commutes = op.Is_commutative()
+        op.Free()
+        return every, prefix, at_root, commutes

@@ -1,0 +1,292 @@
+"""Nonblocking requests and every completion call, in object and buffer form: each case has
+rank 1 wait on messages from rank 0 that are sent in a known order (the others only meet the
+barriers), so which request completes first is fixed."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from harness import Suite
+
+
+def run(s: Suite) -> None:
+    MPI, comm, rank = s.MPI, s.comm, s.rank  # noqa: N806 - the name mpi4py programs use
+    Request = MPI.Request  # noqa: N806 - as mpi4py programs write it
+
+    def sends(*tags: int) -> None:
+        if rank == 0:
+            for tag in tags:
+                comm.send(f"msg{tag}", dest=1, tag=tag)
+
+    def buffer_sends(*tags: int) -> None:
+        if rank == 0:
+            for tag in tags:
+                comm.Send(np.full(2, tag, dtype=np.int32), dest=1, tag=tag)
+
+    @s.case("wait")
+    def wait() -> Any:
+        req = comm.irecv(source=0, tag=1) if rank == 1 else None
+        sends(1)
+        if req is None:
+            return None
+        status = MPI.Status()
+        return req.wait(status), s.status(status), bool(req), req.wait()
+
+    @s.case("test")
+    def test() -> Any:
+        req = comm.irecv(source=0, tag=2) if rank == 1 else None
+        before = req.test() if req else None
+        comm.Barrier()
+        sends(2)
+        if req is None:
+            return None
+        status = MPI.Status()
+        after = s.until(lambda: req.test(status), lambda r: r[0])
+        return before, after, s.status(status), bool(req), req.test()
+
+    @s.case("cancel")
+    def cancel() -> Any:
+        if rank != 1:
+            return None
+        req = comm.irecv(source=0, tag=3)  # never sent
+        cancelled = req.cancel()
+        status = MPI.Status()
+        return cancelled, req.wait(status), status.Is_cancelled(), bool(req)
+
+    @s.case("get_status")
+    def get_status() -> Any:
+        req = comm.irecv(source=0, tag=4) if rank == 1 else None
+        before = req.get_status() if req else None
+        comm.Barrier()
+        sends(4)
+        if req is None:
+            return None
+        status = MPI.Status()
+        after = s.until(lambda: req.get_status(status), bool)
+        return before, after, s.status(status), bool(req), req.wait()
+
+    @s.case("issend.unmatched")
+    def issend_unmatched() -> Any:
+        # A synchronous send is not complete before the receiver has matched it.
+        req = comm.issend("sync", dest=1, tag=18) if rank == 0 else None
+        before = (req.test(), Request.testall([req]), req.get_status()) if req else None
+        comm.Barrier()
+        if rank == 1:
+            return comm.recv(source=0, tag=18)
+        return (before, req.wait(), bool(req)) if req else None
+
+    @s.case("Issend.unmatched")
+    def buffer_issend_unmatched() -> Any:
+        req = comm.Issend(np.arange(3, dtype=np.int32), dest=1, tag=19) if rank == 0 else None
+        before = (req.Test(), req.Get_status()) if req else None
+        comm.Barrier()
+        if rank == 1:
+            buf = np.zeros(3, dtype=np.int32)
+            comm.Recv(buf, source=0, tag=19)
+            return buf
+        return (before, req.Wait(), bool(req)) if req else None
+
+    @s.case("waitall")
+    def waitall() -> Any:
+        reqs = [comm.isend((rank, "a"), dest=s.right, tag=5), comm.irecv(source=s.left, tag=5)]
+        reqs += [comm.issend((rank, "b"), dest=s.left, tag=6), comm.irecv(source=s.right, tag=6)]
+        statuses = [MPI.Status() for _ in reqs]
+        got = Request.waitall(reqs, statuses)
+        return got, [s.status(st) for st in statuses[1::2]], [bool(r) for r in reqs], Request.waitall(reqs)
+
+    @s.case("waitany")
+    def waitany() -> Any:
+        reqs = [comm.irecv(source=0, tag=7), comm.irecv(source=0, tag=8)] if rank == 1 else []
+        sends(8)
+        status = MPI.Status()
+        first = Request.waitany(reqs, status) if reqs else None
+        first_status = s.status(status)
+        comm.Barrier()
+        sends(7)
+        if not reqs:
+            return None
+        second = Request.waitany(reqs, status)
+        return first, first_status, second, s.status(status), Request.waitany(reqs), [bool(r) for r in reqs]
+
+    @s.case("waitsome")
+    def waitsome() -> Any:
+        reqs = [comm.irecv(source=0, tag=9), comm.irecv(source=0, tag=10)] if rank == 1 else []
+        sends(10)
+        statuses = [MPI.Status(), MPI.Status()]
+        first = Request.waitsome(reqs, statuses) if reqs else None
+        comm.Barrier()
+        sends(9)
+        if not reqs:
+            return None
+        second = Request.waitsome(reqs)
+        return first, s.status(statuses[0]), second, Request.waitsome(reqs)
+
+    @s.case("testall")
+    def testall() -> Any:
+        reqs = [comm.irecv(source=0, tag=11), comm.irecv(source=0, tag=12)] if rank == 1 else []
+        before = Request.testall(reqs) if reqs else None
+        comm.Barrier()
+        sends(11, 12)
+        if not reqs:
+            return None
+        statuses = [MPI.Status(), MPI.Status()]
+        after = s.until(lambda: Request.testall(reqs, statuses), lambda r: r[0])
+        return before, after, [s.status(st) for st in statuses], Request.testall(reqs)
+
+    @s.case("testany")
+    def testany() -> Any:
+        reqs = [comm.irecv(source=0, tag=13), comm.irecv(source=0, tag=14)] if rank == 1 else []
+        before = Request.testany(reqs) if reqs else None
+        comm.Barrier()
+        if rank == 0:  # tag 14 first; tag 13 once rank 1 has seen 14 complete alone
+            sends(14)
+            comm.recv(source=1, tag=15)
+            sends(13)
+        if not reqs:
+            return None
+        status = MPI.Status()
+        after = s.until(lambda: Request.testany(reqs, status), lambda r: r[1])
+        first_status = s.status(status)
+        comm.send("seen", dest=0, tag=15)
+        second = s.until(lambda: Request.testany(reqs), lambda r: r[1])
+        return before, after, first_status, second, Request.testany(reqs)
+
+    @s.case("testsome")
+    def testsome() -> Any:
+        reqs = [comm.irecv(source=0, tag=16), comm.irecv(source=0, tag=17)] if rank == 1 else []
+        before = Request.testsome(reqs) if reqs else None
+        comm.Barrier()
+        sends(16, 17)
+        if not reqs:
+            return None
+        done: list = []
+        while len(done) < 2:
+            indices, msgs = s.until(lambda: Request.testsome(reqs), lambda r: r[0])
+            done += zip(indices, msgs, strict=True)
+        return before, sorted(done), Request.testsome(reqs)
+
+    # The same calls on buffer requests (Irecv into arrays).
+    @s.case("Wait")
+    def buffer_wait() -> Any:
+        buf = np.zeros(2, dtype=np.int32)
+        req = comm.Irecv(buf, source=0, tag=21) if rank == 1 else None
+        buffer_sends(21)
+        if req is None:
+            return None
+        status = MPI.Status()
+        return req.Wait(status), buf, s.status(status, MPI.INT), bool(req)
+
+    @s.case("Test")
+    def buffer_test() -> Any:
+        buf = np.zeros(2, dtype=np.int32)
+        req = comm.Irecv(buf, source=0, tag=22) if rank == 1 else None
+        before = req.Test() if req else None
+        comm.Barrier()
+        buffer_sends(22)
+        if req is None:
+            return None
+        status = MPI.Status()
+        after = s.until(lambda: req.Test(status), bool)
+        return before, after, buf, s.status(status, MPI.INT), bool(req)
+
+    @s.case("Cancel")
+    def buffer_cancel() -> Any:
+        if rank != 1:
+            return None
+        buf = np.full(2, 5, dtype=np.int32)
+        req = comm.Irecv(buf, source=0, tag=23)
+        cancelled = req.Cancel()
+        status = MPI.Status()
+        return cancelled, req.Wait(status), status.Is_cancelled(), buf, bool(req)
+
+    @s.case("Get_status")
+    def buffer_get_status() -> Any:
+        buf = np.zeros(2, dtype=np.int32)
+        req = comm.Irecv(buf, source=0, tag=24) if rank == 1 else None
+        before = req.Get_status() if req else None
+        comm.Barrier()
+        buffer_sends(24)
+        if req is None:
+            return None
+        status = MPI.Status()
+        after = s.until(lambda: req.Get_status(status), bool)
+        return before, after, s.status(status, MPI.INT), req.Wait(), buf
+
+    @s.case("Waitall")
+    def buffer_waitall() -> Any:
+        got = [np.zeros(3), np.zeros(3)]
+        reqs = [comm.Isend(np.full(3, rank * 1.0), dest=s.right, tag=25), comm.Irecv(got[0], source=s.left, tag=25)]
+        reqs += [comm.Issend(np.full(3, rank * 2.0), dest=s.left, tag=26), comm.Irecv(got[1], source=s.right, tag=26)]
+        statuses = [MPI.Status() for _ in reqs]
+        done = Request.Waitall(reqs, statuses)
+        return done, got, [s.status(st, MPI.DOUBLE) for st in statuses[1::2]], [bool(r) for r in reqs]
+
+    @s.case("Waitany")
+    def buffer_waitany() -> Any:
+        bufs = [np.zeros(2, dtype=np.int32), np.zeros(2, dtype=np.int32)]
+        reqs = [comm.Irecv(bufs[0], source=0, tag=27), comm.Irecv(bufs[1], source=0, tag=28)] if rank == 1 else []
+        buffer_sends(28)
+        status = MPI.Status()
+        first = Request.Waitany(reqs, status) if reqs else None
+        first_status = s.status(status, MPI.INT)
+        comm.Barrier()
+        buffer_sends(27)
+        if not reqs:
+            return None
+        return first, first_status, Request.Waitany(reqs), Request.Waitany(reqs), bufs
+
+    @s.case("Waitsome")
+    def buffer_waitsome() -> Any:
+        bufs = [np.zeros(2, dtype=np.int32), np.zeros(2, dtype=np.int32)]
+        reqs = [comm.Irecv(bufs[0], source=0, tag=29), comm.Irecv(bufs[1], source=0, tag=30)] if rank == 1 else []
+        buffer_sends(30)
+        first = Request.Waitsome(reqs) if reqs else None
+        comm.Barrier()
+        buffer_sends(29)
+        if not reqs:
+            return None
+        return first, Request.Waitsome(reqs), Request.Waitsome(reqs), bufs
+
+    @s.case("Testall")
+    def buffer_testall() -> Any:
+        bufs = [np.zeros(2, dtype=np.int32), np.zeros(2, dtype=np.int32)]
+        reqs = [comm.Irecv(bufs[0], source=0, tag=31), comm.Irecv(bufs[1], source=0, tag=32)] if rank == 1 else []
+        before = Request.Testall(reqs) if reqs else None
+        comm.Barrier()
+        buffer_sends(31, 32)
+        if not reqs:
+            return None
+        after = s.until(lambda: Request.Testall(reqs), bool)
+        return before, after, bufs, Request.Testall(reqs)
+
+    @s.case("Testany")
+    def buffer_testany() -> Any:
+        bufs = [np.zeros(2, dtype=np.int32), np.zeros(2, dtype=np.int32)]
+        reqs = [comm.Irecv(bufs[0], source=0, tag=33), comm.Irecv(bufs[1], source=0, tag=34)] if rank == 1 else []
+        before = Request.Testany(reqs) if reqs else None
+        comm.Barrier()
+        if rank == 0:
+            buffer_sends(34)
+            comm.recv(source=1, tag=37)
+            buffer_sends(33)
+        if not reqs:
+            return None
+        after = s.until(lambda: Request.Testany(reqs), lambda r: r[1])
+        comm.send("seen", dest=0, tag=37)
+        second = s.until(lambda: Request.Testany(reqs), lambda r: r[1])
+        return before, after, second, Request.Testany(reqs), bufs, [bool(r) for r in reqs]
+
+    @s.case("Testsome")
+    def buffer_testsome() -> Any:
+        bufs = [np.zeros(2, dtype=np.int32), np.zeros(2, dtype=np.int32)]
+        reqs = [comm.Irecv(bufs[0], source=0, tag=35), comm.Irecv(bufs[1], source=0, tag=36)] if rank == 1 else []
+        before = Request.Testsome(reqs) if reqs else None
+        comm.Barrier()
+        buffer_sends(35, 36)
+        if not reqs:
+            return None
+        done: list = []
+        while len(done) < 2:
+            done += s.until(lambda: Request.Testsome(reqs), bool)
+        return before, sorted(done), bufs, Request.Testsome(reqs)
