@@ -12,6 +12,7 @@ import pytest
 
 from cai_hpc import storage
 from cai_hpc.errors import InputError
+from cai_hpc.predictions import is_complete, prediction_files, read_labelled, write_predictions
 from cai_hpc.shards import inspect_shard
 from cai_hpc.storage import Location
 from tests.conftest import moto_server
@@ -163,3 +164,16 @@ def test_no_credentials_is_one_line(s3, monkeypatch, tmp_path) -> None:
     with pytest.raises(InputError) as bad:
         Location(f"s3://{BUCKET}/r/e").read_bytes()
     assert str(bad.value) == f"s3://{BUCKET}/r/e: no AWS credentials (set AWS_PROFILE or AWS_ACCESS_KEY_ID/...)"
+
+
+def test_prediction_files_on_s3_are_checked_and_read_without_keeping_them(s3, small_dataset) -> None:
+    shard = inspect_shard(small_dataset / "shard-00006.h5")
+    out = Location(f"s3://{BUCKET}/run")
+    pred = np.linspace(0.0, 0.55, 12, dtype=np.float32)
+    labels = np.linspace(0.1, 0.2, 12, dtype=np.float32)
+    write_predictions(out, shard, pred, {"weights": "w-1"}, {"redshift": labels})
+    assert prediction_files(out) == [Location(f"s3://{BUCKET}/run/predictions/shard-00006.h5")]
+    assert is_complete(out, shard, 12, "w-1") and not is_complete(out, shard, 12, "w-2")
+    got_pred, got_true = read_labelled(out, shard, 5)
+    assert got_pred.tolist() == pred[:5].tolist() and got_true.tolist() == labels[:5].tolist()
+    assert not storage._fetched  # checked and read through byte ranges: no file kept in memory
