@@ -208,7 +208,7 @@ def inspect_shard(where: Location | Path | str) -> ShardInfo:
             raise InputError(f"{path}: {_open_failure(exc)}") from None
         try:
             return _checked_header(fid, path)
-        except (OSError, KeyError, TypeError, ValueError) as exc:  # a damaged object header, say
+        except (OSError, KeyError, RuntimeError, TypeError, ValueError) as exc:  # a damaged header or index
             raise InputError(f"{path}: not a readable HDF5 shard (damaged?): {_short(exc)}") from None
 
 

@@ -228,3 +228,39 @@ def test_a_refused_file_lock_is_named_as_one(forced, hint, monkeypatch) -> None:
     assert _open_failure(damaged) == (
         "not a readable HDF5 file (truncated or corrupt?): Unable to synchronously open file (file signature not found)"
     )
+
+
+def test_a_damaged_chunk_index_is_one_line_naming_the_rows(small_dataset, tmp_path) -> None:
+    path = tmp_path / "shard-00001.h5"
+    data = bytearray((small_dataset / path.name).read_bytes())
+    at = data.rindex(b"TREE")  # the last B-tree: a dataset's chunk index (the first is the root group's)
+    data[at : at + 4] = b"XXXX"
+    path.write_bytes(bytes(data))
+    with ShardReader(inspect_shard(path)) as reader, pytest.raises(InputError) as bad:  # the header is sound
+        reader.read(3, 9)
+    assert str(bad.value) == (
+        f"{path}: cannot read rows 3:9 (truncated or corrupt?): Can't synchronously read data (wrong B-tree signature)"
+    )
+
+
+def test_a_shard_that_cannot_be_opened_any_more_is_one_line(small_dataset, tmp_path) -> None:
+    path = tmp_path / "shard-00001.h5"
+    shutil.copy(small_dataset / path.name, path)
+    info = inspect_shard(path)
+    path.write_bytes(b"replaced since it was checked")
+    with pytest.raises(InputError) as bad:
+        ShardReader(info)
+    assert str(bad.value) == (
+        f"{path}: not a readable HDF5 file (truncated or corrupt?): "
+        "Unable to synchronously open file (file signature not found)"
+    )
+
+
+def test_a_shard_without_labels_or_ids_reads_without_them(tmp_path) -> None:
+    path = tmp_path / "shard-00000.h5"
+    write_shard(path, _columns(3, labelled=False, ids=False))
+    with ShardReader(inspect_shard(path)) as reader:
+        cols = reader.read(1, 3)
+        assert (cols.redshift, cols.object_id) == (None, None)
+        assert cols.magnitudes[:, 0].tolist() == [1.0, 2.0]
+        assert reader.read(0, 3, images=False).images.dtype == np.float32
