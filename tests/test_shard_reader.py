@@ -98,6 +98,7 @@ def test_slabs_that_straddle_shard_boundaries_land_in_order(tmp_path) -> None:
         with h5py.File(path) as f:
             ids.append(f["object_id"][:].tolist())
             np.testing.assert_array_equal(f["images"][:, 3, 4, 5], f["object_id"][:] - 100)
+            np.testing.assert_array_equal(f["magnitudes"][:, 2], f["object_id"][:] - 100)
             np.testing.assert_array_equal(f["redshift"][:], (f["object_id"][:] - 100).astype(np.float32) / 10)
     assert ids == [[100, 101, 102], [103, 104, 105], [106]]
     unlabelled = Columns(cols.images, cols.magnitudes, None, None)
@@ -152,6 +153,7 @@ def test_shard_size_in_rows_from_megabytes() -> None:
     assert rows_per_shard(25) == 1218  # 25,000,000 // 20,512
     assert rows_per_shard(0.041024) == 2  # exactly two samples
     assert rows_per_shard(0.041023) == 1
+    assert rows_per_shard(0.041023999) == 1  # 41,023.999 bytes (megabytes are 10^6 bytes)
     assert rows_per_shard(0.001) == 1  # at least one
     for bad in (0, -2.5):
         with pytest.raises(InputError) as refused:
