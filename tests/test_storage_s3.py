@@ -98,6 +98,9 @@ def test_a_missing_object_does_not_exist_and_reading_it_is_one_line(s3) -> None:
     with pytest.raises(InputError) as bad:
         missing.read_bytes()
     assert str(bad.value).startswith(f"s3://{BUCKET}/r/missing.bin: S3 refused: NoSuchKey: ")
+    with pytest.raises(InputError) as no_etag:
+        missing.etag()
+    assert str(no_etag.value).startswith(f"s3://{BUCKET}/r/missing.bin: S3 refused: 404: ")
     assert not Location("s3://no-such-bucket/x").exists()
     Location(f"s3://{BUCKET}/out").make_dir()  # nothing to make, the bucket answers
     with pytest.raises(InputError) as no_bucket:
