@@ -49,6 +49,8 @@ def test_an_s3_uri_is_parsed_into_bucket_and_key() -> None:
     assert (root.key, str(root), str(root / "k")) == ("", "s3://b-1", "s3://b-1/k")
     assert Location("s3://b-1/runs/a") == where and Location("runs/a") != where
     assert len({where, Location("s3://b-1/runs/a//")}) == 1
+    edges = Location("s3://b-1/XrunX/")  # only slashes are trimmed
+    assert (edges.key, edges.name, edges.stem) == ("XrunX", "XrunX", "XrunX")
     with pytest.raises(InputError) as no_bucket:
         Location("s3:///runs")
     assert str(no_bucket.value) == "s3:///runs: an S3 location needs a bucket (s3://bucket/prefix)"
@@ -78,7 +80,7 @@ def test_a_listing_holds_the_files_directly_under_the_prefix_sorted_hidden_ones_
 def test_reads_come_from_one_fetch_until_released_and_a_write_replaces_them(s3) -> None:
     put(s3, "r/a.bin", b"first")
     where = Location(f"s3://{BUCKET}/r/a.bin")
-    assert where.exists() and where.read_bytes() == b"first"
+    assert where.exists() and where.read_bytes() == b"first" and where.exists()
     put(s3, "r/a.bin", b"second")  # by another process: this one keeps the copy it read
     assert where.read_bytes() == b"first"
     where.release()
@@ -97,15 +99,15 @@ def test_a_missing_object_does_not_exist_and_reading_it_is_one_line(s3) -> None:
     assert not missing.exists()
     with pytest.raises(InputError) as bad:
         missing.read_bytes()
-    assert str(bad.value).startswith(f"s3://{BUCKET}/r/missing.bin: S3 refused: NoSuchKey: ")
+    assert str(bad.value) == f"s3://{BUCKET}/r/missing.bin: S3 refused: NoSuchKey: The specified key does not exist."
     with pytest.raises(InputError) as no_etag:
         missing.etag()
-    assert str(no_etag.value).startswith(f"s3://{BUCKET}/r/missing.bin: S3 refused: 404: ")
+    assert str(no_etag.value) == f"s3://{BUCKET}/r/missing.bin: S3 refused: 404: Not Found"  # HEAD: no body
     assert not Location("s3://no-such-bucket/x").exists()
     Location(f"s3://{BUCKET}/out").make_dir()  # nothing to make, the bucket answers
     with pytest.raises(InputError) as no_bucket:
         Location("s3://no-such-bucket/out").make_dir()
-    assert str(no_bucket.value).startswith("s3://no-such-bucket/out: S3 refused: 404: ")
+    assert str(no_bucket.value) == "s3://no-such-bucket/out: S3 refused: 404: Not Found"
 
 
 def test_an_hdf5_file_appears_on_s3_only_when_its_block_succeeds(s3) -> None:
@@ -180,3 +182,12 @@ def test_prediction_files_on_s3_are_checked_and_read_without_keeping_them(s3, sm
     got_pred, got_true = read_labelled(out, shard, 5)
     assert got_pred.tolist() == pred[:5].tolist() and got_true.tolist() == labels[:5].tolist()
     assert not storage._fetched  # checked and read through byte ranges: no file kept in memory
+
+
+def test_an_unreachable_endpoint_is_one_line(s3, monkeypatch) -> None:
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:9")  # discard: nothing answers there
+    with pytest.raises(InputError) as bad:
+        Location(f"s3://{BUCKET}/r/e").read_bytes()
+    assert str(bad.value) == (
+        f's3://{BUCKET}/r/e: S3 unreachable: Could not connect to the endpoint URL: "http://127.0.0.1:9/{BUCKET}/r/e"'
+    )
