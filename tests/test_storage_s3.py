@@ -191,3 +191,20 @@ def test_an_unreachable_endpoint_is_one_line(s3, monkeypatch) -> None:
     assert str(bad.value) == (
         f's3://{BUCKET}/r/e: S3 unreachable: Could not connect to the endpoint URL: "http://127.0.0.1:9/{BUCKET}/r/e"'
     )
+
+
+def test_failures_while_writing_or_reading_in_ranges_name_the_object(s3) -> None:
+    with pytest.raises(InputError) as no_bucket:
+        Location("s3://no-such-bucket/run/summary.json").write_bytes(b"{}")
+    assert str(no_bucket.value) == (
+        "s3://no-such-bucket/run/summary.json: S3 refused: NoSuchBucket: The specified bucket does not exist"
+    )
+    with pytest.raises(InputError) as no_key:
+        Location(f"s3://{BUCKET}/r/none.h5").open_h5(header_only=True)
+    assert str(no_key.value) == f"s3://{BUCKET}/r/none.h5: S3 refused: 404: Not Found"
+    put(s3, "r/gone", b"0123")
+    raw = storage._RangedObject(Location(f"s3://{BUCKET}/r/gone"))
+    s3.delete_object(Bucket=BUCKET, Key="r/gone")  # between the header check and the read
+    with pytest.raises(InputError) as gone:
+        raw.read(2)
+    assert str(gone.value) == f"s3://{BUCKET}/r/gone: S3 refused: NoSuchKey: The specified key does not exist."
