@@ -266,3 +266,16 @@ def test_a_shard_without_labels_or_ids_reads_without_them(tmp_path) -> None:
         assert (cols.redshift, cols.object_id) == (None, None)
         assert cols.magnitudes[:, 0].tolist() == [1.0, 2.0]
         assert reader.read(0, 3, images=False).images.dtype == np.float32
+
+
+def test_chunks_hold_at_most_256_kib_so_a_slab_reads_little_more_than_itself(tmp_path) -> None:
+    with ShardWriter(tmp_path / "shard-00000.h5", 100, labelled=True, has_object_id=True) as w:
+        w.write(0, _columns(100))
+    with h5py.File(tmp_path / "shard-00000.h5") as f:
+        # An image row is 20,480 bytes: 12 rows to a chunk; the small columns fit whole.
+        assert {name: f[name].chunks for name in f} == {
+            "images": (12, 5, 32, 32),
+            "magnitudes": (100, 5),
+            "redshift": (100,),
+            "object_id": (100,),
+        }
