@@ -191,6 +191,9 @@ def test_an_unreachable_endpoint_is_one_line(s3, monkeypatch) -> None:
     assert str(bad.value) == (
         f's3://{BUCKET}/r/e: S3 unreachable: Could not connect to the endpoint URL: "http://127.0.0.1:9/{BUCKET}/r/e"'
     )
+    with pytest.raises(InputError) as no_answer:
+        Location(f"s3://{BUCKET}/r/e").exists()  # not "missing": nothing answered
+    assert str(no_answer.value).startswith(f"s3://{BUCKET}/r/e: S3 unreachable: ")
 
 
 def test_failures_while_writing_or_reading_in_ranges_name_the_object(s3) -> None:
