@@ -169,15 +169,18 @@ class DatasetWriter:
     def __exit__(self, exc_type: object, *rest: object) -> None:
         if self._writer is not None:
             self._writer.__exit__(exc_type or RuntimeError)
+        committed = False
         try:
             if exc_type is None:
                 if self._row != (self._bounds[-1][1] if self._bounds else 0):
                     raise RuntimeError(f"dataset writer got {self._row} rows, expected {self._bounds[-1][1]}")
                 for shard in sorted(self._stage.iterdir()):
                     os.replace(shard, self.out / shard.name)
+                committed = True
         finally:
             shutil.rmtree(self._stage, ignore_errors=True)
-            if exc_type is not None and self._made_out:
+            # Any failure, the writer's own (rows missing, a rename refused) included, leaves out as it was.
+            if not committed and self._made_out:
                 shutil.rmtree(self.out, ignore_errors=True)
 
     @property
@@ -205,7 +208,7 @@ def inspect_shard(where: Location | Path | str) -> ShardInfo:
             raise InputError(f"{path}: {_open_failure(exc)}") from None
         try:
             return _checked_header(fid, path)
-        except (OSError, KeyError, TypeError, ValueError) as exc:  # a damaged object header, say
+        except (OSError, KeyError, RuntimeError, TypeError, ValueError) as exc:  # a damaged header or index
             raise InputError(f"{path}: not a readable HDF5 shard (damaged?): {_short(exc)}") from None
 
 

@@ -10,8 +10,10 @@ import h5py
 import numpy as np
 import pytest
 
+from cai_hpc.errors import InputError
 from cai_hpc.predictions import (
     is_complete,
+    prediction_files,
     prediction_path,
     read_labelled,
     remove_stale_temporaries,
@@ -220,3 +222,35 @@ def test_an_unlabelled_shard_gives_no_labels(out, small_dataset, tmp_path) -> No
     assert (pred.size, true.size, pred.dtype, true.dtype) == (0, 0, np.float32, np.float32)
     with h5py.File(prediction_path(out, shard).path) as f:
         assert sorted(f) == ["object_id", "redshift_pred"]
+
+
+def test_embeddings_are_stored_as_float32_and_complete_only_with_every_row(out, shard) -> None:
+    # Six features per row (not the model's 3216): a shape that cannot be taken for the row count.
+    features = np.arange(48 * 6, dtype=np.float64).reshape(48, 6) / 8
+    path = write_predictions(out, shard, np.zeros(48, np.float32), STAMP, {}, embeddings=features)
+    with h5py.File(path) as f:
+        assert (f["embeddings"].dtype, f["embeddings"].shape) == (np.float32, (48, 6))
+        assert f["embeddings"][47].tolist() == [35.25, 35.375, 35.5, 35.625, 35.75, 35.875]
+    assert is_complete(out, shard, 48, "w-1", embeddings=True)
+    with h5py.File(path, "a") as f:
+        kept = f["embeddings"][:47]
+        del f["embeddings"]
+        f["embeddings"] = kept  # a row short
+    assert is_complete(out, shard, 48, "w-1") and not is_complete(out, shard, 48, "w-1", embeddings=True)
+    write_predictions(out, shard, np.zeros(48, np.float32), STAMP, {})
+    assert is_complete(out, shard, 48, "w-1") and not is_complete(out, shard, 48, "w-1", embeddings=True)
+
+
+def test_a_runs_prediction_files_are_listed_in_shard_order_or_refused_in_one_line(out, shard, small_dataset) -> None:
+    with pytest.raises(InputError) as empty:
+        prediction_files(out)  # the directory is there, no file in it
+    assert str(empty.value) == f"{out}: no predictions/*.h5 files (run 'cai-hpc infer --out {out}' first)"
+    with pytest.raises(InputError, match="no predictions"):
+        prediction_files(Path(out) / "nothing")
+    write(out, inspect_shard(small_dataset / "shard-00002.h5"), np.zeros(48, np.float32), STAMP)
+    write(out, shard, np.zeros(48, np.float32), STAMP)
+    (Path(out) / "predictions" / ".shard-00003.h5").write_bytes(b"hidden")
+    assert prediction_files(str(out)) == [
+        out / "predictions" / "shard-00001.h5",
+        out / "predictions" / "shard-00002.h5",
+    ]

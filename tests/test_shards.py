@@ -146,6 +146,14 @@ def _corrupt_row_count(path: Path) -> None:
         f["redshift"] = z[:-1]
 
 
+def _corrupt_group_index(path: Path) -> None:
+    """The root group's B-tree, the file's first one (h5py's default layout), loses its signature."""
+    data = bytearray(path.read_bytes())
+    at = data.index(b"TREE")
+    data[at : at + 4] = b"XXXX"
+    path.write_bytes(bytes(data))
+
+
 BAD_SHARDS = {
     "missing dataset": (_corrupt_missing_dataset, "missing dataset 'magnitudes'"),
     "wrong shape": (_corrupt_shape, "dataset 'images' has shape (48, 5, 16, 16), expected (N, 5, 32, 32)"),
@@ -157,6 +165,7 @@ BAD_SHARDS = {
     "empty": (_corrupt_empty, "empty shard (0 rows)"),
     "mixed versions": (_corrupt_version, "shard format version 2, this cai-hpc reads 1"),
     "row counts differ": (_corrupt_row_count, "dataset 'redshift' has 47 rows, 'images' has 48"),
+    "damaged group index": (_corrupt_group_index, "not a readable HDF5 shard (damaged?): "),
 }
 
 
