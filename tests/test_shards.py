@@ -158,14 +158,17 @@ BAD_SHARDS = {
     "missing dataset": (_corrupt_missing_dataset, "missing dataset 'magnitudes'"),
     "wrong shape": (_corrupt_shape, "dataset 'images' has shape (48, 5, 16, 16), expected (N, 5, 32, 32)"),
     "wrong dtype": (_corrupt_dtype, "dataset 'magnitudes' has dtype float64, expected float32"),
-    "truncated": (_corrupt_truncate, "not a readable HDF5 file"),
-    "not hdf5": (_corrupt_not_hdf5, "not a readable HDF5 file"),
+    "truncated": (_corrupt_truncate, "not a readable HDF5 file (truncated or corrupt?): Unable to synchronously open"),
+    "not hdf5": (_corrupt_not_hdf5, "not a readable HDF5 file (truncated or corrupt?): Unable to synchronously open"),
     "nan": (_corrupt_nan, "dataset 'images' holds NaN or inf (first at row 30)"),
     "inf": (_corrupt_inf_magnitude, "dataset 'magnitudes' holds NaN or inf (first at row 7)"),
     "empty": (_corrupt_empty, "empty shard (0 rows)"),
     "mixed versions": (_corrupt_version, "shard format version 2, this cai-hpc reads 1"),
     "row counts differ": (_corrupt_row_count, "dataset 'redshift' has 47 rows, 'images' has 48"),
-    "damaged group index": (_corrupt_group_index, "not a readable HDF5 shard (damaged?): "),
+    "damaged group index": (
+        _corrupt_group_index,
+        "not a readable HDF5 shard (damaged?): Unable to synchronously check",
+    ),
 }
 
 
@@ -242,3 +245,34 @@ def test_header_check_catches_a_foreign_hdf5_file(tmp_path: Path) -> None:
         f["images"] = np.zeros((2, 5, 32, 32), np.float32)
     with pytest.raises(InputError, match="not a cai-hpc-shard file"):
         inspect_shard(tmp_path / "x.h5")
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (
+            lambda f: f.create_dataset("magnitudes", data=np.zeros((2, 5), np.float32)),
+            "HDF5 arrays without the cai-hpc-shard format attributes; make shards of them with: "
+            "cai-hpc convert x.h5 --out DIR",
+        ),
+        (
+            lambda f: f.attrs.update(format=np.bytes_(b"\xffshard")),
+            "not a cai-hpc-shard file (attribute 'format' is '\ufffdshard')",
+        ),
+        (
+            lambda f: f.attrs.update(format="cai-hpc-shard", format_version="1"),
+            "shard format version -1, this cai-hpc reads 1",
+        ),
+        (
+            lambda f: f.attrs.update(format="cai-hpc-shard", format_version=1) or f.create_group("magnitudes"),
+            "'magnitudes' is not a dataset",
+        ),
+    ],
+)
+def test_a_foreign_or_odd_header_is_named_in_one_line(make, message, tmp_path: Path) -> None:
+    with h5py.File(tmp_path / "x.h5", "w") as f:
+        f["images"] = np.zeros((2, 5, 32, 32), np.float32)
+        make(f)
+    with pytest.raises(InputError) as refused:
+        inspect_shard(tmp_path / "x.h5")
+    assert str(refused.value) == f"{tmp_path / 'x.h5'}: {message}"

@@ -194,6 +194,9 @@ def test_an_unreachable_endpoint_is_one_line(s3, monkeypatch) -> None:
     with pytest.raises(InputError) as no_answer:
         Location(f"s3://{BUCKET}/r/e").exists()  # not "missing": nothing answered
     assert str(no_answer.value).startswith(f"s3://{BUCKET}/r/e: S3 unreachable: ")
+    with pytest.raises(InputError) as no_listing:
+        Location(f"s3://{BUCKET}/r").is_dir()
+    assert str(no_listing.value).startswith(f"s3://{BUCKET}/r: S3 unreachable: ")
 
 
 def test_failures_while_writing_or_reading_in_ranges_name_the_object(s3) -> None:
