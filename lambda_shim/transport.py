@@ -1019,9 +1019,10 @@ class Transport:
         payload = memoryview(payload).cast("B")  # lengths in bytes, whatever the items
         op = SendOp(dest, ctx, tag)
         if dest == self.rank:
+            # Done before delivery: a receive posted already matches (and acks) it at once.
+            op.done = not sync
             ack = (lambda: self._complete(op)) if sync else None
             self._deliver(dest, ctx, tag, kind, bytearray(payload), ack)
-            op.done = not sync
             return op
         try:
             link = self._link(dest)

@@ -184,6 +184,14 @@ def test_sends_to_self_loop_back(world) -> None:
     assert op.done
 
 
+def test_a_sync_send_to_self_matches_a_receive_posted_before_it(world) -> None:
+    [solo] = world(1)
+    early = solo.irecv(0, 0, 3)
+    op = send(solo, 0, 3, b"me", sync=True)
+    solo.wait([op, early], deadline=time.monotonic() + 5)
+    assert bytes(early.payload) == b"me"
+
+
 def test_wait_for_some_of_many(world) -> None:
     a, b = world()
     ops = [a.irecv(1, 0, tag) for tag in range(4)]
