@@ -508,11 +508,14 @@ class Transport:
             self._all_links.append(link)
             self._engage(link)
 
-    def _end_link(self, link: _Link, why: str) -> None:
+    def _end_link(self, link: _Link, why: str, clean: bool = False) -> None:
         """Take a link out of the engine for good: nothing more is read from it or sent on it
         (shut down, not closed, so no descriptor number is reused under a thread still using
-        it). Its peer is gone once every link to it has ended (another may still hold its last
-        frames); when the server's ends, waits that depend on the server fail."""
+        it). After a ``clean`` end (the peer closed it between frames) its peer is gone once
+        every link to it has ended (another may still hold its last frames). Any other end
+        lost frames that nothing can recover: the peer is gone at once and its other links
+        are ended too, so that its side learns it as well. When the server's ends, waits that
+        depend on the server fail."""
         with self._cond:
             if link.ended:
                 return
@@ -535,8 +538,12 @@ class Transport:
                     self._server_lost = f"the rendezvous server is lost: {link.why_dead}"
             else:
                 self._open_links[link.peer] -= 1
-                if self._open_links[link.peer] == 0:
+                if self._open_links[link.peer] == 0 or not clean:
                     self._dead.setdefault(link.peer, link.why_dead)
+                if not clean:
+                    for other in self._all_links:
+                        if other.peer == link.peer and not other.ended:
+                            self._end_link(other, f"another link to it ended: {link.why_dead}")
             self._cond.notify_all()
         self._kick()  # a poller may be waiting for what can no longer come
 
@@ -795,7 +802,9 @@ class Transport:
                 why = f"connection closed ({type(exc).__name__})"
             else:
                 why = f"{type(exc).__name__}: {exc}"
-            self._end_link(link, why)
+            # A peer that leaves closes every link between frames; anything else lost frames.
+            clean = isinstance(exc, EOFError) and link.reader.between_frames()
+            self._end_link(link, why, clean=clean)
 
     def _on_frame(self, link: _Link, frame: Frame) -> None:
         kind, source, ctx, tag, payload = frame
@@ -913,7 +922,7 @@ class Transport:
             self._kick()  # the background thread gives the engine up
         try:
             while not ready():
-                if self._dead or self._server_lost or self._closed:
+                if self._dead or self._server_lost or self._closed or any(op.error for op in pending()):
                     with self._cond:
                         for op in pending():
                             self._check(op)

@@ -302,7 +302,15 @@ class FrameReader:
                 read += n
         except BlockingIOError:
             pass
+        except EOFError:
+            if not frames:
+                raise
+            # The frames completed before the end count; the next call reports the end.
         return frames
+
+    def between_frames(self) -> bool:
+        """No frame is under way: an end of the stream here cut nothing."""
+        return self._header is None and self._big is None and self._start == self._end
 
     def _feed_big(self, sock: socket.socket, need: int, frames: list[Frame]) -> int:
         """Read a record larger than the scratch buffer straight into a buffer of its size."""

@@ -3,6 +3,8 @@ real ranks (threads of this process) wired up through a real rendezvous server o
 
 from __future__ import annotations
 
+import socket
+import struct
 import threading
 import time
 import uuid
@@ -10,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from lambda_shim import transport
 from lambda_shim.constants import ANY_SOURCE, ANY_TAG
 from lambda_shim.errors import CommError
 from lambda_shim.launch import start_server
@@ -271,3 +274,71 @@ def test_a_rank_that_leaves_after_an_error_is_reported_to_ranks_waiting_for_it(w
     with pytest.raises(CommError, match="rank 0: peer rank 1 is gone while we wait for it: it left the job"):
         a.wait([a.irecv(1, 0, 0)], deadline=time.monotonic() + 30)
     assert time.monotonic() - t0 < 15
+
+
+class _ResettingProxy:
+    """A forwarder standing for the network on one connection, which can reset it (an on-path
+    reset, a relay pipe dying)."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = self.listener.getsockname()
+        self.pair: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        inner, _ = self.listener.accept()
+        outer = socket.create_connection(self.target)
+        self.pair = [inner, outer]
+        for x, y in ((inner, outer), (outer, inner)):
+            threading.Thread(target=self._pipe, args=(x, y), daemon=True).start()
+
+    @staticmethod
+    def _pipe(x: socket.socket, y: socket.socket) -> None:
+        try:
+            while data := x.recv(65536):
+                y.sendall(data)
+        except OSError:
+            pass
+
+    def reset(self) -> None:
+        for sock in self.pair:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()
+        self.listener.close()
+
+
+def test_a_link_reset_while_another_to_the_peer_stays_open_fails_both_sides(world, monkeypatch) -> None:
+    """Two links between a pair of ranks (both connected on first contact at once); one is
+    reset. Frames on it are lost, so both ranks' waits on each other end with CommError, though
+    heartbeats would keep the other link alive."""
+    a, b = world(2, liveness=3)
+    send(a, 1, 0, b"hello")  # the link rank 0 opened
+    assert recv(b, 0, 0)[2] == b"hello"
+    proxy = _ResettingProxy(a._listener.getsockname())
+    entry = transport.table_entry
+    monkeypatch.setattr(transport, "table_entry", lambda table, peer: (proxy.address, *entry(table, peer)[1:]))
+    b._connect(0, "direct", time.monotonic() + 30)  # a second link, rank 1 to rank 0, through the proxy
+    until = time.monotonic() + 10
+    while a._open_links[1] < 2 and time.monotonic() < until:  # rank 0 adopts it after its handshake
+        time.sleep(0.01)
+    assert a._open_links[1] == b._open_links[0] == 2
+    proxy.reset()
+    errors = []
+
+    def waits(t: Transport, peer: int) -> None:
+        with pytest.raises(CommError, match=f"peer rank {peer} is gone") as caught:
+            t.wait([t.irecv(peer, 0, 5)], deadline=time.monotonic() + 20)
+        errors.append(caught.value)
+
+    threads = [threading.Thread(target=waits, args=args) for args in ((a, 1), (b, 0))]
+    t0 = time.monotonic()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert len(errors) == 2
+    assert time.monotonic() - t0 < 10  # news of the reset, not the liveness deadline or the wait's
+    with pytest.raises(CommError, match="peer rank 0 is gone"):
+        send(b, 0, 6, b"x")

@@ -290,3 +290,24 @@ def test_the_incremental_reader_fails_a_tampered_record_and_the_end_of_the_strea
     b.close()
     with pytest.raises(EOFError):
         feed_all(FrameReader(acceptor), a)
+
+
+def test_the_incremental_reader_hands_over_the_last_frame_before_the_end_of_the_stream(linked) -> None:
+    """A peer that sends a big frame and closes: the frame arrives, then the end (a clean one,
+    between frames); a stream cut inside a frame ends in the middle of one."""
+    a, acceptor, b, initiator = linked
+    big = bytes(3 * 2**20)
+    b.setblocking(True)
+    wire_bytes = b"".join(initiator.seal_frame(KIND_OBJECT, 1, 0, big))
+    sender = threading.Thread(target=lambda: (b.sendall(wire_bytes), b.close()))
+    sender.start()
+    reader = FrameReader(acceptor)
+    frames: list = []
+    a.setblocking(True)  # every recv waits for bytes or the end: the end comes right after the frame
+    while not frames:
+        frames = reader.feed(a, budget=2**40)
+    sender.join(timeout=10)
+    assert frames == [(KIND_OBJECT, 1, 0, 0, bytearray(big))]
+    with pytest.raises(EOFError):
+        reader.feed(a)
+    assert reader.between_frames()
