@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from lambda_shim import message as msgs
-from lambda_shim.constants import ANY_SOURCE, ANY_TAG, PROC_NULL, SUM
+from lambda_shim.constants import ANY_SOURCE, ANY_TAG, MAX_TAG, PROC_NULL, SUM
 from lambda_shim.errors import ERR_BUFFER, ERR_OP, ERR_RANK, ERR_ROOT, ERR_TAG, ERR_TRUNCATE, MPIException
 from lambda_shim.message import Message, VectorMessage
 
@@ -245,7 +245,7 @@ class BufferAPI:
 
     @staticmethod
     def _check_tag(tag: int, receiving: bool) -> None:
-        if tag < 0 and not (receiving and tag == ANY_TAG):
+        if not 0 <= tag <= MAX_TAG and not (receiving and tag == ANY_TAG):  # MAX_TAG: what TAG_UB says
             raise MPIException(ERR_TAG, f"tag {tag}")
 
     # ------------------------------------------------------------ point to point

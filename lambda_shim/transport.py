@@ -38,10 +38,12 @@ from __future__ import annotations
 
 import collections
 import math
+import operator
 import os
 import random
 import select
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -87,6 +89,8 @@ MAX_WORLD = 100_000
 REFUSED_S = 2.0  # a peer's listener that refuses connections this long has left
 QUIET_S = 0.002  # the background thread runs progress once no thread was inside for this long
 IN, OUT = select.EPOLLIN, select.EPOLLOUT
+MAX_WIRE_TAG = 2**31 - 1  # a frame header's tag is a signed 32-bit integer
+MAX_CTX = 2**32 - 1  # and its context an unsigned one
 
 
 @dataclass
@@ -892,9 +896,11 @@ class Transport:
             try:
                 while not self._inside and not self._closed:
                     self._poll(self.config.liveness, lambda: self._inside > 0 or self._closed)
-            except (CommError, OSError, ValueError):
+            except Exception as exc:  # noqa: BLE001 - this thread's death would make the rank look dead
                 if not self._closed:
-                    raise
+                    # Links end on their own errors; this is anything else: say it, and go on.
+                    print(f"rank {self.rank}: transport progress: {type(exc).__name__}: {exc}", file=sys.stderr)
+                    time.sleep(QUIET_S)
             finally:
                 self._release_progress(mine=0)
         with self._cond:
@@ -1003,7 +1009,7 @@ class Transport:
                 link.writing = not drained
                 self._epoll.modify(link.fd, IN | OUT if link.writing else IN)
             finished = queued - len(link.out)
-        except OSError as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever breaks a send ends its link, not the engine
             error = exc
         else:
             error = None
@@ -1012,7 +1018,8 @@ class Transport:
         if error is not None:
             if link.ended or isinstance(error, FileNotFoundError):
                 return  # ended meanwhile (unregistered from the engine): that is the news
-            self._end_link(link, f"a send to it failed: {error.strerror or error}")
+            why = error.strerror or error if isinstance(error, OSError) else f"{type(error).__name__}: {error}"
+            self._end_link(link, f"a send to it failed: {why}")
         elif finished:
             with self._cond:
                 self._completed()
@@ -1023,8 +1030,7 @@ class Transport:
     ) -> SendOp:
         """Send one message to world rank ``dest``. A standard send is done once the payload
         is handed to the connection; ``sync`` is done once the receiver has matched it."""
-        if not 0 <= dest < self.size:
-            raise ValueError(f"dest {dest} is not a rank of a {self.size}-rank job")
+        self._check_address(dest, ctx, tag, receiving=False)
         payload = memoryview(payload).cast("B")  # lengths in bytes, whatever the items
         op = SendOp(dest, ctx, tag)
         if dest == self.rank:
@@ -1050,6 +1056,7 @@ class Transport:
         """Post a receive from world rank ``source`` (or ANY_SOURCE) with ``tag`` (or
         ANY_TAG): it takes the oldest matching message that has arrived, or else the first
         matching one to arrive after every receive posted before it."""
+        self._check_address(source, ctx, tag, receiving=True)
         op = RecvOp(source, ctx, tag)
         with self._cond:
             for i, message in enumerate(self._unexpected):
@@ -1063,6 +1070,17 @@ class Transport:
         if message.ack is not None:
             message.ack()
         return op
+
+    def _check_address(self, peer: int, ctx: int, tag: int, receiving: bool) -> None:
+        """ValueError (TypeError for a non-integer) unless a frame header can carry these,
+        before anything is queued: a frame that cannot be encoded must never reach a link."""
+        peer, ctx, tag = operator.index(peer), operator.index(ctx), operator.index(tag)
+        if not (0 <= peer < self.size or (receiving and peer == ANY_SOURCE)):
+            raise ValueError(f"rank {peer} is not a rank of a {self.size}-rank job")
+        if not 0 <= ctx <= MAX_CTX:
+            raise ValueError(f"context {ctx} is outside 0..{MAX_CTX}")
+        if not (0 <= tag <= MAX_WIRE_TAG or (receiving and tag == ANY_TAG)):
+            raise ValueError(f"tag {tag} is outside 0..{MAX_WIRE_TAG}")
 
     def iprobe(self, source: int, ctx: int, tag: int) -> Envelope | None:
         """The envelope of the message a receive posted now would match, if one has arrived."""

@@ -16,7 +16,7 @@ from lambda_shim import transport
 from lambda_shim.constants import ANY_SOURCE, ANY_TAG
 from lambda_shim.errors import CommError
 from lambda_shim.launch import start_server
-from lambda_shim.transport import Envelope, ShimConfig, Transport
+from lambda_shim.transport import MAX_WIRE_TAG, Envelope, SendOp, ShimConfig, Transport
 from lambda_shim.wire import KIND_BYTES, KIND_OBJECT, job_key, new_secret
 
 pytestmark = pytest.mark.timeout(120)
@@ -342,3 +342,60 @@ def test_a_link_reset_while_another_to_the_peer_stays_open_fails_both_sides(worl
     assert time.monotonic() - t0 < 10  # news of the reset, not the liveness deadline or the wait's
     with pytest.raises(CommError, match="peer rank 0 is gone"):
         send(b, 0, 6, b"x")
+
+
+@pytest.mark.parametrize(
+    ("dest", "ctx", "tag"), [(1, 0, MAX_WIRE_TAG + 1), (1, 0, -1), (1, 2**32, 0), (1, -1, 0), (2, 0, 0), (-1, 0, 0)]
+)
+def test_a_send_no_header_can_carry_is_refused_before_it_is_queued(world, dest, ctx, tag) -> None:
+    a, b = world()
+    send(a, 1, 0, b"linked")
+    assert recv(b, 0, 0)[2] == b"linked"
+    for payload in (b"small", bytes(100_000)):  # sent at once, or queued and sealed later
+        with pytest.raises(ValueError, match=r"is outside|is not a rank"):
+            send(a, dest, tag, payload, ctx=ctx)
+    assert not a._links[1].out
+    send(a, 1, MAX_WIRE_TAG, b"still linked")
+    assert recv(b, 0, MAX_WIRE_TAG) == (0, MAX_WIRE_TAG, b"still linked")
+
+
+def test_a_frame_that_fails_to_go_out_ends_its_link_not_the_engine(world) -> None:
+    """Whatever breaks while a link's queue is sent (here a frame made past the checks) ends
+    that link: its op fails, its peer hears of it, and the engine goes on."""
+    a, b, c = world(3)
+    send(a, 1, 0, b"linked")
+    assert recv(b, 0, 0)[2] == b"linked"
+    op = SendOp(1, 0, MAX_WIRE_TAG + 1)
+    a._queue(a._links[1], 0, MAX_WIRE_TAG + 1, bytes(100_000), 0, op)
+    with pytest.raises(CommError, match="sending to rank 1 failed: a send to it failed: error"):
+        a.wait([op], deadline=time.monotonic() + 10)
+    with pytest.raises(CommError, match="peer rank 0 is gone"):
+        b.wait([b.irecv(0, 0, 1)], deadline=time.monotonic() + 10)
+    send(a, 2, 3, b"on")
+    assert recv(c, 0, 3)[2] == b"on"
+
+
+def test_the_background_engine_outlives_an_unexpected_error(world, monkeypatch, capfd) -> None:
+    a, b = world()
+    send(a, 1, 0, b"linked")
+    assert recv(b, 0, 0)[2] == b"linked"
+    chores = a._chores
+    failures = []
+
+    def fail_once(now: float) -> None:
+        if not failures:
+            failures.append(now)
+            raise RuntimeError("unexpected")
+        chores(now)
+
+    monkeypatch.setattr(a, "_chores_due", 0.0)
+    monkeypatch.setattr(a, "_chores", fail_once)
+    a._kick()
+    until = time.monotonic() + 10
+    while not failures and time.monotonic() < until:
+        time.sleep(0.01)
+    time.sleep(0.2)
+    assert failures and a._background.is_alive()
+    assert "rank 0: transport progress: RuntimeError: unexpected" in capfd.readouterr().err
+    send(b, 0, 4, b"still served")
+    assert recv(a, 1, 4)[2] == b"still served"
