@@ -36,6 +36,7 @@ from lambda_shim.wire import (
     KIND_TABLE,
     MAC,
     MAX_CONTROL,
+    MAX_REQUEST,
     PROOF_HEAD,
     SEALED_HEADER,
     SERVER,
@@ -112,7 +113,7 @@ class Conn:
         self.send(KIND_CONTROL, encode_control(message))
 
     async def read(self) -> tuple[int, bytearray]:
-        kind, _, _, _, length = self.session.open_header(await self.reader.readexactly(SEALED_HEADER), MAX_CONTROL)
+        kind, _, _, _, length = self.session.open_header(await self.reader.readexactly(SEALED_HEADER), MAX_REQUEST)
         payload = bytearray(length)
         out, off = memoryview(payload), 0
         for n in chunk_sizes(length):

@@ -29,7 +29,6 @@ import socket
 import struct
 import time
 from collections.abc import Iterator
-from itertools import accumulate
 from pathlib import Path
 from typing import NamedTuple
 
@@ -47,6 +46,7 @@ HANDSHAKE_TIMEOUT_S = 10.0  # total, for the whole exchange
 CHUNK = 1 << 20  # payloads travel in sealed records of at most this many bytes
 MAX_FRAME = 1 << 34  # 16 GiB: the largest payload a frame may announce
 MAX_CONTROL = 64 * 1024  # largest JSON control message
+MAX_REQUEST = 4 * 1024  # largest request a rank sends the server (they are under 200 bytes)
 SMALL = 64 * 1024  # frames up to this size go out in one system call
 MAX_DEPTH = 4  # control messages are flat objects: deeper nesting is refused before parsing
 
@@ -361,7 +361,8 @@ def send_frame(sock: socket.socket, session: Session, kind: int, source: int, ta
 
 
 # ---------------------------------------------------------------- control messages
-_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+# A JSON string (to its end, even an unterminated one, so no byte is scanned twice) or a bracket.
+_TOKEN = re.compile(rb'"(?:[^"\\]|\\.)*"?|[][{}]')
 
 
 def encode_control(message: dict) -> bytes:
@@ -373,10 +374,15 @@ def decode_control(data: bytes | bytearray) -> dict:
     cannot exhaust the parser's recursion)."""
     if len(data) > MAX_CONTROL:
         raise AuthError(f"control message of {len(data)} bytes is over the {MAX_CONTROL} limit")
-    bare = _STRING.sub(b"", bytes(data))
-    steps = (1 if c in b"[{" else -1 if c in b"]}" else 0 for c in bare)
-    if max(accumulate(steps, initial=0)) > MAX_DEPTH:
-        raise AuthError(f"control message nested deeper than {MAX_DEPTH}")
+    depth = 0
+    for token in _TOKEN.finditer(data):  # one pass: brackets outside strings
+        opener = token.group()
+        if opener in (b"[", b"{"):
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise AuthError(f"control message nested deeper than {MAX_DEPTH}")
+        elif opener in (b"]", b"}"):
+            depth -= 1
     try:
         message = json.loads(data)
     except (ValueError, RecursionError):

@@ -671,6 +671,19 @@ def test_a_finished_job_gets_no_relay(server) -> None:
     assert json.loads(payload)["message"].startswith("relay refused")
 
 
+def test_a_request_past_the_request_limit_is_refused_and_the_server_goes_on(server) -> None:
+    """Attack F4: a member's 60 KB control message (of the kind that made the depth check
+    quadratic) held the server's only loop for minutes; requests are under 200 bytes."""
+    sock, session = _raw_client(server, uuid.uuid4().hex, 0)
+    send_frame(sock, session, KIND_CONTROL, 0, 0, b'"' + b'\\"' * 30_000)
+    assert sock.recv(1) == b""  # refused: the connection ends
+    sock.close()
+    host, port = server.address.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as other:
+        assert other.recv(64)  # another client's greeting, at once
+    assert [c for c, _ in server.run_job(2, uuid.uuid4().hex)] == [0, 0]
+
+
 def test_a_rank_whose_first_registration_dropped_can_register_again(server) -> None:
     """Finding 8: the server notices the end of the first connection."""
     job = uuid.uuid4().hex

@@ -226,6 +226,17 @@ def test_deep_or_oversized_control_messages_are_refused_without_recursion() -> N
     assert decode_control(b'{"op":"x","s":"[[[[[[[["}') == {"op": "x", "s": "[[[[[[[["}
 
 
+@pytest.mark.timeout(5)  # milliseconds now; the quadratic check took 15 s here for one
+def test_the_depth_check_reads_a_control_message_once() -> None:
+    """Unterminated strings of escaped quotes made the check quadratic (minutes at 64 KiB)."""
+    for message in (b'"' + b'\\"' * 32_000, b'["' + b'\\"' * 32_000, b"\\" * 64_000):
+        with pytest.raises(AuthError, match="not JSON"):
+            decode_control(message)
+    assert decode_control(b'{"s":"\\"[[[[[[","t":["]]]]"]}') == {"s": '"[[[[[[', "t": ["]]]]"]}
+    with pytest.raises(AuthError, match="nested deeper"):
+        decode_control(b'{"s":"\\\\","t":[[[[[]]]]]}')  # an escaped backslash ends no string
+
+
 def test_the_address_table_of_100000_ranks_round_trips() -> None:
     entries = [(f"10.0.{r // 256 % 256}.{r % 256}", 1000 + r % 60000, "127.0.0.1", 7) for r in range(100_000)]
     data = pack_table(entries)
