@@ -242,9 +242,13 @@ def _reusable_socket(host: str, port: int) -> socket.socket:
     """A TCP socket bound to (host, port) that other sockets of this process may share the
     port with: the listener, the server connection and the punched peer connections."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((host, port))
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
     return sock
 
 
@@ -397,8 +401,9 @@ class Transport:
         deadline = time.monotonic() + self.config.connect_timeout
         delay, last = 0.05, "no attempt"
         while True:
-            sock = _reusable_socket(self._bind_host, local_port) if local_port else socket.socket()
-            try:
+            sock = None
+            try:  # making the socket fails too when out of descriptors: one more failed attempt
+                sock = _reusable_socket(self._bind_host, local_port) if local_port else socket.socket()
                 sock.settimeout(max(0.05, min(HANDSHAKE_TIMEOUT_S, deadline - time.monotonic())))
                 sock.connect(self.config.server)
                 _tune(sock)
@@ -423,8 +428,9 @@ class Transport:
                 last = "it closed the connection before the handshake (busy)"
             except OSError as exc:
                 last = exc.strerror or str(exc)
-            sock.close()
-            if time.monotonic() + delay > deadline:
+            if sock is not None:
+                sock.close()
+            if self._closed or time.monotonic() + delay > deadline:
                 raise CommError(
                     f"rank {self.rank}: rendezvous server {host}:{port} unreachable within "
                     f"{self.config.connect_timeout:g} s: {last}"
@@ -622,16 +628,18 @@ class Transport:
     def _punch_back(self, peer: int, deadline: float) -> _Link | None:
         last: Exception | None = None
         while time.monotonic() < deadline and peer not in self._links and not self._closed:
-            sock = _reusable_socket(self._bind_host, self._punch_port)
-            sock.settimeout(max(0.1, min(2.0, deadline - time.monotonic())))
-            try:
+            sock = None
+            try:  # out of descriptors: a failed attempt, retried until the deadline
+                sock = _reusable_socket(self._bind_host, self._punch_port)
+                sock.settimeout(max(0.1, min(2.0, deadline - time.monotonic())))
                 sock.connect(self._observed(peer))
                 _tune(sock)
                 link = self._paired_handshake(sock, peer, min(deadline, time.monotonic() + HANDSHAKE_TIMEOUT_S))
                 self._adopt(link)
                 return link
             except (OSError, EOFError, AuthError) as exc:
-                sock.close()
+                if sock is not None:
+                    sock.close()
                 last = exc
                 time.sleep(0.02)
         if peer in self._links:
@@ -675,7 +683,7 @@ class Transport:
         addr = table_entry(self._table, peer)[0]
         last: Exception | None = None
         refused_since = None
-        while time.monotonic() < deadline and peer not in self._dead:
+        while time.monotonic() < deadline and peer not in self._dead and not self._closed:
             try:
                 sock = socket.create_connection(addr, timeout=max(0.1, min(5.0, deadline - time.monotonic())))
             except OSError as exc:
@@ -698,6 +706,8 @@ class Transport:
                 time.sleep(0.05)
         if peer in self._dead:
             raise CommError(f"rank {self.rank}: peer rank {peer} is gone: {self._dead[peer]}")
+        if self._closed:
+            raise CommError(f"rank {self.rank}: this rank's transport is closed")
         raise CommError(f"rank {self.rank}: cannot connect to rank {peer} at {addr}: {last}")
 
     def _mode_of(self, sock: socket.socket) -> str:
@@ -725,7 +735,10 @@ class Transport:
             if peer in self._dead:
                 raise CommError(f"rank {self.rank}: peer rank {peer} is gone: {self._dead[peer]}")
             self._connect(peer, self.config.mode, time.monotonic() + self.config.connect_timeout)
-            return self._links[peer]
+            link = self._links.get(peer)
+            if link is None:  # closed while connecting: the new link was turned away
+                raise CommError(f"rank {self.rank}: this rank's transport is closed")
+            return link
 
     def _connect(self, peer: int, mode: str, deadline: float) -> None:
         """Open a link to ``peer``: one mode, or ``auto``: punch, then direct, then relay, each
@@ -1031,6 +1044,8 @@ class Transport:
         """Send one message to world rank ``dest``. A standard send is done once the payload
         is handed to the connection; ``sync`` is done once the receiver has matched it."""
         self._check_address(dest, ctx, tag, receiving=False)
+        if self._closed:
+            raise CommError(f"rank {self.rank}: this rank's transport is closed")
         payload = memoryview(payload).cast("B")  # lengths in bytes, whatever the items
         op = SendOp(dest, ctx, tag)
         if dest == self.rank:

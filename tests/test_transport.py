@@ -3,6 +3,8 @@ real ranks (threads of this process) wired up through a real rendezvous server o
 
 from __future__ import annotations
 
+import os
+import resource
 import socket
 import struct
 import threading
@@ -399,3 +401,33 @@ def test_the_background_engine_outlives_an_unexpected_error(world, monkeypatch, 
     assert "rank 0: transport progress: RuntimeError: unexpected" in capfd.readouterr().err
     send(b, 0, 4, b"still served")
     assert recv(a, 1, 4)[2] == b"still served"
+
+
+def test_a_send_after_close_is_comm_error(world) -> None:
+    a, _ = world()
+    a.close()
+    with pytest.raises(CommError, match="rank 0: this rank's transport is closed"):
+        send(a, 1, 0, b"late")
+
+
+def test_running_out_of_descriptors_on_first_contact_is_comm_error(world) -> None:
+    """Punch mode: both ranks make a socket for each attempt; out of descriptors, the sender's
+    attempts fail until its deadline (then CommError naming the peer) and the peer's punch-back
+    thread ends quietly (a traceback there would fail this test: warnings are errors)."""
+    a, _, _ = world(3, mode="punch")
+    a.config.connect_timeout = 2.0
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    pad: list[int] = []
+    resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")), hard))
+    try:
+        while True:
+            pad.append(os.open(os.devnull, os.O_RDONLY))
+    except OSError:
+        pass
+    try:
+        with pytest.raises(CommError, match=r"rank 0: could not punch through to rank 2 .*Too many open files"):
+            send(a, 2, 1, b"x")
+    finally:
+        for fd in pad:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
