@@ -48,6 +48,21 @@ def run(s: Suite) -> None:
             sent = send.wait()
             return msg, sent, s.status(status), bool(send), bool(recv)
 
+    # Synchronous sends to self matching receives posted before them.
+    @s.case("sync_to_self.posted_first")
+    def sync_to_self() -> Any:
+        first = comm.irecv(source=rank, tag=31)
+        comm.ssend(("ssend", rank), dest=rank, tag=31)
+        second = comm.irecv(source=rank, tag=32)
+        comm.issend(("issend", rank), dest=rank, tag=32).wait()
+        bufs = [np.zeros(2), np.zeros(2)]
+        reqs = [comm.Irecv(bufs[0], source=rank, tag=33), comm.Irecv(bufs[1], source=rank, tag=34)]
+        comm.Ssend(np.ones(2), dest=rank, tag=33)
+        some = MPI.Request.Waitsome(reqs)
+        comm.Ssend(np.full(2, 2.0), dest=rank, tag=34)
+        MPI.Request.Waitall(reqs)
+        return first.wait(), second.wait(), some, bufs
+
     # Blocking buffer sends, a star again; Rsend needs the receive posted first.
     for mode in ("Send", "Ssend", "Bsend", "Rsend"):
 
