@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from lambda_shim import dlpack
 from lambda_shim.constants import IN_PLACE
 from lambda_shim.errors import ERR_COUNT, ERR_TYPE, MPIException
 
@@ -309,18 +310,13 @@ def _datatype_of_format(fmt: str) -> Datatype:
     return lookup(fmt)
 
 
-def _from_dlpack(obj: Any) -> np.ndarray:
-    """A numpy view of a DLPack array on the CPU (a torch tensor...), as mpi4py takes them."""
-    try:
-        return np.from_dlpack(obj)
-    except (BufferError, RuntimeError, TypeError, ValueError) as exc:
-        raise BufferError(f"dlpack: {exc}") from None
-
-
 def byte_view(obj: Any, readonly: bool) -> tuple[np.ndarray, str]:
     """The buffer's memory as a flat uint8 array (a view, never a copy) and its format."""
     if not _has_buffer(obj) and hasattr(obj, "__dlpack__"):
-        obj = _from_dlpack(obj)
+        flat, fmt = dlpack.byte_view(obj)
+        if not readonly and not flat.flags.writeable:
+            raise BufferError("Object is not writable.")
+        return flat, fmt
     try:
         mv = memoryview(obj)
     except TypeError:
