@@ -296,6 +296,38 @@ def capitalised_probes():
 
 case("capitalised_probes", capitalised_probes)
 
+# ---- names mpi4py programs and mpi4py's own tests use (vendor checks, null handles, properties)
+case("vendor", lambda: (type(MPI.get_vendor()[0]).__name__, len(MPI.get_vendor()[1])))
+case("null_handles", lambda: [bool(h) for h in (MPI.OP_NULL, MPI.DATATYPE_NULL, MPI.INFO_NULL, MPI.MESSAGE_NULL)])
+case("message_no_proc", lambda: (bool(MPI.MESSAGE_NO_PROC), comm.mprobe(MPI.PROC_NULL) == MPI.MESSAGE_NO_PROC))
+case("keyvals", lambda: (MPI.BSEND_OVERHEAD, MPI.UNIVERSE_SIZE, MPI.WTIME_IS_GLOBAL))
+case("errhandler", lambda: (comm.Get_errhandler() == MPI.ERRORS_RETURN, comm.Set_errhandler(MPI.ERRORS_RETURN)))
+case("errhandlers", lambda: MPI.ERRORS_RETURN == MPI.ERRORS_ARE_FATAL)
+case(
+    "datatype_properties",
+    lambda: [
+        (t.size, t.extent, t.lb, t.ub, t.name, t.typestr)
+        for t in (MPI.BYTE, MPI.CHAR, MPI.INT, MPI.LONG, MPI.DOUBLE, MPI.C_BOOL, MPI.C_DOUBLE_COMPLEX, MPI.DOUBLE_INT)
+    ],
+)
+case("status_properties", lambda: [(s.source, s.tag, s.error, s.count, s.cancelled) for s in [MPI.Status()]])
+case("status_of_an_int", lambda: MPI.Status(123))
+case("exception_error_class", lambda: MPI.Exception(MPI.ERR_TAG).error_class)
+case("alloc_mem", lambda: (memoryview(MPI.Alloc_mem(16)).nbytes, MPI.Free_mem(MPI.Alloc_mem(8))))
+case("get_address", lambda: [MPI.Get_address(a) == a.ctypes.data for a in [np.zeros(3)]])
+# Null and predefined handles: the error classes MPICH gives.
+case("free_request_null", lambda: MPI.REQUEST_NULL.Free())
+case("cancel_request_null", lambda: MPI.REQUEST_NULL.Cancel())
+case("free_predefined_op", lambda: MPI.MAX.Free())
+case("free_op_null", lambda: MPI.OP_NULL.Free())
+case("free_predefined_datatype", lambda: MPI.INT.Free())
+case("datatype_null_size", lambda: MPI.DATATYPE_NULL.Get_size())
+case("recv_message_null", lambda: MPI.MESSAGE_NULL.recv())
+case("recv_message_no_proc_twice", lambda: (MPI.MESSAGE_NO_PROC.recv(), MPI.MESSAGE_NO_PROC.recv()))
+case("compare_null_null", lambda: MPI.Comm.Compare(MPI.COMM_NULL, MPI.COMM_NULL))
+case("compare_world_null", lambda: comm.Compare(MPI.COMM_NULL))
+case("comm_null_name", lambda: MPI.COMM_NULL.Get_name())
+
 comm.barrier()
 out = Path(sys.argv[2])
 (out / f"rank{rank}.json").write_text(json.dumps(got, indent=1))
