@@ -103,7 +103,9 @@ class Request:
             if self.on_complete is not None:
                 self.on_complete(self, status)
             return None
-        return pickle.loads(op.payload) if op.envelope.kind == KIND_OBJECT else bytes(op.payload)
+        if op.envelope.kind == KIND_OBJECT:
+            return pickle.loads(op.payload)
+        return bytes(op.payload) if op.payload else None  # an empty message: mpi4py's None
 
     # ---------------------------------------------------------------- one request
     def wait(self, status: Any = None) -> Any:

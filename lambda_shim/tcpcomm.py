@@ -20,6 +20,7 @@ from __future__ import annotations
 import pickle
 import struct
 import time
+import warnings
 from typing import Any
 
 from lambda_shim.buffers import BufferAPI
@@ -310,10 +311,11 @@ class Comm(BufferAPI):
         self._isend(obj, dest, tag, sync=False).wait()
 
     def irecv(self, buf: Any = None, source: int = ANY_SOURCE, tag: int = ANY_TAG) -> Request:
-        """A receive whose ``wait`` returns the object; ``buf`` (if given) bounds its pickled size."""
+        """A receive whose ``wait`` returns the object; ``buf`` (if given: a buffer, or an int,
+        the size of the buffer mpi4py would allocate) bounds its pickled size (ERR_TRUNCATE)."""
         source = self._valid_rank(source, wildcard=True)
         tag = self._valid_tag(tag, wildcard=True)
-        limit = None if buf is None else memoryview(buf).nbytes
+        limit = None if buf is None else _buffer_size(buf)
         if source == PROC_NULL:
             return Request(self._transport, None, RECV_OBJECT, self._world_rank)
         world = source if source == ANY_SOURCE else self._group[source]
@@ -321,6 +323,8 @@ class Comm(BufferAPI):
         return Request(self._transport, op, RECV_OBJECT, self._world_rank, (source, tag), limit)
 
     def recv(self, buf: Any = None, source: int = ANY_SOURCE, tag: int = ANY_TAG, status: Any = None) -> Any:
+        if buf is not None:  # as mpi4py 4, which still honours it
+            warnings.warn("the 'buf' argument is deprecated", UserWarning, stacklevel=2)
         return self.irecv(buf, source, tag).wait(status)
 
     def sendrecv(
@@ -622,6 +626,15 @@ class TcpComm(Comm):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _buffer_size(buf: Any) -> int:
+    """Bytes an object receive may take: an int is a size (mpi4py allocates that many bytes)."""
+    if isinstance(buf, int):
+        if buf < 0:
+            raise ValueError(f"negative receive buffer size {buf}")
+        return buf
+    return memoryview(buf).nbytes
 
 
 def _pack(parts: list[tuple[int, bytes]]) -> bytes:

@@ -99,6 +99,10 @@ def test_the_object_api_gives_what_mpi4py_gives(mode, mpi4py_results, tmp_path) 
     assert rank0["free_request_null"] == rank0["recv_message_null"] == "('raised', 'Exception', True, 19)"
     assert rank0["free_predefined_op"] == "('raised', 'Exception', True, 9)"
     assert rank0["compare_world_null"] == "('raised', 'Exception', True, 5)"
+    assert rank0["irecv_int_size"] == "'xxxxxxxxxx'" and rank0["irecv_int_small"] == "('raised', 'Exception', True, 14)"
+    assert rank0["recv_buf_warns"] == "(None, [('UserWarning', \"the 'buf' argument is deprecated\")])"
+    assert rank0["empty_buffer_message"] == "None" and rank0["some_of_nulls"] == "(None, None, (None, None))"
+    assert rank0["waitall_into_a_tuple"] == "(True, [(0, 96, 0, 5, False), (-2, -1, 0, 0, False)])"
 
 
 def test_importing_mpi_opens_no_connection_and_the_world_says_what_is_missing(tmp_path) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -327,6 +328,60 @@ case("recv_message_no_proc_twice", lambda: (MPI.MESSAGE_NO_PROC.recv(), MPI.MESS
 case("compare_null_null", lambda: MPI.Comm.Compare(MPI.COMM_NULL, MPI.COMM_NULL))
 case("compare_world_null", lambda: comm.Compare(MPI.COMM_NULL))
 case("comm_null_name", lambda: MPI.COMM_NULL.Get_name())
+
+
+# ---- object receives given a size, empty messages, request arrays with nothing active
+def self_message(receive, send):
+    request = receive()
+    send()
+    return request.wait()
+
+
+case("irecv_int_proc_null", lambda: comm.irecv(0, MPI.PROC_NULL).wait())
+case("irecv_int_size", lambda: self_message(lambda: comm.irecv(512, rank, 92), lambda: comm.send("x" * 10, rank, 92)))
+case("irecv_int_small", lambda: self_message(lambda: comm.irecv(16, rank, 93), lambda: comm.send("x" * 99, rank, 93)))
+
+
+def recv_buf_warns():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        value = comm.recv(bytearray(0), MPI.PROC_NULL)
+    return value, [(w.category.__name__, str(w.message)) for w in caught]
+
+
+case("recv_buf_warns", recv_buf_warns)
+
+
+def empty_buffer_message():
+    send = comm.Isend([None, 0, MPI.BYTE], rank, 94)
+    value = comm.recv(None, rank, 94)
+    send.Wait()
+    return value
+
+
+case("empty_buffer_message", empty_buffer_message)
+nulls = [MPI.REQUEST_NULL] * 3
+case("some_of_nulls", lambda: (MPI.Request.Waitsome(nulls), MPI.Request.Testsome(nulls), MPI.Request.waitsome(nulls)))
+
+
+def some_of_completed():
+    done = comm.isend(1, rank, 95)
+    comm.recv(None, rank, 95)
+    done.wait()
+    return MPI.Request.Waitsome([done, MPI.REQUEST_NULL]), MPI.Request.testsome([done])
+
+
+case("some_of_completed", some_of_completed)
+
+
+def waitall_into_a_tuple():
+    statuses = (MPI.Status(), MPI.Status())
+    request = comm.irecv(None, rank, 96)
+    comm.send(1, rank, 96)
+    return MPI.Request.Waitall([request, MPI.REQUEST_NULL], statuses), [status_of(s) for s in statuses]
+
+
+case("waitall_into_a_tuple", waitall_into_a_tuple)
 
 comm.barrier()
 out = Path(sys.argv[2])
