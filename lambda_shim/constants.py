@@ -144,6 +144,12 @@ class Op:
     def __bool__(self) -> bool:
         return self.name != "NULL"
 
+    def __reduce__(self) -> str | tuple[Any, ...]:
+        """A predefined operator unpickles as itself (mpi4py pickles them by name)."""
+        if self.name == "USER":
+            return super().__reduce__()
+        return "OP_NULL" if self.name == "NULL" else self.name
+
     def Is_commutative(self) -> bool:  # noqa: N802 - mpi4py's name
         return self.commute
 

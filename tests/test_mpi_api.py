@@ -102,6 +102,7 @@ def test_the_object_api_gives_what_mpi4py_gives(mode, mpi4py_results, tmp_path) 
     assert rank0["irecv_int_size"] == "'xxxxxxxxxx'" and rank0["irecv_int_small"] == "('raised', 'Exception', True, 14)"
     assert rank0["recv_buf_warns"] == "(None, [('UserWarning', \"the 'buf' argument is deprecated\")])"
     assert rank0["empty_buffer_message"] == "None" and rank0["some_of_nulls"] == "(None, None, (None, None))"
+    assert rank0["pickled_ops"] == "[True, True, True, True]"
     assert rank0["waitall_into_a_tuple"] == "(True, [(0, 96, 0, 5, False), (-2, -1, 0, 0, False)])"
 
 

@@ -8,6 +8,7 @@ Usage: mpi_api.py {mpi|shim} OUT_DIR"""
 from __future__ import annotations
 
 import json
+import pickle
 import sys
 import time
 import warnings
@@ -382,6 +383,7 @@ def waitall_into_a_tuple():
 
 
 case("waitall_into_a_tuple", waitall_into_a_tuple)
+case("pickled_ops", lambda: [pickle.loads(pickle.dumps(o)) is o for o in (MPI.MAX, MPI.SUM, MPI.MINLOC, MPI.OP_NULL)])
 
 comm.barrier()
 out = Path(sys.argv[2])
