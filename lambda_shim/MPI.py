@@ -21,12 +21,18 @@ from lambda_shim import errors as _errors
 from lambda_shim.constants import (  # noqa: F401 - mpi4py's names, re-exported
     ANY_SOURCE,
     ANY_TAG,
+    APPNUM,
     BAND,
     BOR,
+    BSEND_OVERHEAD,
     BXOR,
     CONGRUENT,
+    ERRORS_ABORT,
+    ERRORS_ARE_FATAL,
+    ERRORS_RETURN,
     IDENT,
     IN_PLACE,
+    INFO_NULL,
     LAND,
     LOR,
     LXOR,
@@ -35,6 +41,7 @@ from lambda_shim.constants import (  # noqa: F401 - mpi4py's names, re-exported
     MIN,
     MINLOC,
     NO_OP,
+    OP_NULL,
     PROC_NULL,
     PROD,
     REPLACE,
@@ -44,13 +51,16 @@ from lambda_shim.constants import (  # noqa: F401 - mpi4py's names, re-exported
     TAG_UB,
     UNDEFINED,
     UNEQUAL,
+    UNIVERSE_SIZE,
+    WTIME_IS_GLOBAL,
+    Errhandler,
     Op,
     Status,
 )
 from lambda_shim.errors import MPIException as Exception  # noqa: F401 - mpi4py's MPI.Exception
-from lambda_shim.message import BOTTOM, DATATYPES, Datatype  # noqa: F401 - mpi4py's datatypes
+from lambda_shim.message import BOTTOM, DATATYPE_NULL, DATATYPES, Datatype, byte_view  # noqa: F401
 from lambda_shim.request import REQUEST_NULL, Request  # noqa: F401
-from lambda_shim.tcpcomm import COMM_NULL, Comm, Message  # noqa: F401
+from lambda_shim.tcpcomm import COMM_NULL, MESSAGE_NO_PROC, MESSAGE_NULL, Comm, Message  # noqa: F401
 
 globals().update(DATATYPES)  # DOUBLE, INT, FLOAT, BYTE, ... as mpi4py names them
 globals().update({name: value for name, value in vars(_errors).items() if name.startswith("ERR_")})
@@ -58,6 +68,7 @@ SUCCESS = _errors.SUCCESS
 Intracomm = Comm
 THREAD_SINGLE, THREAD_FUNNELED, THREAD_SERIALIZED, THREAD_MULTIPLE = 0, 1, 2, 3
 VERSION, SUBVERSION = 4, 1  # the MPI standard whose semantics the object API follows
+_VENDOR_VERSION = (0, 1, 0)  # the package version (setup.cfg), as get_vendor reports it
 
 _lock = threading.Lock()
 _worlds: dict[str, Any] = {}
@@ -141,6 +152,12 @@ def Get_library_version() -> str:  # noqa: N802 - mpi4py's name
     return "lambda_shim (mpi4py's object API over TCP)"
 
 
+def get_vendor() -> tuple[str, tuple[int, int, int]]:
+    """The MPI implementation's name and version, as mpi4py's ``get_vendor`` (programs use it to
+    tell implementations apart, e.g. to skip what one lacks)."""
+    return "lambda_shim", _VENDOR_VERSION
+
+
 def Get_error_class(errorcode: int) -> int:  # noqa: N802 - mpi4py's name
     return errorcode
 
@@ -156,3 +173,21 @@ def Attach_buffer(buf: Any) -> None:  # noqa: N802 - mpi4py's name
 
 def Detach_buffer() -> Any:  # noqa: N802 - mpi4py's name
     return _attached.pop("buffer", None)
+
+
+def Alloc_mem(size: int, info: Any = INFO_NULL) -> memoryview:  # noqa: N802 - mpi4py's name
+    """``size`` bytes of zeroed memory (a writable buffer, as mpi4py's ``MPI.buffer``)."""
+    size = int(size)
+    if size < 0:
+        raise _errors.MPIException(_errors.ERR_ARG, f"Alloc_mem of {size} bytes")
+    return memoryview(bytearray(size))
+
+
+def Free_mem(mem: Any) -> None:  # noqa: N802 - mpi4py's name
+    """Nothing to do: the memory of Alloc_mem goes when its last reference does."""
+
+
+def Get_address(location: Any) -> int:  # noqa: N802 - mpi4py's name
+    """The address of a buffer's first byte (mpi4py's ``Get_address``)."""
+    flat, _ = byte_view(location, readonly=True)
+    return flat.ctypes.data

@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from lambda_shim.errors import ERR_OP, MPIException
+
 ANY_SOURCE = -2  # MPICH's MPI_ANY_SOURCE
 ANY_TAG = -1  # MPICH's MPI_ANY_TAG
 PROC_NULL = -1  # MPICH's MPI_PROC_NULL: sends to it vanish, receives from it return None
@@ -23,6 +25,10 @@ UNDEFINED = -32766  # MPICH's MPI_UNDEFINED
 TAG_UB = 1681915905  # MPICH's keyval for the attribute (comm.Get_attr(TAG_UB) is MAX_TAG)
 MAX_TAG = 2**29 - 1  # MPICH's tag upper bound: larger tags are ERR_TAG
 IDENT, CONGRUENT, SIMILAR, UNEQUAL = 0, 1, 2, 3  # Comm.Compare's answers (MPICH's values)
+UNIVERSE_SIZE = 1681915913  # MPICH's keyvals of the predefined attributes
+WTIME_IS_GLOBAL = 1681915911
+APPNUM = 1681915917
+BSEND_OVERHEAD = 96  # MPICH's: bytes a buffered send adds (for sizing Attach_buffer's buffer)
 
 
 class _Sentinel:
@@ -36,6 +42,26 @@ class _Sentinel:
 
 
 IN_PLACE = _Sentinel("IN_PLACE")  # stands for mpi4py's MPI.IN_PLACE in the buffer forms
+
+
+class _NullHandle(_Sentinel):
+    """A null handle (``INFO_NULL``): false, as mpi4py's null handles are."""
+
+    def __bool__(self) -> bool:
+        return False
+
+
+INFO_NULL = _NullHandle("INFO_NULL")  # no hints: every call that takes an Info accepts and ignores it
+
+
+class Errhandler(_Sentinel):
+    """mpi4py's ``Errhandler``. Every error raises ``MPI.Exception`` whatever the handler: the
+    shim behaves as under ERRORS_RETURN (mpi4py's default), it never aborts the job by itself."""
+
+
+ERRORS_RETURN = Errhandler("ERRORS_RETURN")
+ERRORS_ARE_FATAL = Errhandler("ERRORS_ARE_FATAL")
+ERRORS_ABORT = Errhandler("ERRORS_ABORT")
 
 
 def _mpi4py() -> Any:
@@ -115,6 +141,15 @@ class Op:
     def __repr__(self) -> str:
         return f"<Op {self.name}>"
 
+    def __bool__(self) -> bool:
+        return self.name != "NULL"
+
+    def __reduce__(self) -> str | tuple[Any, ...]:
+        """A predefined operator unpickles as itself (mpi4py pickles them by name)."""
+        if self.name == "USER":
+            return super().__reduce__()
+        return "OP_NULL" if self.name == "NULL" else self.name
+
     def Is_commutative(self) -> bool:  # noqa: N802 - mpi4py's name
         return self.commute
 
@@ -130,7 +165,11 @@ class Op:
         return self.Is_predefined()
 
     def Free(self) -> None:  # noqa: N802 - mpi4py's name
-        """Nothing to release: an Op here is a Python object."""
+        """Nothing to release for a user operator; predefined ones (and OP_NULL) are ERR_OP, as in MPI."""
+        if self.name != "USER":
+            raise MPIException(ERR_OP, f"{self.name} is not a user-defined operator: it cannot be freed")
+
+    free = Free
 
     @classmethod
     def Create(cls, function: Callable[[Any, Any, Any], Any], commute: bool = False) -> Op:  # noqa: N802
@@ -153,6 +192,13 @@ MAXLOC = Op("MAXLOC", _maxloc)
 MINLOC = Op("MINLOC", _minloc)
 REPLACE = Op("REPLACE", lambda x, y: y, commute=False)
 NO_OP = Op("NO_OP", lambda x, y: x, commute=False)
+
+
+def _null_op(x: Any, y: Any) -> Any:
+    raise MPIException(ERR_OP, "OP_NULL is not an operator")
+
+
+OP_NULL = Op("NULL", _null_op)
 OPS = {op.name: op for op in (SUM, PROD, MAX, MIN, LAND, LOR, LXOR, BAND, BOR, BXOR, MAXLOC, MINLOC, REPLACE, NO_OP)}
 
 
@@ -177,6 +223,8 @@ class Status:
     flag of a completed receive. An empty status has ANY_SOURCE, ANY_TAG, no error, count 0."""
 
     def __init__(self, status: Status | None = None) -> None:
+        if status is not None and not isinstance(status, Status):
+            raise TypeError(f"Argument 'status' has incorrect type (expected Status, got {type(status).__name__})")
         self.source, self.tag, self.error, self.count, self.cancelled = ANY_SOURCE, ANY_TAG, 0, 0, False
         if status is not None:
             self.source, self.tag, self.error = status.source, status.tag, status.error

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from lambda_shim import dlpack
 from lambda_shim.constants import IN_PLACE
 from lambda_shim.errors import ERR_COUNT, ERR_TYPE, MPIException
 
@@ -84,6 +85,18 @@ class Datatype:
     def typechar(self) -> str:
         return self.code
 
+    @property
+    def typestr(self) -> str:
+        """mpi4py's numpy-style type string: kind and size ("i4", "f8"), "S1" for CHAR, "V<extent>" for pairs."""
+        if self.layout.fields is not None:
+            return f"V{self.extent}"
+        return "S1" if self.code == "c" else self.layout.str[1:]
+
+    def Free(self) -> None:  # noqa: N802 - mpi4py's name
+        raise MPIException(ERR_TYPE, f"{self.name} is predefined: it cannot be freed")
+
+    free = Free
+
     def is_predefined(self) -> bool:
         return True
 
@@ -94,6 +107,30 @@ class Datatype:
     @classmethod
     def fromcode(cls, code: str) -> Datatype:
         return lookup(code)
+
+
+class _NullDatatype(Datatype):
+    """mpi4py's ``DATATYPE_NULL``: false, and every question about it is ERR_TYPE, as in MPICH."""
+
+    def __init__(self) -> None:
+        self.name = "MPI_DATATYPE_NULL"
+
+    def __bool__(self) -> bool:
+        return False
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _NullDatatype)
+
+    __hash__ = Datatype.__hash__
+
+    def _null(self, *args: Any) -> Any:
+        raise MPIException(ERR_TYPE, "MPI_DATATYPE_NULL is a null datatype")
+
+    Get_size = Get_extent = Get_true_extent = Free = free = _null
+    size = extent = lb = ub = layout = packed = kind = code = property(_null)
+
+
+DATATYPE_NULL = _NullDatatype()
 
 
 def _pair_type(name: str, value: str) -> Datatype:
@@ -309,18 +346,13 @@ def _datatype_of_format(fmt: str) -> Datatype:
     return lookup(fmt)
 
 
-def _from_dlpack(obj: Any) -> np.ndarray:
-    """A numpy view of a DLPack array on the CPU (a torch tensor...), as mpi4py takes them."""
-    try:
-        return np.from_dlpack(obj)
-    except (BufferError, RuntimeError, TypeError, ValueError) as exc:
-        raise BufferError(f"dlpack: {exc}") from None
-
-
 def byte_view(obj: Any, readonly: bool) -> tuple[np.ndarray, str]:
     """The buffer's memory as a flat uint8 array (a view, never a copy) and its format."""
     if not _has_buffer(obj) and hasattr(obj, "__dlpack__"):
-        obj = _from_dlpack(obj)
+        flat, fmt = dlpack.byte_view(obj)
+        if not readonly and not flat.flags.writeable:
+            raise BufferError("Object is not writable.")
+        return flat, fmt
     try:
         mv = memoryview(obj)
     except TypeError:

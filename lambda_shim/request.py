@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from lambda_shim.constants import ANY_SOURCE, ANY_TAG, PROC_NULL, UNDEFINED, Status, fill_status
-from lambda_shim.errors import ERR_IN_STATUS, ERR_PENDING, ERR_TRUNCATE, CommError, MPIException
+from lambda_shim.errors import ERR_IN_STATUS, ERR_PENDING, ERR_REQUEST, ERR_TRUNCATE, CommError, MPIException
 from lambda_shim.wire import KIND_OBJECT
 
 # What a request delivers when it completes.
@@ -103,7 +103,9 @@ class Request:
             if self.on_complete is not None:
                 self.on_complete(self, status)
             return None
-        return pickle.loads(op.payload) if op.envelope.kind == KIND_OBJECT else bytes(op.payload)
+        if op.envelope.kind == KIND_OBJECT:
+            return pickle.loads(op.payload)
+        return bytes(op.payload) if op.payload else None  # an empty message: mpi4py's None
 
     # ---------------------------------------------------------------- one request
     def wait(self, status: Any = None) -> Any:
@@ -144,14 +146,20 @@ class Request:
     get_status = Get_status
 
     def Cancel(self) -> None:  # noqa: N802 - mpi4py's name
-        """Cancel a receive no message has matched yet; a send or a matched receive goes on."""
+        """Cancel a receive no message has matched yet; a send or a matched receive goes on.
+        A null request (REQUEST_NULL, or one already completed) is ERR_REQUEST, as in MPI."""
+        if not self._active:
+            raise MPIException(ERR_REQUEST, "Cancel of a null request")
         if self._active and self._op is not None and self._what != SEND:
             self._transport.cancel(self._op)
 
     cancel = Cancel
 
     def Free(self) -> None:  # noqa: N802 - mpi4py's name
-        """Forget it: it goes on (a receive still takes its message) but nothing reports it."""
+        """Forget it: it goes on (a receive still takes its message) but nothing reports it.
+        A null request is ERR_REQUEST, as in MPI."""
+        if not self._active:
+            raise MPIException(ERR_REQUEST, "Free of a null request")
         self._active = False
 
     free = Free

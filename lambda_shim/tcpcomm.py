@@ -20,6 +20,7 @@ from __future__ import annotations
 import pickle
 import struct
 import time
+import warnings
 from typing import Any
 
 from lambda_shim.buffers import BufferAPI
@@ -27,6 +28,7 @@ from lambda_shim.constants import (
     ANY_SOURCE,
     ANY_TAG,
     CONGRUENT,
+    ERRORS_RETURN,
     IDENT,
     MAX,
     MAX_TAG,
@@ -36,12 +38,14 @@ from lambda_shim.constants import (
     TAG_UB,
     UNDEFINED,
     UNEQUAL,
+    WTIME_IS_GLOBAL,
+    Errhandler,
     Status,
     as_op,
     c_int,
     fill_status,
 )
-from lambda_shim.errors import ERR_COMM, ERR_RANK, ERR_ROOT, ERR_TAG, ERR_TRUNCATE, CommError, MPIException
+from lambda_shim.errors import ERR_COMM, ERR_RANK, ERR_REQUEST, ERR_ROOT, ERR_TAG, ERR_TRUNCATE, CommError, MPIException
 from lambda_shim.message import parse as parse_spec
 from lambda_shim.request import RECV_BYTES, RECV_OBJECT, REQUEST_NULL, SEND, Request
 from lambda_shim.transport import MAX_WORLD, MODES, ShimConfig, Transport, parse_address
@@ -85,6 +89,9 @@ class _NullComm:
     def __bool__(self) -> bool:
         return False
 
+    def Get_name(self) -> str:  # noqa: N802 - mpi4py's name
+        return "MPI_COMM_NULL"
+
     def __eq__(self, other: object) -> bool:
         return isinstance(other, _NullComm)
 
@@ -109,6 +116,9 @@ class Message:
         return bool(self._request)
 
     def irecv(self) -> Request:
+        """The receive of the message; the handle becomes MESSAGE_NULL (receiving twice is ERR_REQUEST)."""
+        if not self._request:
+            raise MPIException(ERR_REQUEST, "receive of a null message (MESSAGE_NULL, or one already received)")
         request, self._request = self._request, REQUEST_NULL
         return request
 
@@ -133,6 +143,27 @@ class Message:
         self.Irecv(buf).wait(status)
 
 
+class _NoProcMessage(Message):
+    """mpi4py's ``MESSAGE_NO_PROC`` (what a matched probe of PROC_NULL gives): every receive of
+    it completes at once with PROC_NULL's status, and it stays MESSAGE_NO_PROC."""
+
+    def __init__(self) -> None:
+        super().__init__(REQUEST_NULL)
+
+    def __bool__(self) -> bool:
+        return True
+
+    def irecv(self) -> Request:
+        return Request(None, None, RECV_OBJECT)
+
+    def __repr__(self) -> str:
+        return "MESSAGE_NO_PROC"
+
+
+MESSAGE_NULL = Message(REQUEST_NULL)
+MESSAGE_NO_PROC = _NoProcMessage()
+
+
 class Comm(BufferAPI):
     """An intracommunicator over a Transport: ``group`` lists its members' world ranks."""
 
@@ -145,6 +176,7 @@ class Comm(BufferAPI):
         self._name = name
         self._seq = 0
         self._permanent = False  # COMM_WORLD and COMM_SELF cannot be freed
+        self._errhandler = ERRORS_RETURN
         self.rank = self._world_rank[transport.rank]
         self.size = len(group)
 
@@ -173,8 +205,18 @@ class Comm(BufferAPI):
     is_intra = property(Is_intra)
 
     def Get_attr(self, keyval: int) -> Any:  # noqa: N802 - mpi4py's name
-        """``TAG_UB``: the largest tag; other attributes are not kept (None)."""
-        return MAX_TAG if keyval == TAG_UB else None
+        """``TAG_UB``: the largest tag; ``WTIME_IS_GLOBAL``: 0 (each rank's own clock); other
+        attributes are not kept (None)."""
+        return {TAG_UB: MAX_TAG, WTIME_IS_GLOBAL: 0}.get(keyval)
+
+    def Set_errhandler(self, errhandler: Errhandler) -> None:  # noqa: N802 - mpi4py's name
+        """Recorded only: errors always raise MPI.Exception here, as under ERRORS_RETURN."""
+        if not isinstance(errhandler, Errhandler):
+            raise TypeError(f"expected an Errhandler, got {type(errhandler).__name__}")
+        self._errhandler = errhandler
+
+    def Get_errhandler(self) -> Errhandler:  # noqa: N802 - mpi4py's name
+        return self._errhandler
 
     @staticmethod
     def Wtime() -> float:  # noqa: N802 - mpi4py's name
@@ -183,6 +225,8 @@ class Comm(BufferAPI):
     def Compare(self, other: Comm) -> int:  # noqa: N802 - mpi4py's name
         """IDENT (the same communicator), CONGRUENT (same ranks in the same order), SIMILAR
         (same ranks, another order) or UNEQUAL."""
+        if not other:
+            raise MPIException(ERR_COMM, "Compare with a null communicator")
         if other is self:
             return IDENT
         if other._group == self._group:
@@ -267,10 +311,11 @@ class Comm(BufferAPI):
         self._isend(obj, dest, tag, sync=False).wait()
 
     def irecv(self, buf: Any = None, source: int = ANY_SOURCE, tag: int = ANY_TAG) -> Request:
-        """A receive whose ``wait`` returns the object; ``buf`` (if given) bounds its pickled size."""
+        """A receive whose ``wait`` returns the object; ``buf`` (if given: a buffer, or an int,
+        the size of the buffer mpi4py would allocate) bounds its pickled size (ERR_TRUNCATE)."""
         source = self._valid_rank(source, wildcard=True)
         tag = self._valid_tag(tag, wildcard=True)
-        limit = None if buf is None else memoryview(buf).nbytes
+        limit = None if buf is None else _buffer_size(buf)
         if source == PROC_NULL:
             return Request(self._transport, None, RECV_OBJECT, self._world_rank)
         world = source if source == ANY_SOURCE else self._group[source]
@@ -278,6 +323,8 @@ class Comm(BufferAPI):
         return Request(self._transport, op, RECV_OBJECT, self._world_rank, (source, tag), limit)
 
     def recv(self, buf: Any = None, source: int = ANY_SOURCE, tag: int = ANY_TAG, status: Any = None) -> Any:
+        if buf is not None:  # as mpi4py 4, which still honours it
+            warnings.warn("the 'buf' argument is deprecated", UserWarning, stacklevel=2)
         return self.irecv(buf, source, tag).wait(status)
 
     def sendrecv(
@@ -327,7 +374,7 @@ class Comm(BufferAPI):
         from its source with its tag, and messages from one source are matched in order."""
         fill_status(status, found.source, found.tag, found.count)
         if found.source == PROC_NULL:
-            return Message(Request(self._transport, None, RECV_OBJECT, self._world_rank))
+            return MESSAGE_NO_PROC
         return Message(self.irecv(None, found.source, found.tag))
 
     def mprobe(self, source: int = ANY_SOURCE, tag: int = ANY_TAG, status: Any = None) -> Message:
@@ -579,6 +626,15 @@ class TcpComm(Comm):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _buffer_size(buf: Any) -> int:
+    """Bytes an object receive may take: an int is a size (mpi4py allocates that many bytes)."""
+    if isinstance(buf, int):
+        if buf < 0:
+            raise ValueError(f"negative receive buffer size {buf}")
+        return buf
+    return memoryview(buf).nbytes
 
 
 def _pack(parts: list[tuple[int, bytes]]) -> bytes:

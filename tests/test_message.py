@@ -459,3 +459,44 @@ def test_every_combination_of_spec_items_reads_as_mpi4py(combination_results, ki
         if ours != theirs:
             differ.append((buf, spec, ours, theirs))
     assert not differ, differ[:10]
+
+
+class _DLPackOnly:
+    """Host memory offered only through DLPack (as mpi4py's test arrays are), its capsules kept."""
+
+    def __init__(self, memory: np.ndarray) -> None:
+        self.array = memory
+        self.capsules: list[object] = []
+
+    def __dlpack__(self, stream: object = None) -> object:
+        assert stream is None, "a CPU consumer passes no stream (DLPack spec)"
+        self.capsules.append(self.array.__dlpack__())
+        return self.capsules[-1]
+
+    def __dlpack_device__(self) -> tuple[int, int]:
+        return self.array.__dlpack_device__()
+
+
+def test_dlpack_buffers_are_received_into_and_their_capsules_left_to_the_producer():
+    import ctypes
+    import gc
+
+    is_valid = ctypes.pythonapi.PyCapsule_IsValid
+    is_valid.restype, is_valid.argtypes = ctypes.c_int, [ctypes.py_object, ctypes.c_char_p]
+    target = np.zeros(4, np.int64)
+    producer = _DLPackOnly(target)
+    msg = M.parse([producer, 3], readonly=False)
+    assert msg.datatype.Get_name() == "MPI_LONG"
+    capsules = producer.capsules
+    del producer
+    gc.collect()
+    msg.store(np.array([7, 8, 9], np.int64).tobytes())
+    assert target.tolist() == [7, 8, 9, 0]
+    # Not consumed: the producer's destructor still owns the tensor and frees it exactly once.
+    assert [is_valid(c, b"dltensor") for c in capsules] == [1]
+    readonly = np.arange(2.0)
+    readonly.flags.writeable = False
+    with pytest.raises(BufferError):  # numpy will not export it; never a crash or a silent write
+        M.parse(_DLPackOnly(readonly), readonly=False)
+    with pytest.raises(BufferError, match="not contiguous"):
+        M.parse(torch.arange(16.0).reshape(4, 4)[:, 1], readonly=True)

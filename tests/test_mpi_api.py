@@ -92,6 +92,18 @@ def test_the_object_api_gives_what_mpi4py_gives(mode, mpi4py_results, tmp_path) 
     assert rank0["tag_overflow"] == "('raised', 'OverflowError', False, None)"
     assert rank0["truncated_in_waitall"] == "(17, [14, 18], [False, True])"
     assert rank0["capitalised_probes"] == "((True, (2, 51, 0, 24, False)), [0.0, 1.0, 2.0], False, [0.0, 1.0])"
+    assert rank0["vendor"] == "('str', 3)" and rank0["null_handles"] == "[False, False, False, False]"
+    assert rank0["message_no_proc"] == "(True, True)" and rank0["errhandler"] == "(True, None)"
+    assert "(12, 16, 0, 16, 'MPI_DOUBLE_INT', 'V16')" in rank0["datatype_properties"]
+    assert rank0["status_of_an_int"] == "('raised', 'TypeError', False, None)"
+    assert rank0["free_request_null"] == rank0["recv_message_null"] == "('raised', 'Exception', True, 19)"
+    assert rank0["free_predefined_op"] == "('raised', 'Exception', True, 9)"
+    assert rank0["compare_world_null"] == "('raised', 'Exception', True, 5)"
+    assert rank0["irecv_int_size"] == "'xxxxxxxxxx'" and rank0["irecv_int_small"] == "('raised', 'Exception', True, 14)"
+    assert rank0["recv_buf_warns"] == "(None, [('UserWarning', \"the 'buf' argument is deprecated\")])"
+    assert rank0["empty_buffer_message"] == "None" and rank0["some_of_nulls"] == "(None, None, (None, None))"
+    assert rank0["pickled_ops"] == "[True, True, True, True]"
+    assert rank0["waitall_into_a_tuple"] == "(True, [(0, 96, 0, 5, False), (-2, -1, 0, 0, False)])"
 
 
 def test_importing_mpi_opens_no_connection_and_the_world_says_what_is_missing(tmp_path) -> None:

@@ -8,8 +8,10 @@ Usage: mpi_api.py {mpi|shim} OUT_DIR"""
 from __future__ import annotations
 
 import json
+import pickle
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -295,6 +297,93 @@ def capitalised_probes():
 
 
 case("capitalised_probes", capitalised_probes)
+
+# ---- names mpi4py programs and mpi4py's own tests use (vendor checks, null handles, properties)
+case("vendor", lambda: (type(MPI.get_vendor()[0]).__name__, len(MPI.get_vendor()[1])))
+case("null_handles", lambda: [bool(h) for h in (MPI.OP_NULL, MPI.DATATYPE_NULL, MPI.INFO_NULL, MPI.MESSAGE_NULL)])
+case("message_no_proc", lambda: (bool(MPI.MESSAGE_NO_PROC), comm.mprobe(MPI.PROC_NULL) == MPI.MESSAGE_NO_PROC))
+case("keyvals", lambda: (MPI.BSEND_OVERHEAD, MPI.UNIVERSE_SIZE, MPI.WTIME_IS_GLOBAL))
+case("errhandler", lambda: (comm.Get_errhandler() == MPI.ERRORS_RETURN, comm.Set_errhandler(MPI.ERRORS_RETURN)))
+case("errhandlers", lambda: MPI.ERRORS_RETURN == MPI.ERRORS_ARE_FATAL)
+case(
+    "datatype_properties",
+    lambda: [
+        (t.size, t.extent, t.lb, t.ub, t.name, t.typestr)
+        for t in (MPI.BYTE, MPI.CHAR, MPI.INT, MPI.LONG, MPI.DOUBLE, MPI.C_BOOL, MPI.C_DOUBLE_COMPLEX, MPI.DOUBLE_INT)
+    ],
+)
+case("status_properties", lambda: [(s.source, s.tag, s.error, s.count, s.cancelled) for s in [MPI.Status()]])
+case("status_of_an_int", lambda: MPI.Status(123))
+case("exception_error_class", lambda: MPI.Exception(MPI.ERR_TAG).error_class)
+case("alloc_mem", lambda: (memoryview(MPI.Alloc_mem(16)).nbytes, MPI.Free_mem(MPI.Alloc_mem(8))))
+case("get_address", lambda: [MPI.Get_address(a) == a.ctypes.data for a in [np.zeros(3)]])
+# Null and predefined handles: the error classes MPICH gives.
+case("free_request_null", lambda: MPI.REQUEST_NULL.Free())
+case("cancel_request_null", lambda: MPI.REQUEST_NULL.Cancel())
+case("free_predefined_op", lambda: MPI.MAX.Free())
+case("free_op_null", lambda: MPI.OP_NULL.Free())
+case("free_predefined_datatype", lambda: MPI.INT.Free())
+case("datatype_null_size", lambda: MPI.DATATYPE_NULL.Get_size())
+case("recv_message_null", lambda: MPI.MESSAGE_NULL.recv())
+case("recv_message_no_proc_twice", lambda: (MPI.MESSAGE_NO_PROC.recv(), MPI.MESSAGE_NO_PROC.recv()))
+case("compare_null_null", lambda: MPI.Comm.Compare(MPI.COMM_NULL, MPI.COMM_NULL))
+case("compare_world_null", lambda: comm.Compare(MPI.COMM_NULL))
+case("comm_null_name", lambda: MPI.COMM_NULL.Get_name())
+
+
+# ---- object receives given a size, empty messages, request arrays with nothing active
+def self_message(receive, send):
+    request = receive()
+    send()
+    return request.wait()
+
+
+case("irecv_int_proc_null", lambda: comm.irecv(0, MPI.PROC_NULL).wait())
+case("irecv_int_size", lambda: self_message(lambda: comm.irecv(512, rank, 92), lambda: comm.send("x" * 10, rank, 92)))
+case("irecv_int_small", lambda: self_message(lambda: comm.irecv(16, rank, 93), lambda: comm.send("x" * 99, rank, 93)))
+
+
+def recv_buf_warns():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        value = comm.recv(bytearray(0), MPI.PROC_NULL)
+    return value, [(w.category.__name__, str(w.message)) for w in caught]
+
+
+case("recv_buf_warns", recv_buf_warns)
+
+
+def empty_buffer_message():
+    send = comm.Isend([None, 0, MPI.BYTE], rank, 94)
+    value = comm.recv(None, rank, 94)
+    send.Wait()
+    return value
+
+
+case("empty_buffer_message", empty_buffer_message)
+nulls = [MPI.REQUEST_NULL] * 3
+case("some_of_nulls", lambda: (MPI.Request.Waitsome(nulls), MPI.Request.Testsome(nulls), MPI.Request.waitsome(nulls)))
+
+
+def some_of_completed():
+    done = comm.isend(1, rank, 95)
+    comm.recv(None, rank, 95)
+    done.wait()
+    return MPI.Request.Waitsome([done, MPI.REQUEST_NULL]), MPI.Request.testsome([done])
+
+
+case("some_of_completed", some_of_completed)
+
+
+def waitall_into_a_tuple():
+    statuses = (MPI.Status(), MPI.Status())
+    request = comm.irecv(None, rank, 96)
+    comm.send(1, rank, 96)
+    return MPI.Request.Waitall([request, MPI.REQUEST_NULL], statuses), [status_of(s) for s in statuses]
+
+
+case("waitall_into_a_tuple", waitall_into_a_tuple)
+case("pickled_ops", lambda: [pickle.loads(pickle.dumps(o)) is o for o in (MPI.MAX, MPI.SUM, MPI.MINLOC, MPI.OP_NULL)])
 
 comm.barrier()
 out = Path(sys.argv[2])
