@@ -44,6 +44,7 @@ from lambda_shim.constants import (
 from lambda_shim.errors import ERR_COMM, ERR_RANK, ERR_ROOT, ERR_TAG, ERR_TRUNCATE, CommError, MPIException
 from lambda_shim.message import parse as parse_spec
 from lambda_shim.nonblocking import NonblockingAPI, worker_tag
+from lambda_shim.persistent import PersistentAPI
 from lambda_shim.request import RECV_BYTES, RECV_OBJECT, REQUEST_NULL, SEND, Request
 from lambda_shim.transport import MAX_WORLD, MODES, ShimConfig, Transport, parse_address
 from lambda_shim.wire import KIND_BYTES, KIND_OBJECT
@@ -134,7 +135,7 @@ class Message:
         self.Irecv(buf).wait(status)
 
 
-class Comm(NonblockingAPI, BufferAPI):
+class Comm(NonblockingAPI, PersistentAPI, BufferAPI):
     """An intracommunicator over a Transport: ``group`` lists its members' world ranks."""
 
     def __init__(self, transport: Transport, group: list[int], ctx: int, contexts: _Contexts, name: str = "") -> None:

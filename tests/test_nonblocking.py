@@ -1,7 +1,7 @@
 """mpi4py's nonblocking collectives on lambda_shim: the call returns at once and the request
 completes with the collective, so NBX (issend + iprobe + Ibarrier + Test loop) terminates, and
-every I* call gives mpi4py+MPICH's results (real ranks under ``lambda_shim.launch``, compared
-with the same program under ``mpiexec``)."""
+every I* call, and the persistent point-to-point requests, give mpi4py+MPICH's results (real
+ranks under ``lambda_shim.launch``, compared with the same program under ``mpiexec``)."""
 
 from __future__ import annotations
 
@@ -61,3 +61,6 @@ def test_nonblocking_collectives_give_what_mpi4py_gives(mode, mpi4py_results, tm
     assert rank2["mixed_with_point_to_point"] == "([7, 8], [1])"
     assert rank0["bad_arguments"] == "([('Exception', 7), ('Exception', 9), ('ValueError', None)], [3])"
     assert shim[1]["failure_raised_by_wait"] == "(('Wait raised MPI.Exception', None), [3])"
+    seen, after, inactive, freed = ast.literal_eval(shim[1]["persistent"])
+    assert seen == [([0, step], 0, 5, 2) for step in range(3)]
+    assert after == (True, False, True) and inactive == (-2, -1) and freed == [True, True, True]

@@ -168,11 +168,36 @@ def failure_raised_by_wait() -> tuple:
     return outcome, after.tolist()
 
 
+def persistent() -> tuple:
+    """Send_init/Recv_init around the ring, started three times; what a finished persistent
+    request is (inactive, not null), and a persistent PROC_NULL send."""
+    out, into = np.zeros(2, dtype="i"), np.zeros(2, dtype="i")
+    requests = [
+        comm.Recv_init(into, (rank - 1) % size, tag=5),
+        comm.Ssend_init(out, (rank + 1) % size, tag=5),
+        comm.Send_init(out, MPI.PROC_NULL),
+    ]
+    seen, status = [], MPI.Status()
+    for step in range(3):
+        out[:] = [rank, step]
+        MPI.Prequest.Startall(requests)
+        requests[0].Wait(status)
+        MPI.Request.Waitall(requests[1:])
+        seen.append((into.tolist(), status.Get_source(), status.Get_tag(), status.Get_count(MPI.INT)))
+    after = (bool(requests[0]), requests[0] == MPI.REQUEST_NULL, requests[0].Test())
+    requests[0].Wait(status)
+    inactive = (status.Get_source(), status.Get_tag())
+    for request in requests:
+        request.Free()
+    return seen, after, inactive, [r == MPI.REQUEST_NULL for r in requests]
+
+
 case("nbx", nbx)
 case("ibarrier_returns_before_the_others_arrive", ibarrier_returns_before_the_others_arrive)
 case("each_collective", each_collective)
 case("mixed_with_point_to_point", mixed_with_point_to_point)
 case("bad_arguments", bad_arguments)
 case("failure_raised_by_wait", failure_raised_by_wait)
+case("persistent", persistent)
 comm.Barrier()
 Path(sys.argv[2], f"rank{rank}.json").write_text(json.dumps(got, indent=1, sort_keys=True))
