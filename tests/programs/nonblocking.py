@@ -41,7 +41,11 @@ def nbx() -> list:
     if rank == size - 1:
         time.sleep(0.5)  # rank 0 is surely inside the barrier before this rank's message lands
     received, barrier, status = [], None, MPI.Status()
+    deadline = time.monotonic() + 60
     while True:
+        if time.monotonic() > deadline:  # an Ibarrier that blocked would leave us here for ever
+            print(f"rank {rank}: NBX not done within 60 s", file=sys.stderr, flush=True)
+            comm.Abort(3)
         if comm.iprobe(MPI.ANY_SOURCE, 7, status):
             buf = np.empty(status.Get_count(MPI.INT), dtype="i")
             comm.Recv(buf, status.Get_source(), 7)
