@@ -13,8 +13,9 @@ from lambda_shim.constants import ANY_SOURCE, ANY_TAG, PROC_NULL, UNDEFINED, Sta
 from lambda_shim.errors import ERR_IN_STATUS, ERR_PENDING, ERR_REQUEST, ERR_TRUNCATE, CommError, MPIException
 from lambda_shim.wire import KIND_OBJECT
 
-# What a request delivers when it completes.
-SEND, RECV_OBJECT, RECV_BYTES = "send", "object", "bytes"
+# What a request delivers when it completes. GENERALIZED: an op a thread completes (a
+# nonblocking collective): its ``failure``, if not None, is raised by the completing call.
+SEND, RECV_OBJECT, RECV_BYTES, GENERALIZED = "send", "object", "bytes", "generalized"
 
 
 class Request:
@@ -63,7 +64,7 @@ class Request:
     def _status(self) -> tuple[int, int, int, bool]:
         """(source, tag, bytes, cancelled) of a complete request."""
         op = self._op
-        if self._what == SEND:
+        if self._what in (SEND, GENERALIZED):
             return ANY_SOURCE, ANY_TAG, 0, False
         if op is None:
             return PROC_NULL, ANY_TAG, 0, False
@@ -91,7 +92,9 @@ class Request:
 
     def _deliver(self, status: Status) -> Any:
         op, what = self._op, self._what
-        if what == SEND or op is None or status.cancelled:
+        if what == GENERALIZED and op.failure is not None:
+            raise op.failure
+        if what in (SEND, GENERALIZED) or op is None or status.cancelled:
             return None
         if self._limit is not None and status.count > self._limit:
             raise MPIException(

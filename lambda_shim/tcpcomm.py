@@ -47,6 +47,8 @@ from lambda_shim.constants import (
 )
 from lambda_shim.errors import ERR_COMM, ERR_RANK, ERR_REQUEST, ERR_ROOT, ERR_TAG, ERR_TRUNCATE, CommError, MPIException
 from lambda_shim.message import parse as parse_spec
+from lambda_shim.nonblocking import NonblockingAPI, worker_tag
+from lambda_shim.persistent import PersistentAPI
 from lambda_shim.request import RECV_BYTES, RECV_OBJECT, REQUEST_NULL, SEND, Request
 from lambda_shim.transport import MAX_WORLD, MODES, ShimConfig, Transport, parse_address
 from lambda_shim.wire import KIND_BYTES, KIND_OBJECT
@@ -164,7 +166,7 @@ MESSAGE_NULL = Message(REQUEST_NULL)
 MESSAGE_NO_PROC = _NoProcMessage()
 
 
-class Comm(BufferAPI):
+class Comm(NonblockingAPI, PersistentAPI, BufferAPI):
     """An intracommunicator over a Transport: ``group`` lists its members' world ranks."""
 
     def __init__(self, transport: Transport, group: list[int], ctx: int, contexts: _Contexts, name: str = "") -> None:
@@ -277,7 +279,10 @@ class Comm(BufferAPI):
         return Request(self._transport, None, RECV_BYTES, self._world_rank)
 
     def _coll_tag(self) -> int:
-        """The next tag of this communicator's sequence of collectives (the same on every rank)."""
+        """The next tag of this communicator's sequence of collectives (the same on every rank);
+        in a nonblocking collective's worker thread, the tag its call took."""
+        if worker_tag() is not None:
+            return worker_tag()
         self._seq += 1
         return self._seq % (MAX_TAG + 1)
 
