@@ -125,6 +125,15 @@ def test_ranks_that_never_start_fail_within_the_deadline_naming_them(local_cloud
     assert not _job_objects(local_cloud, "gang-never/predictions/")
 
 
+def test_a_failure_names_as_throttled_only_the_ranks_that_never_started() -> None:
+    cause = "job j: 2 of 6 ranks never arrived before the deadline: 2, 5"
+    # Rank 3 was throttled once and then started in time: it is not why the job failed.
+    why = gang.explain_failure(cause, 6, 8, 2048, throttled=[2, 3, 5])
+    assert "likely cause: Lambda throttled rank(s) 2, 5 (" in why, why
+    why = gang.explain_failure(cause, 6, 8, 2048, throttled=[3])
+    assert "likely cause: Lambda did not start them in time" in why, why
+
+
 @pytest.mark.timeout(300)
 def test_ranks_started_late_but_within_the_deadline_finish(local_cloud, small_dataset) -> None:
     data = local_cloud.upload(small_dataset, "gang-data")

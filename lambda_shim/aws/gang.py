@@ -164,6 +164,8 @@ def explain_failure(
         f"{cold_start_s:.0f} s cold start), ${money:.4f})"
     )
     missing, shown = int(match.group(1)), match.group(3).strip().rstrip(".").strip()
+    if throttled and "." not in match.group(3):  # the whole list of missing ranks is known
+        throttled = [r for r in throttled if str(r) in shown.replace(",", " ").split()]
     if throttled:
         why = (
             f"Lambda throttled rank(s) {', '.join(map(str, throttled[:20]))} ({THROTTLED}) until the deadline: "

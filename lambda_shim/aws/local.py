@@ -77,6 +77,9 @@ class LocalCloud:
         self._sandboxes: list[Sandbox] = []
         self._clients = 0  # runtime clients of the rank function
         self._throttled: set[int] = set()  # ranks whose last invocation was throttled
+        # Ranks throttled at any time in this job: a retry that gets through after the ranks
+        # that did start gave up at their deadline still started too late.
+        self._throttled_in_job: set[int] = set()
         self._invocations: list[Any] = []  # the rank invocations of the current job
         self._saved_env: dict[str, str | None] = {}
 
@@ -252,6 +255,7 @@ class LocalCloud:
         rank = event.get("rank") if isinstance(event, dict) else None
         if invocation is None:
             self._throttled.add(rank)
+            self._throttled_in_job.add(rank)
             raise TaskError(gang.THROTTLED, "Rate Exceeded. (no free environment of the rank function)")
         self._throttled.discard(rank)
         self._invocations.append(invocation)
@@ -281,12 +285,13 @@ class LocalCloud:
                 plan.world_size,
                 plan.connect_timeout_s,
                 plan.memory_mb,
-                self.throttled_ranks,
+                sorted(r for r in self._throttled_in_job if isinstance(r, int)),
                 billed,
             )
             raise JobFailedError(why) from None
         finally:
             self._throttled.clear()
+            self._throttled_in_job.clear()
 
     def _result(self, invocation: Any) -> Any:
         try:
