@@ -29,7 +29,7 @@ class Request:
         self,
         transport: Any = None,
         op: Any = None,
-        what: str = SEND,
+        what: str | None = None,  # None: a null request, as mpi4py's MPI.Request()
         ranks: dict[int, int] | None = None,
         posted: tuple[int, int] = (ANY_SOURCE, ANY_TAG),
         limit: int | None = None,
@@ -180,12 +180,15 @@ class Request:
         return [i for i in active if requests[i]._done()]
 
     @staticmethod
-    def _status_at(statuses: list | None, k: int) -> Any:
+    def _status_at(statuses: Sequence | None, k: int) -> Any:
+        """The k-th status to fill: a list grows to hold it, as mpi4py's does; another
+        sequence (a tuple) has its own statuses filled, as far as it reaches."""
         if statuses is None:
             return None
-        while len(statuses) <= k:
-            statuses.append(Status())
-        return statuses[k]
+        if isinstance(statuses, list):
+            while len(statuses) <= k:
+                statuses.append(Status())
+        return statuses[k] if k < len(statuses) else None
 
     @staticmethod
     def _complete_each(pairs: list[tuple[Request, Any]]) -> list[Any]:
@@ -266,6 +269,43 @@ class Request:
     def Testany(cls, requests: Sequence[Request], status: Any = None) -> tuple[int, bool]:  # noqa: N802
         index, flag, _ = cls.testany(requests, status)
         return index, flag
+
+    @classmethod
+    def Get_status_all(cls, requests: Sequence[Request], statuses: Sequence | None = None) -> bool:  # noqa: N802
+        """Whether every request is complete, filling the statuses if so, completing none."""
+        if not all(r.Get_status() for r in requests):
+            return False
+        for k, request in enumerate(requests):
+            request.Get_status(cls._status_at(statuses, k))
+        return True
+
+    @classmethod
+    def Get_status_any(cls, requests: Sequence[Request], status: Any = None) -> tuple[int, bool]:  # noqa: N802
+        """(index, True) of a complete active request, without completing it; (UNDEFINED, True)
+        when none is active; (UNDEFINED, False) when none is complete yet."""
+        active = [i for i, r in enumerate(requests) if r._active]
+        for i in active:
+            if requests[i].Get_status(status):
+                return i, True
+        if not active:
+            fill_status(status, ANY_SOURCE, ANY_TAG, 0)
+        return UNDEFINED, not active
+
+    @classmethod
+    def Get_status_some(cls, requests: Sequence[Request], statuses: Sequence | None = None) -> list[int] | None:  # noqa: N802
+        """Indices of the complete active requests (their statuses filled, none completed);
+        None when no request is active."""
+        active = [i for i, r in enumerate(requests) if r._active]
+        if not active:
+            return None
+        done = [i for i in active if requests[i].Get_status()]
+        for k, i in enumerate(done):
+            requests[i].Get_status(cls._status_at(statuses, k))
+        return done
+
+    get_status_all = Get_status_all
+    get_status_any = Get_status_any
+    get_status_some = Get_status_some
 
     @classmethod
     def testsome(cls, requests: Sequence[Request], statuses: list | None = None) -> tuple[Any, Any]:

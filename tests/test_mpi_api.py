@@ -218,3 +218,35 @@ def test_launch_refuses_a_bad_cai_hpc_connect(tmp_path) -> None:
     result = launch(1, sys.executable, "-c", "pass", mode=None, env=clean_env(CAI_HPC_CONNECT="carrier-pigeon"))
     assert result.returncode == 2
     assert "CAI_HPC_CONNECT='carrier-pigeon'" in result.stderr.splitlines()[-1]
+
+
+def test_null_requests_complete_at_once_as_mpi4pys_do() -> None:
+    """mpi4py's ``MPI.Request()`` is a null request: every completion call on a list of them
+    returns at once with empty statuses (no rank or network needed), and statuses in a tuple
+    are filled in place, never appended to."""
+    from lambda_shim import MPI
+
+    def fresh() -> list:
+        statuses = [MPI.Status() for _ in range(3)]
+        for status in statuses:
+            status.source, status.tag, status.error = 0, 0, MPI.ERR_OTHER
+        return statuses
+
+    requests = [MPI.Request() for _ in range(3)]
+    assert not any(requests) and all(r == MPI.REQUEST_NULL for r in requests)
+    assert MPI.Request.Waitsome(requests) is None and MPI.Request.Testsome(requests, []) is None
+    assert MPI.Request.Waitany(requests) == MPI.UNDEFINED
+    statuses = fresh()
+    assert MPI.Request.Waitall(requests, tuple(statuses)) is True
+    assert [(s.source, s.tag, s.error) for s in statuses] == [(MPI.ANY_SOURCE, MPI.ANY_TAG, MPI.SUCCESS)] * 3
+    assert MPI.Request.Waitall(requests, (fresh()[0],)) is True and MPI.Request.Waitall(requests, ()) is True
+    grown: list = []
+    assert MPI.Request.Testall(requests, grown) is True and len(grown) == 3
+    statuses = fresh()
+    assert MPI.Request.Get_status_all(requests, statuses) is True
+    assert [(s.source, s.tag, s.error) for s in statuses] == [(MPI.ANY_SOURCE, MPI.ANY_TAG, MPI.SUCCESS)] * 3
+    status = fresh()[0]
+    assert MPI.Request.Get_status_any(requests, status) == (MPI.UNDEFINED, True)
+    assert (status.source, status.tag) == (MPI.ANY_SOURCE, MPI.ANY_TAG)
+    assert MPI.Request.Get_status_some(requests, fresh()) is None
+    assert MPI.Request.get_status_some(requests) is None
