@@ -47,20 +47,24 @@ def results(out: Path, ranks: int) -> list[dict[str, str]]:
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(ranks)]
 
 
-@pytest.fixture(scope="module")
-def mpi4py_results(tmp_path_factory) -> list[dict[str, str]]:
+def mpi4py_reference(program: str, out: Path, ranks: int = 3) -> list[dict[str, str]]:
+    """What each rank of ``tests/programs/<program>`` records under mpiexec with mpi4py."""
     if MPIEXEC is None:
         skip_or_fail("no mpiexec to compare with")
-    out = tmp_path_factory.mktemp("mpi-api-mpi4py")
     result = subprocess.run(
-        [MPIEXEC, "-n", "3", sys.executable, str(PROGRAMS / "mpi_api.py"), "mpi", str(out)],
+        [MPIEXEC, "-n", str(ranks), sys.executable, str(PROGRAMS / program), "mpi", str(out)],
         capture_output=True,
         text=True,
         timeout=180,
         env=clean_env(),
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    return results(out, 3)
+    return results(out, ranks)
+
+
+@pytest.fixture(scope="module")
+def mpi4py_results(tmp_path_factory) -> list[dict[str, str]]:
+    return mpi4py_reference("mpi_api.py", tmp_path_factory.mktemp("mpi-api-mpi4py"))
 
 
 @pytest.mark.parametrize("mode", ["direct", "relay"])

@@ -6,13 +6,11 @@ ranks under ``lambda_shim.launch``, compared with the same program under ``mpiex
 from __future__ import annotations
 
 import ast
-import subprocess
 import sys
 
 import pytest
 
-from tests.conftest import skip_or_fail
-from tests.test_mpi_api import MPIEXEC, PROGRAMS, clean_env, launch, results
+from tests.test_mpi_api import PROGRAMS, clean_env, launch, mpi4py_reference, results
 
 # A rank stuck in a wait fails within this many seconds instead of hanging the test.
 BOUNDED = clean_env(CAI_HPC_OP_TIMEOUT="60")
@@ -20,18 +18,7 @@ BOUNDED = clean_env(CAI_HPC_OP_TIMEOUT="60")
 
 @pytest.fixture(scope="module")
 def mpi4py_results(tmp_path_factory) -> list[dict[str, str]]:
-    if MPIEXEC is None:
-        skip_or_fail("no mpiexec to compare with")
-    out = tmp_path_factory.mktemp("nonblocking-mpi4py")
-    result = subprocess.run(
-        [MPIEXEC, "-n", "3", sys.executable, str(PROGRAMS / "nonblocking.py"), "mpi", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        env=clean_env(),
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return results(out, 3)
+    return mpi4py_reference("nonblocking.py", tmp_path_factory.mktemp("nonblocking-mpi4py"))
 
 
 @pytest.mark.parametrize("mode", ["direct", "relay"])
