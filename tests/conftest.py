@@ -127,6 +127,21 @@ def reference_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
+@pytest.fixture(scope="module")
+def rendezvous(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[bytes, str]]:
+    """A rendezvous server on loopback for the module's tests: (master secret, its address)."""
+    from lambda_shim.launch import start_server
+    from lambda_shim.wire import new_secret
+
+    tmp = tmp_path_factory.mktemp("rendezvous")
+    master = new_secret()
+    (tmp / "secret").write_text(master)
+    proc, address = start_server(tmp, tmp / "secret")
+    yield bytes.fromhex(master), address
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
 @pytest.fixture(scope="session")
 def golden() -> dict[str, np.ndarray]:
     path = REFERENCE / "astromae-golden.npz"

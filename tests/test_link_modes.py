@@ -8,20 +8,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from lambda_shim import transport
-from lambda_shim.launch import start_server
 from lambda_shim.tcpcomm import CommError, ShimConfig, TcpComm
-from lambda_shim.wire import job_key, new_secret
-
-
-@pytest.fixture(scope="module")
-def rendezvous(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("rendezvous")
-    master = new_secret()
-    (tmp / "secret").write_text(master)
-    proc, address = start_server(tmp, tmp / "secret")
-    yield bytes.fromhex(master), address
-    proc.terminate()
-    proc.wait(timeout=10)
+from lambda_shim.wire import job_key
 
 
 def _modes(rendezvous, mode: str, size: int = 3) -> list[dict[int, str]]:

@@ -17,22 +17,10 @@ import pytest
 from lambda_shim import transport
 from lambda_shim.constants import ANY_SOURCE, ANY_TAG
 from lambda_shim.errors import CommError
-from lambda_shim.launch import start_server
 from lambda_shim.transport import MAX_WIRE_TAG, Envelope, SendOp, ShimConfig, Transport
-from lambda_shim.wire import KIND_BYTES, KIND_OBJECT, job_key, new_secret
+from lambda_shim.wire import KIND_BYTES, KIND_OBJECT, job_key
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture(scope="module")
-def rendezvous(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("rendezvous")
-    master = new_secret()
-    (tmp / "secret").write_text(master)
-    proc, address = start_server(tmp, tmp / "secret")
-    yield bytes.fromhex(master), address
-    proc.terminate()
-    proc.wait(timeout=10)
 
 
 @pytest.fixture
