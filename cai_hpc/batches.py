@@ -46,7 +46,7 @@ def iter_batches(shards: list[ShardInfo], pieces: list[Piece], batch_size: int) 
     segments: list[tuple[int, int, int]] = []
     filled = 0
     for k, piece in enumerate(pieces):
-        with ShardReader(shards[piece.shard]) as reader:
+        with ShardReader(shards[piece.shard], part=piece.rows < shards[piece.shard].rows) as reader:
             row = piece.start
             while row < piece.stop:
                 take = min(batch_size - filled, piece.stop - row)

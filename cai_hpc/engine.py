@@ -254,7 +254,7 @@ def _prescan(shards: list[ShardInfo], mine: list[Piece], batch_size: int) -> Non
     """``--validate full``: read every planned row for readability and NaN/inf before anything
     is written (the rows are read again to predict)."""
     for piece in mine:
-        with ShardReader(shards[piece.shard]) as reader:
+        with ShardReader(shards[piece.shard], part=piece.rows < shards[piece.shard].rows) as reader:
             for row in range(piece.start, piece.stop, batch_size):
                 reader.read(row, min(row + batch_size, piece.stop))
         shards[piece.shard].path.release()

@@ -305,10 +305,11 @@ def scan_dataset(data: Location | Path | str) -> list[ShardInfo]:
 class ShardReader:
     """Reads row slabs of one shard and checks them, naming the file and rows in every error."""
 
-    def __init__(self, info: ShardInfo) -> None:
+    def __init__(self, info: ShardInfo, part: bool = False) -> None:
+        """``part``: only some rows will be read (on S3, only their byte ranges are fetched)."""
         self.info = info
         try:
-            self._file = info.path.open_h5()
+            self._file = info.path.open_h5(part=part)
         except OSError as exc:
             raise InputError(f"{info.path}: {_open_failure(exc)}") from None
         # Opened once: a dataset's chunk cache lives as long as the open dataset, so a chunk

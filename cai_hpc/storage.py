@@ -1,9 +1,13 @@
 """Where datasets and outputs live: a local directory or an S3 prefix, used the same way.
 
 A ``Location`` is a path on local disk or an ``s3://bucket/key`` URI. Local shards are read
-straight from disk (streamed by h5py); S3 shards are fetched whole into memory, once per
-process, since a Lambda function has no disk to spare and reads them all anyway, while
-checking a file's header takes only the byte ranges HDF5 reads. Writes are
+straight from disk (streamed by h5py). An S3 shard a rank reads whole is fetched whole into
+memory, once per process, since a Lambda function has no disk to spare; a rank that reads only
+part of a shard (the plan splits big shards between ranks) fetches the byte ranges HDF5 reads
+for those rows, in blocks of a few MiB of which a few are kept, so its memory and transfer stay
+near its own rows'. Checking a file's header takes only the ranges HDF5 reads, in small
+blocks. Ranged reads name the object's ETag, so an object replaced while it is read is an
+error, never a mix of two versions. Writes are
 atomic on both: a temporary file renamed into place, or one S3 PUT, so a reader never sees a
 half-written file.
 
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import io
 import os
+from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cache
@@ -33,6 +38,10 @@ from cai_hpc.errors import InputError
 
 S3 = "s3://"
 HEADER_BLOCK = 64 << 10  # bytes per ranged GET when only a file's header is read: HDF5 keeps it near the start
+# Bytes per ranged GET when a reader takes part of an object, and blocks kept: the images'
+# chunks come in order, and the few blocks kept spare a refetch when the smaller columns
+# (magnitudes, labels) are read in between.
+PIECE_BLOCK, PIECE_BLOCKS_KEPT = 4 << 20, 4
 # S3 objects fetched by this process (location -> bytes); see ``forget``.
 _fetched: dict[str, bytes] = {}
 
@@ -161,14 +170,18 @@ class Location:
                 _fetched[self.text] = _s3().get_object(Bucket=self.bucket, Key=self.key)["Body"].read()
         return _fetched[self.text]
 
-    def open_h5(self, header_only: bool = False) -> h5py.File:
+    def open_h5(self, header_only: bool = False, part: bool = False) -> h5py.File:
         """The HDF5 file, read-only: from disk, or from this process's in-memory copy of the
-        S3 object. ``header_only``: to read attributes, dtypes and shapes, fetch from S3 only
-        the byte ranges HDF5 asks for (so checking a thousand shards downloads none whole)."""
+        S3 object. Unless a copy is held, S3 is read in byte ranges instead: ``header_only``,
+        to read attributes, dtypes and shapes (so checking a thousand shards downloads none
+        whole); ``part``, to read some rows of a big file (without holding all of it)."""
         if not self.s3:
             return h5py.File(self.text, "r", locking=False)
-        if header_only and self.text not in _fetched:
-            return h5py.File(io.BufferedReader(_RangedObject(self), HEADER_BLOCK), "r", locking=False)
+        if self.text not in _fetched:
+            if header_only:
+                return h5py.File(_RangedObject(self, HEADER_BLOCK, 16), "r", locking=False)
+            if part:
+                return h5py.File(_RangedObject(self, PIECE_BLOCK, PIECE_BLOCKS_KEPT), "r", locking=False)
         return h5py.File(io.BytesIO(self.read_bytes()), "r", locking=False)
 
     @contextmanager
@@ -237,12 +250,16 @@ class Location:
 
 
 class _RangedObject(io.RawIOBase):
-    """A read-only, seekable S3 object whose reads are ranged GETs."""
+    """A read-only, seekable S3 object read through ranged GETs of ``block`` bytes (aligned),
+    the last ``kept`` of them held for reads that come back to them. Every GET names the
+    ETag seen when it was opened: a replaced object fails the read instead of mixing."""
 
-    def __init__(self, where: Location) -> None:
-        self._where, self._pos = where, 0
+    def __init__(self, where: Location, block: int = HEADER_BLOCK, kept: int = 1) -> None:
+        self._where, self._pos, self._block, self._kept = where, 0, block, max(1, kept)
+        self._blocks: OrderedDict[int, bytes] = OrderedDict()
         with _s3_errors(where):
-            self._size = _s3().head_object(Bucket=where.bucket, Key=where.key)["ContentLength"]
+            head = _s3().head_object(Bucket=where.bucket, Key=where.key)
+        self._size, self._etag = head["ContentLength"], head["ETag"]
 
     def readable(self) -> bool:
         return True
@@ -259,15 +276,35 @@ class _RangedObject(io.RawIOBase):
         return self._pos
 
     def readinto(self, buffer: Any) -> int:
-        n = min(len(buffer), self._size - self._pos)
-        if n <= 0:
-            return 0
-        span = f"bytes={self._pos}-{self._pos + n - 1}"
-        with _s3_errors(self._where):
-            data = _s3().get_object(Bucket=self._where.bucket, Key=self._where.key, Range=span)["Body"].read()
-        buffer[: len(data)] = data
-        self._pos += len(data)
-        return len(data)
+        out = memoryview(buffer).cast("B")
+        n = max(0, min(len(out), self._size - self._pos))
+        done = 0
+        while done < n:
+            index, skip = divmod(self._pos + done, self._block)
+            data = self._fetch(index)
+            take = min(n - done, len(data) - skip)
+            out[done : done + take] = data[skip : skip + take]
+            done += take
+        self._pos += done
+        return done
+
+    def _fetch(self, index: int) -> bytes:
+        """Block ``index``: a kept one, or one ranged GET (the oldest kept block makes room)."""
+        if index in self._blocks:
+            self._blocks.move_to_end(index)
+            return self._blocks[index]
+        first = index * self._block
+        span = f"bytes={first}-{min(first + self._block, self._size) - 1}"
+        where = self._where
+        with _s3_errors(where):
+            reply = _s3().get_object(Bucket=where.bucket, Key=where.key, Range=span, IfMatch=self._etag)
+            data = reply["Body"].read()
+        if len(data) != min(self._block, self._size - first):
+            raise InputError(f"{where}: S3 returned {len(data)} bytes for {span} (the object changed?)")
+        self._blocks[index] = data
+        if len(self._blocks) > self._kept:
+            self._blocks.popitem(last=False)
+        return data
 
 
 @cache
@@ -328,6 +365,8 @@ def _s3_errors(where: Location, missing_ok: bool = False) -> Iterator[None]:
         code = exc.response.get("Error", {}).get("Code", "")
         if missing_ok and code in ("404", "NoSuchKey", "NotFound"):
             raise
+        if code in ("PreconditionFailed", "412"):  # a ranged read's ETag no longer matches
+            raise InputError(f"{where}: the object was replaced while it was being read") from None
         message = exc.response.get("Error", {}).get("Message") or code
         raise InputError(f"{where}: S3 refused: {code}: {message}") from None
     except BotoCoreError as exc:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import io
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,8 +14,9 @@ import pytest
 from cai_hpc import storage
 from cai_hpc.errors import InputError
 from cai_hpc.predictions import is_complete, prediction_files, read_labelled, write_predictions
-from cai_hpc.shards import inspect_shard
+from cai_hpc.shards import ShardReader, inspect_shard
 from cai_hpc.storage import Location
+from cai_hpc.synth import synthesize
 from tests.conftest import moto_server
 
 BUCKET = "where"
@@ -214,3 +216,74 @@ def test_failures_while_writing_or_reading_in_ranges_name_the_object(s3) -> None
     with pytest.raises(InputError) as gone:
         raw.read(2)
     assert str(gone.value) == f"s3://{BUCKET}/r/gone: S3 refused: NoSuchKey: The specified key does not exist."
+
+
+@pytest.fixture(scope="module")
+def big_shard(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One shard of 600 rows, about 12 MB."""
+    out = tmp_path_factory.mktemp("big") / "data"
+    synthesize(out, 600, 20.0, seed=3)
+    (shard,) = sorted(out.glob("*.h5"))
+    return shard
+
+
+def _gets(s3) -> list[dict]:
+    """The parameters of every GetObject call the client makes from now on."""
+    calls: list[dict] = []
+    s3.meta.events.register("before-parameter-build.s3.GetObject", lambda params, **_: calls.append(dict(params)))
+    return calls
+
+
+def test_a_rank_reading_part_of_an_s3_shard_fetches_about_its_rows_not_the_shard(s3, big_shard, monkeypatch) -> None:
+    monkeypatch.setattr(storage, "PIECE_BLOCK", 256 << 10)  # blocks of a chunk: the test's shard is small
+    s3.upload_file(str(big_shard), BUCKET, "part/big.h5")
+    size = big_shard.stat().st_size
+    info = inspect_shard(f"s3://{BUCKET}/part/big.h5")
+    assert info.rows == 600
+    local = inspect_shard(big_shard)
+    calls = _gets(s3)
+    with ShardReader(info, part=True) as remote, ShardReader(local) as disk:
+        for start in range(480, 600, 40):  # the last fifth, in batches, as the engine reads it
+            got, want = remote.read(start, start + 40), disk.read(start, start + 40)
+            for name in ("images", "magnitudes", "redshift", "object_id"):
+                np.testing.assert_array_equal(getattr(got, name), getattr(want, name))
+    assert not storage._fetched  # nothing held whole
+    spans = [tuple(int(b) for b in c["Range"].removeprefix("bytes=").split("-")) for c in calls]
+    assert len(spans) == len(calls) and all(c.get("Range") for c in calls)  # every GET is ranged
+    fetched = sum(last - first + 1 for first, last in spans)
+    assert fetched < size / 2, (fetched, size)
+
+
+def test_a_rank_reading_a_whole_s3_shard_fetches_it_once(s3, big_shard) -> None:
+    s3.upload_file(str(big_shard), BUCKET, "whole/big.h5")
+    info = inspect_shard(f"s3://{BUCKET}/whole/big.h5")
+    calls = _gets(s3)
+    with ShardReader(info) as remote:
+        for start in range(0, 600, 100):
+            remote.read(start, start + 100)
+    assert [c.get("Range") for c in calls] == [None]
+    assert list(storage._fetched) == [str(info.path)]
+
+
+def test_an_s3_shard_replaced_while_a_part_of_it_is_read_is_one_line_not_a_mix(s3, big_shard, monkeypatch) -> None:
+    monkeypatch.setattr(storage, "PIECE_BLOCK", 256 << 10)
+    s3.upload_file(str(big_shard), BUCKET, "moving/big.h5")
+    info = inspect_shard(f"s3://{BUCKET}/moving/big.h5")
+    with ShardReader(info, part=True) as remote:
+        remote.read(0, 10)
+        put(s3, "moving/big.h5", big_shard.read_bytes()[::-1])
+        with pytest.raises(InputError) as replaced:
+            remote.read(590, 600)  # another block: a GET naming the old ETag
+    assert str(replaced.value) == f"{info.path}: the object was replaced while it was being read"
+
+
+def test_ranged_reads_cross_blocks_and_keep_the_last_few(s3) -> None:
+    put(s3, "r/hex", b"0123456789abcdef")
+    calls = _gets(s3)
+    raw = storage._RangedObject(Location(f"s3://{BUCKET}/r/hex"), block=4, kept=2)
+    assert raw.read(6) == b"012345"  # blocks 0 and 1
+    assert raw.seek(2) == 2 and raw.read(5) == b"23456"  # both kept: no GET
+    assert raw.seek(13) == 13 and raw.read(10) == b"def"  # block 3, the last, short of the end
+    assert raw.seek(0) == 0 and raw.read(1) == b"0"  # block 0 made room for block 3
+    ranges = [c["Range"] for c in calls]
+    assert ranges == ["bytes=0-3", "bytes=4-7", "bytes=12-15", "bytes=0-3"]
