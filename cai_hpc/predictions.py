@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import h5py
 import numpy as np
 
 from cai_hpc.errors import InputError
@@ -18,6 +19,7 @@ from cai_hpc.storage import Location
 
 FORMAT = "cai-hpc-predictions"
 FORMAT_VERSION = 1
+CARRIED = ("object_id", "redshift")  # columns copied from the shard, when it has them
 
 
 def prediction_path(out: Location, shard: ShardInfo) -> Location:
@@ -69,7 +71,11 @@ def write_predictions(
 
 def is_complete(out: Location, shard: ShardInfo, rows: int, weights: str, embeddings: bool = False) -> bool:
     """True when the shard's predictions file is readable, was made from this shard with
-    these weights, holds at least its first ``rows`` rows, and their embeddings if asked."""
+    these weights, holds at least its first ``rows`` rows, and their embeddings if asked.
+
+    "From this shard" is its name and length, and the ids and labels the file copied from it
+    equal the shard's own: a dataset made again under the same names (another seed, another
+    survey) is predicted again, never taken for finished."""
     path = prediction_path(out, shard)
     if not path.exists():
         return False
@@ -84,9 +90,22 @@ def is_complete(out: Location, shard: ShardInfo, rows: int, weights: str, embedd
                 and held >= rows
                 and f["redshift_pred"].shape == (held,)
                 and (not embeddings or ("embeddings" in f and f["embeddings"].shape[0] == held))
+                and _copied_from(f, shard, held)
             )
     except (OSError, KeyError, ValueError):
         return False
+
+
+def _copied_from(f: h5py.File, shard: ShardInfo, rows: int) -> bool:
+    """The file's ``object_id`` and ``redshift`` are the shard's first ``rows`` (a small read of
+    two columns, only for files that passed every other check)."""
+    names = [name for name, has in (("object_id", shard.has_object_id), ("redshift", shard.labelled)) if has]
+    if sorted(names) != sorted(name for name in CARRIED if name in f):
+        return False
+    if not names:
+        return True
+    with shard.path.open_h5(header_only=True) as src:
+        return all(np.array_equal(f[name][:rows], src[name][:rows]) for name in names)
 
 
 def read_labelled(out: Location, shard: ShardInfo, rows: int) -> tuple[np.ndarray, np.ndarray]:

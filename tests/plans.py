@@ -10,7 +10,7 @@ import numpy as np
 from cai_hpc import predictions
 from cai_hpc.job import Job
 from cai_hpc.plan import Piece, plan_pieces
-from cai_hpc.shards import Columns, ShardReader, scan_dataset, write_shard
+from cai_hpc.shards import Columns, ShardInfo, ShardReader, scan_dataset, write_shard
 from cai_hpc.storage import Location
 from cai_hpc.synth import synthesize
 
@@ -33,8 +33,17 @@ def planning_dataset(root: Path) -> tuple[Path, Path]:
     earlier = [(0, 4, WEIGHTS), (1, 4, WEIGHTS), (11, 7, WEIGHTS), (5, 4, "sha256:other/fp32"), (9, 2, WEIGHTS)]
     for i, rows, weights in earlier:
         stamp = {"checkpoint": "test", "weights": weights}
-        predictions.write_predictions(Location(out), shards[i], np.zeros(rows, np.float32), stamp, {})
+        write_finished(out, shards[i], rows, stamp)
     return data, out
+
+
+def write_finished(out: Path, shard: ShardInfo, rows: int, stamp: dict, embeddings: np.ndarray | None = None) -> None:
+    """Predictions of ``shard``'s first ``rows`` rows as a run writes them, with the ids and
+    labels it copies from the shard (what tells a finished shard from a namesake's)."""
+    with ShardReader(shard) as reader:
+        cols = reader.read(0, rows, images=False)
+    carried = {name: getattr(cols, name) for name in predictions.CARRIED if getattr(cols, name) is not None}
+    predictions.write_predictions(Location(out), shard, np.zeros(rows, np.float32), stamp, carried, embeddings)
 
 
 def serial_job(data: Path, out: Path, weights: str, limit: int | None, overwrite: bool, size: int) -> Job:

@@ -5,16 +5,15 @@ from __future__ import annotations
 import h5py
 import numpy as np
 
-from cai_hpc import predictions
 from cai_hpc.cli import main
 from cai_hpc.comm import SelfComm
 from cai_hpc.dryrun import BYTES_PER_ROW
 from cai_hpc.embeddings import EMBEDDING_DIM
 from cai_hpc.engine import RunConfig, run
 from cai_hpc.shards import scan_dataset
-from cai_hpc.storage import Location
 from cai_hpc.synth import synthesize
 from tests.conftest import cai_hpc
+from tests.plans import write_finished
 
 
 def test_embeddings_are_added_to_a_finished_run_without_changing_its_predictions(tmp_path) -> None:
@@ -58,7 +57,7 @@ def test_a_dry_run_plans_shards_without_embeddings_again_and_counts_their_featur
     stamp = {"checkpoint": "test", "weights": "random-seed-0/fp32"}
     (out / "predictions").mkdir(parents=True)
     for shard, features in ((shards[0], None), (shards[1], np.zeros((shards[1].rows, EMBEDDING_DIM), np.float32))):
-        predictions.write_predictions(Location(out), shard, np.zeros(shard.rows, np.float32), stamp, {}, features)
+        write_finished(out, shard, shard.rows, stamp, features)
     made = sorted(p.relative_to(out) for p in out.rglob("*"))
 
     def plan(*extra: str) -> tuple[str, float]:

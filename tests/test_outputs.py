@@ -21,6 +21,7 @@ from cai_hpc.predictions import (
 )
 from cai_hpc.shards import ShardInfo, ShardReader, inspect_shard, write_shard
 from cai_hpc.storage import Location
+from cai_hpc.synth import synthesize
 
 STAMP = {"checkpoint": "reference", "weights": "w-1"}
 
@@ -29,11 +30,13 @@ class InjectedCrashError(Exception):
     """Raised where a real run could die: a full disk, a failed read, a signal."""
 
 
-def write(out: Location, shard: ShardInfo, pred: np.ndarray, stamp: dict[str, str]) -> Location:
+def write(
+    out: Location, shard: ShardInfo, pred: np.ndarray, stamp: dict[str, str], embeddings: np.ndarray | None = None
+) -> Location:
     """write_predictions with the shard's own ids and labels for the rows, as the engine's reader hands them over."""
     with h5py.File(str(shard.path)) as src:
         carried = {name: src[name][: len(pred)] for name in ("object_id", "redshift") if name in src}
-    return write_predictions(out, shard, pred, stamp, carried)
+    return write_predictions(out, shard, pred, stamp, carried, embeddings)
 
 
 @pytest.fixture
@@ -96,6 +99,13 @@ def _shorten_predictions(f: h5py.File) -> None:
     f["redshift_pred"] = pred[:-1]
 
 
+def _edit_first(name: str):
+    def edit(f: h5py.File) -> None:
+        f[name][0] = f[name][0] + 1
+
+    return edit
+
+
 NOT_WHOLE = {
     "no completion marker (rows)": _drop("rows"),
     "no format": _drop("format"),
@@ -106,6 +116,9 @@ NOT_WHOLE = {
     "no source length": _drop("source_rows"),
     "fewer predictions than rows": _shorten_predictions,
     "no predictions": lambda f: f.__delitem__("redshift_pred"),
+    "labels of other galaxies": _edit_first("redshift"),
+    "ids of other galaxies": _edit_first("object_id"),
+    "no copied labels": lambda f: f.__delitem__("redshift"),
 }
 
 
@@ -130,6 +143,18 @@ def test_a_one_row_file_without_its_lengths_is_not_complete(marker, out, small_d
     with h5py.File(path, "a") as f:
         del f.attrs[marker]
     assert not is_complete(out, shard, 1, "w-1")
+
+
+def test_a_dataset_made_again_under_the_same_names_is_not_taken_for_finished(out, tmp_path) -> None:
+    synthesize(tmp_path / "d", 48, 1.0, seed=1)
+    first = inspect_shard(tmp_path / "d" / "shard-00000.h5")
+    write(out, first, np.zeros(48, np.float32), STAMP)
+    assert is_complete(out, first, 48, "w-1")
+    shutil.rmtree(tmp_path / "d")
+    synthesize(tmp_path / "d", 48, 1.0, seed=2)  # same name, same length, other galaxies
+    again = inspect_shard(tmp_path / "d" / "shard-00000.h5")
+    assert (again.name, again.rows) == (first.name, first.rows)
+    assert not is_complete(out, again, 48, "w-1")
 
 
 def test_a_file_that_is_not_hdf5_is_not_complete(out, shard) -> None:
@@ -227,7 +252,7 @@ def test_an_unlabelled_shard_gives_no_labels(out, small_dataset, tmp_path) -> No
 def test_embeddings_are_stored_as_float32_and_complete_only_with_every_row(out, shard) -> None:
     # Six features per row (not the model's 3216): a shape that cannot be taken for the row count.
     features = np.arange(48 * 6, dtype=np.float64).reshape(48, 6) / 8
-    path = write_predictions(out, shard, np.zeros(48, np.float32), STAMP, {}, embeddings=features)
+    path = write(out, shard, np.zeros(48, np.float32), STAMP, embeddings=features)
     with h5py.File(path) as f:
         assert (f["embeddings"].dtype, f["embeddings"].shape) == (np.float32, (48, 6))
         assert f["embeddings"][47].tolist() == [35.25, 35.375, 35.5, 35.625, 35.75, 35.875]
@@ -237,7 +262,7 @@ def test_embeddings_are_stored_as_float32_and_complete_only_with_every_row(out, 
         del f["embeddings"]
         f["embeddings"] = kept  # a row short
     assert is_complete(out, shard, 48, "w-1") and not is_complete(out, shard, 48, "w-1", embeddings=True)
-    write_predictions(out, shard, np.zeros(48, np.float32), STAMP, {})
+    write(out, shard, np.zeros(48, np.float32), STAMP)
     assert is_complete(out, shard, 48, "w-1") and not is_complete(out, shard, 48, "w-1", embeddings=True)
 
 

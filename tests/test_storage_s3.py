@@ -8,6 +8,7 @@ import io
 from collections.abc import Iterator
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 
@@ -177,8 +178,9 @@ def test_prediction_files_on_s3_are_checked_and_read_without_keeping_them(s3, sm
     shard = inspect_shard(small_dataset / "shard-00006.h5")
     out = Location(f"s3://{BUCKET}/run")
     pred = np.linspace(0.0, 0.55, 12, dtype=np.float32)
-    labels = np.linspace(0.1, 0.2, 12, dtype=np.float32)
-    write_predictions(out, shard, pred, {"weights": "w-1"}, {"redshift": labels})
+    with h5py.File(shard.path.path) as src:
+        labels, ids = src["redshift"][:], src["object_id"][:]
+    write_predictions(out, shard, pred, {"weights": "w-1"}, {"redshift": labels, "object_id": ids})
     assert prediction_files(out) == [Location(f"s3://{BUCKET}/run/predictions/shard-00006.h5")]
     assert is_complete(out, shard, 12, "w-1") and not is_complete(out, shard, 12, "w-2")
     got_pred, got_true = read_labelled(out, shard, 5)
