@@ -18,12 +18,16 @@ from lambda_shim.wire import (
     NONCE,
     PROTOCOL,
     SEALED_HEADER,
+    TOKEN_ENV,
+    TOKEN_FILE_ENV,
     AuthError,
     FrameReader,
     RefusedError,
     decode_control,
     handshake_accept,
     handshake_connect,
+    load_secret,
+    new_secret,
     pack_table,
     read_frame,
     secret_bytes,
@@ -322,3 +326,51 @@ def test_the_incremental_reader_hands_over_the_last_frame_before_the_end_of_the_
     with pytest.raises(EOFError):
         reader.feed(a)
     assert reader.between_frames()
+
+
+# ---------------------------------------------------------------- issue 22: mutation survivors
+# Tests added after mutation testing of wire.py (README, Development): each kills mutants the
+# tests above let through. Kept in this separate block, as others edit the tests above.
+SECRET_HEX = "0f" * 32
+
+
+def test_a_new_secret_is_32_random_bytes_in_hex() -> None:
+    first, second = new_secret(), new_secret()
+    assert len(first) == 64 and len(bytes.fromhex(first)) == 32 and first != second
+
+
+def test_the_secret_is_read_from_the_token_file_before_the_variable(tmp_path) -> None:
+    token = tmp_path / "token"
+    token.write_text(f"  {SECRET_HEX}\n")
+    env = {TOKEN_FILE_ENV: str(token), TOKEN_ENV: "ab" * 32}
+    assert load_secret(env) == bytes([15] * 32)
+    assert load_secret({TOKEN_FILE_ENV: "", TOKEN_ENV: f" {SECRET_HEX} "}) == bytes([15] * 32)
+    assert load_secret({TOKEN_ENV: "x" * 40}) == b"x" * 40  # not hex: the text's own bytes
+
+
+def test_the_environment_is_the_process_environment_unless_given(tmp_path, monkeypatch) -> None:
+    monkeypatch.delenv(TOKEN_FILE_ENV, raising=False)
+    monkeypatch.setenv(TOKEN_ENV, SECRET_HEX)
+    assert load_secret() == bytes([15] * 32)
+
+
+@pytest.mark.parametrize(
+    "env",
+    [{}, {TOKEN_ENV: ""}, {TOKEN_ENV: " \n"}, {TOKEN_FILE_ENV: "", TOKEN_ENV: ""}],
+    ids=["nothing set", "empty variable", "blank variable", "both empty"],
+)
+def test_no_secret_is_one_error_naming_both_ways_to_give_it(env) -> None:
+    with pytest.raises(AuthError) as caught:
+        load_secret(env)
+    assert str(caught.value) == "no secret: set CAI_HPC_TOKEN_FILE (a file holding it) or CAI_HPC_TOKEN"
+
+
+def test_an_unreadable_or_blank_token_file_is_refused_naming_it(tmp_path) -> None:
+    missing = tmp_path / "missing"
+    with pytest.raises(AuthError) as caught:
+        load_secret({TOKEN_FILE_ENV: str(missing), TOKEN_ENV: SECRET_HEX})  # the variable is no fallback
+    assert str(caught.value) == f"cannot read the token file {missing}: No such file or directory"
+    blank = tmp_path / "blank"
+    blank.write_text("\n")
+    with pytest.raises(AuthError, match=r"^no secret: set CAI_HPC_TOKEN_FILE"):
+        load_secret({TOKEN_FILE_ENV: str(blank), TOKEN_ENV: SECRET_HEX})
