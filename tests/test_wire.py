@@ -26,6 +26,7 @@ from lambda_shim.wire import (
     decode_control,
     handshake_accept,
     handshake_connect,
+    job_of,
     load_secret,
     new_secret,
     pack_table,
@@ -374,3 +375,58 @@ def test_an_unreadable_or_blank_token_file_is_refused_naming_it(tmp_path) -> Non
     blank.write_text("\n")
     with pytest.raises(AuthError, match=r"^no secret: set CAI_HPC_TOKEN_FILE"):
         load_secret({TOKEN_FILE_ENV: str(blank), TOKEN_ENV: SECRET_HEX})
+
+
+def test_a_job_id_that_is_not_ascii_is_refused_in_words() -> None:
+    assert job_of(b"job-1") == "job-1"
+    with pytest.raises(AuthError) as caught:
+        job_of("jöb".encode())
+    assert str(caught.value) == "job id is not ASCII"
+
+
+def test_an_address_table_of_the_wrong_length_is_refused_in_words() -> None:
+    with pytest.raises(AuthError) as caught:
+        unpack_table(bytes(25), 2)
+    assert str(caught.value) == "an address table of 25 bytes for 2 ranks"
+
+
+BIG = bytes(range(256)) * 1024  # 256 KiB: one record larger than the reader's scratch buffer
+
+
+@pytest.mark.timeout(20)  # a reader that missed the end would spin here
+@pytest.mark.parametrize(
+    "cut",
+    [SEALED_HEADER // 2, SEALED_HEADER, SEALED_HEADER + 100, SEALED_HEADER + FrameReader.SCRATCH + 100],
+    ids=["inside the header", "after the header", "inside a small record", "inside a big record"],
+)
+def test_a_stream_cut_inside_a_frame_ends_in_the_middle_of_one(linked, cut) -> None:
+    """The transport takes an end of the stream between frames for a peer that left cleanly,
+    and one inside a frame for a failure: the reader must tell them apart wherever the cut is."""
+    a, acceptor, b, initiator = linked
+    payload = BIG if cut > SEALED_HEADER + 100 else b"x" * 1000
+    b.sendall(b"".join(initiator.seal_frame(KIND_OBJECT, 1, 0, payload))[:cut])
+    b.close()
+    reader = FrameReader(acceptor)
+    with pytest.raises(EOFError) as caught:
+        feed_all(reader, a)
+    assert str(caught.value) == "connection closed"  # it ends up in the transport's one-line error
+    assert not reader.between_frames()
+
+
+def test_a_big_record_arriving_a_byte_at_a_time_is_read_whole(linked) -> None:
+    a, acceptor, b, initiator = linked
+    wire_bytes = b"".join(initiator.seal_frame(KIND_OBJECT, 1, 4, BIG))
+    reader = FrameReader(acceptor)
+    first = SEALED_HEADER + 1000
+    b.sendall(wire_bytes[:first])
+    assert feed_all(reader, a) == []
+    for i in range(first, first + 3):  # single bytes of the big record, each its own read
+        b.sendall(wire_bytes[i : i + 1])
+        assert feed_all(reader, a) == []
+    sender = threading.Thread(target=b.sendall, args=(wire_bytes[first + 3 :],))
+    sender.start()
+    frames: list = []
+    while not frames:
+        frames = feed_all(reader, a)
+    sender.join(timeout=10)
+    assert frames == [(KIND_OBJECT, 1, 0, 4, bytearray(BIG))] and reader.between_frames()
