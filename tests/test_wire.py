@@ -10,6 +10,7 @@ import threading
 
 import pytest
 
+from lambda_shim import wire
 from lambda_shim.wire import (
     HEADER,
     KIND_CONTROL,
@@ -430,3 +431,31 @@ def test_a_big_record_arriving_a_byte_at_a_time_is_read_whole(linked) -> None:
         frames = feed_all(reader, a)
     sender.join(timeout=10)
     assert frames == [(KIND_OBJECT, 1, 0, 4, bytearray(BIG))] and reader.between_frames()
+
+
+def test_an_acceptor_of_another_protocol_version_is_refused_in_words() -> None:
+    a, b = pair()
+    a.sendall(b"CAI-SHIM/2" + bytes(NONCE))  # an older server or rank
+    try:
+        with pytest.raises(AuthError) as caught:
+            handshake_connect(b, KEY, "job-1", 1, 0)
+        assert str(caught.value) == "the other side does not speak this version of the cai-hpc shim protocol"
+    finally:
+        a.close()
+        b.close()
+
+
+@pytest.mark.timeout(10)  # without its own deadline the handshake would wait here for ever
+@pytest.mark.parametrize("side", ["initiator", "acceptor"])
+def test_a_handshake_with_a_silent_peer_ends_at_its_deadline(side, monkeypatch) -> None:
+    monkeypatch.setattr(wire, "HANDSHAKE_TIMEOUT_S", 0.2)
+    a, b = socket.socketpair()  # blocking, no socket timeout: only the handshake's deadline ends the wait
+    try:
+        with pytest.raises(TimeoutError):
+            if side == "initiator":
+                handshake_connect(b, KEY, "job-1", 1, 0)  # no greeting ever comes
+            else:
+                handshake_accept(a, KEY, 0)  # no proof ever comes
+    finally:
+        a.close()
+        b.close()
