@@ -1,6 +1,10 @@
-"""The partition plan, the distributed metrics and the one-rank communicator."""
+"""The partition plan, the distributed metrics (on one rank, and on two over loopback) and the
+one-rank communicator."""
 
 from __future__ import annotations
+
+import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -179,3 +183,58 @@ def test_a_world_smaller_than_the_launcher_started_is_refused() -> None:
     c.check_world_size(1, {"SLURM_NTASKS": "4"})
     with pytest.raises(InputError):
         c.check_world_size(1, {"PMI_SIZE": "2"})
+
+
+def _on_two_ranks(rendezvous, work: list) -> list:
+    """Run ``work[r](comm)`` as rank r of a real two-rank TcpComm job (threads of this process,
+    loopback); returns their results. A rank that raises leaves the job at once, so the other
+    fails fast instead of waiting for it, and the first error is raised here."""
+    from lambda_shim.tcpcomm import ShimConfig, TcpComm
+    from lambda_shim.wire import job_key
+
+    master, address = rendezvous
+    host, _, port = address.rpartition(":")
+    job = uuid.uuid4().hex
+
+    def rank(r: int):
+        config = ShimConfig(r, 2, job, job_key(master, job), (host, int(port)), mode="direct", connect_timeout=30)
+        with TcpComm(config) as comm:
+            return work[r](comm)
+
+    with ThreadPoolExecutor(2) as pool:
+        futures = [pool.submit(rank, r) for r in range(2)]
+        return [f.result(timeout=60) for f in futures]
+
+
+# z = 0, 0.5, 1 and ẑ = 0.25, 0.5, 1.75, every residual exact in binary:
+#   ẑ − z = 0.25, 0, 0.75 (sum 1, squares 0.625); Δz = 0.25, 0, 0.375 (sum 0.625);
+#   median Δz = 0.25; |Δz − 0.25| = 0, 0.25, 0.125, median 0.125, so NMAD = 1.4826 × 0.125;
+#   mean z = 0.5, SS_tot = 0.5, R² = 1 − 0.625/0.5 = −0.25; |Δz| > 0.15 for 0.25 and 0.375.
+_TRUE = np.array([0.0, 0.5, 1.0])
+_PRED = np.array([0.25, 0.5, 1.75])
+_BY_HAND = {
+    "mae": 1 / 3,
+    "mse": 0.625 / 3,
+    "bias": 0.625 / 3,
+    "nmad": 1.4826 * 0.125,
+    "r2": -0.25,
+    "outlier_frac": 2 / 3,
+    "labelled": 3,
+}
+
+
+@pytest.mark.parametrize("split", [0, 1, 3], ids=["rank 0 has no labels", "both have labels", "rank 1 has no labels"])
+def test_metrics_over_two_ranks_are_those_of_the_union_even_with_a_rank_holding_no_labels(rendezvous, split) -> None:
+    # Rank 0 holds the first `split` samples, rank 1 the rest: every rank gets the union's metrics.
+    def work(part: slice):
+        return lambda comm: regression_metrics(comm, _PRED[part], _TRUE[part])
+
+    assert _on_two_ranks(rendezvous, [work(slice(0, split)), work(slice(split, None))]) == [_BY_HAND, _BY_HAND]
+
+
+def test_a_median_over_two_ranks_with_one_holding_nothing_is_the_others_median(rendezvous) -> None:
+    def median_of(values: np.ndarray):
+        return lambda comm: distributed_median(comm, values)
+
+    got = _on_two_ranks(rendezvous, [median_of(np.empty(0)), median_of(np.array([3.0, -1.0, 2.0, 7.0]))])
+    assert got == [2.5, 2.5]

@@ -10,6 +10,7 @@ import threading
 
 import pytest
 
+from lambda_shim import wire
 from lambda_shim.wire import (
     HEADER,
     KIND_CONTROL,
@@ -18,12 +19,17 @@ from lambda_shim.wire import (
     NONCE,
     PROTOCOL,
     SEALED_HEADER,
+    TOKEN_ENV,
+    TOKEN_FILE_ENV,
     AuthError,
     FrameReader,
     RefusedError,
     decode_control,
     handshake_accept,
     handshake_connect,
+    job_of,
+    load_secret,
+    new_secret,
     pack_table,
     read_frame,
     secret_bytes,
@@ -322,3 +328,134 @@ def test_the_incremental_reader_hands_over_the_last_frame_before_the_end_of_the_
     with pytest.raises(EOFError):
         reader.feed(a)
     assert reader.between_frames()
+
+
+# ---------------------------------------------------------------- issue 22: mutation survivors
+# Tests added after mutation testing of wire.py (README, Development): each kills mutants the
+# tests above let through. Kept in this separate block, as others edit the tests above.
+SECRET_HEX = "0f" * 32
+
+
+def test_a_new_secret_is_32_random_bytes_in_hex() -> None:
+    first, second = new_secret(), new_secret()
+    assert len(first) == 64 and len(bytes.fromhex(first)) == 32 and first != second
+
+
+def test_the_secret_is_read_from_the_token_file_before_the_variable(tmp_path) -> None:
+    token = tmp_path / "token"
+    token.write_text(f"  {SECRET_HEX}\n")
+    env = {TOKEN_FILE_ENV: str(token), TOKEN_ENV: "ab" * 32}
+    assert load_secret(env) == bytes([15] * 32)
+    assert load_secret({TOKEN_FILE_ENV: "", TOKEN_ENV: f" {SECRET_HEX} "}) == bytes([15] * 32)
+    assert load_secret({TOKEN_ENV: "x" * 40}) == b"x" * 40  # not hex: the text's own bytes
+
+
+def test_the_environment_is_the_process_environment_unless_given(tmp_path, monkeypatch) -> None:
+    monkeypatch.delenv(TOKEN_FILE_ENV, raising=False)
+    monkeypatch.setenv(TOKEN_ENV, SECRET_HEX)
+    assert load_secret() == bytes([15] * 32)
+
+
+@pytest.mark.parametrize(
+    "env",
+    [{}, {TOKEN_ENV: ""}, {TOKEN_ENV: " \n"}, {TOKEN_FILE_ENV: "", TOKEN_ENV: ""}],
+    ids=["nothing set", "empty variable", "blank variable", "both empty"],
+)
+def test_no_secret_is_one_error_naming_both_ways_to_give_it(env) -> None:
+    with pytest.raises(AuthError) as caught:
+        load_secret(env)
+    assert str(caught.value) == "no secret: set CAI_HPC_TOKEN_FILE (a file holding it) or CAI_HPC_TOKEN"
+
+
+def test_an_unreadable_or_blank_token_file_is_refused_naming_it(tmp_path) -> None:
+    missing = tmp_path / "missing"
+    with pytest.raises(AuthError) as caught:
+        load_secret({TOKEN_FILE_ENV: str(missing), TOKEN_ENV: SECRET_HEX})  # the variable is no fallback
+    assert str(caught.value) == f"cannot read the token file {missing}: No such file or directory"
+    blank = tmp_path / "blank"
+    blank.write_text("\n")
+    with pytest.raises(AuthError, match=r"^no secret: set CAI_HPC_TOKEN_FILE"):
+        load_secret({TOKEN_FILE_ENV: str(blank), TOKEN_ENV: SECRET_HEX})
+
+
+def test_a_job_id_that_is_not_ascii_is_refused_in_words() -> None:
+    assert job_of(b"job-1") == "job-1"
+    with pytest.raises(AuthError) as caught:
+        job_of("jöb".encode())
+    assert str(caught.value) == "job id is not ASCII"
+
+
+def test_an_address_table_of_the_wrong_length_is_refused_in_words() -> None:
+    with pytest.raises(AuthError) as caught:
+        unpack_table(bytes(25), 2)
+    assert str(caught.value) == "an address table of 25 bytes for 2 ranks"
+
+
+BIG = bytes(range(256)) * 1024  # 256 KiB: one record larger than the reader's scratch buffer
+
+
+@pytest.mark.timeout(20)  # a reader that missed the end would spin here
+@pytest.mark.parametrize(
+    "cut",
+    [SEALED_HEADER // 2, SEALED_HEADER, SEALED_HEADER + 100, SEALED_HEADER + FrameReader.SCRATCH + 100],
+    ids=["inside the header", "after the header", "inside a small record", "inside a big record"],
+)
+def test_a_stream_cut_inside_a_frame_ends_in_the_middle_of_one(linked, cut) -> None:
+    """The transport takes an end of the stream between frames for a peer that left cleanly,
+    and one inside a frame for a failure: the reader must tell them apart wherever the cut is."""
+    a, acceptor, b, initiator = linked
+    payload = BIG if cut > SEALED_HEADER + 100 else b"x" * 1000
+    b.sendall(b"".join(initiator.seal_frame(KIND_OBJECT, 1, 0, payload))[:cut])
+    b.close()
+    reader = FrameReader(acceptor)
+    with pytest.raises(EOFError) as caught:
+        feed_all(reader, a)
+    assert str(caught.value) == "connection closed"  # it ends up in the transport's one-line error
+    assert not reader.between_frames()
+
+
+def test_a_big_record_arriving_a_byte_at_a_time_is_read_whole(linked) -> None:
+    a, acceptor, b, initiator = linked
+    wire_bytes = b"".join(initiator.seal_frame(KIND_OBJECT, 1, 4, BIG))
+    reader = FrameReader(acceptor)
+    first = SEALED_HEADER + 1000
+    b.sendall(wire_bytes[:first])
+    assert feed_all(reader, a) == []
+    for i in range(first, first + 3):  # single bytes of the big record, each its own read
+        b.sendall(wire_bytes[i : i + 1])
+        assert feed_all(reader, a) == []
+    sender = threading.Thread(target=b.sendall, args=(wire_bytes[first + 3 :],))
+    sender.start()
+    frames: list = []
+    while not frames:
+        frames = feed_all(reader, a)
+    sender.join(timeout=10)
+    assert frames == [(KIND_OBJECT, 1, 0, 4, bytearray(BIG))] and reader.between_frames()
+
+
+def test_an_acceptor_of_another_protocol_version_is_refused_in_words() -> None:
+    a, b = pair()
+    a.sendall(b"CAI-SHIM/2" + bytes(NONCE))  # an older server or rank
+    try:
+        with pytest.raises(AuthError) as caught:
+            handshake_connect(b, KEY, "job-1", 1, 0)
+        assert str(caught.value) == "the other side does not speak this version of the cai-hpc shim protocol"
+    finally:
+        a.close()
+        b.close()
+
+
+@pytest.mark.timeout(10)  # without its own deadline the handshake would wait here for ever
+@pytest.mark.parametrize("side", ["initiator", "acceptor"])
+def test_a_handshake_with_a_silent_peer_ends_at_its_deadline(side, monkeypatch) -> None:
+    monkeypatch.setattr(wire, "HANDSHAKE_TIMEOUT_S", 0.2)
+    a, b = socket.socketpair()  # blocking, no socket timeout: only the handshake's deadline ends the wait
+    try:
+        with pytest.raises(TimeoutError):
+            if side == "initiator":
+                handshake_connect(b, KEY, "job-1", 1, 0)  # no greeting ever comes
+            else:
+                handshake_accept(a, KEY, 0)  # no proof ever comes
+    finally:
+        a.close()
+        b.close()
