@@ -196,6 +196,18 @@ def c_int(value: Any) -> int:
     return number
 
 
+def reduce_local(op: Any, inbuf: Any, inoutbuf: Any) -> None:
+    """``Op.Reduce_local``: ``inoutbuf``'s entries become ``op(inbuf's, inoutbuf's)``, the specs
+    checked as a reduction's are (and ``inbuf`` may not be IN_PLACE, as in MPI)."""
+    inout = msgs.parse(inoutbuf, readonly=False)
+    if msgs.is_in_place(inbuf):
+        raise MPIException(ERR_BUFFER, "Reduce_local: inbuf cannot be IN_PLACE")
+    send = msgs.parse(inbuf, readonly=True)
+    _check_pair(send, inout)
+    combine = reducer(op, send.datatype)
+    _store(inout, _raw(combine(BufferAPI._values(send), BufferAPI._values(inout))), "Reduce_local")
+
+
 def _deliver_into(req: Any, msg: Message) -> Any:
     """Make a posted receive request copy its message into ``msg``'s entries when it completes,
     raising MPI.Exception(ERR_TRUNCATE) from the completing call when it does not fit."""
@@ -341,6 +353,47 @@ class BufferAPI:
         if outgoing is not None:
             self._post(dest, sendtag, outgoing, coll=False).wait()
         recv.wait(status)
+
+    def _joined(self, recv: Any, send: Any) -> Any:
+        """One request of a receive and a send: complete when both are, with the receive's status."""
+        if send is not None:
+            recv._also = send._op
+        return recv
+
+    def Isendrecv(  # noqa: N802
+        self,
+        sendbuf: Any,
+        dest: int,
+        sendtag: int = 0,
+        recvbuf: Any = None,
+        source: int = ANY_SOURCE,
+        recvtag: int = ANY_TAG,
+    ) -> Any:
+        """Sendrecv that returns at once: its request completes when the send and the receive
+        have, with the receive's status (MPI 4.0's MPI_Isendrecv)."""
+        dest, sendtag, source, recvtag = c_int(dest), c_int(sendtag), c_int(source), c_int(recvtag)
+        out = self._send_args(sendbuf, dest, sendtag)
+        into = self._recv_args(recvbuf, source, recvtag)
+        recv = self._start_recv(into, source, recvtag)
+        return self._joined(recv, self._start_send(out, dest, sendtag))
+
+    def Isendrecv_replace(  # noqa: N802
+        self,
+        buf: Any,
+        dest: int,
+        sendtag: int = 0,
+        source: int = ANY_SOURCE,
+        recvtag: int = ANY_TAG,
+    ) -> Any:
+        """Sendrecv_replace that returns at once (MPI 4.0's MPI_Isendrecv_replace): the message
+        sent is ``buf`` as it was at the call."""
+        dest, sendtag, source, recvtag = c_int(dest), c_int(sendtag), c_int(source), c_int(recvtag)
+        out = self._send_args(buf, dest, sendtag)
+        into = self._recv_args(buf, source, recvtag)
+        outgoing = None if out is None else bytes(out.payload())  # a copy: buf is received into
+        recv = self._start_recv(into, source, recvtag)
+        send = None if outgoing is None else self._post(dest, sendtag, outgoing, coll=False)
+        return self._joined(recv, send)
 
     # ------------------------------------------------------------ trees
     def _tree_bcast(self, payload: Any, root: int, tag: int) -> Any:
