@@ -94,6 +94,15 @@ class Request:
 
     __hash__ = None  # as mpi4py's: a handle changes when the request completes
 
+    def __reduce__(self) -> str | tuple[Any, ...]:
+        """REQUEST_NULL unpickles as itself, another null request as a new one; a live request
+        cannot be pickled (ValueError, as mpi4py's)."""
+        if self is REQUEST_NULL:
+            return "REQUEST_NULL"
+        if self._null:
+            return type(self), ()
+        raise ValueError(f"cannot serialize '{type(self).__name__}' instance")
+
     @property
     def handle(self) -> int:
         """The handle as an int (MPICH's MPI_REQUEST_NULL when null), for ``fromhandle``."""

@@ -108,16 +108,68 @@ COMM_NULL = _NullComm()
 
 class Message:
     """mpi4py's ``Message`` (from ``mprobe``/``Mprobe``): a message already taken out of the
-    queue, received by ``recv``/``irecv`` (an object) or ``Recv``/``Irecv`` (into a buffer)."""
+    queue, received by ``recv``/``irecv`` (an object) or ``Recv``/``Irecv`` (into a buffer).
+    ``Message()`` is null and ``Message(message)`` has ``message``'s handle (equal to it);
+    ``MESSAGE_NO_PROC`` is what a matched probe of PROC_NULL gives: its receives complete at
+    once with PROC_NULL's status (a copy of it becomes null once received, the constant stays)."""
 
-    def __init__(self, request: Request) -> None:
-        self._request = request
+    def __init__(self, message: Message | None = None) -> None:
+        if message is not None and not isinstance(message, Message):
+            raise TypeError(f"Argument 'message' has incorrect type (expected Message, got {type(message).__name__})")
+        self._request = REQUEST_NULL if message is None else message._request
+        self._no_proc = message is not None and message._no_proc
+
+    @classmethod
+    def _of(cls, request: Request) -> Message:
+        message = cls()
+        message._request = request
+        return message
 
     def __bool__(self) -> bool:
-        return bool(self._request)
+        return self._no_proc or bool(self._request)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Message):
+            return NotImplemented
+        if self._no_proc or other._no_proc:
+            return self._no_proc == other._no_proc
+        return self._request == other._request
+
+    def __ne__(self, other: object) -> bool:
+        equal = self.__eq__(other)
+        return equal if equal is NotImplemented else not equal
+
+    __hash__ = None  # as mpi4py's
+
+    def __reduce__(self) -> str | tuple[Any, ...]:
+        """The constants unpickle as themselves, copies of them as copies; a pending message
+        cannot be pickled (ValueError, as mpi4py's)."""
+        if self is MESSAGE_NULL or self is MESSAGE_NO_PROC:
+            return "MESSAGE_NULL" if self is MESSAGE_NULL else "MESSAGE_NO_PROC"
+        if self._no_proc or not self:
+            return Message, ((MESSAGE_NO_PROC if self._no_proc else MESSAGE_NULL),)
+        raise ValueError(f"cannot serialize '{type(self).__name__}' instance")
+
+    def __repr__(self) -> str:
+        return "MESSAGE_NO_PROC" if self._no_proc else "MESSAGE_NULL" if not self else super().__repr__()
+
+    @classmethod
+    def probe(cls, comm: Comm, source: int = ANY_SOURCE, tag: int = ANY_TAG, status: Any = None) -> Message:
+        """``comm.mprobe(source, tag, status)``."""
+        return comm.mprobe(source, tag, status)
+
+    @classmethod
+    def iprobe(cls, comm: Comm, source: int = ANY_SOURCE, tag: int = ANY_TAG, status: Any = None) -> Message | None:
+        """``comm.improbe(source, tag, status)``."""
+        return comm.improbe(source, tag, status)
+
+    Probe, Iprobe = probe, iprobe
 
     def irecv(self) -> Request:
         """The receive of the message; the handle becomes MESSAGE_NULL (receiving twice is ERR_REQUEST)."""
+        if self._no_proc:
+            self._no_proc = self is MESSAGE_NO_PROC
+            return Request._new(None, None, RECV_OBJECT)
         if not self._request:
             raise MPIException(ERR_REQUEST, "receive of a null message (MESSAGE_NULL, or one already received)")
         request, self._request = self._request, REQUEST_NULL
@@ -144,25 +196,9 @@ class Message:
         self.Irecv(buf).wait(status)
 
 
-class _NoProcMessage(Message):
-    """mpi4py's ``MESSAGE_NO_PROC`` (what a matched probe of PROC_NULL gives): every receive of
-    it completes at once with PROC_NULL's status, and it stays MESSAGE_NO_PROC."""
-
-    def __init__(self) -> None:
-        super().__init__(REQUEST_NULL)
-
-    def __bool__(self) -> bool:
-        return True
-
-    def irecv(self) -> Request:
-        return Request._new(None, None, RECV_OBJECT)
-
-    def __repr__(self) -> str:
-        return "MESSAGE_NO_PROC"
-
-
-MESSAGE_NULL = Message(REQUEST_NULL)
-MESSAGE_NO_PROC = _NoProcMessage()
+MESSAGE_NULL = Message()
+MESSAGE_NO_PROC = Message()
+MESSAGE_NO_PROC._no_proc = True
 
 
 class Comm(NonblockingAPI, PersistentAPI, BufferAPI):
@@ -387,7 +423,7 @@ class Comm(NonblockingAPI, PersistentAPI, BufferAPI):
                 return None
             self._transport.probe(world, self._ctx, tag)  # until one arrives (another thread may take it first)
         fill_status(status, self._rank_of(op.envelope.source), op.envelope.tag, op.envelope.nbytes)
-        return Message(Request._new(self._transport, op, RECV_OBJECT, self._world_rank, (source, tag)))
+        return Message._of(Request._new(self._transport, op, RECV_OBJECT, self._world_rank, (source, tag)))
 
     def mprobe(self, source: int = ANY_SOURCE, tag: int = ANY_TAG, status: Any = None) -> Message:
         """Wait for a matching message and take it out of the queue (``Message.recv()`` returns it)."""

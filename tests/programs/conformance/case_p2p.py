@@ -448,3 +448,27 @@ def run(s: Suite) -> None:
         status = MPI.Status()
         message = comm.mprobe(source=s.left, tag=72, status=status)
         return message.recv(), s.status(status), comm.improbe(source=s.left, tag=72), bool(message)
+
+    # Message handles: Message() is null, Message(m) has m's handle; the class-method probes.
+    @s.case("message.handles")
+    def message_handles() -> Any:
+        null, no_proc = MPI.MESSAGE_NULL, MPI.MESSAGE_NO_PROC
+        seen = [MPI.Message() == null, bool(MPI.Message()), MPI.Message(null) == null, MPI.Message(no_proc) == no_proc]
+        seen += [no_proc != null, s.attempt(lambda: MPI.Message(5)), s.attempt(lambda: hash(null))]
+        seen += [pickle.loads(pickle.dumps(null)) is null, pickle.loads(pickle.dumps(no_proc)) is no_proc]
+        seen += [pickle.loads(pickle.dumps(MPI.Message(no_proc))) == no_proc]
+        copy = MPI.Message(no_proc)
+        seen += [copy.recv(), copy == null, bool(no_proc.recv() is None and no_proc), no_proc == MPI.MESSAGE_NO_PROC]
+        comm.send(("m", rank), s.right, 73)
+        status = MPI.Status()
+        message = MPI.Message.probe(comm, s.left, 73, status)
+        twin = MPI.Message(message)
+        seen += [twin == message, message != null, s.attempt(lambda: pickle.dumps(message)), s.status(status)]
+        seen += [message.recv(), message == null, MPI.Message.iprobe(comm, s.left, 73)]
+        comm.Send(np.full(2, rank, dtype=np.int32), s.right, 74)
+        got = np.zeros(2, dtype=np.int32)
+        found = s.until(lambda: MPI.Message.Iprobe(comm, s.left, 74), lambda m: m is not None)
+        found.Recv(got)
+        comm.Send(np.full(1, rank, dtype=np.int32), s.right, 75)
+        MPI.Message.Probe(comm, s.left, 75).Recv(got[:1])
+        return seen, got, s.attempt(lambda: pickle.dumps(comm.isend(None, MPI.PROC_NULL)))
