@@ -91,6 +91,17 @@ def _is_user(op: Any) -> bool:
     return getattr(op, "name", None) == "USER"
 
 
+class _OpBuffer(np.ndarray):
+    """What a user operator gets, as mpi4py's ``MPI.buffer``: the entries' bytes (``len`` in
+    bytes, the buffer protocol), and a slice takes any buffer of as many bytes
+    (``inoutbuf[:] = result``, whatever the result's item type)."""
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        if not isinstance(value, (int, np.integer)) and msgs.has_buffer(value):
+            value = np.frombuffer(value, dtype=np.uint8)
+        super().__setitem__(key, value)
+
+
 def _user_reducer(op: Any, datatype: msgs.Datatype) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
     """An ``Op.Create`` operator on buffers, called as mpi4py calls it: ``function(inbuf,
     inoutbuf, datatype)`` with the lower ranks' entries in ``inbuf``, the result left in
@@ -99,7 +110,7 @@ def _user_reducer(op: Any, datatype: msgs.Datatype) -> Callable[[np.ndarray, np.
 
     def combine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         out = b.copy()
-        inbuf, inoutbuf = memoryview(a.view(np.uint8)), memoryview(out.view(np.uint8))
+        inbuf, inoutbuf = a.view(np.uint8).view(_OpBuffer), out.view(np.uint8).view(_OpBuffer)
         if function is not None:
             function(inbuf, inoutbuf, datatype)
         else:  # an Op that keeps only fn(x, y) = function(x, y, None)

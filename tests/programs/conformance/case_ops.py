@@ -4,6 +4,7 @@ Reduce_local."""
 
 from __future__ import annotations
 
+import array
 import pickle
 from typing import Any
 
@@ -214,3 +215,22 @@ def run(s: Suite) -> None:
             s.attempt(lambda: MPI.SUM.Reduce_local(a, b"abc")),
             b,
         ]
+
+    # What a user operator gets on buffers: byte buffers (len in bytes) over the entries, whose
+    # slices take any buffer of as many bytes; and the datatype of the entries.
+    def add_into(inbuf: Any, inoutbuf: Any, datatype: Any) -> None:
+        seen.append((len(inbuf), len(inoutbuf), datatype == MPI.INT, memoryview(inoutbuf).nbytes))
+        total = np.frombuffer(inbuf, dtype=np.int32) + np.frombuffer(inoutbuf, dtype=np.int32)
+        inoutbuf[:] = array.array("i", total.tolist()) if len(seen) % 2 else total.tobytes()
+
+    seen: list = []
+
+    @s.case("user.buffers")
+    def user_buffers() -> Any:
+        op = MPI.Op.Create(add_into, commute=True)
+        every = np.zeros(3, dtype=np.int32)
+        comm.Allreduce(np.array([rank, 1, -rank], dtype=np.int32), every, op=op)
+        local = np.array([5, 6, 7], dtype=np.int32)
+        op.Reduce_local(np.array([1, 1, 1], dtype=np.int32), local)
+        op.Free()
+        return every, local, sorted(set(seen))
