@@ -24,7 +24,7 @@ class Prequest(Request):
     handle of ``request``."""
 
     @classmethod
-    def _persistent(cls, post: Callable[[], Request]) -> Prequest:
+    def _of(cls, post: Callable[[], Request]) -> Prequest:
         request = cls()
         request._null, request._persistent = False, True
         request._post_one = post
@@ -61,7 +61,7 @@ class PersistentAPI:
             request = self._start_send(msg, dest, tag, sync=sync)
             return self._proc_null_request() if request is None else request
 
-        return Prequest._persistent(post)
+        return Prequest._of(post)
 
     def Send_init(self, buf: Any, dest: int, tag: int = 0) -> Prequest:  # noqa: N802 - mpi4py's names
         return self._send_init(buf, dest, tag, sync=False)
@@ -75,4 +75,4 @@ class PersistentAPI:
     def Recv_init(self, buf: Any, source: int = ANY_SOURCE, tag: int = ANY_TAG) -> Prequest:  # noqa: N802
         source, tag = c_int(source), c_int(tag)
         msg = self._recv_args(buf, source, tag)
-        return Prequest._persistent(lambda: self._start_recv(msg, source, tag))
+        return Prequest._of(lambda: self._start_recv(msg, source, tag))

@@ -39,6 +39,23 @@ class Request:
     ``envelope`` (source as a rank of the communicator) and then calls ``on_complete(request,
     status)``, if set, once, in the thread that completes it."""
 
+    # A null request's state; a request sets in its own __dict__ only what differs (shared
+    # with the copies of its handle), so making one per message stays cheap.
+    _transport: Any = None
+    _op: Any = None  # None: complete already (PROC_NULL)
+    _also: Any = None  # a send op that must complete too (Isendrecv)
+    _what: str | None = None
+    _ranks: dict[int, int] | None = None  # world rank -> rank in the communicator
+    _posted = (ANY_SOURCE, ANY_TAG)  # (source, tag) a receive was posted with, in the comm's ranks
+    _limit: int | None = None  # bytes the receive buffer holds, if one was given
+    _active = False  # an operation is pending
+    _null = True  # the handle is null
+    _persistent = False  # completion leaves it inactive, not null (Prequest)
+    _handle: int | None = None
+    on_complete: Callable[[Request, Status], None] | None = None
+    payload: bytearray | None = None
+    envelope: Any = None
+
     def __init__(self, request: Request | None = None) -> None:
         if request is not None and not isinstance(request, Request):
             raise TypeError(f"Argument 'request' has incorrect type (expected Request, got {type(request).__name__})")
@@ -46,21 +63,6 @@ class Request:
             if not isinstance(request, type(self)):  # a Prequest is made only of a Prequest
                 raise TypeError(f"Cannot convert {type(request).__name__} to {type(self).__name__}")
             self.__dict__ = request.__dict__  # the same handle
-            return
-        self._transport: Any = None
-        self._op: Any = None  # None: complete already (PROC_NULL)
-        self._also: Any = None  # a send op that must complete too (Isendrecv)
-        self._what: str | None = None
-        self._ranks: dict[int, int] | None = None  # world rank -> rank in the communicator
-        self._posted = (ANY_SOURCE, ANY_TAG)  # (source, tag) a receive was posted with, in the comm's ranks
-        self._limit: int | None = None  # bytes the receive buffer holds, if one was given
-        self._active = False  # an operation is pending
-        self._null = True  # the handle is null
-        self._persistent = False  # completion leaves it inactive, not null (Prequest)
-        self._handle: int | None = None
-        self.on_complete: Callable[[Request, Status], None] | None = None
-        self.payload: bytearray | None = None
-        self.envelope: Any = None
 
     @classmethod
     def _new(
@@ -73,7 +75,7 @@ class Request:
         limit: int | None = None,
     ) -> Request:
         """An active request of ``op`` (None: complete already) delivering ``what``."""
-        request = cls()
+        request = cls.__new__(cls)
         request._transport, request._op, request._what = transport, op, what
         request._ranks, request._posted, request._limit = ranks, posted, limit
         request._active, request._null = True, False
