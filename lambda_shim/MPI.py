@@ -60,6 +60,8 @@ from lambda_shim.constants import (  # noqa: F401 - mpi4py's names, re-exported
 from lambda_shim.errors import MPIException as Exception  # noqa: F401 - mpi4py's MPI.Exception
 from lambda_shim.message import BOTTOM, DATATYPE_NULL, DATATYPES, Datatype, byte_view  # noqa: F401
 from lambda_shim.persistent import Prequest  # noqa: F401
+from lambda_shim.pickler import PICKLE as pickle  # noqa: F401, N811 - mpi4py's MPI.pickle
+from lambda_shim.pickler import Pickle  # noqa: F401
 from lambda_shim.request import REQUEST_NULL, Request  # noqa: F401
 from lambda_shim.tcpcomm import COMM_NULL, MESSAGE_NO_PROC, MESSAGE_NULL, Comm, Message  # noqa: F401
 

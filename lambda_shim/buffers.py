@@ -91,6 +91,17 @@ def _is_user(op: Any) -> bool:
     return getattr(op, "name", None) == "USER"
 
 
+class _OpBuffer(np.ndarray):
+    """What a user operator gets, as mpi4py's ``MPI.buffer``: the entries' bytes (``len`` in
+    bytes, the buffer protocol), and a slice takes any buffer of as many bytes
+    (``inoutbuf[:] = result``, whatever the result's item type)."""
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        if not isinstance(value, (int, np.integer)) and msgs.has_buffer(value):
+            value = np.frombuffer(value, dtype=np.uint8)
+        super().__setitem__(key, value)
+
+
 def _user_reducer(op: Any, datatype: msgs.Datatype) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
     """An ``Op.Create`` operator on buffers, called as mpi4py calls it: ``function(inbuf,
     inoutbuf, datatype)`` with the lower ranks' entries in ``inbuf``, the result left in
@@ -99,7 +110,7 @@ def _user_reducer(op: Any, datatype: msgs.Datatype) -> Callable[[np.ndarray, np.
 
     def combine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         out = b.copy()
-        inbuf, inoutbuf = memoryview(a.view(np.uint8)), memoryview(out.view(np.uint8))
+        inbuf, inoutbuf = a.view(np.uint8).view(_OpBuffer), out.view(np.uint8).view(_OpBuffer)
         if function is not None:
             function(inbuf, inoutbuf, datatype)
         else:  # an Op that keeps only fn(x, y) = function(x, y, None)
@@ -194,6 +205,18 @@ def c_int(value: Any) -> int:
     if not -(2**31) <= number < 2**31:
         raise OverflowError(f"value {number} does not fit in a C int")
     return number
+
+
+def reduce_local(op: Any, inbuf: Any, inoutbuf: Any) -> None:
+    """``Op.Reduce_local``: ``inoutbuf``'s entries become ``op(inbuf's, inoutbuf's)``, the specs
+    checked as a reduction's are (and ``inbuf`` may not be IN_PLACE, as in MPI)."""
+    inout = msgs.parse(inoutbuf, readonly=False)
+    if msgs.is_in_place(inbuf):
+        raise MPIException(ERR_BUFFER, "Reduce_local: inbuf cannot be IN_PLACE")
+    send = msgs.parse(inbuf, readonly=True)
+    _check_pair(send, inout)
+    combine = reducer(op, send.datatype)
+    _store(inout, _raw(combine(BufferAPI._values(send), BufferAPI._values(inout))), "Reduce_local")
 
 
 def _deliver_into(req: Any, msg: Message) -> Any:
@@ -341,6 +364,47 @@ class BufferAPI:
         if outgoing is not None:
             self._post(dest, sendtag, outgoing, coll=False).wait()
         recv.wait(status)
+
+    def _joined(self, recv: Any, send: Any) -> Any:
+        """One request of a receive and a send: complete when both are, with the receive's status."""
+        if send is not None:
+            recv._also = send._op
+        return recv
+
+    def Isendrecv(  # noqa: N802
+        self,
+        sendbuf: Any,
+        dest: int,
+        sendtag: int = 0,
+        recvbuf: Any = None,
+        source: int = ANY_SOURCE,
+        recvtag: int = ANY_TAG,
+    ) -> Any:
+        """Sendrecv that returns at once: its request completes when the send and the receive
+        have, with the receive's status (MPI 4.0's MPI_Isendrecv)."""
+        dest, sendtag, source, recvtag = c_int(dest), c_int(sendtag), c_int(source), c_int(recvtag)
+        out = self._send_args(sendbuf, dest, sendtag)
+        into = self._recv_args(recvbuf, source, recvtag)
+        recv = self._start_recv(into, source, recvtag)
+        return self._joined(recv, self._start_send(out, dest, sendtag))
+
+    def Isendrecv_replace(  # noqa: N802
+        self,
+        buf: Any,
+        dest: int,
+        sendtag: int = 0,
+        source: int = ANY_SOURCE,
+        recvtag: int = ANY_TAG,
+    ) -> Any:
+        """Sendrecv_replace that returns at once (MPI 4.0's MPI_Isendrecv_replace): the message
+        sent is ``buf`` as it was at the call."""
+        dest, sendtag, source, recvtag = c_int(dest), c_int(sendtag), c_int(source), c_int(recvtag)
+        out = self._send_args(buf, dest, sendtag)
+        into = self._recv_args(buf, source, recvtag)
+        outgoing = None if out is None else bytes(out.payload())  # a copy: buf is received into
+        recv = self._start_recv(into, source, recvtag)
+        send = None if outgoing is None else self._post(dest, sendtag, outgoing, coll=False)
+        return self._joined(recv, send)
 
     # ------------------------------------------------------------ trees
     def _tree_bcast(self, payload: Any, root: int, tag: int) -> Any:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import operator
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -124,16 +123,35 @@ def _arrays(x: Any, y: Any) -> bool:
     return isinstance(x, np.ndarray) or isinstance(y, np.ndarray)
 
 
-@dataclass(frozen=True, eq=False)
 class Op:
-    """A reduction operator: ``fn(x, y)`` folds two Python objects (``x`` from the lower
-    ranks), numpy arrays elementwise; ``ufunc`` does arrays for the buffer forms (None for
-    MAXLOC, MINLOC, REPLACE, NO_OP and user operators)."""
+    """A reduction operator (mpi4py's ``Op``): ``fn(x, y)`` folds two Python objects (``x``
+    from the lower ranks), numpy arrays elementwise; ``ufunc`` does arrays for the buffer forms
+    (None for MAXLOC, MINLOC, REPLACE, NO_OP and user operators); ``function`` is a user
+    operator's ``function(inbuf, inoutbuf, datatype)``.
 
-    name: str
-    fn: Callable[[Any, Any], Any]
-    ufunc: np.ufunc | None = None
-    commute: bool = True
+    ``Op()`` is ``OP_NULL``'s equal and ``Op(op)`` a second object with ``op``'s handle (equal
+    to it, sharing its state: freeing one frees both). As mpi4py's, ops are not hashable."""
+
+    def __init__(self, op: Op | None = None) -> None:
+        if op is not None and not isinstance(op, Op):
+            raise TypeError(f"Argument 'op' has incorrect type (expected Op, got {type(op).__name__})")
+        if op is not None and op:
+            self.__dict__ = op.__dict__  # the same handle
+            return
+        self.name, self.fn, self.ufunc, self.commute, self.function = "NULL", _null_op, None, True, None
+
+    @classmethod
+    def _make(
+        cls,
+        name: str,
+        fn: Callable[[Any, Any], Any],
+        ufunc: np.ufunc | None = None,
+        commute: bool = True,
+        function: Callable[[Any, Any, Any], Any] | None = None,
+    ) -> Op:
+        op = cls()
+        op.name, op.fn, op.ufunc, op.commute, op.function = name, fn, ufunc, commute, function
+        return op
 
     def __call__(self, x: Any, y: Any) -> Any:
         return self.fn(x, y)
@@ -144,11 +162,26 @@ class Op:
     def __bool__(self) -> bool:
         return self.name != "NULL"
 
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Op):
+            return NotImplemented
+        return self.__dict__ is other.__dict__ or (not self and not other)
+
+    def __ne__(self, other: object) -> bool:
+        equal = self.__eq__(other)
+        return equal if equal is NotImplemented else not equal
+
+    __hash__ = None  # as mpi4py's
+
     def __reduce__(self) -> str | tuple[Any, ...]:
-        """A predefined operator unpickles as itself (mpi4py pickles them by name)."""
+        """A predefined operator unpickles as itself (mpi4py pickles them by name), a copy of
+        one as a new copy; a user operator as a new operator of the same function."""
         if self.name == "USER":
-            return super().__reduce__()
-        return "OP_NULL" if self.name == "NULL" else self.name
+            return Op.Create, (self.function, self.commute)
+        predefined = OP_NULL if self.name == "NULL" else OPS[self.name]
+        if self is predefined:
+            return "OP_NULL" if self.name == "NULL" else self.name
+        return Op, (predefined,)
 
     def Is_commutative(self) -> bool:  # noqa: N802 - mpi4py's name
         return self.commute
@@ -165,40 +198,49 @@ class Op:
         return self.Is_predefined()
 
     def Free(self) -> None:  # noqa: N802 - mpi4py's name
-        """Nothing to release for a user operator; predefined ones (and OP_NULL) are ERR_OP, as in MPI."""
+        """A user operator becomes null; predefined ones (and OP_NULL) are ERR_OP, as in MPI."""
         if self.name != "USER":
             raise MPIException(ERR_OP, f"{self.name} is not a user-defined operator: it cannot be freed")
+        self.name, self.fn, self.ufunc, self.commute, self.function = "NULL", _null_op, None, True, None
 
     free = Free
+
+    def Reduce_local(self, inbuf: Any, inoutbuf: Any) -> None:  # noqa: N802 - mpi4py's name
+        """``inoutbuf = op(inbuf, inoutbuf)`` elementwise, on buffer specs read as the
+        collectives read them (same count and datatype, else ValueError; ERR_OP where MPI
+        does not define the operator on the datatype)."""
+        # Deferred: the buffer machinery imports this module (its operators and Status).
+        from lambda_shim.buffers import reduce_local
+
+        reduce_local(self, inbuf, inoutbuf)
 
     @classmethod
     def Create(cls, function: Callable[[Any, Any, Any], Any], commute: bool = False) -> Op:  # noqa: N802
         """A user operator, as mpi4py's ``Op.Create``: ``function(x, y, datatype)`` returns
-        the combination of ``x`` (lower ranks) and ``y``; objects get ``datatype`` None."""
-        return cls("USER", lambda x, y: function(x, y, None), None, bool(commute))
-
-
-SUM = Op("SUM", operator.add, np.add)
-PROD = Op("PROD", operator.mul, np.multiply)
-MAX = Op("MAX", _max, np.maximum)
-MIN = Op("MIN", _min, np.minimum)
-LAND = Op("LAND", _land, np.logical_and)
-LOR = Op("LOR", _lor, np.logical_or)
-LXOR = Op("LXOR", _lxor, np.logical_xor)
-BAND = Op("BAND", operator.and_, np.bitwise_and)
-BOR = Op("BOR", operator.or_, np.bitwise_or)
-BXOR = Op("BXOR", operator.xor, np.bitwise_xor)
-MAXLOC = Op("MAXLOC", _maxloc)
-MINLOC = Op("MINLOC", _minloc)
-REPLACE = Op("REPLACE", lambda x, y: y, commute=False)
-NO_OP = Op("NO_OP", lambda x, y: x, commute=False)
+        the combination of ``x`` (lower ranks) and ``y`` for objects (``datatype`` None), and
+        for buffers leaves it in ``y`` (byte buffers, ``datatype`` the entries')."""
+        return cls._make("USER", lambda x, y: function(x, y, None), None, bool(commute), function)
 
 
 def _null_op(x: Any, y: Any) -> Any:
-    raise MPIException(ERR_OP, "OP_NULL is not an operator")
+    raise ValueError("cannot call user-defined operation")
 
 
-OP_NULL = Op("NULL", _null_op)
+SUM = Op._make("SUM", operator.add, np.add)
+PROD = Op._make("PROD", operator.mul, np.multiply)
+MAX = Op._make("MAX", _max, np.maximum)
+MIN = Op._make("MIN", _min, np.minimum)
+LAND = Op._make("LAND", _land, np.logical_and)
+LOR = Op._make("LOR", _lor, np.logical_or)
+LXOR = Op._make("LXOR", _lxor, np.logical_xor)
+BAND = Op._make("BAND", operator.and_, np.bitwise_and)
+BOR = Op._make("BOR", operator.or_, np.bitwise_or)
+BXOR = Op._make("BXOR", operator.xor, np.bitwise_xor)
+MAXLOC = Op._make("MAXLOC", _maxloc)
+MINLOC = Op._make("MINLOC", _minloc)
+REPLACE = Op._make("REPLACE", lambda x, y: y, commute=False)
+NO_OP = Op._make("NO_OP", lambda x, y: x, commute=False)
+OP_NULL = Op()
 OPS = {op.name: op for op in (SUM, PROD, MAX, MIN, LAND, LOR, LXOR, BAND, BOR, BXOR, MAXLOC, MINLOC, REPLACE, NO_OP)}
 
 
@@ -212,9 +254,9 @@ def as_op(op: Any) -> Op:
         for name, ours in OPS.items():
             if op == getattr(mpi, name):
                 return ours
-        return Op("USER", op, None, op.Is_commutative())
+        return Op._make("USER", op, None, op.Is_commutative())
     if callable(op):
-        return Op("USER", op, None, False)
+        return Op._make("USER", op, None, False)
     raise TypeError(f"expected an MPI.Op, got {type(op).__name__}")
 
 

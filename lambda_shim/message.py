@@ -348,7 +348,7 @@ def _datatype_of_format(fmt: str) -> Datatype:
 
 def byte_view(obj: Any, readonly: bool) -> tuple[np.ndarray, str]:
     """The buffer's memory as a flat uint8 array (a view, never a copy) and its format."""
-    if not _has_buffer(obj) and hasattr(obj, "__dlpack__"):
+    if not has_buffer(obj) and hasattr(obj, "__dlpack__"):
         flat, fmt = dlpack.byte_view(obj)
         if not readonly and not flat.flags.writeable:
             raise BufferError("Object is not writable.")
@@ -449,7 +449,7 @@ def _unpack(msg: Any, vector: bool) -> tuple[Any, Any, Any, Any]:
     return buf, count, displ, datatype
 
 
-def _has_buffer(obj: Any) -> bool:
+def has_buffer(obj: Any) -> bool:
     try:
         memoryview(obj)
     except TypeError:
@@ -459,7 +459,7 @@ def _has_buffer(obj: Any) -> bool:
 
 def _is_buffer(obj: Any) -> bool:
     """What mpi4py takes for a whole message: the buffer protocol, or DLPack (torch tensors)."""
-    return _has_buffer(obj) or hasattr(obj, "__dlpack__")
+    return has_buffer(obj) or hasattr(obj, "__dlpack__")
 
 
 def _basic(buf: Any, datatype: Any, readonly: bool) -> tuple[np.ndarray | None, Datatype]:

@@ -83,7 +83,7 @@ class NonblockingAPI:
         op.checked.wait()
         if op.refused is not None:
             raise op.refused
-        return Request(self._transport, op, GENERALIZED, self._world_rank)
+        return Request._new(self._transport, op, GENERALIZED, self._world_rank)
 
     # ------------------------------------------------------------ the collectives
     def Ibarrier(self) -> Request:  # noqa: N802 - mpi4py's names

@@ -19,30 +19,24 @@ from lambda_shim.request import Request
 
 
 class Prequest(Request):
-    """A persistent request (mpi4py's ``Prequest``): inactive until started."""
+    """A persistent request (mpi4py's ``Prequest``): inactive until started, inactive again
+    once complete, null once freed. ``Prequest()`` is null, ``Prequest(request)`` shares the
+    handle of ``request``."""
 
-    def __init__(self, post: Callable[[], Request]) -> None:
-        super().__init__(what=None)  # inactive
-        self._post_one = post
-        self._freed = False
-
-    def __bool__(self) -> bool:
-        return not self._freed
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Request):
-            return NotImplemented
-        return self is other or (not self and not other)
-
-    __hash__ = object.__hash__
+    @classmethod
+    def _of(cls, post: Callable[[], Request]) -> Prequest:
+        request = cls()
+        request._null, request._persistent = False, True
+        request._post_one = post
+        return request
 
     def Start(self) -> None:  # noqa: N802 - mpi4py's name
-        """Post the operation again; ERR_REQUEST if it is still active (or freed)."""
-        if self._active or self._freed:
+        """Post the operation again; ERR_REQUEST if it is still active, freed, or not persistent."""
+        if self._null or self._active or not self._persistent:
             raise MPIException(ERR_REQUEST, "Start of a persistent request that is active or freed")
         posted = self._post_one()
-        # Become the posted request, so that every Request method (and Waitall, ...) serves it.
-        self._transport, self._op, self._what = posted._transport, posted._op, posted._what
+        # Take the posted request's operation, so that every Request method (and Waitall, ...) serves it.
+        self._transport, self._op, self._also, self._what = posted._transport, posted._op, posted._also, posted._what
         self._ranks, self._posted, self._limit = posted._ranks, posted._posted, posted._limit
         self.on_complete, self._active = posted.on_complete, True
 
@@ -54,12 +48,6 @@ class Prequest(Request):
             request.Start()
 
     startall = Startall
-
-    def Free(self) -> None:  # noqa: N802 - mpi4py's name
-        """Null from now on; a started operation still goes on, unreported."""
-        self._active, self._freed = False, True
-
-    free = Free
 
 
 class PersistentAPI:
@@ -73,7 +61,7 @@ class PersistentAPI:
             request = self._start_send(msg, dest, tag, sync=sync)
             return self._proc_null_request() if request is None else request
 
-        return Prequest(post)
+        return Prequest._of(post)
 
     def Send_init(self, buf: Any, dest: int, tag: int = 0) -> Prequest:  # noqa: N802 - mpi4py's names
         return self._send_init(buf, dest, tag, sync=False)
@@ -87,4 +75,4 @@ class PersistentAPI:
     def Recv_init(self, buf: Any, source: int = ANY_SOURCE, tag: int = ANY_TAG) -> Prequest:  # noqa: N802
         source, tag = c_int(source), c_int(tag)
         msg = self._recv_args(buf, source, tag)
-        return Prequest(lambda: self._start_recv(msg, source, tag))
+        return Prequest._of(lambda: self._start_recv(msg, source, tag))

@@ -1,65 +1,146 @@
 """mpi4py's ``Request`` over the transport's pending operations: ``wait``/``test`` and the
 class methods ``waitall``, ``waitany``, ``waitsome``, ``testall``, ``testany``, ``testsome``
-(and their capitalised forms), with mpi4py's return conventions. A completed request
-becomes null (false, equal to ``REQUEST_NULL``), as mpi4py's does."""
+(and their capitalised forms), with mpi4py's return conventions.
+
+A Request object holds a handle, as mpi4py's does: ``Request(other)`` (and ``fromhandle``)
+gives a second object with the same handle, equal to it; two objects are equal when their
+handles are (all null ones are equal to ``REQUEST_NULL``), and, as in mpi4py, requests are not
+hashable. A completed or freed request becomes null (false, equal to ``REQUEST_NULL``); a
+persistent one (``Prequest``) only becomes inactive when it completes, and null when freed.
+Objects sharing a handle share its state here (``__dict__``), so completing one completes the
+other (in MPI the other would be left holding a dangling handle)."""
 
 from __future__ import annotations
 
-import pickle
+import itertools
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from lambda_shim.constants import ANY_SOURCE, ANY_TAG, PROC_NULL, UNDEFINED, Status, fill_status
 from lambda_shim.errors import ERR_IN_STATUS, ERR_PENDING, ERR_REQUEST, ERR_TRUNCATE, CommError, MPIException
-from lambda_shim.wire import KIND_OBJECT
+from lambda_shim.pickler import PICKLE
 
 # What a request delivers when it completes. GENERALIZED: an op a thread completes (a
 # nonblocking collective): its ``failure``, if not None, is raised by the completing call.
 SEND, RECV_OBJECT, RECV_BYTES, GENERALIZED = "send", "object", "bytes", "generalized"
 
+NULL_HANDLE = 0x2C000000  # MPICH's MPI_REQUEST_NULL (what mpi4py's REQUEST_NULL.handle reads)
+_handles = itertools.count(0xAC000000)  # numbered as MPICH numbers request handles
+_by_handle: weakref.WeakValueDictionary[int, Request] = weakref.WeakValueDictionary()
+
 
 class Request:
-    """A pending send or receive (mpi4py's ``Request``).
+    """A pending send or receive (mpi4py's ``Request``). ``Request()`` is a null request and
+    ``Request(request)`` a new object with ``request``'s handle; the communicators make theirs
+    with ``Request._new``.
 
     For a receive of raw bytes (``Comm._irecv_bytes``) completion sets ``payload`` and
     ``envelope`` (source as a rank of the communicator) and then calls ``on_complete(request,
     status)``, if set, once, in the thread that completes it."""
 
-    def __init__(
-        self,
-        transport: Any = None,
-        op: Any = None,
-        what: str | None = None,  # None: a null request, as mpi4py's MPI.Request()
+    # A null request's state; a request sets in its own __dict__ only what differs (shared
+    # with the copies of its handle), so making one per message stays cheap.
+    _transport: Any = None
+    _op: Any = None  # None: complete already (PROC_NULL)
+    _also: Any = None  # a send op that must complete too (Isendrecv)
+    _what: str | None = None
+    _ranks: dict[int, int] | None = None  # world rank -> rank in the communicator
+    _posted = (ANY_SOURCE, ANY_TAG)  # (source, tag) a receive was posted with, in the comm's ranks
+    _limit: int | None = None  # bytes the receive buffer holds, if one was given
+    _active = False  # an operation is pending
+    _null = True  # the handle is null
+    _persistent = False  # completion leaves it inactive, not null (Prequest)
+    _handle: int | None = None
+    on_complete: Callable[[Request, Status], None] | None = None
+    payload: bytearray | None = None
+    envelope: Any = None
+
+    def __init__(self, request: Request | None = None) -> None:
+        if request is not None and not isinstance(request, Request):
+            raise TypeError(f"Argument 'request' has incorrect type (expected Request, got {type(request).__name__})")
+        if request is not None and not request._null:
+            if not isinstance(request, type(self)):  # a Prequest is made only of a Prequest
+                raise TypeError(f"Cannot convert {type(request).__name__} to {type(self).__name__}")
+            self.__dict__ = request.__dict__  # the same handle
+
+    @classmethod
+    def _new(
+        cls,
+        transport: Any,
+        op: Any,
+        what: str,
         ranks: dict[int, int] | None = None,
         posted: tuple[int, int] = (ANY_SOURCE, ANY_TAG),
         limit: int | None = None,
-    ) -> None:
-        self._transport = transport
-        self._op = op  # None: complete already (PROC_NULL)
-        self._what = what
-        self._ranks = ranks  # world rank -> rank in the communicator
-        self._posted = posted  # (source, tag) the receive was posted with, in the comm's ranks
-        self._limit = limit  # bytes the receive buffer holds, if one was given
-        self._active = what is not None
-        self.on_complete: Callable[[Request, Status], None] | None = None
-        self.payload: bytearray | None = None
-        self.envelope: Any = None
+    ) -> Request:
+        """An active request of ``op`` (None: complete already) delivering ``what``."""
+        request = cls.__new__(cls)
+        request._transport, request._op, request._what = transport, op, what
+        request._ranks, request._posted, request._limit = ranks, posted, limit
+        request._active, request._null = True, False
+        return request
 
     # ---------------------------------------------------------------- identity
     def __bool__(self) -> bool:
-        return self._active
+        return not self._null
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Request):
             return NotImplemented
-        return self is other or (not self._active and not other._active)
+        return self.__dict__ is other.__dict__ or (self._null and other._null)
 
-    __hash__ = object.__hash__
+    def __ne__(self, other: object) -> bool:
+        equal = self.__eq__(other)
+        return equal if equal is NotImplemented else not equal
+
+    __hash__ = None  # as mpi4py's: a handle changes when the request completes
+
+    def __reduce__(self) -> str | tuple[Any, ...]:
+        """REQUEST_NULL unpickles as itself, another null request as a new one; a live request
+        cannot be pickled (ValueError, as mpi4py's)."""
+        if self is REQUEST_NULL:
+            return "REQUEST_NULL"
+        if self._null:
+            return type(self), ()
+        raise ValueError(f"cannot serialize '{type(self).__name__}' instance")
+
+    @property
+    def handle(self) -> int:
+        """The handle as an int (MPICH's MPI_REQUEST_NULL when null), for ``fromhandle``."""
+        if self._null:
+            return NULL_HANDLE
+        if self._handle is None:
+            self._handle = next(_handles)
+            _by_handle[self._handle] = self
+        return self._handle
+
+    def toint(self) -> int:
+        return self.handle
+
+    def py2f(self) -> int:
+        return self.handle
+
+    @classmethod
+    def fromhandle(cls, handle: int) -> Request:
+        """A new object with that handle (ERR_REQUEST if no live request has it)."""
+        if handle == NULL_HANDLE:
+            return cls()
+        holder = _by_handle.get(handle)
+        if holder is None:
+            raise MPIException(ERR_REQUEST, f"no request has handle {handle:#x}")
+        return cls(holder)
+
+    fromint = f2py = fromhandle
 
     # ---------------------------------------------------------------- completion
+    def _ops(self) -> list[Any]:
+        """The transport ops it waits for (none for PROC_NULL)."""
+        return [op for op in (self._op, self._also) if op is not None]
+
     def _done(self) -> bool:
         """Complete now (raises if it never can be: a peer gone, a deadline passed)."""
-        return self._op is None or self._transport.test(self._op)
+        return all(self._transport.test(op) for op in self._ops())
 
     def _status(self) -> tuple[int, int, int, bool]:
         """(source, tag, bytes, cancelled) of a complete request."""
@@ -76,7 +157,7 @@ class Request:
     def _complete(self, status: Any) -> Any:
         """Finish a complete request once: fill ``status``, deliver the value, become null.
         An error (a message larger than the buffer) is also recorded in ``status``."""
-        self._active = False
+        self._active, self._null = False, not self._persistent
         source, tag, nbytes, cancelled = self._status()
         mine = Status()
         mine._fill(source, tag, nbytes, cancelled)
@@ -106,9 +187,9 @@ class Request:
             if self.on_complete is not None:
                 self.on_complete(self, status)
             return None
-        if op.envelope.kind == KIND_OBJECT:
-            return pickle.loads(op.payload)
-        return bytes(op.payload) if op.payload else None  # an empty message: mpi4py's None
+        # Every message is unpickled, a buffer send's too, as mpi4py does: it is authenticated
+        # (sealed by the peer's connection key). An empty message is None.
+        return PICKLE.loads(op.payload) if op.payload else None
 
     # ---------------------------------------------------------------- one request
     def wait(self, status: Any = None) -> Any:
@@ -116,8 +197,8 @@ class Request:
         if not self._active:
             fill_status(status, ANY_SOURCE, ANY_TAG, 0)
             return None
-        if self._op is not None:
-            self._transport.wait([self._op])
+        if ops := self._ops():
+            self._transport.wait(ops)
         return self._complete(status)
 
     def Wait(self, status: Any = None) -> bool:  # noqa: N802 - mpi4py's name
@@ -151,7 +232,7 @@ class Request:
     def Cancel(self) -> None:  # noqa: N802 - mpi4py's name
         """Cancel a receive no message has matched yet; a send or a matched receive goes on.
         A null request (REQUEST_NULL, or one already completed) is ERR_REQUEST, as in MPI."""
-        if not self._active:
+        if self._null:
             raise MPIException(ERR_REQUEST, "Cancel of a null request")
         if self._active and self._op is not None and self._what != SEND:
             self._transport.cancel(self._op)
@@ -161,9 +242,9 @@ class Request:
     def Free(self) -> None:  # noqa: N802 - mpi4py's name
         """Forget it: it goes on (a receive still takes its message) but nothing reports it.
         A null request is ERR_REQUEST, as in MPI."""
-        if not self._active:
+        if self._null:
             raise MPIException(ERR_REQUEST, "Free of a null request")
-        self._active = False
+        self._active, self._null = False, True
 
     free = Free
 
@@ -172,12 +253,12 @@ class Request:
     def _wait_some(requests: Sequence[Request]) -> list[int]:
         """Block until at least one active request is complete; the indices of every complete one."""
         active = [i for i, r in enumerate(requests) if r._active]
-        done = [i for i in active if requests[i]._done()]
-        if done or not active:
-            return done
-        ops = [requests[i]._op for i in active]
-        requests[active[0]]._transport.wait(ops, need=1)
-        return [i for i in active if requests[i]._done()]
+        while True:
+            done = [i for i in active if requests[i]._done()]
+            if done or not active:
+                return done
+            ops = [op for i in active for op in requests[i]._ops() if not op.done]
+            requests[active[0]]._transport.wait(ops, need=1)
 
     @staticmethod
     def _status_at(statuses: Sequence | None, k: int) -> Any:
@@ -210,10 +291,9 @@ class Request:
 
     @classmethod
     def waitall(cls, requests: Sequence[Request], statuses: list | None = None) -> list[Any]:
-        ops = [r._op for r in requests if r._active and r._op is not None]
-        if ops:
-            ops_transport = next(r._transport for r in requests if r._active and r._op is not None)
-            ops_transport.wait(ops)
+        pending = [r for r in requests if r._active and r._ops()]
+        if pending:
+            pending[0]._transport.wait([op for r in pending for op in r._ops()])
         return cls._complete_each([(r, cls._status_at(statuses, k)) for k, r in enumerate(requests)])
 
     @classmethod
@@ -320,4 +400,4 @@ class Request:
         return cls.testsome(requests, statuses)[0]
 
 
-REQUEST_NULL = Request(what=None)
+REQUEST_NULL = Request()

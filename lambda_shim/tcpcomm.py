@@ -17,7 +17,6 @@ only along the tree; scan and exscan are recursive doubling; alltoall is pairwis
 
 from __future__ import annotations
 
-import pickle
 import struct
 import time
 import warnings
@@ -49,17 +48,17 @@ from lambda_shim.errors import ERR_COMM, ERR_RANK, ERR_REQUEST, ERR_ROOT, ERR_TA
 from lambda_shim.message import parse as parse_spec
 from lambda_shim.nonblocking import NonblockingAPI, worker_tag
 from lambda_shim.persistent import PersistentAPI
+from lambda_shim.pickler import PICKLE
 from lambda_shim.request import RECV_BYTES, RECV_OBJECT, REQUEST_NULL, SEND, Request
 from lambda_shim.transport import MAX_WORLD, MODES, ShimConfig, Transport, parse_address
 from lambda_shim.wire import KIND_BYTES, KIND_OBJECT
 
 __all__ = ["MAX_WORLD", "MODES", "Comm", "CommError", "ShimConfig", "TcpComm", "parse_address"]
 _PART = struct.Struct("!iq")
-_PICKLE = pickle.HIGHEST_PROTOCOL
 
 
 def _dumps(obj: Any) -> bytes:
-    return pickle.dumps(obj, protocol=_PICKLE)
+    return PICKLE.dumps(obj)  # MPI.pickle: a program may swap the serializer, as on mpi4py
 
 
 class _Contexts:
@@ -109,16 +108,68 @@ COMM_NULL = _NullComm()
 
 class Message:
     """mpi4py's ``Message`` (from ``mprobe``/``Mprobe``): a message already taken out of the
-    queue, received by ``recv``/``irecv`` (an object) or ``Recv``/``Irecv`` (into a buffer)."""
+    queue, received by ``recv``/``irecv`` (an object) or ``Recv``/``Irecv`` (into a buffer).
+    ``Message()`` is null and ``Message(message)`` has ``message``'s handle (equal to it);
+    ``MESSAGE_NO_PROC`` is what a matched probe of PROC_NULL gives: its receives complete at
+    once with PROC_NULL's status (a copy of it becomes null once received, the constant stays)."""
 
-    def __init__(self, request: Request) -> None:
-        self._request = request
+    def __init__(self, message: Message | None = None) -> None:
+        if message is not None and not isinstance(message, Message):
+            raise TypeError(f"Argument 'message' has incorrect type (expected Message, got {type(message).__name__})")
+        self._request = REQUEST_NULL if message is None else message._request
+        self._no_proc = message is not None and message._no_proc
+
+    @classmethod
+    def _of(cls, request: Request) -> Message:
+        message = cls()
+        message._request = request
+        return message
 
     def __bool__(self) -> bool:
-        return bool(self._request)
+        return self._no_proc or bool(self._request)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Message):
+            return NotImplemented
+        if self._no_proc or other._no_proc:
+            return self._no_proc == other._no_proc
+        return self._request == other._request
+
+    def __ne__(self, other: object) -> bool:
+        equal = self.__eq__(other)
+        return equal if equal is NotImplemented else not equal
+
+    __hash__ = None  # as mpi4py's
+
+    def __reduce__(self) -> str | tuple[Any, ...]:
+        """The constants unpickle as themselves, copies of them as copies; a pending message
+        cannot be pickled (ValueError, as mpi4py's)."""
+        if self is MESSAGE_NULL or self is MESSAGE_NO_PROC:
+            return "MESSAGE_NULL" if self is MESSAGE_NULL else "MESSAGE_NO_PROC"
+        if self._no_proc or not self:
+            return Message, ((MESSAGE_NO_PROC if self._no_proc else MESSAGE_NULL),)
+        raise ValueError(f"cannot serialize '{type(self).__name__}' instance")
+
+    def __repr__(self) -> str:
+        return "MESSAGE_NO_PROC" if self._no_proc else "MESSAGE_NULL" if not self else super().__repr__()
+
+    @classmethod
+    def probe(cls, comm: Comm, source: int = ANY_SOURCE, tag: int = ANY_TAG, status: Any = None) -> Message:
+        """``comm.mprobe(source, tag, status)``."""
+        return comm.mprobe(source, tag, status)
+
+    @classmethod
+    def iprobe(cls, comm: Comm, source: int = ANY_SOURCE, tag: int = ANY_TAG, status: Any = None) -> Message | None:
+        """``comm.improbe(source, tag, status)``."""
+        return comm.improbe(source, tag, status)
+
+    Probe, Iprobe = probe, iprobe
 
     def irecv(self) -> Request:
         """The receive of the message; the handle becomes MESSAGE_NULL (receiving twice is ERR_REQUEST)."""
+        if self._no_proc:
+            self._no_proc = self is MESSAGE_NO_PROC
+            return Request._new(None, None, RECV_OBJECT)
         if not self._request:
             raise MPIException(ERR_REQUEST, "receive of a null message (MESSAGE_NULL, or one already received)")
         request, self._request = self._request, REQUEST_NULL
@@ -145,25 +196,9 @@ class Message:
         self.Irecv(buf).wait(status)
 
 
-class _NoProcMessage(Message):
-    """mpi4py's ``MESSAGE_NO_PROC`` (what a matched probe of PROC_NULL gives): every receive of
-    it completes at once with PROC_NULL's status, and it stays MESSAGE_NO_PROC."""
-
-    def __init__(self) -> None:
-        super().__init__(REQUEST_NULL)
-
-    def __bool__(self) -> bool:
-        return True
-
-    def irecv(self) -> Request:
-        return Request(None, None, RECV_OBJECT)
-
-    def __repr__(self) -> str:
-        return "MESSAGE_NO_PROC"
-
-
-MESSAGE_NULL = Message(REQUEST_NULL)
-MESSAGE_NO_PROC = _NoProcMessage()
+MESSAGE_NULL = Message()
+MESSAGE_NO_PROC = Message()
+MESSAGE_NO_PROC._no_proc = True
 
 
 class Comm(NonblockingAPI, PersistentAPI, BufferAPI):
@@ -266,17 +301,17 @@ class Comm(NonblockingAPI, PersistentAPI, BufferAPI):
     def _isend_bytes(self, dest: int, tag: int, payload: Any, sync: bool = False, coll: bool = False) -> Request:
         """Send raw bytes to rank ``dest`` of this communicator (not PROC_NULL)."""
         op = self._transport.isend(self._group[dest], self._ctx + coll, tag, KIND_BYTES, payload, sync=sync)
-        return Request(self._transport, op, SEND, self._world_rank)
+        return Request._new(self._transport, op, SEND, self._world_rank)
 
     def _irecv_bytes(self, source: int, tag: int, coll: bool = False) -> Request:
         """Receive raw bytes from rank ``source`` of this communicator or ANY_SOURCE (not PROC_NULL)."""
         world = source if source == ANY_SOURCE else self._group[source]
         op = self._transport.irecv(world, self._ctx + coll, tag)
-        return Request(self._transport, op, RECV_BYTES, self._world_rank, (source, tag))
+        return Request._new(self._transport, op, RECV_BYTES, self._world_rank, (source, tag))
 
     def _proc_null_request(self) -> Request:
         """A complete request with PROC_NULL's status (source PROC_NULL, tag ANY_TAG, no bytes)."""
-        return Request(self._transport, None, RECV_BYTES, self._world_rank)
+        return Request._new(self._transport, None, RECV_BYTES, self._world_rank)
 
     def _coll_tag(self) -> int:
         """The next tag of this communicator's sequence of collectives (the same on every rank);
@@ -291,9 +326,9 @@ class Comm(NonblockingAPI, PersistentAPI, BufferAPI):
         dest = self._valid_rank(dest, wildcard=False)
         tag = self._valid_tag(tag, wildcard=False)
         if dest == PROC_NULL:
-            return Request(self._transport, None, SEND, self._world_rank)
+            return Request._new(self._transport, None, SEND, self._world_rank)
         op = self._transport.isend(self._group[dest], self._ctx, tag, KIND_OBJECT, _dumps(obj), sync=sync)
-        return Request(self._transport, op, SEND, self._world_rank)
+        return Request._new(self._transport, op, SEND, self._world_rank)
 
     def isend(self, obj: Any, dest: int, tag: int = 0) -> Request:
         return self._isend(obj, dest, tag, sync=False)
@@ -322,10 +357,10 @@ class Comm(NonblockingAPI, PersistentAPI, BufferAPI):
         tag = self._valid_tag(tag, wildcard=True)
         limit = None if buf is None else _buffer_size(buf)
         if source == PROC_NULL:
-            return Request(self._transport, None, RECV_OBJECT, self._world_rank)
+            return Request._new(self._transport, None, RECV_OBJECT, self._world_rank)
         world = source if source == ANY_SOURCE else self._group[source]
         op = self._transport.irecv(world, self._ctx, tag)
-        return Request(self._transport, op, RECV_OBJECT, self._world_rank, (source, tag), limit)
+        return Request._new(self._transport, op, RECV_OBJECT, self._world_rank, (source, tag), limit)
 
     def recv(self, buf: Any = None, source: int = ANY_SOURCE, tag: int = ANY_TAG, status: Any = None) -> Any:
         if buf is not None:  # as mpi4py 4, which still honours it
@@ -374,24 +409,29 @@ class Comm(NonblockingAPI, PersistentAPI, BufferAPI):
         fill_status(status, self._rank_of(envelope.source), envelope.tag, envelope.nbytes)
         return True
 
-    def _matched_message(self, found: Status, status: Any) -> Message:
-        """Take the message a probe just found (``found``) out of the queue: it is the oldest
-        from its source with its tag, and messages from one source are matched in order."""
-        fill_status(status, found.source, found.tag, found.count)
-        if found.source == PROC_NULL:
+    def _matched_message(self, source: int, tag: int, status: Any, wait: bool) -> Message | None:
+        """Take a matching message out of the queue in the step that finds it, so no other
+        thread's receive can take it after (MPI's matched probe); wait for one if ``wait``."""
+        source = self._valid_rank(source, wildcard=True)
+        tag = self._valid_tag(tag, wildcard=True)
+        if source == PROC_NULL:
+            fill_status(status, PROC_NULL, ANY_TAG, 0)
             return MESSAGE_NO_PROC
-        return Message(self.irecv(None, found.source, found.tag))
+        world = source if source == ANY_SOURCE else self._group[source]
+        while (op := self._transport.take_arrived(world, self._ctx, tag)) is None:
+            if not wait:
+                return None
+            self._transport.probe(world, self._ctx, tag)  # until one arrives (another thread may take it first)
+        fill_status(status, self._rank_of(op.envelope.source), op.envelope.tag, op.envelope.nbytes)
+        return Message._of(Request._new(self._transport, op, RECV_OBJECT, self._world_rank, (source, tag)))
 
     def mprobe(self, source: int = ANY_SOURCE, tag: int = ANY_TAG, status: Any = None) -> Message:
         """Wait for a matching message and take it out of the queue (``Message.recv()`` returns it)."""
-        found = Status()
-        self.probe(source, tag, found)
-        return self._matched_message(found, status)
+        return self._matched_message(source, tag, status, wait=True)
 
     def improbe(self, source: int = ANY_SOURCE, tag: int = ANY_TAG, status: Any = None) -> Message | None:
         """``mprobe`` if a matching message has arrived, else None."""
-        found = Status()
-        return self._matched_message(found, status) if self.iprobe(source, tag, found) else None
+        return self._matched_message(source, tag, status, wait=False)
 
     Probe, Iprobe, Mprobe, Improbe = probe, iprobe, mprobe, improbe
 
@@ -450,11 +490,11 @@ class Comm(NonblockingAPI, PersistentAPI, BufferAPI):
         return parts if root == 0 else _unpack(payload)
 
     def _reduce_object(self, sendobj: Any, fn, root: int, tag: int) -> Any:
-        value = self._reduce_bytes(sendobj, fn, _dumps, pickle.loads, tag)
+        value = self._reduce_bytes(sendobj, fn, _dumps, PICKLE.loads, tag)
         payload = self._to_root(_dumps(value) if self.rank == 0 else None, root, tag)
         if self.rank != root:
             return None
-        return value if root == 0 else pickle.loads(payload)
+        return value if root == 0 else PICKLE.loads(payload)
 
     # ---------------------------------------------------------------- collectives
     def barrier(self) -> None:
@@ -469,7 +509,7 @@ class Comm(NonblockingAPI, PersistentAPI, BufferAPI):
         root = self._valid_root(root)
         tag = self._coll_tag()
         payload = self._bcast_bytes(_dumps(obj) if self.rank == root else None, root, tag)
-        return obj if self.rank == root else pickle.loads(payload)
+        return obj if self.rank == root else PICKLE.loads(payload)
 
     def reduce(self, sendobj: Any, op: Any = SUM, root: int = 0) -> Any:
         root = self._valid_root(root)
@@ -479,20 +519,20 @@ class Comm(NonblockingAPI, PersistentAPI, BufferAPI):
     def allreduce(self, sendobj: Any, op: Any = SUM) -> Any:
         fn = as_op(op).fn
         tag = self._coll_tag()
-        value = self._reduce_bytes(sendobj, fn, _dumps, pickle.loads, tag)
+        value = self._reduce_bytes(sendobj, fn, _dumps, PICKLE.loads, tag)
         payload = self._bcast_bytes(_dumps(value) if self.rank == 0 else None, 0, tag)
-        return value if self.rank == 0 else pickle.loads(payload)
+        return value if self.rank == 0 else PICKLE.loads(payload)
 
     def gather(self, sendobj: Any, root: int = 0) -> list[Any] | None:
         root = self._valid_root(root)
         parts = self._gather_parts(_dumps(sendobj), root, self._coll_tag())
-        return None if parts is None else [pickle.loads(p) for _, p in sorted(parts)]
+        return None if parts is None else [PICKLE.loads(p) for _, p in sorted(parts)]
 
     def allgather(self, sendobj: Any) -> list[Any]:
         tag = self._coll_tag()
         parts = self._gather_parts(_dumps(sendobj), 0, tag)
         payload = self._bcast_bytes(_pack(parts) if self.rank == 0 else None, 0, tag)
-        return [pickle.loads(p) for _, p in sorted(parts if self.rank == 0 else _unpack(payload))]
+        return [PICKLE.loads(p) for _, p in sorted(parts if self.rank == 0 else _unpack(payload))]
 
     def scatter(self, sendobj: Any, root: int = 0) -> Any:
         """Item i of the root's sequence to rank i (None at the root: None to every rank)."""
@@ -517,7 +557,7 @@ class Comm(NonblockingAPI, PersistentAPI, BufferAPI):
                 child = [(v, p) for v, p in block if vr + mask <= v < vr + 2 * mask]
                 self._csend((vr + mask + root) % self.size, tag, _pack(child))
             mask >>= 1
-        return pickle.loads(dict(block)[vr])
+        return PICKLE.loads(dict(block)[vr])
 
     def alltoall(self, sendobj: Any) -> list[Any]:
         """Item j of rank i's sequence goes to rank j, which returns them in rank order."""
@@ -530,7 +570,7 @@ class Comm(NonblockingAPI, PersistentAPI, BufferAPI):
             dest = (self.rank + step) % self.size
             self._csend(dest, tag, _dumps(items[dest]))
         self._transport.wait([r._op for r in receives.values()])
-        return [items[r] if r == self.rank else pickle.loads(receives[r]._op.payload) for r in range(self.size)]
+        return [items[r] if r == self.rank else PICKLE.loads(receives[r]._op.payload) for r in range(self.size)]
 
     def _prefix_object(self, sendobj: Any, op: Any, inclusive: bool) -> Any:
         """Recursive doubling: after round k each rank holds the fold of the 2^k ranks below it."""
@@ -544,7 +584,7 @@ class Comm(NonblockingAPI, PersistentAPI, BufferAPI):
                 receive = self._irecv_bytes(partner, tag, coll=True)
                 self._csend(partner, tag, _dumps(partial))
                 self._transport.wait([receive._op])
-                theirs = pickle.loads(receive._op.payload)
+                theirs = PICKLE.loads(receive._op.payload)
                 if partner < self.rank:
                     below = theirs if below is None else fn(theirs, below)
                     partial = fn(theirs, partial)

@@ -1086,6 +1086,23 @@ class Transport:
             message.ack()
         return op
 
+    def take_arrived(self, source: int, ctx: int, tag: int) -> RecvOp | None:
+        """A matched probe: the oldest matching message that has arrived, taken out of the queue
+        in the same step (no other receive can match it after), as a complete receive; None
+        if none has arrived."""
+        self._check_address(source, ctx, tag, receiving=True)
+        op = RecvOp(source, ctx, tag)
+        with self._cond:
+            found = next((i for i, m in enumerate(self._unexpected) if op.matches(m.source, m.ctx, m.tag)), None)
+            if found is None:
+                return None
+            message = self._unexpected[found]
+            del self._unexpected[found]
+            self._fill(op, message)
+        if message.ack is not None:
+            message.ack()
+        return op
+
     def _check_address(self, peer: int, ctx: int, tag: int, receiving: bool) -> None:
         """ValueError (TypeError for a non-integer) unless a frame header can carry these,
         before anything is queued: a frame that cannot be encoded must never reach a link."""

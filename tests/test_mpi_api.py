@@ -254,3 +254,99 @@ def test_null_requests_complete_at_once_as_mpi4pys_do() -> None:
     assert (status.source, status.tag) == (MPI.ANY_SOURCE, MPI.ANY_TAG)
     assert MPI.Request.Get_status_some(requests, fresh()) is None
     assert MPI.Request.get_status_some(requests) is None
+
+
+def test_isendrecv_completes_with_the_receives_status(tmp_path) -> None:
+    """MPI 4.0: Isendrecv's request has the receive's status (source, tag, count; PROC_NULL's
+    for a receive from PROC_NULL) and a receive buffer too small is ERR_TRUNCATE. (MPICH 5.0
+    fills this status with other values and truncates silently: the standard is followed here.)"""
+    code = (
+        "import numpy as np\n"
+        "from lambda_shim import MPI\n"
+        "comm = MPI.COMM_WORLD\n"
+        "r, peer = comm.rank, 1 - comm.rank\n"
+        "got, st = np.zeros(3, dtype='i'), MPI.Status()\n"
+        "comm.Isendrecv(np.full(3, r, dtype='i'), peer, 7 + r, got, peer, MPI.ANY_TAG).Wait(st)\n"
+        "out = [got.tolist(), st.Get_source(), st.Get_tag(), st.Get_count(MPI.INT)]\n"
+        "buf, st = np.full(2, 10.0 * r), MPI.Status()\n"
+        "MPI.Request.Waitall([comm.Isendrecv_replace(buf, peer, 3, MPI.ANY_SOURCE, 3)], [st])\n"
+        "out += [buf.tolist(), st.Get_source(), st.Get_count(MPI.DOUBLE)]\n"
+        "st = MPI.Status()\n"
+        "comm.Isendrecv(buf, MPI.PROC_NULL, 0, buf, MPI.PROC_NULL, 0).Wait(st)\n"
+        "out += [st.Get_source(), st.Get_tag(), st.Get_count(MPI.DOUBLE)]\n"
+        "st = MPI.Status()\n"
+        "try:\n"
+        "    comm.Isendrecv(np.ones(3), peer, 4, np.zeros(1), peer, 4).Wait(st)\n"
+        "except MPI.Exception as exc:\n"
+        "    out += [exc.Get_error_class() == MPI.ERR_TRUNCATE, st.Get_error() == MPI.ERR_TRUNCATE]\n"
+        "print(r, out)\n"
+    )
+    result = run_python(2, code, tmp_path, env=clean_env(CAI_HPC_OP_TIMEOUT="60"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = sorted(line.split("] ", 1)[1] for line in result.stdout.splitlines())
+    assert lines == [
+        "0 [[1, 1, 1], 1, 8, 3, [10.0, 10.0], 1, 2, -1, -1, 0, True, True]",
+        "1 [[0, 0, 0], 0, 7, 3, [0.0, 0.0], 0, 2, -1, -1, 0, True, True]",
+    ]
+
+
+def test_a_matched_probe_takes_its_message_before_another_thread_can(tmp_path) -> None:
+    """mprobe removes the message it matches in the step that finds it: another thread's
+    receive posted right after the probe saw the message gets the next one, and the Message
+    holds the message its status describes. (Before, mprobe was a probe and then a separate
+    receive, so a receive in between took the probed message.)"""
+    code = (
+        "import pickle, threading\n"
+        "from lambda_shim import MPI\n"
+        "comm = MPI.COMM_WORLD\n"
+        "comm.send('first', 0, tag=5)\n"
+        "comm.send('the second one', 0, tag=5)\n"
+        "transport, taken = comm._transport, []\n"
+        "real_probe = transport.probe\n"
+        "def probe_then_another_thread_receives(*args, **kwargs):\n"
+        "    found = real_probe(*args, **kwargs)\n"
+        "    other = threading.Thread(target=lambda: taken.append(comm.recv(source=0, tag=5)))\n"
+        "    other.start(); other.join()\n"
+        "    return found\n"
+        "transport.probe = probe_then_another_thread_receives\n"
+        "status = MPI.Status()\n"
+        "message = comm.mprobe(source=0, tag=5, status=status)\n"
+        "transport.probe = real_probe\n"
+        "other = threading.Thread(target=lambda: taken.append(comm.recv(source=0, tag=5)))\n"
+        "other.start(); other.join()\n"
+        "print(message.recv(), status.Get_count() == len(pickle.dumps('first', 5)), taken)\n"
+    )
+    result = run_python(1, code, tmp_path, env=clean_env(CAI_HPC_OP_TIMEOUT="20"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.splitlines() == ["[0] first True ['the second one']"]
+
+
+def test_mpi_pickle_behaves_as_mpi4pys() -> None:
+    """MPI.pickle against mpi4py's own Pickle, in one process: defaults, the protocol a custom
+    ``dumps`` gets, the PROTOCOL/THRESHOLD setters (None restores the default), and dumps_oob
+    moving out of band exactly the buffers at or above THRESHOLD."""
+    code = (
+        "import pickle, numpy as np\n"
+        "from mpi4py import MPI as mpi\n"
+        "from lambda_shim import MPI as shim\n"
+        "def trace(p):\n"
+        "    out = [type(p).__name__, p.PROTOCOL, p.THRESHOLD, p.loads(p.dumps({'a': 1}))]\n"
+        "    calls = []\n"
+        "    p.__init__(lambda o, *a: calls.append(a) or pickle.dumps(o), pickle.loads)\n"
+        "    out += [p.PROTOCOL, p.loads(p.dumps([2])), calls]\n"
+        "    p.PROTOCOL = 3; p.dumps(0); out += [p.PROTOCOL, calls[-1]]\n"
+        "    p.PROTOCOL = None; out.append(p.PROTOCOL)\n"
+        "    p.__init__(protocol=4, threshold=10); out += [p.PROTOCOL, p.THRESHOLD]\n"
+        "    data, bufs = p.dumps_oob([np.zeros(2, 'u1'), np.zeros(16, 'u1'), bytearray(30)])\n"
+        "    back = p.loads_oob(data, bufs)\n"
+        "    out += [[len(memoryview(b)) for b in bufs], [len(x) for x in back]]\n"
+        "    p.THRESHOLD = None; p.__init__(); out += [p.THRESHOLD, p.PROTOCOL]\n"
+        "    return out\n"
+        "print(trace(mpi.pickle) == trace(shim.pickle), trace(shim.Pickle()))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=clean_env())
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected = (
+        "['Pickle', 5, 262144, {'a': 1}, None, [2], [(), (3,)], 3, (3,), None, 4, 10, [16], [2, 16, 30], 262144, 5]"
+    )
+    assert result.stdout == f"True {expected}\n"

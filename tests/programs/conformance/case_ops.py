@@ -1,8 +1,11 @@
 """Every predefined reduction operator in allreduce, reduce, scan and exscan, on Python
-objects and on buffers of the types each operator is defined for."""
+objects and on buffers of the types each operator is defined for; Op handles and
+Reduce_local."""
 
 from __future__ import annotations
 
+import array
+import pickle
 from typing import Any
 
 import numpy as np
@@ -159,3 +162,75 @@ def run(s: Suite) -> None:
         commutes = op.Is_commutative()
         op.Free()
         return every, prefix, at_root, commutes
+
+    # Op handles and local reductions.
+    @s.case("handles")
+    def op_handles() -> Any:
+        user = MPI.Op.Create(matmul, commute=True)
+        copy = MPI.Op(user)
+        seen = [MPI.Op() == MPI.OP_NULL, bool(MPI.Op()), MPI.Op(MPI.SUM) == MPI.SUM, MPI.Op(MPI.SUM) is MPI.SUM]
+        seen += [user == copy, user != copy, user == MPI.SUM, user.is_predefined, copy.Is_commutative()]
+        seen += [s.attempt(lambda: hash(MPI.SUM)), s.attempt(lambda: MPI.Op(5)), MPI.Op(MPI.MAX)(2, 3)]
+        seen += [s.attempt(lambda: MPI.OP_NULL(None, None)), s.attempt(lambda: MPI.OP_NULL(None))]
+        user.Free()
+        seen += [user == MPI.OP_NULL, bool(user), s.attempt(user.Free), s.attempt(MPI.OP_NULL.Free)]
+        again = pickle.loads(pickle.dumps(MPI.Op(MPI.MIN)))
+        return seen, again == MPI.MIN, again is MPI.MIN, pickle.loads(pickle.dumps(MPI.MIN)) is MPI.MIN
+
+    @s.case("Reduce_local")
+    def reduce_local() -> Any:
+        results = []
+        for name in (*ARITHMETIC, "BAND", "BOR", "BXOR", "LAND"):
+            inout = np.array([rank, 5, -2, 7], dtype=np.int32)
+            getattr(MPI, name).Reduce_local(np.array([1, 6, -3, 7], dtype=np.int32), inout)
+            results.append((name, inout))
+        pairs = np.zeros(2, dtype=np.dtype([("v", "f8"), ("i", "i4")], align=True))
+        pairs["v"], pairs["i"] = [1.0, 2.0], [rank, rank]
+        other = np.zeros_like(pairs)
+        other["v"], other["i"] = [1.0, 3.0], [9, 9]
+        MPI.MAXLOC.Reduce_local([other, MPI.DOUBLE_INT], [pairs, MPI.DOUBLE_INT])
+        counted = np.arange(4.0)
+        MPI.PROD.Reduce_local([np.full(4, 2.0), 2, MPI.DOUBLE], [counted, 2, MPI.DOUBLE])
+        return results, pairs["v"].tolist(), pairs["i"].tolist(), counted
+
+    @s.case("Reduce_local.user")
+    def reduce_local_user() -> Any:
+        op = MPI.Op.Create(matmul, commute=False)
+        inout = matrix.copy()
+        op.Reduce_local(np.array([[1, 1], [0, 1]], dtype=np.int64), inout)
+        op.Free()
+        return inout
+
+    @s.case("Reduce_local.errors")
+    def reduce_local_errors() -> Any:
+        a, b = np.arange(3.0), np.ones(3)
+        return [
+            s.attempt(lambda: MPI.SUM.Reduce_local([a, 2], [b, 3])),
+            s.attempt(lambda: MPI.SUM.Reduce_local([a, MPI.DOUBLE], [np.ones(3, "i"), MPI.INT])),
+            s.attempt(lambda: MPI.SUM.Reduce_local(a, np.ones(4))),
+            s.attempt(lambda: MPI.LAND.Reduce_local(a, b)),
+            s.attempt(lambda: MPI.MAXLOC.Reduce_local(a, b)),
+            s.attempt(lambda: MPI.SUM.Reduce_local(MPI.IN_PLACE, b)),
+            s.attempt(lambda: MPI.OP_NULL.Reduce_local(a, b)),
+            s.attempt(lambda: MPI.SUM.Reduce_local(a, b"abc")),
+            b,
+        ]
+
+    # What a user operator gets on buffers: byte buffers (len in bytes) over the entries, whose
+    # slices take any buffer of as many bytes; and the datatype of the entries.
+    def add_into(inbuf: Any, inoutbuf: Any, datatype: Any) -> None:
+        seen.append((len(inbuf), len(inoutbuf), datatype == MPI.INT, memoryview(inoutbuf).nbytes))
+        total = np.frombuffer(inbuf, dtype=np.int32) + np.frombuffer(inoutbuf, dtype=np.int32)
+        inoutbuf[:] = array.array("i", total.tolist()) if len(seen) % 2 else total.tobytes()
+
+    seen: list = []
+
+    @s.case("user.buffers")
+    def user_buffers() -> Any:
+        op = MPI.Op.Create(add_into, commute=True)
+        every = np.zeros(3, dtype=np.int32)
+        comm.Allreduce(np.array([rank, 1, -rank], dtype=np.int32), every, op=op)
+        local = np.array([5, 6, 7], dtype=np.int32)
+        op.Reduce_local(np.array([1, 1, 1], dtype=np.int32), local)
+        op.Free()
+        return every, local, sorted(set(seen))

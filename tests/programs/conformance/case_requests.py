@@ -290,3 +290,48 @@ def run(s: Suite) -> None:
         while len(done) < 2:
             done += s.until(lambda: Request.Testsome(reqs), bool)
         return before, sorted(done), bufs, Request.Testsome(reqs)
+
+    # Handles: a copy of a request has its handle (equal to it); a completed or freed request
+    # equals REQUEST_NULL; a persistent one only when freed; requests are not hashable.
+    def unhashable(obj: Any) -> Any:
+        return s.attempt(lambda: hash(obj))
+
+    @s.case("handles.request")
+    def request_handles() -> Any:
+        got = np.zeros(1, dtype=np.int32)
+        req = comm.Irecv(got, source=s.left, tag=37)
+        copy = MPI.Request(req)
+        looked_up = MPI.Request.fromhandle(req.handle)
+        seen = (req == copy, copy is req, type(copy).__name__, req == looked_up, req != MPI.REQUEST_NULL, bool(req))
+        seen += (s.attempt(lambda: MPI.Prequest(req)),)
+        other = comm.Isend(np.full(1, rank, dtype=np.int32), dest=s.right, tag=37)
+        seen += (req == other, req != other, req == None, req != 0)  # noqa: E711 - mpi4py's __eq__ with None
+        Request.Waitall([req, other])
+        null = MPI.Request()
+        return (
+            seen,
+            (req == MPI.REQUEST_NULL, bool(req), req.handle == MPI.REQUEST_NULL.handle, null == req, bool(null)),
+            (unhashable(req), unhashable(MPI.REQUEST_NULL)),
+            s.attempt(lambda: MPI.Request(5)),
+            got,
+        )
+
+    @s.case("handles.prequest")
+    def prequest_handles() -> Any:
+        got = np.zeros(1, dtype=np.int32)
+        send = comm.Send_init(np.full(1, rank, dtype=np.int32), dest=s.right, tag=38)
+        recv = comm.Recv_init(got, source=s.left, tag=38)
+        copy = MPI.Prequest(send)
+        states = [(send == MPI.REQUEST_NULL, bool(send), send == copy, type(copy).__name__, send == recv)]
+        MPI.Prequest.Startall([send, recv])
+        states.append((send == MPI.REQUEST_NULL, bool(send), send == copy))
+        Request.Waitall([send, recv])
+        states.append((send == MPI.REQUEST_NULL, bool(send), send == copy, recv == MPI.REQUEST_NULL))
+        as_request = MPI.Request(send)
+        states.append((type(as_request).__name__, as_request == send, bool(as_request)))
+        send.Free()
+        states.append((send == MPI.REQUEST_NULL, bool(send), send.handle == MPI.REQUEST_NULL.handle))
+        recv.Free()
+        states.append((recv == send, unhashable(recv), s.attempt(recv.Start)))
+        null = MPI.Prequest.fromhandle(MPI.REQUEST_NULL.handle)
+        return states, got, MPI.Prequest() == MPI.REQUEST_NULL, type(null).__name__, bool(null)
