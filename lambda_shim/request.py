@@ -258,7 +258,8 @@ class Request:
             if done or not active:
                 return done
             ops = [op for i in active for op in requests[i]._ops() if not op.done]
-            requests[active[0]]._transport.wait(ops, need=1)
+            if ops:  # else the last one completed just now, in another thread: look again
+                requests[active[0]]._transport.wait(ops, need=1)
 
     @staticmethod
     def _status_at(statuses: Sequence | None, k: int) -> Any:
