@@ -40,6 +40,8 @@ class _Completions:
     """Waits for generalized requests (and, by polling, for the transport requests in the same
     list: the transport's engine runs in the background while no thread waits on it)."""
 
+    polls = True  # a list with transport requests is better waited for by their transport
+
     def __init__(self) -> None:
         self._cond = threading.Condition()
 
