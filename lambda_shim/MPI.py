@@ -58,6 +58,7 @@ from lambda_shim.constants import (  # noqa: F401 - mpi4py's names, re-exported
     Status,
 )
 from lambda_shim.errors import MPIException as Exception  # noqa: F401 - mpi4py's MPI.Exception
+from lambda_shim.grequest import Grequest  # noqa: F401
 from lambda_shim.message import BOTTOM, DATATYPE_NULL, DATATYPES, Datatype, byte_view  # noqa: F401
 from lambda_shim.persistent import Prequest  # noqa: F401
 from lambda_shim.pickler import PICKLE as pickle  # noqa: F401, N811 - mpi4py's MPI.pickle

@@ -258,7 +258,8 @@ class Request:
             if done or not active:
                 return done
             ops = [op for i in active for op in requests[i]._ops() if not op.done]
-            requests[active[0]]._transport.wait(ops, need=1)
+            if ops:  # else the last one completed just now, in another thread: look again
+                _waiter([requests[i] for i in active]).wait(ops, need=1)
 
     @staticmethod
     def _status_at(statuses: Sequence | None, k: int) -> Any:
@@ -293,7 +294,7 @@ class Request:
     def waitall(cls, requests: Sequence[Request], statuses: list | None = None) -> list[Any]:
         pending = [r for r in requests if r._active and r._ops()]
         if pending:
-            pending[0]._transport.wait([op for r in pending for op in r._ops()])
+            _waiter(pending).wait([op for r in pending for op in r._ops()])
         return cls._complete_each([(r, cls._status_at(statuses, k)) for k, r in enumerate(requests)])
 
     @classmethod
@@ -398,6 +399,12 @@ class Request:
     @classmethod
     def Testsome(cls, requests: Sequence[Request], statuses: list | None = None) -> list[int] | None:  # noqa: N802
         return cls.testsome(requests, statuses)[0]
+
+
+def _waiter(requests: Sequence[Request]) -> Any:
+    """What waits for these requests' ops: a transport if one of them has one (it also notices
+    a peer's failure; generalized requests' ops it polls), else the first one's."""
+    return next((r._transport for r in requests if not getattr(r._transport, "polls", False)), requests[0]._transport)
 
 
 REQUEST_NULL = Request()

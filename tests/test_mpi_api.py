@@ -350,3 +350,24 @@ def test_mpi_pickle_behaves_as_mpi4pys() -> None:
         "['Pickle', 5, 262144, {'a': 1}, None, [2], [(), (3,)], 3, (3,), None, 4, 10, [16], [2, 16, 30], 262144, 5]"
     )
     assert result.stdout == f"True {expected}\n"
+
+
+def test_a_generalized_request_never_completed_fails_at_the_op_timeout() -> None:
+    """Waiting on a Grequest nobody completes ends with CommError at CAI_HPC_OP_TIMEOUT (no rank
+    or network needed), and one completed by another thread ends the wait with its value."""
+    code = (
+        "import threading, time\n"
+        "from lambda_shim import MPI\n"
+        "late = MPI.Grequest.Start()\n"
+        "threading.Timer(0.1, late.complete, args=('done',)).start()\n"
+        "print(late.wait())\n"
+        "start = time.monotonic()\n"
+        "try:\n"
+        "    MPI.Grequest.Start().Wait()\n"
+        "except MPI.Exception as exc:\n"
+        "    print(type(exc).__name__, 1 <= time.monotonic() - start < 10)\n"
+    )
+    env = clean_env(CAI_HPC_OP_TIMEOUT="1")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.splitlines() == ["done", "CommError True"]

@@ -4,6 +4,7 @@ barriers), so which request completes first is fixed."""
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import numpy as np
@@ -335,3 +336,68 @@ def run(s: Suite) -> None:
         states.append((recv == send, unhashable(recv), s.attempt(recv.Start)))
         null = MPI.Prequest.fromhandle(MPI.REQUEST_NULL.handle)
         return states, got, MPI.Prequest() == MPI.REQUEST_NULL, type(null).__name__, bool(null)
+
+    # Generalized requests: the program completes them; query_fn fills the status, free_fn runs
+    # at completion, cancel_fn on Cancel (told whether it had completed).
+    @s.case("Grequest")
+    def grequest() -> Any:
+        calls: list = []
+
+        def query(status: Any, *args: Any) -> None:
+            calls.append(("query", args))
+            status.Set_source(3)
+            status.Set_tag(7)
+
+        greq = MPI.Grequest.Start(
+            query, lambda *a: calls.append(("free", a)), lambda done, *a: calls.append(("cancel", done))
+        )
+        seen = [type(greq).__name__, greq.Test(), bool(greq)]
+        greq.Cancel()
+        greq.Complete()
+        greq.Cancel()
+        status = MPI.Status()
+        seen += [greq.Test(status), s.status(status), bool(greq), greq == MPI.REQUEST_NULL, list(calls)]
+        seen += [
+            s.attempt(lambda: MPI.Prequest(MPI.Grequest.Start())),
+            type(MPI.Request(MPI.Grequest.Start())).__name__,
+        ]
+        with_args = MPI.Grequest.Start(query, None, None, args=(1, 2))
+        with_args.Complete()
+        seen += [with_args.Wait(), calls[-1]]
+        plain = MPI.Grequest.Start()
+        plain.complete(42)
+        status = MPI.Status()
+        seen += [plain.wait(status), s.status(status), plain.test()]
+        return seen
+
+    @s.case("Grequest.mixed")
+    def grequest_mixed() -> Any:
+        greq = MPI.Grequest.Start()
+        copy = MPI.Grequest(greq)
+        same = copy == greq
+        got = np.zeros(1, dtype=np.int32)
+        recv = comm.Irecv(got, source=s.left, tag=39)
+        threading.Timer(0.2, copy.Complete).start()
+        comm.Send(np.full(1, rank, dtype=np.int32), dest=s.right, tag=39)
+        statuses = [MPI.Status(), MPI.Status()]
+        done = Request.Waitall([greq, recv], statuses)
+        return done, same, got, s.status(statuses[0]), s.status(statuses[1])
+
+    @s.case("Grequest.errors")
+    def grequest_errors() -> Any:
+        def raise_mpi(*_: Any) -> None:
+            raise MPI.Exception(MPI.ERR_BUFFER)
+
+        def raise_other(*_: Any) -> None:
+            raise ValueError(42)
+
+        seen = []
+        for fail in (raise_mpi, raise_other):
+            for position in range(3):
+                callbacks = [None, None, None]
+                callbacks[position] = fail
+                greq = MPI.Grequest.Start(*callbacks)
+                seen.append(s.attempt(greq.Cancel))
+                greq.Complete()
+                seen.append(s.attempt(greq.Wait))
+        return seen, s.attempt(MPI.REQUEST_NULL.Cancel)
