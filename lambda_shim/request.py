@@ -5,13 +5,13 @@ becomes null (false, equal to ``REQUEST_NULL``), as mpi4py's does."""
 
 from __future__ import annotations
 
-import pickle
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from lambda_shim.constants import ANY_SOURCE, ANY_TAG, PROC_NULL, UNDEFINED, Status, fill_status
 from lambda_shim.errors import ERR_IN_STATUS, ERR_PENDING, ERR_REQUEST, ERR_TRUNCATE, CommError, MPIException
-from lambda_shim.wire import KIND_OBJECT
+from lambda_shim.objects import OBJECT_KINDS
+from lambda_shim.objects import decode as decode_object
 
 # What a request delivers when it completes. GENERALIZED: an op a thread completes (a
 # nonblocking collective): its ``failure``, if not None, is raised by the completing call.
@@ -106,8 +106,8 @@ class Request:
             if self.on_complete is not None:
                 self.on_complete(self, status)
             return None
-        if op.envelope.kind == KIND_OBJECT:
-            return pickle.loads(op.payload)
+        if op.envelope.kind in OBJECT_KINDS:
+            return decode_object(op.envelope.kind, op.payload)
         return bytes(op.payload) if op.payload else None  # an empty message: mpi4py's None
 
     # ---------------------------------------------------------------- one request

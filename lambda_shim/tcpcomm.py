@@ -48,10 +48,11 @@ from lambda_shim.constants import (
 from lambda_shim.errors import ERR_COMM, ERR_RANK, ERR_REQUEST, ERR_ROOT, ERR_TAG, ERR_TRUNCATE, CommError, MPIException
 from lambda_shim.message import parse as parse_spec
 from lambda_shim.nonblocking import NonblockingAPI, worker_tag
+from lambda_shim.objects import encode as encode_object
 from lambda_shim.persistent import PersistentAPI
 from lambda_shim.request import RECV_BYTES, RECV_OBJECT, REQUEST_NULL, SEND, Request
 from lambda_shim.transport import MAX_WORLD, MODES, ShimConfig, Transport, parse_address
-from lambda_shim.wire import KIND_BYTES, KIND_OBJECT
+from lambda_shim.wire import KIND_BYTES
 
 __all__ = ["MAX_WORLD", "MODES", "Comm", "CommError", "ShimConfig", "TcpComm", "parse_address"]
 _PART = struct.Struct("!iq")
@@ -292,7 +293,8 @@ class Comm(NonblockingAPI, PersistentAPI, BufferAPI):
         tag = self._valid_tag(tag, wildcard=False)
         if dest == PROC_NULL:
             return Request(self._transport, None, SEND, self._world_rank)
-        op = self._transport.isend(self._group[dest], self._ctx, tag, KIND_OBJECT, _dumps(obj), sync=sync)
+        kind, payload = encode_object(obj)
+        op = self._transport.isend(self._group[dest], self._ctx, tag, kind, payload, sync=sync)
         return Request(self._transport, op, SEND, self._world_rank)
 
     def isend(self, obj: Any, dest: int, tag: int = 0) -> Request:

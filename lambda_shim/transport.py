@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 
 from lambda_shim.constants import ANY_SOURCE, ANY_TAG
 from lambda_shim.errors import CommError
+from lambda_shim.objects import counted_size
 from lambda_shim.wire import (
     HANDSHAKE_TIMEOUT_S,
     KIND_ACK,
@@ -58,6 +59,8 @@ from lambda_shim.wire import (
     KIND_CONTROL,
     KIND_HEARTBEAT,
     KIND_OBJECT,
+    KIND_OBJECT_BYTEARRAY,
+    KIND_OBJECT_BYTES,
     KIND_TABLE,
     MAX_CONTROL,
     MAX_FRAME,
@@ -91,6 +94,7 @@ QUIET_S = 0.002  # the background thread runs progress once no thread was inside
 IN, OUT = select.EPOLLIN, select.EPOLLOUT
 MAX_WIRE_TAG = 2**31 - 1  # a frame header's tag is a signed 32-bit integer
 MAX_CTX = 2**32 - 1  # and its context an unsigned one
+_MESSAGE_KINDS = frozenset((KIND_OBJECT, KIND_OBJECT_BYTES, KIND_OBJECT_BYTEARRAY, KIND_BYTES, KIND_ACK))
 
 
 @dataclass
@@ -192,7 +196,7 @@ def _records(session: Session, kind: int, source: int, tag: int, payload, ctx: i
     if len(payload) <= SMALL:
         yield session.seal_small(kind, source, tag, payload, ctx)
     else:
-        yield from session.seal_frame(kind, source, tag, payload, ctx)
+        yield from session.seal_frame(kind, source, tag, payload, ctx, reuse=True)  # each sent before the next
 
 
 class _Link:
@@ -267,8 +271,8 @@ class Envelope:
 
     source: int  # world rank
     tag: int
-    kind: int  # KIND_OBJECT or KIND_BYTES
-    nbytes: int  # payload length
+    kind: int  # KIND_OBJECT, KIND_OBJECT_BYTES, KIND_OBJECT_BYTEARRAY or KIND_BYTES
+    nbytes: int  # its size as mpi4py counts it (``objects.counted_size``)
 
 
 class Op:
@@ -310,7 +314,7 @@ class _Message:
     ack: Callable[[], None] | None = None
 
     def envelope(self) -> Envelope:
-        return Envelope(self.source, self.tag, self.kind, len(self.payload))
+        return Envelope(self.source, self.tag, self.kind, counted_size(self.kind, len(self.payload)))
 
 
 class Transport:
@@ -827,7 +831,7 @@ class Transport:
         kind, source, ctx, tag, payload = frame
         if kind == KIND_HEARTBEAT:
             return
-        if source != link.peer or kind & ~SYNC not in (KIND_OBJECT, KIND_BYTES, KIND_ACK):
+        if source != link.peer or kind & ~SYNC not in _MESSAGE_KINDS:
             raise AuthError(f"a malformed frame from rank {link.peer}")
         if kind == KIND_ACK:
             self._acked(link.peer, ctx, tag)
@@ -1209,7 +1213,7 @@ class Transport:
             for i, op in enumerate(self._posted):
                 if op.ctx == ctx and op.source in (ANY_SOURCE, source) and op.tag in (ANY_TAG, tag):
                     del self._posted[i]
-                    op.envelope = Envelope(source, tag, kind, len(payload))
+                    op.envelope = Envelope(source, tag, kind, counted_size(kind, len(payload)))
                     op.payload = payload
                     op.done = True
                     break

@@ -35,7 +35,9 @@ from typing import NamedTuple
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-PROTOCOL = b"CAI-SHIM/3"
+from lambda_shim.landing import new_bytearray, new_bytes
+
+PROTOCOL = b"CAI-SHIM/4"
 NONCE = 32
 MAC = 32
 TAG = 16  # AES-GCM tag
@@ -59,6 +61,8 @@ KIND_CONTROL = 3  # a JSON object (server <-> rank)
 KIND_HEARTBEAT = 4  # empty: "still here"
 KIND_TABLE = 5  # the address table, binary (see ``pack_table``)
 KIND_ACK = 6  # empty: the receiver matched the oldest sync send of this context and tag
+KIND_OBJECT_BYTES = 7  # an object that is exactly a bytes: its bytes, not pickled (``objects``)
+KIND_OBJECT_BYTEARRAY = 8  # the same for a bytearray
 SYNC = 0x80  # or-ed into the kind of an object or bytes frame: acknowledge it when matched
 _IDS = struct.Struct("!iiB")  # initiator, acceptor, job id length
 _ENTRY = struct.Struct("!4sH4sH")  # per rank: listener IPv4 + port, observed IPv4 + port
@@ -80,7 +84,7 @@ class Frame(NamedTuple):
     source: int
     ctx: int
     tag: int
-    payload: bytearray
+    payload: bytearray  # a bytes for KIND_OBJECT_BYTES (from ``FrameReader``)
 
 
 class AuthError(Exception):
@@ -163,6 +167,7 @@ class Session:
     def __init__(self, send_key: bytes, recv_key: bytes) -> None:
         self._send, self._recv = AESGCM(send_key), AESGCM(recv_key)
         self._sent = self._received = 0
+        self._record: bytearray | None = None  # where ``seal_frame(reuse=True)`` seals payload records
 
     def _seal(self, data: bytes | memoryview) -> bytes:
         record = self._send.encrypt(self._sent.to_bytes(12, "big"), data, None)
@@ -170,14 +175,28 @@ class Session:
         return record
 
     def seal_frame(
-        self, kind: int, source: int, tag: int, payload: bytes | memoryview = b"", ctx: int = 0
-    ) -> Iterator[bytes]:
+        self, kind: int, source: int, tag: int, payload: bytes | memoryview = b"", ctx: int = 0, reuse: bool = False
+    ) -> Iterator[bytes | memoryview]:
         """The sealed records of one frame, in sending order, each sealed as it is taken (a big
-        payload is never held twice)."""
+        payload is never held twice). With ``reuse``, the payload records are sealed into one
+        buffer the session keeps, each valid until the next is taken (for a consumer that is
+        done with each record first): a big frame then costs no fresh memory, whose first
+        touch costs more here than sealing it."""
         yield self._seal(HEADER.pack(kind, source, ctx, tag, len(payload)))
         view = memoryview(payload)
+        if not reuse:
+            for off in range(0, len(view), CHUNK):
+                yield self._seal(view[off : off + CHUNK])
+            return
+        if self._record is None:
+            self._record = bytearray(CHUNK + TAG)
+        record, seal = memoryview(self._record), self._send.encrypt_into
         for off in range(0, len(view), CHUNK):
-            yield self._seal(view[off : off + CHUNK])
+            piece = view[off : off + CHUNK]
+            out = record[: len(piece) + TAG]
+            seal(self._sent.to_bytes(12, "big"), piece, None, out)
+            self._sent += 1
+            yield out
 
     def seal_small(self, kind: int, source: int, tag: int, payload: bytes | memoryview = b"", ctx: int = 0) -> bytes:
         """A frame whose payload fits one record (``seal_frame``'s records as one piece)."""
@@ -260,6 +279,7 @@ class FrameReader:
         self._start = self._end = 0  # unread bytes: scratch[start:end]
         self._header: Header | None = None  # of the frame under way
         self._payload = _NOTHING
+        self._object: bytes | bytearray = b""  # what ``_payload`` writes into (holds it alive)
         self._off = 0  # payload bytes checked so far
         self._big: memoryview | None = None  # a record larger than the scratch, being read
         self._spare: memoryview | None = None  # where such records are read, during a big frame
@@ -338,7 +358,12 @@ class FrameReader:
         header = self._header
         if header is None:
             header = self._header = self._session.open_header(unit, self._limit)
-            self._payload = memoryview(bytearray(header.length))
+            # Allocated only now, on the checked length, and filled entirely before delivery.
+            if header.kind & ~SYNC == KIND_OBJECT_BYTES:
+                self._object, self._payload = new_bytes(header.length)
+            else:
+                self._object = new_bytearray(header.length)
+                self._payload = memoryview(self._object)
             self._off = 0
         else:
             n = len(unit) - TAG
@@ -346,8 +371,8 @@ class FrameReader:
             self._off += n
         self.records += 1
         if self._off == header.length:
-            frames.append(Frame(header.kind, header.source, header.ctx, header.tag, self._payload.obj))
-            self._header, self._payload, self._spare = None, _NOTHING, None
+            frames.append(Frame(header.kind, header.source, header.ctx, header.tag, self._object))
+            self._header, self._payload, self._object, self._spare = None, _NOTHING, b"", None
 
 
 def send_frame(sock: socket.socket, session: Session, kind: int, source: int, tag: int, payload=b"") -> None:
