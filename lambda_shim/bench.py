@@ -146,7 +146,7 @@ def frame_rates(repeat: int = 5) -> list[dict]:
         """As the transport does it: each record opened as it comes (the sender seals the next
         into the same buffer), into a payload allocated once the header is checked."""
         records = a.seal_frame(KIND_BYTES, 0, 0, payload, reuse=True)
-        length = b.open_header(next(records)).length
+        length = b.open_header(next(records))[0].length
         out, off = memoryview(new_bytearray(length)), 0
         for record, n in zip(records, chunk_sizes(length), strict=True):
             b.open_into(record, out[off : off + n])

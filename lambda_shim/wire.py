@@ -11,10 +11,12 @@ and can inject nothing: every frame after the handshake, control messages includ
 AES-GCM sealed under keys only the two ends hold, with the frame's sequence number as the
 nonce (a replayed, reordered, reflected or spliced frame fails).
 
-A frame is a sealed header (kind, source, context, tag, length), checked before anything is
-allocated for the payload, then the payload in sealed records of at most ``CHUNK`` bytes,
-each checked as it arrives. Lengths are bounded (``MAX_FRAME``); control messages are JSON
-objects of bounded size and nesting depth.
+A frame starts with a sealed header record of fixed size (kind, source, context, tag, length,
+and room for ``INLINE`` payload bytes), checked before anything is allocated for the payload.
+A payload that small rides inside it (one record, one seal and one check per small message);
+a larger one follows in sealed records of at most ``CHUNK`` bytes, each checked as it arrives.
+Lengths are bounded (``MAX_FRAME``); control messages are JSON objects of bounded size and
+nesting depth.
 """
 
 from __future__ import annotations
@@ -54,7 +56,9 @@ MAX_DEPTH = 4  # control messages are flat objects: deeper nesting is refused be
 
 # Frame header (sealed): kind, source rank, communicator context, tag, payload length.
 HEADER = struct.Struct("!BiIiQ")
-SEALED_HEADER = HEADER.size + TAG
+INLINE = 43  # a payload of at most this many bytes rides in the header record
+FIRST = struct.Struct(f"!BiIiQ{INLINE}s")  # the header record: the header, then the inline payload, zero-padded
+SEALED_HEADER = FIRST.size + TAG
 KIND_OBJECT = 1  # a pickled object: only ever read from an authenticated peer
 KIND_BYTES = 2  # raw array bytes for the buffer forms: never unpickled
 KIND_CONTROL = 3  # a JSON object (server <-> rank)
@@ -182,7 +186,10 @@ class Session:
         buffer the session keeps, each valid until the next is taken (for a consumer that is
         done with each record first): a big frame then costs no fresh memory, whose first
         touch costs more here than sealing it."""
-        yield self._seal(HEADER.pack(kind, source, ctx, tag, len(payload)))
+        n = len(payload)
+        yield self._seal(FIRST.pack(kind, source, ctx, tag, n, bytes(payload) if n <= INLINE else b""))
+        if n <= INLINE:
+            return
         view = memoryview(payload)
         if not reuse:
             for off in range(0, len(view), CHUNK):
@@ -200,21 +207,24 @@ class Session:
 
     def seal_small(self, kind: int, source: int, tag: int, payload: bytes | memoryview = b"", ctx: int = 0) -> bytes:
         """A frame whose payload fits one record (``seal_frame``'s records as one piece)."""
-        n, seal = self._sent, self._send.encrypt
-        header = seal(n.to_bytes(12, "big"), HEADER.pack(kind, source, ctx, tag, len(payload)), None)
-        if not payload:
+        n, seal, length = self._sent, self._send.encrypt, len(payload)
+        if length <= INLINE:
             self._sent = n + 1
-            return header
+            return seal(n.to_bytes(12, "big"), FIRST.pack(kind, source, ctx, tag, length, bytes(payload)), None)
         self._sent = n + 2
+        header = seal(n.to_bytes(12, "big"), FIRST.pack(kind, source, ctx, tag, length, b""), None)
         return header + seal((n + 1).to_bytes(12, "big"), payload, None)
 
-    def open_header(self, record: bytes | bytearray | memoryview, limit: int = MAX_FRAME) -> Header:
-        """The fields of a sealed header; AuthError if it was not sealed by the other end in
-        this order, or announces more than ``limit`` bytes."""
-        header = Header._make(HEADER.unpack(self._open(record)))
+    def open_header(self, record: bytes | bytearray | memoryview, limit: int = MAX_FRAME) -> tuple[Header, bytes]:
+        """The fields of a sealed header record, and the payload riding in it (all of it when the
+        length is at most ``INLINE``; else nothing, and ``chunk_sizes(length)`` records follow).
+        AuthError if it was not sealed by the other end in this order, or announces more than
+        ``limit`` bytes."""
+        *fields, inline = FIRST.unpack(self._open(record))
+        header = Header._make(fields)
         if header.length > limit:
             raise AuthError(f"a frame of {header.length} bytes is over the {limit}-byte limit")
-        return header
+        return header, inline[: header.length] if header.length <= INLINE else b""
 
     def open_into(self, record: bytes | bytearray | memoryview, out: memoryview) -> None:
         """Check one payload record and write its bytes into ``out`` (exactly its size)."""
@@ -237,15 +247,17 @@ class Session:
 
 
 def chunk_sizes(length: int) -> list[int]:
-    """The plaintext sizes of a payload's records."""
+    """The plaintext sizes of the records after the header record (none for an inline payload)."""
+    if length <= INLINE:
+        return []
     return [min(CHUNK, length - off) for off in range(0, length, CHUNK)]
 
 
 def read_frame(sock: socket.socket, session: Session, limit: int = MAX_FRAME, on_record=None) -> Frame:
     """One frame: the header is checked before the payload is allocated, and the payload is
     read and checked record by record. ``on_record()`` is called after each record (liveness)."""
-    kind, source, ctx, tag, length = session.open_header(recv_exact(sock, SEALED_HEADER), limit)
-    payload = bytearray(length)
+    (kind, source, ctx, tag, length), inline = session.open_header(recv_exact(sock, SEALED_HEADER), limit)
+    payload = bytearray(inline) if length <= INLINE else bytearray(length)
     out = memoryview(payload)
     record = bytearray(min(CHUNK, length) + TAG)  # not 1 MiB zero-filled for every small frame
     off = 0
@@ -354,22 +366,28 @@ class FrameReader:
         return n
 
     def _take(self, unit: memoryview, frames: list[Frame]) -> None:
-        """Check one whole record: a header, or the next piece of the payload."""
+        """Check one whole record: a header (with the whole payload, if small), or the next
+        piece of the payload."""
+        self.records += 1
         header = self._header
         if header is None:
-            header = self._header = self._session.open_header(unit, self._limit)
+            header, inline = self._session.open_header(unit, self._limit)
+            kind = header.kind
+            if header.length <= INLINE:
+                payload = inline if kind & ~SYNC == KIND_OBJECT_BYTES else bytearray(inline)
+                frames.append(Frame(kind, header.source, header.ctx, header.tag, payload))
+                return
             # Allocated only now, on the checked length, and filled entirely before delivery.
-            if header.kind & ~SYNC == KIND_OBJECT_BYTES:
+            if kind & ~SYNC == KIND_OBJECT_BYTES:
                 self._object, self._payload = new_bytes(header.length)
             else:
                 self._object = new_bytearray(header.length)
                 self._payload = memoryview(self._object)
-            self._off = 0
-        else:
-            n = len(unit) - TAG
-            self._session.open_into(unit, self._payload[self._off : self._off + n])
-            self._off += n
-        self.records += 1
+            self._header, self._off = header, 0
+            return
+        n = len(unit) - TAG
+        self._session.open_into(unit, self._payload[self._off : self._off + n])
+        self._off += n
         if self._off == header.length:
             frames.append(Frame(header.kind, header.source, header.ctx, header.tag, self._object))
             self._header, self._payload, self._object, self._spare = None, _NOTHING, b"", None

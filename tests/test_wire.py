@@ -12,7 +12,9 @@ import pytest
 
 from lambda_shim.landing import DIRECT, new_bytearray, new_bytes
 from lambda_shim.wire import (
+    FIRST,
     HEADER,
+    INLINE,
     KIND_CONTROL,
     KIND_OBJECT,
     KIND_OBJECT_BYTEARRAY,
@@ -122,7 +124,7 @@ def test_a_sealed_header_over_the_limit_is_refused_before_allocation(linked) -> 
 
 def test_a_changed_replayed_or_reflected_record_fails(linked) -> None:
     a, acceptor, b, initiator = linked
-    records = list(initiator.seal_frame(KIND_OBJECT, 1, 0, pickle.dumps({"rank": 1})))
+    records = list(initiator.seal_frame(KIND_OBJECT, 1, 0, pickle.dumps({"rank": 1, "pad": "x" * INLINE})))
     tampered = bytearray(records[1])
     tampered[3] ^= 1
     b.sendall(records[0] + tampered)
@@ -206,7 +208,7 @@ def test_relaying_someone_elses_handshake_gives_nothing_to_inject() -> None:
     thread.join(timeout=10)
     connecting.join(timeout=10)
     _, _, session = got["a"]
-    relay_a.sendall(HEADER.pack(KIND_CONTROL, 1, 0, 0, 2) + bytes(16) + b"{}" + bytes(16))
+    relay_a.sendall(FIRST.pack(KIND_CONTROL, 1, 0, 0, 2, b"{}") + bytes(16))
     with pytest.raises(AuthError):
         read_frame(acceptor_side, session)
     for s in (acceptor_side, relay_a, relay_b, initiator_side):
@@ -295,7 +297,7 @@ def test_the_incremental_reader_refuses_a_sealed_header_over_its_limit(linked) -
 
 def test_the_incremental_reader_fails_a_tampered_record_and_the_end_of_the_stream(linked) -> None:
     a, acceptor, b, initiator = linked
-    header, record = initiator.seal_frame(KIND_OBJECT, 1, 0, b"payload")
+    header, record = initiator.seal_frame(KIND_OBJECT, 1, 0, b"payload" * INLINE)
     tampered = bytearray(record)
     tampered[0] ^= 1
     b.sendall(header + tampered)
@@ -331,7 +333,7 @@ def test_a_frame_sealed_into_the_reused_record_buffer_reads_back_whole(linked) -
 def test_an_object_frame_over_the_limit_is_refused_before_allocation(linked, kind) -> None:
     a, acceptor, b, initiator = linked
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    b.sendall(initiator._seal(HEADER.pack(kind, 1, 0, 0, 2**36)))  # a genuine sealed header: 64 GiB
+    b.sendall(initiator._seal(FIRST.pack(kind, 1, 0, 0, 2**36, b"")))  # a genuine sealed header: 64 GiB
     with pytest.raises(AuthError, match="over the 1073741824-byte limit"):
         feed_all(FrameReader(acceptor, limit=2**30), a)
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100 * 1024  # KiB
