@@ -220,11 +220,15 @@ class Session:
         length is at most ``INLINE``; else nothing, and ``chunk_sizes(length)`` records follow).
         AuthError if it was not sealed by the other end in this order, or announces more than
         ``limit`` bytes."""
-        *fields, inline = FIRST.unpack(self._open(record))
-        header = Header._make(fields)
-        if header.length > limit:
-            raise AuthError(f"a frame of {header.length} bytes is over the {limit}-byte limit")
-        return header, inline[: header.length] if header.length <= INLINE else b""
+        kind, source, ctx, tag, length, inline = self.open_first(record, limit)
+        return Header(kind, source, ctx, tag, length), inline
+
+    def open_first(self, record: bytes | bytearray | memoryview, limit: int) -> tuple[int, int, int, int, int, bytes]:
+        """``open_header`` as one flat tuple (kind, source, ctx, tag, length, inline payload)."""
+        kind, source, ctx, tag, length, inline = FIRST.unpack(self._open(record))
+        if length > limit:
+            raise AuthError(f"a frame of {length} bytes is over the {limit}-byte limit")
+        return kind, source, ctx, tag, length, inline[:length] if length <= INLINE else b""
 
     def open_into(self, record: bytes | bytearray | memoryview, out: memoryview) -> None:
         """Check one payload record and write its bytes into ``out`` (exactly its size)."""
@@ -236,7 +240,7 @@ class Session:
 
     def _open(self, record: bytes | bytearray | memoryview) -> bytes:
         try:
-            data = self._recv.decrypt(self._nonce_in(), record, None)
+            data = self._recv.decrypt(self._received.to_bytes(12, "big"), record, None)
         except (InvalidTag, ValueError):
             raise AuthError(f"record {self._received} failed its check (tampered, replayed or reordered)") from None
         self._received += 1
@@ -371,19 +375,19 @@ class FrameReader:
         self.records += 1
         header = self._header
         if header is None:
-            header, inline = self._session.open_header(unit, self._limit)
-            kind = header.kind
-            if header.length <= INLINE:
-                payload = inline if kind & ~SYNC == KIND_OBJECT_BYTES else bytearray(inline)
-                frames.append(Frame(kind, header.source, header.ctx, header.tag, payload))
+            kind, source, ctx, tag, length, inline = self._session.open_first(unit, self._limit)
+            if length <= INLINE:
+                frames.append(
+                    Frame(kind, source, ctx, tag, inline if kind & ~SYNC == KIND_OBJECT_BYTES else bytearray(inline))
+                )
                 return
             # Allocated only now, on the checked length, and filled entirely before delivery.
             if kind & ~SYNC == KIND_OBJECT_BYTES:
-                self._object, self._payload = new_bytes(header.length)
+                self._object, self._payload = new_bytes(length)
             else:
-                self._object = new_bytearray(header.length)
+                self._object = new_bytearray(length)
                 self._payload = memoryview(self._object)
-            self._header, self._off = header, 0
+            self._header, self._off = Header(kind, source, ctx, tag, length), 0
             return
         n = len(unit) - TAG
         self._session.open_into(unit, self._payload[self._off : self._off + n])
