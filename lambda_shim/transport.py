@@ -342,6 +342,7 @@ class Transport:
         self._server_lost: str | None = None
         self._closed = False
         self._failed = False  # a CommError reached the caller: the bye says so
+        self._failed_sends = 0  # sends that can never complete (waits then look at each op's error)
         self._handshakes = threading.BoundedSemaphore(MAX_HANDSHAKES)
         # The progress engine: one epoll set; whoever holds ``_progress`` reads and flushes.
         self._epoll = select.epoll()
@@ -548,6 +549,7 @@ class Transport:
                 for item in link.out:
                     if item.op is not None:
                         item.op.error = failed
+                        self._failed_sends += 1
                 link.out.clear()
             if link.peer == SERVER:
                 if not self._closed:
@@ -947,12 +949,7 @@ class Transport:
             self._kick()  # the background thread gives the engine up
         try:
             while not ready():
-                if (
-                    self._dead
-                    or self._server_lost
-                    or self._closed
-                    or any(op.error is not None and not op.done for op in ops)
-                ):
+                if self._dead or self._server_lost or self._closed or self._failed_sends:
                     with self._mutex:
                         for op in ops:
                             if not op.done:
