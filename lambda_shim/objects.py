@@ -40,6 +40,14 @@ def decode(kind: int, payload: bytes | bytearray) -> Any:
     return pickle.loads(payload)
 
 
+def as_sent_by_mpi4py(kind: int, payload: bytes | bytearray) -> bytes | bytearray:
+    """The bytes mpi4py would have sent for a message: what a buffer receive (``Recv``) of an
+    object message takes, which for an unpickled object is its pickle."""
+    if kind in (KIND_OBJECT_BYTES, KIND_OBJECT_BYTEARRAY):
+        return pickle.dumps(decode(kind, payload), protocol=PROTOCOL)
+    return payload
+
+
 def counted_size(kind: int, nbytes: int) -> int:
     """A message's size as mpi4py counts it: its pickled size (pickle protocol 5)."""
     if kind == KIND_OBJECT_BYTES:

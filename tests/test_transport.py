@@ -486,3 +486,14 @@ def test_a_bytes_subclass_and_other_objects_still_travel_pickled(comm_pair) -> N
 def test_the_counted_size_of_an_unpickled_object_is_its_pickled_size(n) -> None:
     for kind, obj in ((KIND_OBJECT_BYTES, bytes(n)), (KIND_OBJECT_BYTEARRAY, bytearray(n))):
         assert counted_size(kind, n) == len(pickle.dumps(obj, protocol=5))
+
+
+def test_a_buffer_receive_of_an_unpickled_object_takes_its_pickle_as_mpi4py_does(comm_pair) -> None:
+    a, b = comm_pair
+    obj = bytes(range(200)) * 3
+    a.send(obj, dest=1, tag=8)
+    status = Status()
+    b.probe(source=0, tag=8, status=status)
+    buf = bytearray(status.Get_count())
+    b.Recv(buf, source=0, tag=8)
+    assert bytes(buf) == pickle.dumps(obj, protocol=5)
