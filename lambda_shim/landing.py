@@ -16,13 +16,23 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+from typing import Any, NamedTuple
 
 DIRECT = 64 * 1024  # smaller payloads: bytearray(n) is as cheap
 HUGE = 4 << 20  # larger ones are advised to use huge pages
 _PAGE = 2 << 20  # the huge page size the advice covers (x86-64, arm64 with 4 KiB pages)
 
 
-def _c_api():
+class _CApi(NamedTuple):
+    new_bytes: Any  # PyBytes_FromStringAndSize
+    new_bytearray: Any  # PyByteArray_FromStringAndSize
+    bytes_at: Any  # PyBytes_AsString: the address of a bytes' contents
+    bytearray_at: Any  # PyByteArray_AsString
+    view: Any  # PyMemoryView_FromMemory
+    advise: Any  # libc's madvise, or None
+
+
+def _c_api() -> _CApi | None:
     try:
         api = ctypes.pythonapi
         new_bytes, new_bytearray = api.PyBytes_FromStringAndSize, api.PyByteArray_FromStringAndSize
@@ -39,7 +49,7 @@ def _c_api():
         advise.restype, advise.argtypes = ctypes.c_int, (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
     except (AttributeError, OSError):
         advise = None
-    return new_bytes, new_bytearray, bytes_at, bytearray_at, view, advise
+    return _CApi(new_bytes, new_bytearray, bytes_at, bytearray_at, view, advise)
 
 
 _API = _c_api()
@@ -50,7 +60,7 @@ _WRITE = 0x200  # PyBUF_WRITE
 def _advise(address: int, n: int) -> None:
     """Ask for huge pages over the whole 2 MiB pages inside [address, address + n) (advice only:
     nothing changes where the kernel does not use them)."""
-    advise = _API[5]
+    advise = _API.advise
     if advise is None or _HUGEPAGE is None or n < HUGE:
         return
     low = (address + _PAGE - 1) & ~(_PAGE - 1)
@@ -63,8 +73,8 @@ def new_bytearray(n: int) -> bytearray:
     """A bytearray of ``n`` bytes for the caller to fill entirely (contents undefined until then)."""
     if _API is None or n < DIRECT:
         return bytearray(n)
-    out = _API[1](None, n)
-    _advise(_API[3](out), n)
+    out = _API.new_bytearray(None, n)
+    _advise(_API.bytearray_at(out), n)
     return out
 
 
@@ -75,7 +85,7 @@ def new_bytes(n: int) -> tuple[bytes | bytearray, memoryview]:
     if _API is None or n < DIRECT:
         out = bytearray(n)
         return out, memoryview(out)
-    out = _API[0](None, n)
-    address = _API[2](out)
+    out = _API.new_bytes(None, n)
+    address = _API.bytes_at(out)
     _advise(address, n)
-    return out, _API[4](address, n, _WRITE)
+    return out, _API.view(address, n, _WRITE)
