@@ -49,6 +49,11 @@ class Pickle:
         """Deserialize an object from a pickle data stream."""
         return self._loads(data)
 
+    def is_standard(self, protocol: int) -> bool:
+        """Whether this is the standard library's pickle at ``protocol``: what a message that
+        skips pickling (``objects``) must stand for."""
+        return self._dumps is pickle.dumps and self._loads is pickle.loads and self._protocol == protocol
+
     def dumps_oob(self, obj: Any) -> tuple[bytes, list[memoryview]]:
         """Serialize ``obj`` with protocol 5, its buffers of ``THRESHOLD`` bytes or more out of band."""
         protocol = DEFAULT_PROTOCOL if self._protocol is None else self._protocol

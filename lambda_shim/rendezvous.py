@@ -31,6 +31,7 @@ from pathlib import Path
 
 from lambda_shim.wire import (
     HANDSHAKE_TIMEOUT_S,
+    INLINE,
     KIND_CONTROL,
     KIND_HEARTBEAT,
     KIND_TABLE,
@@ -113,8 +114,10 @@ class Conn:
         self.send(KIND_CONTROL, encode_control(message))
 
     async def read(self) -> tuple[int, bytearray]:
-        kind, _, _, _, length = self.session.open_header(await self.reader.readexactly(SEALED_HEADER), MAX_REQUEST)
-        payload = bytearray(length)
+        (kind, _, _, _, length), inline = self.session.open_header(
+            await self.reader.readexactly(SEALED_HEADER), MAX_REQUEST
+        )
+        payload = bytearray(inline) if length <= INLINE else bytearray(length)
         out, off = memoryview(payload), 0
         for n in chunk_sizes(length):
             self.session.open_into(await self.reader.readexactly(n + TAG), out[off : off + n])

@@ -19,6 +19,8 @@ from typing import Any
 
 from lambda_shim.constants import ANY_SOURCE, ANY_TAG, PROC_NULL, UNDEFINED, Status, fill_status
 from lambda_shim.errors import ERR_IN_STATUS, ERR_PENDING, ERR_REQUEST, ERR_TRUNCATE, CommError, MPIException
+from lambda_shim.objects import UNPICKLED_KINDS, as_sent_by_mpi4py
+from lambda_shim.objects import decode as decode_object
 from lambda_shim.pickler import PICKLE
 
 # What a request delivers when it completes. GENERALIZED: an op a thread completes (a
@@ -182,13 +184,15 @@ class Request:
                 ERR_TRUNCATE, f"a message of {status.count} bytes from rank {status.source}, room for {self._limit}"
             )
         if what == RECV_BYTES:
-            self.payload, self.envelope = op.payload, op.envelope
+            self.payload, self.envelope = as_sent_by_mpi4py(op.envelope.kind, op.payload), op.envelope
             self.envelope.source = status.source
             if self.on_complete is not None:
                 self.on_complete(self, status)
             return None
-        # Every message is unpickled, a buffer send's too, as mpi4py does: it is authenticated
-        # (sealed by the peer's connection key). An empty message is None.
+        if op.envelope.kind in UNPICKLED_KINDS:
+            return decode_object(op.envelope.kind, op.payload)
+        # Every other message is unpickled, a buffer send's too, as mpi4py does: it is
+        # authenticated (sealed by the peer's connection key). An empty message is None.
         return PICKLE.loads(op.payload) if op.payload else None
 
     # ---------------------------------------------------------------- one request

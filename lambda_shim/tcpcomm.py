@@ -47,11 +47,12 @@ from lambda_shim.constants import (
 from lambda_shim.errors import ERR_COMM, ERR_RANK, ERR_REQUEST, ERR_ROOT, ERR_TAG, ERR_TRUNCATE, CommError, MPIException
 from lambda_shim.message import parse as parse_spec
 from lambda_shim.nonblocking import NonblockingAPI, worker_tag
+from lambda_shim.objects import encode as encode_object
 from lambda_shim.persistent import PersistentAPI
 from lambda_shim.pickler import PICKLE
 from lambda_shim.request import RECV_BYTES, RECV_OBJECT, REQUEST_NULL, SEND, Request
-from lambda_shim.transport import MAX_WORLD, MODES, ShimConfig, Transport, parse_address
-from lambda_shim.wire import KIND_BYTES, KIND_OBJECT
+from lambda_shim.transport import MAX_WORLD, MODES, SendOp, ShimConfig, Transport, parse_address
+from lambda_shim.wire import KIND_BYTES
 
 __all__ = ["MAX_WORLD", "MODES", "Comm", "CommError", "ShimConfig", "TcpComm", "parse_address"]
 _PART = struct.Struct("!iq")
@@ -322,13 +323,23 @@ class Comm(NonblockingAPI, PersistentAPI, BufferAPI):
         return self._seq % (MAX_TAG + 1)
 
     # ---------------------------------------------------------------- point to point
-    def _isend(self, obj: Any, dest: int, tag: int, sync: bool) -> Request:
+    def _send_op(self, obj: Any, dest: int, tag: int, sync: bool) -> SendOp | None:
+        """The transport's op sending ``obj`` (None for PROC_NULL)."""
         dest = self._valid_rank(dest, wildcard=False)
         tag = self._valid_tag(tag, wildcard=False)
         if dest == PROC_NULL:
-            return Request._new(self._transport, None, SEND, self._world_rank)
-        op = self._transport.isend(self._group[dest], self._ctx, tag, KIND_OBJECT, _dumps(obj), sync=sync)
-        return Request._new(self._transport, op, SEND, self._world_rank)
+            return None
+        kind, payload = encode_object(obj)
+        return self._transport.isend(self._group[dest], self._ctx, tag, kind, payload, sync=sync)
+
+    def _isend(self, obj: Any, dest: int, tag: int, sync: bool) -> Request:
+        return Request._new(self._transport, self._send_op(obj, dest, tag, sync), SEND, self._world_rank)
+
+    def _send(self, obj: Any, dest: int, tag: int, sync: bool) -> None:
+        """A blocking send: its op is waited for here, with no Request (latency)."""
+        op = self._send_op(obj, dest, tag, sync)
+        if op is not None and not op.done:
+            self._transport.wait([op])
 
     def isend(self, obj: Any, dest: int, tag: int = 0) -> Request:
         return self._isend(obj, dest, tag, sync=False)
@@ -342,13 +353,13 @@ class Comm(NonblockingAPI, PersistentAPI, BufferAPI):
         return self._isend(obj, dest, tag, sync=False)
 
     def send(self, obj: Any, dest: int, tag: int = 0) -> None:
-        self._isend(obj, dest, tag, sync=False).wait()
+        self._send(obj, dest, tag, sync=False)
 
     def ssend(self, obj: Any, dest: int, tag: int = 0) -> None:
-        self._isend(obj, dest, tag, sync=True).wait()
+        self._send(obj, dest, tag, sync=True)
 
     def bsend(self, obj: Any, dest: int, tag: int = 0) -> None:
-        self._isend(obj, dest, tag, sync=False).wait()
+        self._send(obj, dest, tag, sync=False)
 
     def irecv(self, buf: Any = None, source: int = ANY_SOURCE, tag: int = ANY_TAG) -> Request:
         """A receive whose ``wait`` returns the object; ``buf`` (if given: a buffer, or an int,

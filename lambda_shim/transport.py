@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 
 from lambda_shim.constants import ANY_SOURCE, ANY_TAG
 from lambda_shim.errors import CommError
+from lambda_shim.objects import counted_size
 from lambda_shim.wire import (
     HANDSHAKE_TIMEOUT_S,
     KIND_ACK,
@@ -58,6 +59,8 @@ from lambda_shim.wire import (
     KIND_CONTROL,
     KIND_HEARTBEAT,
     KIND_OBJECT,
+    KIND_OBJECT_BYTEARRAY,
+    KIND_OBJECT_BYTES,
     KIND_TABLE,
     MAX_CONTROL,
     MAX_FRAME,
@@ -91,6 +94,7 @@ QUIET_S = 0.002  # the background thread runs progress once no thread was inside
 IN, OUT = select.EPOLLIN, select.EPOLLOUT
 MAX_WIRE_TAG = 2**31 - 1  # a frame header's tag is a signed 32-bit integer
 MAX_CTX = 2**32 - 1  # and its context an unsigned one
+_MESSAGE_KINDS = frozenset((KIND_OBJECT, KIND_OBJECT_BYTES, KIND_OBJECT_BYTEARRAY, KIND_BYTES, KIND_ACK))
 
 
 @dataclass
@@ -192,7 +196,7 @@ def _records(session: Session, kind: int, source: int, tag: int, payload, ctx: i
     if len(payload) <= SMALL:
         yield session.seal_small(kind, source, tag, payload, ctx)
     else:
-        yield from session.seal_frame(kind, source, tag, payload, ctx)
+        yield from session.seal_frame(kind, source, tag, payload, ctx, reuse=True)  # each sent before the next
 
 
 class _Link:
@@ -267,31 +271,30 @@ class Envelope:
 
     source: int  # world rank
     tag: int
-    kind: int  # KIND_OBJECT or KIND_BYTES
-    nbytes: int  # payload length
+    kind: int  # KIND_OBJECT, KIND_OBJECT_BYTES, KIND_OBJECT_BYTEARRAY or KIND_BYTES
+    nbytes: int  # its size as mpi4py counts it (``objects.counted_size``)
 
 
 class Op:
-    """A pending send or receive."""
+    """A pending send or receive. (Its state starts as these class defaults: one op is made
+    per message, so its constructor is kept to what differs.)"""
 
-    def __init__(self) -> None:
-        self.done = False
-        self.cancelled = False
-        self.error: CommError | None = None  # set when it can never complete
+    done = False
+    cancelled = False
+    error: CommError | None = None  # set when it can never complete
 
 
 class SendOp(Op):
     def __init__(self, dest: int, ctx: int, tag: int) -> None:
-        super().__init__()
         self.dest, self.ctx, self.tag = dest, ctx, tag
 
 
 class RecvOp(Op):
+    envelope: Envelope | None = None
+    payload: bytearray | None = None
+
     def __init__(self, source: int, ctx: int, tag: int) -> None:
-        super().__init__()
         self.source, self.ctx, self.tag = source, ctx, tag
-        self.envelope: Envelope | None = None
-        self.payload: bytearray | None = None
 
     def matches(self, source: int, ctx: int, tag: int) -> bool:
         return ctx == self.ctx and self.source in (ANY_SOURCE, source) and self.tag in (ANY_TAG, tag)
@@ -310,7 +313,7 @@ class _Message:
     ack: Callable[[], None] | None = None
 
     def envelope(self) -> Envelope:
-        return Envelope(self.source, self.tag, self.kind, len(self.payload))
+        return Envelope(self.source, self.tag, self.kind, counted_size(self.kind, len(self.payload)))
 
 
 class Transport:
@@ -321,7 +324,10 @@ class Transport:
         self.config = config
         self.rank = config.rank
         self.size = config.size
-        self._cond = threading.Condition()  # guards the queues, the ops and the link tables
+        # Guards the queues, the ops and the link tables; taken as the bare lock where nobody
+        # waits (a Condition's own ``with`` is Python code, on the path of every message).
+        self._mutex = threading.RLock()
+        self._cond = threading.Condition(self._mutex)
         self._unexpected: collections.deque[_Message] = collections.deque()  # in arrival order
         self._posted: list[RecvOp] = []  # receives not yet matched, in posting order
         self._unacked: dict[tuple[int, int, int], collections.deque[SendOp]] = collections.defaultdict(
@@ -336,6 +342,7 @@ class Transport:
         self._server_lost: str | None = None
         self._closed = False
         self._failed = False  # a CommError reached the caller: the bye says so
+        self._failed_sends = 0  # sends that can never complete (waits then look at each op's error)
         self._handshakes = threading.BoundedSemaphore(MAX_HANDSHAKES)
         # The progress engine: one epoll set; whoever holds ``_progress`` reads and flushes.
         self._epoll = select.epoll()
@@ -487,7 +494,7 @@ class Transport:
         still be being set up). A connection with one says more (its queued messages still
         arrive); without one, nothing from it can ever come."""
         time.sleep(max(0.0, when - time.monotonic()))
-        with self._cond:
+        with self._mutex:
             for peer in peers:
                 if peer not in self._links:
                     self._dead.setdefault(peer, "it left the job without connecting to this rank")
@@ -508,7 +515,7 @@ class Transport:
     def _adopt(self, link: _Link) -> None:
         """A new link joins the engine; the first link to a peer is the one we send on. (Two
         ranks may open a link each way; the other side may send on either.)"""
-        with self._cond:
+        with self._mutex:
             if self._closed:  # an accept that raced close(): nobody will read or close it
                 link.sock.close()
                 return
@@ -526,7 +533,7 @@ class Transport:
         lost frames that nothing can recover: the peer is gone at once and its other links
         are ended too, so that its side learns it as well. When the server's ends, waits that
         depend on the server fail."""
-        with self._cond:
+        with self._mutex:
             if link.ended:
                 return
             link.ended = True
@@ -542,6 +549,7 @@ class Transport:
                 for item in link.out:
                     if item.op is not None:
                         item.op.error = failed
+                        self._failed_sends += 1
                 link.out.clear()
             if link.peer == SERVER:
                 if not self._closed:
@@ -721,7 +729,7 @@ class Transport:
 
     def link_modes(self) -> dict[int, str]:
         """The connection mode (punch, direct or relay) of the link to each peer this rank has one with."""
-        with self._cond:
+        with self._mutex:
             return dict(self._modes)
 
     def _link(self, peer: int) -> _Link:
@@ -827,7 +835,7 @@ class Transport:
         kind, source, ctx, tag, payload = frame
         if kind == KIND_HEARTBEAT:
             return
-        if source != link.peer or kind & ~SYNC not in (KIND_OBJECT, KIND_BYTES, KIND_ACK):
+        if source != link.peer or kind & ~SYNC not in _MESSAGE_KINDS:
             raise AuthError(f"a malformed frame from rank {link.peer}")
         if kind == KIND_ACK:
             self._acked(link.peer, ctx, tag)
@@ -916,7 +924,7 @@ class Transport:
                     time.sleep(QUIET_S)
             finally:
                 self._release_progress(mine=0)
-        with self._cond:
+        with self._mutex:
             self._finished = True
             orphaned = self._orphaned
         if orphaned:  # close() could not wait for this thread: the engine is ours to close
@@ -928,35 +936,36 @@ class Transport:
         lock, and the notice is given under ``_cond``, so none can miss it.)"""
         self._progress.release()
         if self._inside > mine:
-            with self._cond:
+            with self._mutex:
                 self._cond.notify_all()
 
-    def _block(self, ready: Callable[[], bool], pending: Callable[[], list[Op]], deadline, seconds) -> None:
+    def _block(self, ready: Callable[[], bool], ops: list[Op], deadline, seconds) -> None:
         """Run the engine (or wait while another thread runs it) until ``ready()``; raise
-        why not when it can never be, or at the deadline."""
-        with self._cond:
+        why not when one of ``ops`` that is not done can never be, or at the deadline."""
+        with self._mutex:
             self._inside += 1
             self._entries += 1
         if self._poller is not None:
             self._kick()  # the background thread gives the engine up
         try:
             while not ready():
-                if self._dead or self._server_lost or self._closed or any(op.error for op in pending()):
-                    with self._cond:
-                        for op in pending():
-                            self._check(op)
+                if self._dead or self._server_lost or self._closed or self._failed_sends:
+                    with self._mutex:
+                        for op in ops:
+                            if not op.done:
+                                self._check(op)
                 nap = 1.0
                 if deadline is not None:
                     nap = min(nap, deadline - time.monotonic())
                     if nap <= 0:
-                        raise self._timed_out(pending()[0], seconds)
+                        raise self._timed_out(next(op for op in ops if not op.done), seconds)
                 if self._progress.acquire(blocking=False):
                     try:
                         self._poll(nap, ready)
                     finally:
                         self._release_progress()
                     continue
-                with self._cond:
+                with self._mutex:
                     if ready() or not self._progress.locked():
                         continue
                     self._waiting += 1
@@ -968,7 +977,7 @@ class Transport:
             self._failed = True
             raise
         finally:
-            with self._cond:
+            with self._mutex:
                 self._inside -= 1
                 self._last_exit = time.monotonic()
             if self._rests:  # looked at after _inside changed
@@ -1034,7 +1043,7 @@ class Transport:
             why = error.strerror or error if isinstance(error, OSError) else f"{type(error).__name__}: {error}"
             self._end_link(link, f"a send to it failed: {why}")
         elif finished:
-            with self._cond:
+            with self._mutex:
                 self._completed()
 
     # ---------------------------------------------------------------- messages
@@ -1046,7 +1055,8 @@ class Transport:
         self._check_address(dest, ctx, tag, receiving=False)
         if self._closed:
             raise CommError(f"rank {self.rank}: this rank's transport is closed")
-        payload = memoryview(payload).cast("B")  # lengths in bytes, whatever the items
+        if type(payload) is not bytes:
+            payload = memoryview(payload).cast("B")  # lengths in bytes, whatever the items
         op = SendOp(dest, ctx, tag)
         if dest == self.rank:
             # Done before delivery: a receive posted already matches (and acks) it at once.
@@ -1060,7 +1070,7 @@ class Transport:
             self._failed = True
             raise
         if sync:
-            with self._cond:
+            with self._mutex:
                 self._unacked[(dest, ctx, tag)].append(op)
         if not self._queue(link, kind | SYNC if sync else kind, tag, payload, ctx, None if sync else op):
             self._failed = True
@@ -1073,7 +1083,7 @@ class Transport:
         matching one to arrive after every receive posted before it."""
         self._check_address(source, ctx, tag, receiving=True)
         op = RecvOp(source, ctx, tag)
-        with self._cond:
+        with self._mutex:
             for i, message in enumerate(self._unexpected):
                 if op.matches(message.source, message.ctx, message.tag):
                     del self._unexpected[i]
@@ -1117,7 +1127,7 @@ class Transport:
     def iprobe(self, source: int, ctx: int, tag: int) -> Envelope | None:
         """The envelope of the message a receive posted now would match, if one has arrived."""
         probe = RecvOp(source, ctx, tag)
-        with self._cond:
+        with self._mutex:
             for message in self._unexpected:
                 if probe.matches(message.source, message.ctx, message.tag):
                     return message.envelope()
@@ -1133,12 +1143,12 @@ class Transport:
                 found.append(envelope)
             return envelope is not None
 
-        self._block(ready, lambda: [RecvOp(source, ctx, tag)], *self._limit(deadline))
+        self._block(ready, [RecvOp(source, ctx, tag)], *self._limit(deadline))
         return found[-1]
 
     def cancel(self, op: Op) -> bool:
         """Cancel a receive no message has matched yet (True); anything else is left as is."""
-        with self._cond:
+        with self._mutex:
             if isinstance(op, RecvOp) and not op.done and op in self._posted:
                 self._posted.remove(op)
                 op.cancelled = op.done = True
@@ -1154,7 +1164,7 @@ class Transport:
                 self._poll(0.0, lambda: op.done)
             finally:
                 self._release_progress(mine=0)
-        with self._cond:
+        with self._mutex:
             if not op.done:
                 try:
                     self._check(op)
@@ -1170,14 +1180,14 @@ class Transport:
         if len(ops) == 1 and need == 1:  # the common case, kept lean
             [op] = ops
             if not op.done:
-                self._block(lambda: op.done, lambda: [op], *self._limit(deadline))
+                self._block(lambda: op.done, ops, *self._limit(deadline))
             return
 
         def ready() -> bool:
             return sum(op.done for op in ops) >= need
 
         if not ready():
-            self._block(ready, lambda: [op for op in ops if not op.done], *self._limit(deadline))
+            self._block(ready, ops, *self._limit(deadline))
 
     def _limit(self, deadline: float | None) -> tuple[float | None, float | None]:
         """(deadline, its length in seconds): the one given, or the op timeout from now."""
@@ -1222,11 +1232,11 @@ class Transport:
     def _deliver(self, source: int, ctx: int, tag: int, kind: int, payload: bytearray, ack=None) -> None:
         """An arrived message goes to the first posted receive it matches, or waits for one;
         ``ack()`` is called when a receive matches it (a synchronous send waits for that)."""
-        with self._cond:
+        with self._mutex:
             for i, op in enumerate(self._posted):
                 if op.ctx == ctx and op.source in (ANY_SOURCE, source) and op.tag in (ANY_TAG, tag):
                     del self._posted[i]
-                    op.envelope = Envelope(source, tag, kind, len(payload))
+                    op.envelope = Envelope(source, tag, kind, counted_size(kind, len(payload)))
                     op.payload = payload
                     op.done = True
                     break
@@ -1253,12 +1263,12 @@ class Transport:
             self._kick()
 
     def _complete(self, op: Op) -> None:
-        with self._cond:
+        with self._mutex:
             op.done = True
             self._completed()
 
     def _acked(self, peer: int, ctx: int, tag: int) -> None:
-        with self._cond:
+        with self._mutex:
             waiting = self._unacked.get((peer, ctx, tag))
             if not waiting:
                 raise AuthError(f"an ack from rank {peer} for no synchronous send")
@@ -1270,7 +1280,7 @@ class Transport:
         """Leave the job: say so to the server (a clean departure is not reported to the
         others), then close every connection and listener and stop the engine. A warm Lambda
         process runs job after job, so nothing may linger."""
-        with self._cond:
+        with self._mutex:
             if self._closed:
                 return
             self._closed = True
@@ -1287,7 +1297,7 @@ class Transport:
                 except OSError:
                     pass
                 sock.close()
-            with self._cond:
+            with self._mutex:
                 self._orphaned = not self._finished
             if not self._orphaned:
                 self._close_engine()

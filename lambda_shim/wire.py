@@ -11,10 +11,12 @@ and can inject nothing: every frame after the handshake, control messages includ
 AES-GCM sealed under keys only the two ends hold, with the frame's sequence number as the
 nonce (a replayed, reordered, reflected or spliced frame fails).
 
-A frame is a sealed header (kind, source, context, tag, length), checked before anything is
-allocated for the payload, then the payload in sealed records of at most ``CHUNK`` bytes,
-each checked as it arrives. Lengths are bounded (``MAX_FRAME``); control messages are JSON
-objects of bounded size and nesting depth.
+A frame starts with a sealed header record of fixed size (kind, source, context, tag, length,
+and room for ``INLINE`` payload bytes), checked before anything is allocated for the payload.
+A payload that small rides inside it (one record, one seal and one check per small message);
+a larger one follows in sealed records of at most ``CHUNK`` bytes, each checked as it arrives.
+Lengths are bounded (``MAX_FRAME``); control messages are JSON objects of bounded size and
+nesting depth.
 """
 
 from __future__ import annotations
@@ -35,7 +37,9 @@ from typing import NamedTuple
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-PROTOCOL = b"CAI-SHIM/3"
+from lambda_shim.landing import new_bytearray, new_bytes
+
+PROTOCOL = b"CAI-SHIM/4"
 NONCE = 32
 MAC = 32
 TAG = 16  # AES-GCM tag
@@ -52,13 +56,17 @@ MAX_DEPTH = 4  # control messages are flat objects: deeper nesting is refused be
 
 # Frame header (sealed): kind, source rank, communicator context, tag, payload length.
 HEADER = struct.Struct("!BiIiQ")
-SEALED_HEADER = HEADER.size + TAG
+INLINE = 43  # a payload of at most this many bytes rides in the header record
+FIRST = struct.Struct(f"!BiIiQ{INLINE}s")  # the header record: the header, then the inline payload, zero-padded
+SEALED_HEADER = FIRST.size + TAG
 KIND_OBJECT = 1  # a pickled object: only ever read from an authenticated peer
 KIND_BYTES = 2  # raw array bytes for the buffer forms: never unpickled
 KIND_CONTROL = 3  # a JSON object (server <-> rank)
 KIND_HEARTBEAT = 4  # empty: "still here"
 KIND_TABLE = 5  # the address table, binary (see ``pack_table``)
 KIND_ACK = 6  # empty: the receiver matched the oldest sync send of this context and tag
+KIND_OBJECT_BYTES = 7  # an object that is exactly a bytes: its bytes, not pickled (``objects``)
+KIND_OBJECT_BYTEARRAY = 8  # the same for a bytearray
 SYNC = 0x80  # or-ed into the kind of an object or bytes frame: acknowledge it when matched
 _IDS = struct.Struct("!iiB")  # initiator, acceptor, job id length
 _ENTRY = struct.Struct("!4sH4sH")  # per rank: listener IPv4 + port, observed IPv4 + port
@@ -80,7 +88,7 @@ class Frame(NamedTuple):
     source: int
     ctx: int
     tag: int
-    payload: bytearray
+    payload: bytearray  # a bytes for KIND_OBJECT_BYTES (from ``FrameReader``)
 
 
 class AuthError(Exception):
@@ -163,6 +171,7 @@ class Session:
     def __init__(self, send_key: bytes, recv_key: bytes) -> None:
         self._send, self._recv = AESGCM(send_key), AESGCM(recv_key)
         self._sent = self._received = 0
+        self._record: bytearray | None = None  # where ``seal_frame(reuse=True)`` seals payload records
 
     def _seal(self, data: bytes | memoryview) -> bytes:
         record = self._send.encrypt(self._sent.to_bytes(12, "big"), data, None)
@@ -170,32 +179,56 @@ class Session:
         return record
 
     def seal_frame(
-        self, kind: int, source: int, tag: int, payload: bytes | memoryview = b"", ctx: int = 0
-    ) -> Iterator[bytes]:
+        self, kind: int, source: int, tag: int, payload: bytes | memoryview = b"", ctx: int = 0, reuse: bool = False
+    ) -> Iterator[bytes | memoryview]:
         """The sealed records of one frame, in sending order, each sealed as it is taken (a big
-        payload is never held twice)."""
-        yield self._seal(HEADER.pack(kind, source, ctx, tag, len(payload)))
+        payload is never held twice). With ``reuse``, the payload records are sealed into one
+        buffer the session keeps, each valid until the next is taken (for a consumer that is
+        done with each record first): a big frame then costs no fresh memory, whose first
+        touch costs more here than sealing it."""
+        n = len(payload)
+        yield self._seal(FIRST.pack(kind, source, ctx, tag, n, bytes(payload) if n <= INLINE else b""))
+        if n <= INLINE:
+            return
         view = memoryview(payload)
+        if not reuse:
+            for off in range(0, len(view), CHUNK):
+                yield self._seal(view[off : off + CHUNK])
+            return
+        if self._record is None:
+            self._record = bytearray(CHUNK + TAG)
+        record, seal = memoryview(self._record), self._send.encrypt_into
         for off in range(0, len(view), CHUNK):
-            yield self._seal(view[off : off + CHUNK])
+            piece = view[off : off + CHUNK]
+            out = record[: len(piece) + TAG]
+            seal(self._sent.to_bytes(12, "big"), piece, None, out)
+            self._sent += 1
+            yield out
 
     def seal_small(self, kind: int, source: int, tag: int, payload: bytes | memoryview = b"", ctx: int = 0) -> bytes:
         """A frame whose payload fits one record (``seal_frame``'s records as one piece)."""
-        n, seal = self._sent, self._send.encrypt
-        header = seal(n.to_bytes(12, "big"), HEADER.pack(kind, source, ctx, tag, len(payload)), None)
-        if not payload:
+        n, seal, length = self._sent, self._send.encrypt, len(payload)
+        if length <= INLINE:
             self._sent = n + 1
-            return header
+            return seal(n.to_bytes(12, "big"), FIRST.pack(kind, source, ctx, tag, length, bytes(payload)), None)
         self._sent = n + 2
+        header = seal(n.to_bytes(12, "big"), FIRST.pack(kind, source, ctx, tag, length, b""), None)
         return header + seal((n + 1).to_bytes(12, "big"), payload, None)
 
-    def open_header(self, record: bytes | bytearray | memoryview, limit: int = MAX_FRAME) -> Header:
-        """The fields of a sealed header; AuthError if it was not sealed by the other end in
-        this order, or announces more than ``limit`` bytes."""
-        header = Header._make(HEADER.unpack(self._open(record)))
-        if header.length > limit:
-            raise AuthError(f"a frame of {header.length} bytes is over the {limit}-byte limit")
-        return header
+    def open_header(self, record: bytes | bytearray | memoryview, limit: int = MAX_FRAME) -> tuple[Header, bytes]:
+        """The fields of a sealed header record, and the payload riding in it (all of it when the
+        length is at most ``INLINE``; else nothing, and ``chunk_sizes(length)`` records follow).
+        AuthError if it was not sealed by the other end in this order, or announces more than
+        ``limit`` bytes."""
+        kind, source, ctx, tag, length, inline = self.open_first(record, limit)
+        return Header(kind, source, ctx, tag, length), inline
+
+    def open_first(self, record: bytes | bytearray | memoryview, limit: int) -> tuple[int, int, int, int, int, bytes]:
+        """``open_header`` as one flat tuple (kind, source, ctx, tag, length, inline payload)."""
+        kind, source, ctx, tag, length, inline = FIRST.unpack(self._open(record))
+        if length > limit:
+            raise AuthError(f"a frame of {length} bytes is over the {limit}-byte limit")
+        return kind, source, ctx, tag, length, inline[:length] if length <= INLINE else b""
 
     def open_into(self, record: bytes | bytearray | memoryview, out: memoryview) -> None:
         """Check one payload record and write its bytes into ``out`` (exactly its size)."""
@@ -207,7 +240,7 @@ class Session:
 
     def _open(self, record: bytes | bytearray | memoryview) -> bytes:
         try:
-            data = self._recv.decrypt(self._nonce_in(), record, None)
+            data = self._recv.decrypt(self._received.to_bytes(12, "big"), record, None)
         except (InvalidTag, ValueError):
             raise AuthError(f"record {self._received} failed its check (tampered, replayed or reordered)") from None
         self._received += 1
@@ -218,15 +251,17 @@ class Session:
 
 
 def chunk_sizes(length: int) -> list[int]:
-    """The plaintext sizes of a payload's records."""
+    """The plaintext sizes of the records after the header record (none for an inline payload)."""
+    if length <= INLINE:
+        return []
     return [min(CHUNK, length - off) for off in range(0, length, CHUNK)]
 
 
 def read_frame(sock: socket.socket, session: Session, limit: int = MAX_FRAME, on_record=None) -> Frame:
     """One frame: the header is checked before the payload is allocated, and the payload is
     read and checked record by record. ``on_record()`` is called after each record (liveness)."""
-    kind, source, ctx, tag, length = session.open_header(recv_exact(sock, SEALED_HEADER), limit)
-    payload = bytearray(length)
+    (kind, source, ctx, tag, length), inline = session.open_header(recv_exact(sock, SEALED_HEADER), limit)
+    payload = bytearray(inline) if length <= INLINE else bytearray(length)
     out = memoryview(payload)
     record = bytearray(min(CHUNK, length) + TAG)  # not 1 MiB zero-filled for every small frame
     off = 0
@@ -260,6 +295,7 @@ class FrameReader:
         self._start = self._end = 0  # unread bytes: scratch[start:end]
         self._header: Header | None = None  # of the frame under way
         self._payload = _NOTHING
+        self._object: bytes | bytearray = b""  # what ``_payload`` writes into (holds it alive)
         self._off = 0  # payload bytes checked so far
         self._big: memoryview | None = None  # a record larger than the scratch, being read
         self._spare: memoryview | None = None  # where such records are read, during a big frame
@@ -334,20 +370,31 @@ class FrameReader:
         return n
 
     def _take(self, unit: memoryview, frames: list[Frame]) -> None:
-        """Check one whole record: a header, or the next piece of the payload."""
+        """Check one whole record: a header (with the whole payload, if small), or the next
+        piece of the payload."""
+        self.records += 1
         header = self._header
         if header is None:
-            header = self._header = self._session.open_header(unit, self._limit)
-            self._payload = memoryview(bytearray(header.length))
-            self._off = 0
-        else:
-            n = len(unit) - TAG
-            self._session.open_into(unit, self._payload[self._off : self._off + n])
-            self._off += n
-        self.records += 1
+            kind, source, ctx, tag, length, inline = self._session.open_first(unit, self._limit)
+            if length <= INLINE:
+                frames.append(
+                    Frame(kind, source, ctx, tag, inline if kind & ~SYNC == KIND_OBJECT_BYTES else bytearray(inline))
+                )
+                return
+            # Allocated only now, on the checked length, and filled entirely before delivery.
+            if kind & ~SYNC == KIND_OBJECT_BYTES:
+                self._object, self._payload = new_bytes(length)
+            else:
+                self._object = new_bytearray(length)
+                self._payload = memoryview(self._object)
+            self._header, self._off = Header(kind, source, ctx, tag, length), 0
+            return
+        n = len(unit) - TAG
+        self._session.open_into(unit, self._payload[self._off : self._off + n])
+        self._off += n
         if self._off == header.length:
-            frames.append(Frame(header.kind, header.source, header.ctx, header.tag, self._payload.obj))
-            self._header, self._payload, self._spare = None, _NOTHING, None
+            frames.append(Frame(header.kind, header.source, header.ctx, header.tag, self._object))
+            self._header, self._payload, self._object, self._spare = None, _NOTHING, b"", None
 
 
 def send_frame(sock: socket.socket, session: Session, kind: int, source: int, tag: int, payload=b"") -> None:

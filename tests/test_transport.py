@@ -4,6 +4,7 @@ real ranks (threads of this process) wired up through a real rendezvous server o
 from __future__ import annotations
 
 import os
+import pickle
 import resource
 import socket
 import struct
@@ -15,10 +16,12 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from lambda_shim import transport
-from lambda_shim.constants import ANY_SOURCE, ANY_TAG
+from lambda_shim.constants import ANY_SOURCE, ANY_TAG, Status
 from lambda_shim.errors import CommError
+from lambda_shim.objects import counted_size
+from lambda_shim.tcpcomm import TcpComm
 from lambda_shim.transport import MAX_WIRE_TAG, Envelope, SendOp, ShimConfig, Transport
-from lambda_shim.wire import KIND_BYTES, KIND_OBJECT, job_key
+from lambda_shim.wire import KIND_BYTES, KIND_OBJECT, KIND_OBJECT_BYTEARRAY, KIND_OBJECT_BYTES, job_key
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -419,3 +422,78 @@ def test_running_out_of_descriptors_on_first_contact_is_comm_error(world) -> Non
         for fd in pad:
             os.close(fd)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+# ---------------------------------------------------------------- objects that travel unpickled (issue 18)
+@pytest.fixture
+def comm_pair(rendezvous):
+    """Two TcpComm ranks of one job (threads of this process), closed at the end."""
+    master, address = rendezvous
+    host, _, port = address.rpartition(":")
+    job = uuid.uuid4().hex
+    configs = [ShimConfig(r, 2, job, job_key(master, job), (host, int(port)), mode="direct") for r in range(2)]
+    with ThreadPoolExecutor(2) as pool:
+        comms = list(pool.map(TcpComm, configs))
+    yield comms
+    for comm in comms:
+        comm.close()
+
+
+@pytest.mark.parametrize(
+    "obj", [b"", b"\x00" * 8, bytes(range(256)) * 400, bytearray(b"ab" * 40_000), bytes(5 * 2**20 + 1)]
+)
+def test_an_exact_bytes_or_bytearray_object_is_never_pickled_and_arrives_as_itself(comm_pair, monkeypatch, obj) -> None:
+    """No pickling on either end, the same type and bytes on arrival, and a status counting the
+    pickled size, as mpi4py's (recv(buf) compares that with the buffer)."""
+    a, b = comm_pair
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("pickled")
+
+    monkeypatch.setattr(pickle, "dumps", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    a.send(obj, dest=1, tag=5)
+    status = Status()
+    got = b.recv(source=0, tag=5, status=status)
+    assert type(got) is type(obj) and got == obj
+    monkeypatch.undo()
+    assert status.Get_count() == len(pickle.dumps(obj, protocol=5))
+
+
+def test_a_bytearray_changed_after_isend_arrives_as_it_was_sent(comm_pair) -> None:
+    a, b = comm_pair
+    data = bytearray(b"x" * (3 * 2**20))
+    request = a.isend(data, dest=1, tag=6)
+    data[:] = b"y" * len(data)
+    data.append(0)  # resizable again: the message holds no view of it
+    assert b.recv(source=0, tag=6) == b"x" * (3 * 2**20)
+    request.wait()
+
+
+class Tagged(bytes):
+    """A bytes subclass: pickled, so it arrives as itself."""
+
+
+def test_a_bytes_subclass_and_other_objects_still_travel_pickled(comm_pair) -> None:
+    a, b = comm_pair
+    for obj in (Tagged(b"abc"), {"k": b"v"}, [bytearray(3)], memoryview(b"mv").tobytes()):
+        a.send(obj, dest=1, tag=7)
+        got = b.recv(source=0, tag=7)
+        assert type(got) is type(obj) and got == obj
+
+
+@pytest.mark.parametrize("n", [0, 1, 255, 256, 65_535, 65_536, 3 * 2**20])
+def test_the_counted_size_of_an_unpickled_object_is_its_pickled_size(n) -> None:
+    for kind, obj in ((KIND_OBJECT_BYTES, bytes(n)), (KIND_OBJECT_BYTEARRAY, bytearray(n))):
+        assert counted_size(kind, n) == len(pickle.dumps(obj, protocol=5))
+
+
+def test_a_buffer_receive_of_an_unpickled_object_takes_its_pickle_as_mpi4py_does(comm_pair) -> None:
+    a, b = comm_pair
+    obj = bytes(range(200)) * 3
+    a.send(obj, dest=1, tag=8)
+    status = Status()
+    b.probe(source=0, tag=8, status=status)
+    buf = bytearray(status.Get_count())
+    b.Recv(buf, source=0, tag=8)
+    assert bytes(buf) == pickle.dumps(obj, protocol=5)

@@ -11,10 +11,15 @@ import threading
 import pytest
 
 from lambda_shim import wire
+from lambda_shim.landing import DIRECT, new_bytearray, new_bytes
 from lambda_shim.wire import (
+    FIRST,
     HEADER,
+    INLINE,
     KIND_CONTROL,
     KIND_OBJECT,
+    KIND_OBJECT_BYTEARRAY,
+    KIND_OBJECT_BYTES,
     MAC,
     NONCE,
     PROTOCOL,
@@ -125,7 +130,7 @@ def test_a_sealed_header_over_the_limit_is_refused_before_allocation(linked) -> 
 
 def test_a_changed_replayed_or_reflected_record_fails(linked) -> None:
     a, acceptor, b, initiator = linked
-    records = list(initiator.seal_frame(KIND_OBJECT, 1, 0, pickle.dumps({"rank": 1})))
+    records = list(initiator.seal_frame(KIND_OBJECT, 1, 0, pickle.dumps({"rank": 1, "pad": "x" * INLINE})))
     tampered = bytearray(records[1])
     tampered[3] ^= 1
     b.sendall(records[0] + tampered)
@@ -209,7 +214,7 @@ def test_relaying_someone_elses_handshake_gives_nothing_to_inject() -> None:
     thread.join(timeout=10)
     connecting.join(timeout=10)
     _, _, session = got["a"]
-    relay_a.sendall(HEADER.pack(KIND_CONTROL, 1, 0, 0, 2) + bytes(16) + b"{}" + bytes(16))
+    relay_a.sendall(FIRST.pack(KIND_CONTROL, 1, 0, 0, 2, b"{}") + bytes(16))
     with pytest.raises(AuthError):
         read_frame(acceptor_side, session)
     for s in (acceptor_side, relay_a, relay_b, initiator_side):
@@ -298,7 +303,7 @@ def test_the_incremental_reader_refuses_a_sealed_header_over_its_limit(linked) -
 
 def test_the_incremental_reader_fails_a_tampered_record_and_the_end_of_the_stream(linked) -> None:
     a, acceptor, b, initiator = linked
-    header, record = initiator.seal_frame(KIND_OBJECT, 1, 0, b"payload")
+    header, record = initiator.seal_frame(KIND_OBJECT, 1, 0, b"payload" * INLINE)
     tampered = bytearray(record)
     tampered[0] ^= 1
     b.sendall(header + tampered)
@@ -307,6 +312,63 @@ def test_the_incremental_reader_fails_a_tampered_record_and_the_end_of_the_strea
     b.close()
     with pytest.raises(EOFError):
         feed_all(FrameReader(acceptor), a)
+
+
+# ---------------------------------------------------------------- payloads landing in place (issue 18)
+def test_a_frame_sealed_into_the_reused_record_buffer_reads_back_whole(linked) -> None:
+    """The transport seals a big frame's records into one buffer, sending each before the next
+    is sealed; the reader writes a bytes object's frame straight into a bytes."""
+    a, acceptor, b, initiator = linked
+    big = bytes(range(251)) * (3 * 2**20 // 251 + 5)  # four records, the last one short
+
+    def send() -> None:
+        for record in initiator.seal_frame(KIND_OBJECT_BYTES, 1, 4, big, ctx=2, reuse=True):
+            b.sendall(record)
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    reader, frames = FrameReader(acceptor), []
+    while not frames:
+        frames = feed_all(reader, a)
+    sender.join(timeout=10)
+    assert frames == [(KIND_OBJECT_BYTES, 1, 2, 4, big)]
+    assert type(frames[0].payload) is bytes
+
+
+@pytest.mark.parametrize("kind", [KIND_OBJECT_BYTES, KIND_OBJECT_BYTEARRAY])
+def test_an_object_frame_over_the_limit_is_refused_before_allocation(linked, kind) -> None:
+    a, acceptor, b, initiator = linked
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    b.sendall(initiator._seal(FIRST.pack(kind, 1, 0, 0, 2**36, b"")))  # a genuine sealed header: 64 GiB
+    with pytest.raises(AuthError, match="over the 1073741824-byte limit"):
+        feed_all(FrameReader(acceptor, limit=2**30), a)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100 * 1024  # KiB
+
+
+@pytest.mark.parametrize("kind", [KIND_OBJECT_BYTES, KIND_OBJECT_BYTEARRAY])
+def test_a_tampered_record_of_an_object_frame_is_refused(linked, kind) -> None:
+    a, acceptor, b, initiator = linked
+    records = [bytes(r) for r in initiator.seal_frame(kind, 1, 0, bytes(2 * 2**20 + 7), reuse=True)]
+    tampered = bytearray(records[2])
+    tampered[-1] ^= 1  # the tag of the second payload record
+    sender = threading.Thread(target=b.sendall, args=(b"".join([*records[:2], tampered]),))
+    sender.start()
+    reader = FrameReader(acceptor)
+    with pytest.raises(AuthError, match="record 2 failed its check"):
+        while True:
+            assert feed_all(reader, a) == []
+    sender.join(timeout=10)
+
+
+@pytest.mark.parametrize("n", [0, 1, 100_000, 5 * 2**20 + 3])
+def test_landing_buffers_are_the_promised_objects_and_take_every_byte(n) -> None:
+    data = bytes(range(256)) * (n // 256) + bytes(n % 256)
+    made, view = new_bytes(n)
+    view[:] = data
+    assert type(made) is (bytes if n >= DIRECT else bytearray) and made == data
+    array = new_bytearray(n)
+    memoryview(array)[:] = data
+    assert type(array) is bytearray and array == data
 
 
 def test_the_incremental_reader_hands_over_the_last_frame_before_the_end_of_the_stream(linked) -> None:
