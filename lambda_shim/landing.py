@@ -33,10 +33,13 @@ class _CApi(NamedTuple):
 
 
 def _c_api() -> _CApi | None:
+    # Function objects of our own (``api[name]`` makes a new one; ``api.name`` is a cached one
+    # that every module in the process shares and may set its own argtypes/restype on).
     try:
         api = ctypes.pythonapi
-        new_bytes, new_bytearray = api.PyBytes_FromStringAndSize, api.PyByteArray_FromStringAndSize
-        bytes_at, bytearray_at, view = api.PyBytes_AsString, api.PyByteArray_AsString, api.PyMemoryView_FromMemory
+        new_bytes, new_bytearray = api["PyBytes_FromStringAndSize"], api["PyByteArray_FromStringAndSize"]
+        bytes_at, bytearray_at = api["PyBytes_AsString"], api["PyByteArray_AsString"]
+        view = api["PyMemoryView_FromMemory"]
     except (AttributeError, ValueError):
         return None
     for make in (new_bytes, new_bytearray):

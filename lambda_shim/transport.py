@@ -958,7 +958,10 @@ class Transport:
                 if deadline is not None:
                     nap = min(nap, deadline - time.monotonic())
                     if nap <= 0:
-                        raise self._timed_out(next(op for op in ops if not op.done), seconds)
+                        pending = [op for op in ops if not op.done]
+                        if not pending:  # completed by another thread since ``ready()``
+                            continue
+                        raise self._timed_out(pending[0], seconds)
                 if self._progress.acquire(blocking=False):
                     try:
                         self._poll(nap, ready)

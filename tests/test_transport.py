@@ -497,3 +497,28 @@ def test_a_buffer_receive_of_an_unpickled_object_takes_its_pickle_as_mpi4py_does
     buf = bytearray(status.Get_count())
     b.Recv(buf, source=0, tag=8)
     assert bytes(buf) == pickle.dumps(obj, protocol=5)
+
+
+# ---------------------------------------------------------------- attack2: review of the perf wire (issue 18)
+class _CompletesAtTheDeadline(transport.RecvOp):
+    """A receive that another thread completes right as its waiter's deadline passes: the
+    waiter saw it pending (twice: ``wait``'s look and the loop's ``ready()``), then it is done
+    (the race made deterministic)."""
+
+    looks = 0
+
+    @property
+    def done(self) -> bool:
+        self.looks += 1
+        return self.looks > 2
+
+    @done.setter
+    def done(self, value: bool) -> None:
+        pass
+
+
+def test_a_wait_whose_op_completes_as_the_deadline_passes_does_not_raise_stop_iteration(world) -> None:
+    a, _ = world(2)
+    op = _CompletesAtTheDeadline(1, 0, 5)
+    a.wait([op], deadline=time.monotonic() - 1)  # complete by the time its deadline is judged
+    assert op.done

@@ -6,6 +6,8 @@ from __future__ import annotations
 import pickle
 import resource
 import socket
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -521,3 +523,34 @@ def test_a_handshake_with_a_silent_peer_ends_at_its_deadline(side, monkeypatch) 
     finally:
         a.close()
         b.close()
+
+
+# ---------------------------------------------------------------- attack2: review of the perf wire (issue 18)
+_OTHER_CTYPES_USER = {
+    # What another library in the same process may set on ctypes.pythonapi's shared functions
+    # (common idioms); the landing buffers must not depend on them, nor change them.
+    "as_string": "api.PyBytes_AsString.restype = ctypes.c_char_p",
+    "view": "api.PyMemoryView_FromMemory.argtypes = (ctypes.c_char_p, ctypes.c_ssize_t, ctypes.c_int)",
+    "from_string": "api.PyBytes_FromStringAndSize.restype = ctypes.c_void_p",
+}
+
+
+@pytest.mark.parametrize("idiom", sorted(_OTHER_CTYPES_USER))
+def test_landing_buffers_do_not_share_ctypes_pythonapi_settings_with_other_code(idiom) -> None:
+    """landing.py once configured ctypes.pythonapi's own (process-wide, cached) function
+    objects: another module setting them its way crashed the receiver (a segfault writing
+    into a temporary), or made every big receive fail; and landing changed theirs."""
+    script = f"""
+import ctypes
+api = ctypes.pythonapi
+default = api.PyBytes_AsString.restype
+from lambda_shim.landing import new_bytes
+assert api.PyBytes_AsString.restype is default, "landing changed ctypes.pythonapi's settings"
+{_OTHER_CTYPES_USER[idiom]}
+made, view = new_bytes(1 << 20)
+view[:] = b"Z" * (1 << 20)
+assert type(made) is bytes and made == b"Z" * (1 << 20)
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout.strip()) == (0, "ok"), done.stderr[-500:]
