@@ -230,7 +230,8 @@ def block_step_profile(model: FusedAstroMAE, batch: int, seconds: float) -> list
     kernels ``infer`` would run (``kernel_choice``). The linear maps' rates, set beside the
     GEMM rate, show how far they are from it; the other steps are memory-bound."""
     block, tokens = model.blocks[0], native.TOKENS
-    kernels = kernel_choice().kernels
+    choice = kernel_choice()
+    kernels = choice.kernels
     x = torch.randn(batch, tokens, EMBED_DIM)
     pcm = (block.pcm_w1, block.pcm_b1, block.pcm_w2, block.pcm_b2)
     rows = batch * tokens
@@ -251,7 +252,11 @@ def block_step_profile(model: FusedAstroMAE, batch: int, seconds: float) -> list
         if kernels is not None:
             pcm_step = lambda: kernels.pcm_residual_norm(x, attended.clone(), pcm, block.norm2)  # noqa: E731
             steps["PCM+residual+norm2"] = (pcm_step, None)
-        steps["fc1 linear+GELU"] = (lambda: block.mlp[0](normed), 2 * rows * EMBED_DIM * hidden)
+        if kernels is not None:  # the GELU where the kernels' choice puts it
+            fc1 = lambda: block.hidden(normed, kernels, choice.gelu_by_kernel)  # noqa: E731
+        else:
+            fc1 = lambda: block.mlp[0](normed)  # noqa: E731
+        steps["fc1 linear+GELU"] = (fc1, 2 * rows * EMBED_DIM * hidden)
         steps["fc2 linear"] = (lambda: block.mlp[1](h), 2 * rows * hidden * EMBED_DIM)
         if kernels is not None:
             steps["residual+norm1"] = (lambda: kernels.add_norm(attended.clone(), x, block.norm1), None)

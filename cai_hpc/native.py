@@ -114,6 +114,8 @@ class Kernels:
         self._pcm.argtypes, self._pcm.restype = (p, p, p, p, p, p, p, p, f, p, n), None
         self._add_norm = library.cai_add_norm
         self._add_norm.argtypes, self._add_norm.restype = (p, p, p, p, f, p, n), None
+        self._gelu = library.cai_gelu
+        self._gelu.argtypes, self._gelu.restype = (p, n), None
         self._max_pool = library.cai_max_pool_3x3
         self._max_pool.argtypes, self._max_pool.restype = (p, p, n, n, n, n), None
         self._threads = library.cai_threads
@@ -158,6 +160,12 @@ class Kernels:
         self._add_norm(*pointers, norm.eps, normed.data_ptr(), rows)
         return normed
 
+    def gelu_(self, x: torch.Tensor) -> torch.Tensor:
+        """``F.gelu(x)`` (the exact, erf form) in place, to 5e-7 x max(1, |x|); returns ``x``."""
+        _check(x, x.shape)
+        self._gelu(x.data_ptr(), x.numel())
+        return x
+
     def max_pool_3x3(self, x: torch.Tensor) -> torch.Tensor:
         """``F.max_pool2d(x, 3, stride=1, padding=1)`` of a channels-last (N, C, H, W) ``x``,
         channels-last like it."""
@@ -182,20 +190,32 @@ def applies(x: torch.Tensor) -> bool:
 
 
 @dataclass(frozen=True)
+class Measured:
+    """What ``decide``'s measurement found: torch's time over the kernels' on a block forward,
+    and whether fc1's GELU ran faster after its GEMM by the kernels (``Kernels.gelu_``) than
+    inside it (oneDNN's post-op), with the kernels' time taken the faster way."""
+
+    speedup: float
+    gelu_by_kernel: bool = False
+
+
+@dataclass(frozen=True)
 class Choice:
     """Which kernels the ViT blocks run on and why: ``kernels`` None means torch's."""
 
     kernels: Kernels | None
     label: str  # "native-avx512", "native-avx2", "native-portable" or "torch"
     reason: str
+    gelu_by_kernel: bool = False  # with the kernels: fc1's GELU by ``Kernels.gelu_``, not oneDNN's
 
 
-def decide(speedup: Callable[[Kernels], float]) -> Choice:
+def decide(speedup: Callable[[Kernels], Measured]) -> Choice:
     """The native kernels where they are at least as fast as torch's on this CPU, else torch's.
 
-    ``speedup(kernels)`` measures torch's time over the kernels' on a block forward. It runs
-    once per library, CPU and thread count: its answer is kept in the cache directory, beside
-    the builds. ``CAI_HPC_NATIVE=1`` takes the kernels without measuring, ``0`` never loads them.
+    ``speedup(kernels)`` measures them against torch's on a block forward (``Measured``). It
+    runs once per library, CPU and thread count: its answer is kept in the cache directory,
+    beside the builds. ``CAI_HPC_NATIVE=1`` takes the kernels without measuring (fc1's GELU
+    inside oneDNN's GEMM), ``0`` never loads them.
     """
     if os.environ.get("CAI_HPC_NATIVE") == "0":
         return Choice(None, "torch", "turned off by CAI_HPC_NATIVE=0")
@@ -208,16 +228,22 @@ def decide(speedup: Callable[[Kernels], float]) -> Choice:
     record = _choice_record(loaded)
     measured = _read_json(record) if record is not None else None
     if measured is None:
-        ratio = speedup(loaded)
-        measured = {"speedup": round(ratio, 3), "host": socket.gethostname(), "time": time.time()}
+        found = speedup(loaded)
+        measured = {
+            "speedup": round(found.speedup, 3),
+            "gelu_by_kernel": found.gelu_by_kernel,
+            "host": socket.gethostname(),
+            "time": time.time(),
+        }
         if record is not None:
             with contextlib.suppress(OSError):
                 _write_atomically(record, json.dumps(measured).encode())
-    ratio = float(measured["speedup"])
+    ratio, gelu_by_kernel = float(measured["speedup"]), measured.get("gelu_by_kernel") is True
     when = "measured now" if record is None else f"measured once for this CPU, kept in {record}"
-    speed = f"{ratio:.2f}x torch's speed on a block forward, {when}"
+    gelu = "fc1's GELU by the kernels" if gelu_by_kernel else "fc1's GELU inside oneDNN's GEMM"
+    speed = f"{ratio:.2f}x torch's speed on a block forward ({gelu}), {when}"
     if ratio >= 1.0:
-        return Choice(loaded, label, f"{loaded.level} build at {speed}")
+        return Choice(loaded, label, f"{loaded.level} build at {speed}", gelu_by_kernel)
     return Choice(None, "torch", f"the {label} kernels ({loaded.level} build) ran at {speed}")
 
 
