@@ -274,7 +274,7 @@ def test_a_library_on_another_openmp_runtime_is_refused(tmp_path) -> None:
     # build linked to another OpenMP runtime would report.
     if shutil.which("cc") is None:
         pytest.skip("no C compiler")
-    names = ["cai_attention", "cai_pcm_residual_norm", "cai_add_norm", "cai_max_pool_3x3"]
+    names = ["cai_attention", "cai_pcm_residual_norm", "cai_add_norm", "cai_gelu", "cai_max_pool_3x3"]
     source = tmp_path / "other.c"
     source.write_text(
         "".join(f"void {n}(void) {{}}\n" for n in names)
