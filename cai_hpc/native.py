@@ -12,7 +12,9 @@ softmax, the residual adds and LayerNorms. The kernels do them in three passes p
   registers), both residual adds and the second LayerNorm;
 * ``add_norm``: the MLP's residual add and the next block's first LayerNorm.
 
-Plus ``max_pool_3x3``, the Inception's 3x3 max-pool in one pass over a channels-last tensor.
+Plus ``max_pool_3x3``, the Inception's 3x3 max-pool in one pass over a channels-last tensor,
+and ``gelu_``, fc1's GELU after its GEMM where that measured faster than inside it (oneDNN's
+AVX2 GELU post-op costs more than a pass of its own; ``decide`` measures both).
 They compute what the torch code of ``fast`` computes, to float32 rounding (tests hold them to
 it). Measured on a 2-core Zen 5 VM (interleaved A/B in one process, batch 128): the fused model
 1.28x faster at 1 thread and 1.24x at 2.
