@@ -253,10 +253,7 @@ def block_step_profile(model: FusedAstroMAE, batch: int, seconds: float) -> list
         if kernels is not None:
             pcm_step = lambda: kernels.pcm_residual_norm(x, attended.clone(), pcm, block.norm2)  # noqa: E731
             steps["PCM+residual+norm2"] = (pcm_step, None)
-        if kernels is not None:  # the GELU where the kernels' choice puts it
-            fc1 = lambda: block.hidden(normed, kernels, choice.gelu_by_kernel)  # noqa: E731
-        else:
-            fc1 = lambda: block.mlp[0](normed)  # noqa: E731
+        fc1 = lambda: block.hidden(normed, choice.gelu_after_gemm)  # noqa: E731  (the GELU where infer has it)
         steps["fc1 linear+GELU"] = (fc1, 2 * rows * EMBED_DIM * hidden)
         steps["fc2 linear"] = (lambda: block.mlp[1](h), 2 * rows * hidden * EMBED_DIM)
         if kernels is not None:

@@ -336,26 +336,27 @@ class FusedBlock(nn.Module):
         normed: torch.Tensor,
         kernels: native.Kernels,
         next_norm: nn.LayerNorm | None,
-        gelu_by_kernel: bool = False,
+        gelu_after_gemm: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``forward(x)`` through ``kernels`` between the linear maps, given ``normed =
         self.norm1(x)``; returns the output and ``next_norm`` of it (None without ``next_norm``),
         which the next block's norm1 would otherwise compute in a pass of its own.
-        ``gelu_by_kernel``: fc1's GELU by the kernels after its GEMM, not inside it."""
+        ``gelu_after_gemm``: fc1's GELU as a pass of its own (``hidden``)."""
         out = self.proj(kernels.attention(self.qkv(normed)))
         pcm = (self.pcm_w1, self.pcm_b1, self.pcm_w2, self.pcm_b2)
         normed2 = kernels.pcm_residual_norm(x, out, pcm, self.norm2)  # out: x after attention and PCM
-        mlp = self.mlp[1](self.hidden(normed2, kernels, gelu_by_kernel))
+        mlp = self.mlp[1](self.hidden(normed2, gelu_after_gemm))
         if next_norm is None:
             return mlp.add_(out), None
         return mlp, kernels.add_norm(mlp, out, next_norm)
 
-    def hidden(self, normed: torch.Tensor, kernels: native.Kernels, gelu_by_kernel: bool) -> torch.Tensor:
-        """fc1 and its GELU, inside oneDNN's GEMM (a post-op) or after it by ``kernels``: a pass
-        of its own over the output, which still measured faster than oneDNN's AVX2 post-op (on a
-        Zen 5 VM held to AVX2, batch 128 at 1 thread, fc1 6.1 ms instead of 6.8 ms)."""
+    def hidden(self, normed: torch.Tensor, gelu_after_gemm: bool = False) -> torch.Tensor:
+        """fc1 and its GELU: inside oneDNN's GEMM (a post-op), or with ``gelu_after_gemm`` as
+        torch's in-place GELU after it, a pass of its own over the output that still measured
+        faster than oneDNN's AVX2 post-op (Zen 5 VM held to AVX2, batch 128, 1 thread: the
+        post-op 1.6 ms of fc1's 6.6, torch's pass 0.4-0.9 ms). Both are the exact (erf) GELU."""
         fc1 = self.mlp[0]
-        return kernels.gelu_(fc1(normed, activation="none")) if gelu_by_kernel else fc1(normed)
+        return torch.ops.aten.gelu_(fc1(normed, activation="none")) if gelu_after_gemm else fc1(normed)
 
 
 def kernel_choice() -> native.Choice:
@@ -377,7 +378,7 @@ SPEEDUP_BATCH, SPEEDUP_ROUNDS = 64, 7
 def _native_speedup(kernels: native.Kernels) -> native.Measured:
     """torch's time over the kernels' for one ViT block's forward (norm of the next block
     included, as ``_encode`` runs it) at this thread count, fc1's GELU inside oneDNN's GEMM or
-    after it by the kernels, whichever is faster: medians of interleaved rounds, so that load
+    after it (``FusedBlock.hidden``), whichever is faster: medians of interleaved rounds, so that load
     from other processes weighs on every side alike."""
     rng = torch.Generator().manual_seed(0)  # its own: the caller's random state stays as it was
     shapes = {name: shape for name, shape in state_dict_shapes().items() if name.startswith("blocks.0.")}
@@ -390,7 +391,7 @@ def _native_speedup(kernels: native.Kernels) -> native.Measured:
         steps = (
             lambda: block.norm1(block(x)),
             lambda: block.forward_native(x, normed, kernels, block.norm1),
-            lambda: block.forward_native(x, normed, kernels, block.norm1, gelu_by_kernel=True),
+            lambda: block.forward_native(x, normed, kernels, block.norm1, gelu_after_gemm=True),
         )
         rounds = []
         for _ in range(SPEEDUP_ROUNDS + 1):  # the first round warms all up (oneDNN packs the weights)
@@ -402,9 +403,9 @@ def _native_speedup(kernels: native.Kernels) -> native.Measured:
                 seconds.append(time.perf_counter() - t0)
             rounds.append(seconds)
     rounds = rounds[1:]
-    gelu_by_kernel = statistics.median(after / inside for _, inside, after in rounds) < 1.0
-    native_time = 2 if gelu_by_kernel else 1
-    return native.Measured(statistics.median(r[0] / r[native_time] for r in rounds), gelu_by_kernel)
+    gelu_after_gemm = statistics.median(after / inside for _, inside, after in rounds) < 1.0
+    native_time = 2 if gelu_after_gemm else 1
+    return native.Measured(statistics.median(r[0] / r[native_time] for r in rounds), gelu_after_gemm)
 
 
 def _encode(blocks: nn.ModuleList, x: torch.Tensor, use_native: bool) -> torch.Tensor:
@@ -417,7 +418,7 @@ def _encode(blocks: nn.ModuleList, x: torch.Tensor, use_native: bool) -> torch.T
     normed = blocks[0].norm1(x)
     for i, block in enumerate(blocks):
         following = blocks[i + 1].norm1 if i + 1 < len(blocks) else None
-        x, normed = block.forward_native(x, normed, choice.kernels, following, choice.gelu_by_kernel)
+        x, normed = block.forward_native(x, normed, choice.kernels, following, choice.gelu_after_gemm)
     return x
 
 

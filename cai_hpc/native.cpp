@@ -1,6 +1,5 @@
 // The fused model's memory-bound float32 steps, each one pass over its tensors (see native.py):
-// the ViT block's attention, PCM, residual adds and LayerNorms, fc1's GELU (where it measured
-// faster than inside the GEMM), and the Inception's 3x3 max-pool.
+// the ViT block's attention, PCM, residual adds and LayerNorms, and the Inception's 3x3 max-pool.
 //
 // Shapes are AstroMAE's: 17 tokens (class token first) of 192 channels, 3 heads of 64, and the
 // PCM's 48 groups of 4 channels -> 16 hidden -> 4. Tensors are C-contiguous float32 (channels-last
@@ -468,19 +467,6 @@ inline void attention_head(const float* q, float* out) {
 }
 #endif
 
-// GELU, x Phi(x) with the exact (erf) Phi as F.gelu's default, to 5e-7 |x|: erfc(z) = poly(t)
-// exp(-z^2), t = 1 / (1 + p z) (Abramowitz and Stegun 7.1.26, error 1.5e-7), for z = |x| / sqrt 2,
-// so that Phi(x) of a negative x is the small tail itself, never 1 minus nearly 1. Written once
-// for every form: the loop calling it vectorises at each level (no branch, exp_approx inline).
-inline float gelu(float x) {
-  const float z = std::fabs(x) * 0.70710678118654752f;
-  const float t = 1.f / (1.f + 0.3275911f * z);
-  const float poly =
-      t * (0.254829592f + t * (-0.284496736f + t * (1.421413741f + t * (-1.453152027f + t * 1.061405429f))));
-  const float tail = 0.5f * poly * exp_approx(-z * z);  // Phi(-|x|)
-  return x * (x >= 0.f ? 1.f - tail : tail);
-}
-
 // max(a, b) that keeps a NaN of either (std::max drops one in b).
 inline float max_nan(float a, float b) { return (b > a || b != b) ? b : a; }
 
@@ -574,14 +560,6 @@ void cai_add_norm(float* m, const float* x, const float* norm_weight, const floa
       for (int64_t c = 0; c < CHANNELS; ++c) mr[c] += x[r * CHANNELS + c];
       layer_norm(mr, norm_weight, norm_bias, eps, normed + r * CHANNELS);
     }
-  });
-}
-
-// v <- GELU(v), in place, for n values: fc1's activation where it measured faster after the GEMM
-// than inside it (oneDNN's AVX2 post-op; see fast.py).
-void cai_gelu(float* v, int64_t n) {
-  at::parallel_for(0, n, 16384, [&](int64_t begin, int64_t end) {
-    for (int64_t e = begin; e < end; ++e) v[e] = gelu(v[e]);
   });
 }
 

@@ -12,9 +12,7 @@ softmax, the residual adds and LayerNorms. The kernels do them in three passes p
   registers), both residual adds and the second LayerNorm;
 * ``add_norm``: the MLP's residual add and the next block's first LayerNorm.
 
-Plus ``max_pool_3x3``, the Inception's 3x3 max-pool in one pass over a channels-last tensor,
-and ``gelu_``, fc1's GELU after its GEMM where that measured faster than inside it (oneDNN's
-AVX2 GELU post-op costs more than a pass of its own; ``decide`` measures both).
+Plus ``max_pool_3x3``, the Inception's 3x3 max-pool in one pass over a channels-last tensor.
 They compute what the torch code of ``fast`` computes, to float32 rounding (tests hold them to
 it). Measured on a 2-core Zen 5 VM (interleaved A/B in one process, batch 128): the fused model
 1.28x faster at 1 thread and 1.24x at 2.
@@ -116,8 +114,6 @@ class Kernels:
         self._pcm.argtypes, self._pcm.restype = (p, p, p, p, p, p, p, p, f, p, n), None
         self._add_norm = library.cai_add_norm
         self._add_norm.argtypes, self._add_norm.restype = (p, p, p, p, f, p, n), None
-        self._gelu = library.cai_gelu
-        self._gelu.argtypes, self._gelu.restype = (p, n), None
         self._max_pool = library.cai_max_pool_3x3
         self._max_pool.argtypes, self._max_pool.restype = (p, p, n, n, n, n), None
         self._threads = library.cai_threads
@@ -162,12 +158,6 @@ class Kernels:
         self._add_norm(*pointers, norm.eps, normed.data_ptr(), rows)
         return normed
 
-    def gelu_(self, x: torch.Tensor) -> torch.Tensor:
-        """``F.gelu(x)`` (the exact, erf form) in place, to 5e-7 x max(1, |x|); returns ``x``."""
-        _check(x, x.shape)
-        self._gelu(x.data_ptr(), x.numel())
-        return x
-
     def max_pool_3x3(self, x: torch.Tensor) -> torch.Tensor:
         """``F.max_pool2d(x, 3, stride=1, padding=1)`` of a channels-last (N, C, H, W) ``x``,
         channels-last like it."""
@@ -194,11 +184,11 @@ def applies(x: torch.Tensor) -> bool:
 @dataclass(frozen=True)
 class Measured:
     """What ``decide``'s measurement found: torch's time over the kernels' on a block forward,
-    and whether fc1's GELU ran faster after its GEMM by the kernels (``Kernels.gelu_``) than
-    inside it (oneDNN's post-op), with the kernels' time taken the faster way."""
+    and whether fc1's GELU ran faster as a pass of torch's after the GEMM than inside it
+    (oneDNN's post-op), the kernels' time taken the faster way."""
 
     speedup: float
-    gelu_by_kernel: bool = False
+    gelu_after_gemm: bool = False
 
 
 @dataclass(frozen=True)
@@ -208,7 +198,7 @@ class Choice:
     kernels: Kernels | None
     label: str  # "native-avx512", "native-avx2", "native-portable" or "torch"
     reason: str
-    gelu_by_kernel: bool = False  # with the kernels: fc1's GELU by ``Kernels.gelu_``, not oneDNN's
+    gelu_after_gemm: bool = False  # with the kernels: fc1's GELU by torch after the GEMM, not oneDNN's
 
 
 def decide(speedup: Callable[[Kernels], Measured]) -> Choice:
@@ -233,19 +223,19 @@ def decide(speedup: Callable[[Kernels], Measured]) -> Choice:
         found = speedup(loaded)
         measured = {
             "speedup": round(found.speedup, 3),
-            "gelu_by_kernel": found.gelu_by_kernel,
+            "gelu_after_gemm": found.gelu_after_gemm,
             "host": socket.gethostname(),
             "time": time.time(),
         }
         if record is not None:
             with contextlib.suppress(OSError):
                 _write_atomically(record, json.dumps(measured).encode())
-    ratio, gelu_by_kernel = float(measured["speedup"]), measured.get("gelu_by_kernel") is True
+    ratio, gelu_after_gemm = float(measured["speedup"]), measured.get("gelu_after_gemm") is True
     when = "measured now" if record is None else f"measured once for this CPU, kept in {record}"
-    gelu = "fc1's GELU by the kernels" if gelu_by_kernel else "fc1's GELU inside oneDNN's GEMM"
+    gelu = "fc1's GELU after its GEMM" if gelu_after_gemm else "fc1's GELU inside its GEMM"
     speed = f"{ratio:.2f}x torch's speed on a block forward ({gelu}), {when}"
     if ratio >= 1.0:
-        return Choice(loaded, label, f"{loaded.level} build at {speed}", gelu_by_kernel)
+        return Choice(loaded, label, f"{loaded.level} build at {speed}", gelu_after_gemm)
     return Choice(None, "torch", f"the {label} kernels ({loaded.level} build) ran at {speed}")
 
 
