@@ -462,3 +462,7 @@ def test_the_kernels_run_only_where_they_measured_at_least_as_fast(kernels, tmp_
         record.unlink()
     inside = native.decide(lambda k: native.Measured(1.1))
     assert inside.kernels is kernels and not inside.gelu_after_gemm and "GELU inside its GEMM" in inside.reason
+    (record,) = tmp_path.glob("*.choice.json")
+    record.write_text(json.dumps({"speedup": 1.2, "host": socket.gethostname(), "time": time.time()}))
+    again = native.decide(lambda k: native.Measured(1.4, gelu_after_gemm=True))  # a record that never placed it
+    assert again.gelu_after_gemm and "1.40x" in again.reason
