@@ -17,8 +17,9 @@ and rewrites them once:
   3x3 max-pools are taken as row and column maxima or by a native kernel (``max_pool_3x3``),
   and in float32 each convolution applies its ReLU inside oneDNN's kernel (``conv_relu``);
 * float32 linear maps run through oneDNN rather than torch's default BLAS, with the ReLU or
-  GELU after them applied inside the GEMM (``linear``) and their weights packed in oneDNN's
-  layout on first use (``Linear``);
+  GELU after them applied inside the GEMM (``linear``; fc1's GELU, where that measured faster
+  with the native kernels, as torch's own pass after it: ``FusedBlock.hidden``) and their
+  weights packed in oneDNN's layout on first use (``Linear``);
 * in float32 on the CPU, each ViT block's steps between its linear maps (attention, PCM,
   residual adds, LayerNorms) run as three hand-written kernels (``native.py``) where a C++
   compiler is at hand, and as the torch code of ``FusedBlock.forward`` otherwise.
