@@ -182,20 +182,32 @@ def applies(x: torch.Tensor) -> bool:
 
 
 @dataclass(frozen=True)
+class Measured:
+    """What ``decide``'s measurement found: torch's time over the kernels' on a block forward,
+    and whether fc1's GELU ran faster as a pass of torch's after the GEMM than inside it
+    (oneDNN's post-op), the kernels' time taken the faster way."""
+
+    speedup: float
+    gelu_after_gemm: bool = False
+
+
+@dataclass(frozen=True)
 class Choice:
     """Which kernels the ViT blocks run on and why: ``kernels`` None means torch's."""
 
     kernels: Kernels | None
     label: str  # "native-avx512", "native-avx2", "native-portable" or "torch"
     reason: str
+    gelu_after_gemm: bool = False  # with the kernels: fc1's GELU by torch after the GEMM, not oneDNN's
 
 
-def decide(speedup: Callable[[Kernels], float]) -> Choice:
+def decide(speedup: Callable[[Kernels], Measured]) -> Choice:
     """The native kernels where they are at least as fast as torch's on this CPU, else torch's.
 
-    ``speedup(kernels)`` measures torch's time over the kernels' on a block forward. It runs
-    once per library, CPU and thread count: its answer is kept in the cache directory, beside
-    the builds. ``CAI_HPC_NATIVE=1`` takes the kernels without measuring, ``0`` never loads them.
+    ``speedup(kernels)`` measures them against torch's on a block forward (``Measured``). It
+    runs once per library, CPU and thread count: its answer is kept in the cache directory,
+    beside the builds. ``CAI_HPC_NATIVE=1`` takes the kernels without measuring (fc1's GELU
+    inside oneDNN's GEMM), ``0`` never loads them.
     """
     if os.environ.get("CAI_HPC_NATIVE") == "0":
         return Choice(None, "torch", "turned off by CAI_HPC_NATIVE=0")
@@ -207,17 +219,23 @@ def decide(speedup: Callable[[Kernels], float]) -> Choice:
         return Choice(loaded, label, f"{loaded.level} build, taken without measuring (CAI_HPC_NATIVE=1)")
     record = _choice_record(loaded)
     measured = _read_json(record) if record is not None else None
-    if measured is None:
-        ratio = speedup(loaded)
-        measured = {"speedup": round(ratio, 3), "host": socket.gethostname(), "time": time.time()}
+    if measured is None or "gelu_after_gemm" not in measured:  # none, or from before the GELU was placed
+        found = speedup(loaded)
+        measured = {
+            "speedup": round(found.speedup, 3),
+            "gelu_after_gemm": found.gelu_after_gemm,
+            "host": socket.gethostname(),
+            "time": time.time(),
+        }
         if record is not None:
             with contextlib.suppress(OSError):
                 _write_atomically(record, json.dumps(measured).encode())
-    ratio = float(measured["speedup"])
+    ratio, gelu_after_gemm = float(measured["speedup"]), measured.get("gelu_after_gemm") is True
     when = "measured now" if record is None else f"measured once for this CPU, kept in {record}"
-    speed = f"{ratio:.2f}x torch's speed on a block forward, {when}"
+    gelu = "fc1's GELU after its GEMM" if gelu_after_gemm else "fc1's GELU inside its GEMM"
+    speed = f"{ratio:.2f}x torch's speed on a block forward ({gelu}), {when}"
     if ratio >= 1.0:
-        return Choice(loaded, label, f"{loaded.level} build at {speed}")
+        return Choice(loaded, label, f"{loaded.level} build at {speed}", gelu_after_gemm)
     return Choice(None, "torch", f"the {label} kernels ({loaded.level} build) ran at {speed}")
 
 

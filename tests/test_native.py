@@ -92,11 +92,31 @@ def test_a_native_block_is_the_torch_block(kernels, model, scale) -> None:
         expected = block(x)
         out, normed = block.forward_native(x, block.norm1(x), kernels, following.norm1)
         last, none = block.forward_native(x, block.norm1(x), kernels, None)
+        gelu_after, _ = block.forward_native(x, block.norm1(x), kernels, following.norm1, gelu_after_gemm=True)
     tolerance = {"atol": 2e-5 * scale, "rtol": 1e-5}
     torch.testing.assert_close(out, expected, **tolerance)
     torch.testing.assert_close(last, expected, **tolerance)
+    torch.testing.assert_close(gelu_after, expected, **tolerance)
     torch.testing.assert_close(normed, following.norm1(expected), atol=1e-4, rtol=1e-4)
     assert none is None
+
+
+def test_the_model_runs_fc1s_gelu_where_the_kernel_choice_puts_it(kernels, reference, model, monkeypatch) -> None:
+    from cai_hpc import fast
+
+    measured = fast._native_speedup(kernels)  # what decide() records: the speed and the GELU's place
+    assert measured.speedup > 0 and isinstance(measured.gelu_after_gemm, bool)
+    places = []
+    hidden = fast.FusedBlock.hidden
+    monkeypatch.setattr(fast.FusedBlock, "hidden", lambda block, *args: places.append(args[1:]) or hidden(block, *args))
+    choice = native.Choice(kernels, f"native-{kernels.isa}", "test", gelu_after_gemm=True)
+    monkeypatch.setattr(fast, "kernel_choice", lambda: choice)
+    torch.manual_seed(6)
+    images, mags = torch.randn(3, 5, 32, 32), torch.rand(3, 5) * 6 + 14
+    with torch.inference_mode():
+        out, expected = model(images, mags), fuse(reference, use_native=False)(images, mags)
+    assert places == [(True,)] * len(model.blocks)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_attention_is_softmax_of_q_k_times_v(kernels) -> None:
@@ -423,7 +443,7 @@ def test_a_failed_build_is_retried_later_or_on_another_host(tmp_path, monkeypatc
 def test_the_kernels_run_only_where_they_measured_at_least_as_fast(kernels, tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("CAI_HPC_CACHE", str(tmp_path))
     monkeypatch.delenv("CAI_HPC_NATIVE", raising=False)
-    slower = native.decide(lambda k: 0.8)
+    slower = native.decide(lambda k: native.Measured(0.8, gelu_after_gemm=True))
     assert slower.kernels is None and slower.label == "torch" and "0.80x" in slower.reason
 
     def never(k):
@@ -431,9 +451,20 @@ def test_the_kernels_run_only_where_they_measured_at_least_as_fast(kernels, tmp_
 
     assert native.decide(never).label == "torch"  # measured once, kept beside the builds
     monkeypatch.setenv("CAI_HPC_NATIVE", "1")
-    assert native.decide(never).kernels is kernels
+    unmeasured = native.decide(never)
+    assert unmeasured.kernels is kernels and not unmeasured.gelu_after_gemm  # GELU inside the GEMM, as before
     monkeypatch.setenv("CAI_HPC_NATIVE", "auto")
     for record in tmp_path.glob("*.choice.json"):
         record.unlink()
-    faster = native.decide(lambda k: 1.3)
+    faster = native.decide(lambda k: native.Measured(1.3, gelu_after_gemm=True))
     assert faster.kernels is kernels and faster.label == f"native-{kernels.isa}" and "1.30x" in faster.reason
+    assert faster.gelu_after_gemm and "GELU after its GEMM" in faster.reason
+    assert native.decide(never).gelu_after_gemm  # the GELU's place is kept with the measurement
+    for record in tmp_path.glob("*.choice.json"):
+        record.unlink()
+    inside = native.decide(lambda k: native.Measured(1.1))
+    assert inside.kernels is kernels and not inside.gelu_after_gemm and "GELU inside its GEMM" in inside.reason
+    (record,) = tmp_path.glob("*.choice.json")
+    record.write_text(json.dumps({"speedup": 1.2, "host": socket.gethostname(), "time": time.time()}))
+    again = native.decide(lambda k: native.Measured(1.4, gelu_after_gemm=True))  # a record that never placed it
+    assert again.gelu_after_gemm and "1.40x" in again.reason
