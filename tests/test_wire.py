@@ -3,10 +3,13 @@ socket pairs."""
 
 from __future__ import annotations
 
+import json
 import pickle
 import resource
 import socket
+import struct
 import threading
+import time
 
 import pytest
 
@@ -16,6 +19,8 @@ from lambda_shim.wire import (
     KIND_CONTROL,
     KIND_OBJECT,
     MAC,
+    MAX_CONTROL,
+    MAX_JOB_ID,
     NONCE,
     PROTOCOL,
     SEALED_HEADER,
@@ -25,12 +30,15 @@ from lambda_shim.wire import (
     FrameReader,
     RefusedError,
     decode_control,
+    encode_control,
     handshake_accept,
     handshake_connect,
+    job_key,
     job_of,
     load_secret,
     new_secret,
     pack_table,
+    parse_proof,
     read_frame,
     secret_bytes,
     send_frame,
@@ -459,3 +467,133 @@ def test_a_handshake_with_a_silent_peer_ends_at_its_deadline(side, monkeypatch) 
     finally:
         a.close()
         b.close()
+
+
+def test_a_job_key_depends_on_both_the_master_secret_and_the_job() -> None:
+    key = job_key(KEY, "job-1")
+    assert len(key) == 32 and key == job_key(KEY, "job-1")
+    assert key != job_key(bytes(32), "job-1") and key != job_key(KEY, "job-2")
+
+
+def test_control_messages_are_compact_json_objects_both_ways() -> None:
+    message = {"op": "register", "rank": 3, "ports": [1, 2]}
+    assert encode_control(message) == b'{"op":"register","rank":3,"ports":[1,2]}'
+    assert decode_control(encode_control(message)) == message
+
+
+def test_a_control_message_of_exactly_the_size_limit_is_read() -> None:
+    at_limit = b'{"s":"' + b"x" * (MAX_CONTROL - 8) + b'"}'
+    assert len(at_limit) == MAX_CONTROL and decode_control(at_limit) == {"s": "x" * (MAX_CONTROL - 8)}
+    with pytest.raises(AuthError) as caught:
+        decode_control(at_limit[:-2] + b' "}')
+    assert str(caught.value) == f"control message of {MAX_CONTROL + 1} bytes is over the {MAX_CONTROL} limit"
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        b'{"a":[[[1]]]}',  # nesting of exactly the limit
+        b'{"a":{"b":{"c":{"d":1}}}}',
+        b'{"a":[1],"b":[2],"c":{"d":3},"e":{"f":4},"g":[[[5]]]}',  # siblings do not add up
+    ],
+)
+def test_control_messages_nested_to_the_limit_are_read(message) -> None:
+    assert decode_control(message) == json.loads(message)
+
+
+@pytest.mark.parametrize(
+    "message",
+    [b'{"a":[[[[1]]]]}', b'{"a":{"b":{"c":{"d":{}}}}}', b"[[[[],[[]]]]]", b'[{"a":[1]},[[[[]]]]]'],
+)
+def test_control_messages_nested_past_the_limit_are_refused(message) -> None:
+    with pytest.raises(AuthError) as caught:
+        decode_control(message)
+    assert str(caught.value) == "control message nested deeper than 4"
+
+
+def test_control_messages_that_are_not_json_objects_are_refused_in_words() -> None:
+    with pytest.raises(AuthError) as caught:
+        decode_control(b'{"op":')
+    assert str(caught.value) == "control message is not JSON"
+    with pytest.raises(AuthError) as caught:
+        decode_control(b'["op"]')
+    assert str(caught.value) == "control message is not a JSON object"
+
+
+def test_a_proof_announcing_a_job_id_of_0_or_65_bytes_is_refused() -> None:
+    for length in (0, MAX_JOB_ID + 1):
+        with pytest.raises(AuthError) as caught:
+            parse_proof(bytes(NONCE) + struct.pack("!iiB", 1, 0, length))
+        assert str(caught.value) == "bad job id length"
+    assert parse_proof(bytes(NONCE) + struct.pack("!iiB", 1, 0, MAX_JOB_ID))[1:] == (1, 0, MAX_JOB_ID)
+
+
+def test_a_job_id_of_the_longest_allowed_length_makes_a_handshake() -> None:
+    job = "j" * MAX_JOB_ID
+    a, b = pair()
+    got: dict[str, object] = {}
+    thread = threading.Thread(target=lambda: got.setdefault("a", handshake_accept(a, KEY, 0)))
+    thread.start()
+    try:
+        session = handshake_connect(b, KEY, job, 1, 0)
+        thread.join(timeout=10)
+        assert got["a"][:2] == (job, 1)
+        b.sendall(b"".join(session.seal_frame(KIND_OBJECT, 1, 0, b"hi")))
+        assert read_frame(a, got["a"][2]).payload == b"hi"
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_refused_proof_is_one_line_saying_why() -> None:
+    _, connected, _, b = handshake_pair(connect_key=bytes(32))
+    assert str(connected) == "the other side refused our proof (wrong key, or not a member of the job)"
+    b.close()
+
+
+def _drip(sock: socket.socket, data: bytes, every_s: float = 0.1) -> None:
+    """Send ``data`` a byte at a time (a slow or hostile peer keeping the connection busy)."""
+    try:
+        for i in range(len(data)):
+            sock.sendall(data[i : i + 1])
+            time.sleep(every_s)
+    except OSError:
+        pass  # the other side gave up and closed: what the test waits for
+
+
+@pytest.mark.timeout(10)  # the default deadline (10 s) would end the wait only after the pytest timeout
+@pytest.mark.parametrize("dripped", ["proof head", "job id and proof"])
+def test_an_acceptor_keeps_its_deadline_against_a_peer_sending_a_byte_at_a_time(dripped) -> None:
+    a, b = socket.socketpair()
+    proof = bytes(NONCE) + struct.pack("!iiB", 1, 0, 5) + b"job-1" + bytes(MAC)  # 78 bytes: 7.8 s dripped
+    head = 0 if dripped == "proof head" else NONCE + 9
+    b.sendall(proof[:head])
+    dripper = threading.Thread(target=_drip, args=(b, proof[head:]), daemon=True)
+    dripper.start()
+    try:
+        with pytest.raises(TimeoutError):
+            handshake_accept(a, KEY, 0, deadline=time.monotonic() + 0.5)
+    finally:
+        a.close()
+        dripper.join(timeout=10)
+        b.close()
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize("dripped", ["greeting", "reply"])
+def test_an_initiator_keeps_its_deadline_against_an_acceptor_sending_a_byte_at_a_time(dripped) -> None:
+    a, b = socket.socketpair()
+    greeting = PROTOCOL + bytes(NONCE)
+    if dripped == "greeting":
+        dripper = threading.Thread(target=_drip, args=(a, greeting), daemon=True)
+    else:
+        a.sendall(greeting)
+        dripper = threading.Thread(target=_drip, args=(a, bytes(MAC)), daemon=True)
+    dripper.start()
+    try:
+        with pytest.raises(TimeoutError):
+            handshake_connect(b, KEY, "job-1", 1, 0, deadline=time.monotonic() + 0.5)
+    finally:
+        b.close()
+        dripper.join(timeout=10)
+        a.close()
