@@ -22,6 +22,7 @@ from lambda_shim.wire import (
     MAX_CONTROL,
     MAX_JOB_ID,
     NONCE,
+    PROOF_HEAD,
     PROTOCOL,
     SEALED_HEADER,
     TOKEN_ENV,
@@ -551,32 +552,38 @@ def test_a_refused_proof_is_one_line_saying_why() -> None:
     b.close()
 
 
-def _drip(sock: socket.socket, data: bytes, every_s: float = 0.1) -> None:
-    """Send ``data`` a byte at a time (a slow or hostile peer keeping the connection busy)."""
+def _drip(sock: socket.socket, data: bytes, sent: list[int], every_s: float = 0.1) -> None:
+    """Send ``data`` a byte at a time (a slow or hostile peer keeping the connection busy),
+    counting in ``sent[0]`` the bytes that went out."""
     try:
         for i in range(len(data)):
             sock.sendall(data[i : i + 1])
+            sent[0] += 1
             time.sleep(every_s)
     except OSError:
         pass  # the other side gave up and closed: what the test waits for
 
 
-@pytest.mark.timeout(10)  # the default deadline (10 s) would end the wait only after the pytest timeout
+@pytest.mark.timeout(20)  # the default deadline (10 s) would end the wait only after the dripping
 @pytest.mark.parametrize("dripped", ["proof head", "job id and proof"])
 def test_an_acceptor_keeps_its_deadline_against_a_peer_sending_a_byte_at_a_time(dripped) -> None:
     a, b = socket.socketpair()
-    proof = bytes(NONCE) + struct.pack("!iiB", 1, 0, 5) + b"job-1" + bytes(MAC)  # 78 bytes: 7.8 s dripped
-    head = 0 if dripped == "proof head" else NONCE + 9
+    proof = bytes(NONCE) + struct.pack("!iiB", 1, 0, 5) + b"job-1" + bytes(MAC)  # 78 bytes
+    head = 0 if dripped == "proof head" else PROOF_HEAD
     b.sendall(proof[:head])
-    dripper = threading.Thread(target=_drip, args=(b, proof[head:]), daemon=True)
+    sent = [0]
+    dripper = threading.Thread(target=_drip, args=(b, proof[head:], sent, 0.2), daemon=True)
     dripper.start()
     try:
         with pytest.raises(TimeoutError):
             handshake_accept(a, KEY, 0, deadline=time.monotonic() + 0.5)
     finally:
         a.close()
-        dripper.join(timeout=10)
+        dripper.join(timeout=20)
         b.close()
+    # The deadline ended the wait, not the proof's head arriving whole after it: at 0.2 s a byte,
+    # the 0.5 s let about 3 bytes through, where the head's 41 take 8 s.
+    assert sent[0] < PROOF_HEAD
 
 
 @pytest.mark.timeout(10)
@@ -585,10 +592,10 @@ def test_an_initiator_keeps_its_deadline_against_an_acceptor_sending_a_byte_at_a
     a, b = socket.socketpair()
     greeting = PROTOCOL + bytes(NONCE)
     if dripped == "greeting":
-        dripper = threading.Thread(target=_drip, args=(a, greeting), daemon=True)
+        dripper = threading.Thread(target=_drip, args=(a, greeting, [0]), daemon=True)
     else:
         a.sendall(greeting)
-        dripper = threading.Thread(target=_drip, args=(a, bytes(MAC)), daemon=True)
+        dripper = threading.Thread(target=_drip, args=(a, bytes(MAC), [0]), daemon=True)
     dripper.start()
     try:
         with pytest.raises(TimeoutError):
