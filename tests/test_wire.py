@@ -17,6 +17,7 @@ from lambda_shim import wire
 from lambda_shim.wire import (
     HEADER,
     KIND_CONTROL,
+    KIND_HEARTBEAT,
     KIND_OBJECT,
     MAC,
     MAX_CONTROL,
@@ -30,6 +31,7 @@ from lambda_shim.wire import (
     AuthError,
     FrameReader,
     RefusedError,
+    Session,
     decode_control,
     encode_control,
     handshake_accept,
@@ -41,9 +43,13 @@ from lambda_shim.wire import (
     pack_table,
     parse_proof,
     read_frame,
+    recv_exact,
     secret_bytes,
     send_frame,
+    table_bytes,
+    table_entry,
     unpack_table,
+    valid_job_id,
 )
 
 KEY = bytes(range(32))
@@ -604,3 +610,103 @@ def test_an_initiator_keeps_its_deadline_against_an_acceptor_sending_a_byte_at_a
         b.close()
         dripper.join(timeout=10)
         a.close()
+
+
+def _sessions() -> tuple[Session, Session, Session]:
+    """Two senders with the same keys (sealing is deterministic) and the matching receiver."""
+    to_b, to_a = bytes(range(32)), bytes(range(1, 33))
+    return Session(to_b, to_a), Session(to_b, to_a), Session(to_a, to_b)
+
+
+def test_a_small_frame_sealed_in_one_piece_is_the_records_of_seal_frame() -> None:
+    one_piece, by_records, receiver = _sessions()
+    frames = [(KIND_HEARTBEAT, 1, 0, b"", 0), (KIND_OBJECT, 1, 7, b"x" * 100, 3), (KIND_CONTROL, 1, 9, b"{}", 1)]
+    a, b = pair()
+    try:
+        for kind, source, tag, payload, ctx in frames:
+            sealed = one_piece.seal_small(kind, source, tag, payload, ctx=ctx)
+            assert sealed == b"".join(by_records.seal_frame(kind, source, tag, payload, ctx=ctx))
+            b.sendall(sealed)
+        assert [read_frame(a, receiver) for _ in frames] == [
+            (kind, source, ctx, tag, bytearray(payload)) for kind, source, tag, payload, ctx in frames
+        ]
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_frame_without_a_payload_carries_none() -> None:
+    one_piece, by_records, receiver = _sessions()
+    sealed = one_piece.seal_small(KIND_HEARTBEAT, 1, 5)
+    assert sealed == b"".join(by_records.seal_frame(KIND_HEARTBEAT, 1, 5))
+    a, b = pair()
+    try:
+        b.sendall(sealed)
+        send_frame(b, by_records, KIND_HEARTBEAT, 1, 6)
+        assert [read_frame(a, receiver) for _ in range(2)] == [(KIND_HEARTBEAT, 1, 0, t, bytearray()) for t in (5, 6)]
+    finally:
+        a.close()
+        b.close()
+
+
+def test_the_incremental_reader_counts_every_record_it_checks(linked) -> None:
+    # The transport's liveness watches this count: authenticated bytes arrived from the peer.
+    a, acceptor, b, initiator = linked
+    reader = FrameReader(acceptor)
+    b.sendall(b"".join(initiator.seal_frame(KIND_OBJECT, 1, 0, b"small")))  # header + 1 record
+    assert len(feed_all(reader, a)) == 1 and reader.records == 2
+    b.sendall(b"".join(initiator.seal_frame(KIND_HEARTBEAT, 1, 0)))  # header only
+    assert len(feed_all(reader, a)) == 1 and reader.records == 3
+
+
+def test_recv_exact_takes_what_is_there_before_its_deadline_and_says_how_far_it_got() -> None:
+    a, b = pair()
+    try:
+        b.sendall(b"0123456789")
+        assert recv_exact(a, 4, deadline=time.monotonic() + 0.5) == b"0123"  # under a second is still time
+        with pytest.raises(TimeoutError) as caught:
+            recv_exact(a, 10, deadline=time.monotonic() - 0.1)  # the socket's own timeout says less
+        assert str(caught.value) == "timed out after 0 of 10 bytes"
+        assert recv_exact(a, 6) == b"456789"
+        b.sendall(b"abc")
+        b.close()
+        with pytest.raises(EOFError) as ended:
+            recv_exact(a, 10)
+        assert str(ended.value) == "connection closed after 3 of 10 bytes"
+    finally:
+        a.close()
+        b.close()
+
+
+def test_one_ranks_entry_is_read_from_a_packed_table() -> None:
+    entries = [
+        ("10.0.0.1", 5001, "1.2.3.4", 6001),
+        ("10.0.0.2", 5002, "1.2.3.5", 6002),
+        ("10.0.0.3", 5003, "9.9.9.9", 1),
+    ]
+    data = pack_table(entries)
+    assert table_bytes(3) == len(data) == 36
+    assert [table_entry(data, r) for r in (2, 0)] == [
+        (("10.0.0.3", 5003), ("9.9.9.9", 1)),
+        (("10.0.0.1", 5001), ("1.2.3.4", 6001)),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("job_id", "valid"),
+    [
+        ("a", True),
+        ("Job-1.run_2", True),
+        ("j" * 64, True),
+        ("j" * 65, False),
+        ("", False),
+        ("-job", False),
+        (".job", False),
+        ("a b", False),
+        ("jöb", False),
+        (b"job", False),
+        (None, False),
+    ],
+)
+def test_valid_job_ids(job_id, valid) -> None:
+    assert valid_job_id(job_id) is valid
