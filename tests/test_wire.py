@@ -710,3 +710,9 @@ def test_one_ranks_entry_is_read_from_a_packed_table() -> None:
 )
 def test_valid_job_ids(job_id, valid) -> None:
     assert valid_job_id(job_id) is valid
+
+
+def test_a_frame_of_exactly_the_limit_is_read(linked) -> None:
+    a, acceptor, b, initiator = linked
+    b.sendall(b"".join(initiator.seal_frame(KIND_OBJECT, 1, 0, b"x" * 64)))
+    assert read_frame(a, acceptor, limit=64).payload == b"x" * 64
