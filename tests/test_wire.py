@@ -716,3 +716,17 @@ def test_a_frame_of_exactly_the_limit_is_read(linked) -> None:
     a, acceptor, b, initiator = linked
     b.sendall(b"".join(initiator.seal_frame(KIND_OBJECT, 1, 0, b"x" * 64)))
     assert read_frame(a, acceptor, limit=64).payload == b"x" * 64
+
+
+def test_an_acceptor_without_the_key_is_named_in_words() -> None:
+    a, b = pair()
+    thread = threading.Thread(target=lambda: (a.sendall(PROTOCOL + bytes(NONCE)), a.recv(4096), a.sendall(bytes(MAC))))
+    thread.start()
+    try:
+        with pytest.raises(AuthError) as caught:
+            handshake_connect(b, KEY, "job-1", 1, 0)
+        assert str(caught.value) == "the other side does not know the job key"
+    finally:
+        thread.join(timeout=10)
+        a.close()
+        b.close()
