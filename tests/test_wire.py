@@ -3,12 +3,15 @@ socket pairs."""
 
 from __future__ import annotations
 
+import json
 import pickle
 import resource
 import socket
+import struct
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
@@ -19,11 +22,15 @@ from lambda_shim.wire import (
     HEADER,
     INLINE,
     KIND_CONTROL,
+    KIND_HEARTBEAT,
     KIND_OBJECT,
     KIND_OBJECT_BYTEARRAY,
     KIND_OBJECT_BYTES,
     MAC,
+    MAX_CONTROL,
+    MAX_JOB_ID,
     NONCE,
+    PROOF_HEAD,
     PROTOCOL,
     SEALED_HEADER,
     TOKEN_ENV,
@@ -31,17 +38,25 @@ from lambda_shim.wire import (
     AuthError,
     FrameReader,
     RefusedError,
+    Session,
     decode_control,
+    encode_control,
     handshake_accept,
     handshake_connect,
+    job_key,
     job_of,
     load_secret,
     new_secret,
     pack_table,
+    parse_proof,
     read_frame,
+    recv_exact,
     secret_bytes,
     send_frame,
+    table_bytes,
+    table_entry,
     unpack_table,
+    valid_job_id,
 )
 
 KEY = bytes(range(32))
@@ -554,3 +569,261 @@ print("ok")
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert (done.returncode, done.stdout.strip()) == (0, "ok"), done.stderr[-500:]
+
+
+def test_a_job_key_depends_on_both_the_master_secret_and_the_job() -> None:
+    key = job_key(KEY, "job-1")
+    assert len(key) == 32 and key == job_key(KEY, "job-1")
+    assert key != job_key(bytes(32), "job-1") and key != job_key(KEY, "job-2")
+
+
+def test_control_messages_are_compact_json_objects_both_ways() -> None:
+    message = {"op": "register", "rank": 3, "ports": [1, 2]}
+    assert encode_control(message) == b'{"op":"register","rank":3,"ports":[1,2]}'
+    assert decode_control(encode_control(message)) == message
+
+
+def test_a_control_message_of_exactly_the_size_limit_is_read() -> None:
+    at_limit = b'{"s":"' + b"x" * (MAX_CONTROL - 8) + b'"}'
+    assert len(at_limit) == MAX_CONTROL and decode_control(at_limit) == {"s": "x" * (MAX_CONTROL - 8)}
+    with pytest.raises(AuthError) as caught:
+        decode_control(at_limit[:-2] + b' "}')
+    assert str(caught.value) == f"control message of {MAX_CONTROL + 1} bytes is over the {MAX_CONTROL} limit"
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        b'{"a":[[[1]]]}',  # nesting of exactly the limit
+        b'{"a":{"b":{"c":{"d":1}}}}',
+        b'{"a":[1],"b":[2],"c":{"d":3},"e":{"f":4},"g":[[[5]]]}',  # siblings do not add up
+    ],
+)
+def test_control_messages_nested_to_the_limit_are_read(message) -> None:
+    assert decode_control(message) == json.loads(message)
+
+
+@pytest.mark.parametrize(
+    "message",
+    [b'{"a":[[[[1]]]]}', b'{"a":{"b":{"c":{"d":{}}}}}', b"[[[[],[[]]]]]", b'[{"a":[1]},[[[[]]]]]'],
+)
+def test_control_messages_nested_past_the_limit_are_refused(message) -> None:
+    with pytest.raises(AuthError) as caught:
+        decode_control(message)
+    assert str(caught.value) == "control message nested deeper than 4"
+
+
+def test_control_messages_that_are_not_json_objects_are_refused_in_words() -> None:
+    with pytest.raises(AuthError) as caught:
+        decode_control(b'{"op":')
+    assert str(caught.value) == "control message is not JSON"
+    with pytest.raises(AuthError) as caught:
+        decode_control(b'["op"]')
+    assert str(caught.value) == "control message is not a JSON object"
+
+
+def test_a_proof_announcing_a_job_id_of_0_or_65_bytes_is_refused() -> None:
+    for length in (0, MAX_JOB_ID + 1):
+        with pytest.raises(AuthError) as caught:
+            parse_proof(bytes(NONCE) + struct.pack("!iiB", 1, 0, length))
+        assert str(caught.value) == "bad job id length"
+    assert parse_proof(bytes(NONCE) + struct.pack("!iiB", 1, 0, MAX_JOB_ID))[1:] == (1, 0, MAX_JOB_ID)
+
+
+def test_a_job_id_of_the_longest_allowed_length_makes_a_handshake() -> None:
+    job = "j" * MAX_JOB_ID
+    a, b = pair()
+    got: dict[str, object] = {}
+    thread = threading.Thread(target=lambda: got.setdefault("a", handshake_accept(a, KEY, 0)))
+    thread.start()
+    try:
+        session = handshake_connect(b, KEY, job, 1, 0)
+        thread.join(timeout=10)
+        assert got["a"][:2] == (job, 1)
+        b.sendall(b"".join(session.seal_frame(KIND_OBJECT, 1, 0, b"hi")))
+        assert read_frame(a, got["a"][2]).payload == b"hi"
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_refused_proof_is_one_line_saying_why() -> None:
+    _, connected, _, b = handshake_pair(connect_key=bytes(32))
+    assert str(connected) == "the other side refused our proof (wrong key, or not a member of the job)"
+    b.close()
+
+
+def _drip(sock: socket.socket, data: bytes, sent: list[int], every_s: float = 0.1) -> None:
+    """Send ``data`` a byte at a time (a slow or hostile peer keeping the connection busy),
+    counting in ``sent[0]`` the bytes that went out."""
+    try:
+        for i in range(len(data)):
+            sock.sendall(data[i : i + 1])
+            sent[0] += 1
+            time.sleep(every_s)
+    except OSError:
+        pass  # the other side gave up and closed: what the test waits for
+
+
+@pytest.mark.timeout(20)  # the default deadline (10 s) would end the wait only after the dripping
+@pytest.mark.parametrize("dripped", ["proof head", "job id and proof"])
+def test_an_acceptor_keeps_its_deadline_against_a_peer_sending_a_byte_at_a_time(dripped) -> None:
+    a, b = socket.socketpair()
+    proof = bytes(NONCE) + struct.pack("!iiB", 1, 0, 5) + b"job-1" + bytes(MAC)  # 78 bytes
+    head = 0 if dripped == "proof head" else PROOF_HEAD
+    b.sendall(proof[:head])
+    sent = [0]
+    dripper = threading.Thread(target=_drip, args=(b, proof[head:], sent, 0.2), daemon=True)
+    dripper.start()
+    try:
+        with pytest.raises(TimeoutError):
+            handshake_accept(a, KEY, 0, deadline=time.monotonic() + 0.5)
+    finally:
+        a.close()
+        dripper.join(timeout=20)
+        b.close()
+    # The deadline ended the wait, not the proof's head arriving whole after it: at 0.2 s a byte,
+    # the 0.5 s let about 3 bytes through, where the head's 41 take 8 s.
+    assert sent[0] < PROOF_HEAD
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize("dripped", ["greeting", "reply"])
+def test_an_initiator_keeps_its_deadline_against_an_acceptor_sending_a_byte_at_a_time(dripped) -> None:
+    a, b = socket.socketpair()
+    greeting = PROTOCOL + bytes(NONCE)
+    if dripped == "greeting":
+        dripper = threading.Thread(target=_drip, args=(a, greeting, [0]), daemon=True)
+    else:
+        a.sendall(greeting)
+        dripper = threading.Thread(target=_drip, args=(a, bytes(MAC), [0]), daemon=True)
+    dripper.start()
+    try:
+        with pytest.raises(TimeoutError):
+            handshake_connect(b, KEY, "job-1", 1, 0, deadline=time.monotonic() + 0.5)
+    finally:
+        b.close()
+        dripper.join(timeout=10)
+        a.close()
+
+
+def _sessions() -> tuple[Session, Session, Session]:
+    """Two senders with the same keys (sealing is deterministic) and the matching receiver."""
+    to_b, to_a = bytes(range(32)), bytes(range(1, 33))
+    return Session(to_b, to_a), Session(to_b, to_a), Session(to_a, to_b)
+
+
+def test_a_small_frame_sealed_in_one_piece_is_the_records_of_seal_frame() -> None:
+    one_piece, by_records, receiver = _sessions()
+    frames = [(KIND_HEARTBEAT, 1, 0, b"", 0), (KIND_OBJECT, 1, 7, b"x" * 100, 3), (KIND_CONTROL, 1, 9, b"{}", 1)]
+    a, b = pair()
+    try:
+        for kind, source, tag, payload, ctx in frames:
+            sealed = one_piece.seal_small(kind, source, tag, payload, ctx=ctx)
+            assert sealed == b"".join(by_records.seal_frame(kind, source, tag, payload, ctx=ctx))
+            b.sendall(sealed)
+        assert [read_frame(a, receiver) for _ in frames] == [
+            (kind, source, ctx, tag, bytearray(payload)) for kind, source, tag, payload, ctx in frames
+        ]
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_frame_without_a_payload_carries_none() -> None:
+    one_piece, by_records, receiver = _sessions()
+    sealed = one_piece.seal_small(KIND_HEARTBEAT, 1, 5)
+    assert sealed == b"".join(by_records.seal_frame(KIND_HEARTBEAT, 1, 5))
+    a, b = pair()
+    try:
+        b.sendall(sealed)
+        send_frame(b, by_records, KIND_HEARTBEAT, 1, 6)
+        assert [read_frame(a, receiver) for _ in range(2)] == [(KIND_HEARTBEAT, 1, 0, t, bytearray()) for t in (5, 6)]
+    finally:
+        a.close()
+        b.close()
+
+
+def test_the_incremental_reader_counts_every_record_it_checks(linked) -> None:
+    # The transport's liveness watches this count: authenticated bytes arrived from the peer.
+    a, acceptor, b, initiator = linked
+    reader = FrameReader(acceptor)
+    b.sendall(b"".join(initiator.seal_frame(KIND_OBJECT, 1, 0, b"x" * (INLINE + 1))))  # header + 1 record
+    assert len(feed_all(reader, a)) == 1 and reader.records == 2
+    b.sendall(b"".join(initiator.seal_frame(KIND_OBJECT, 1, 0, b"x" * INLINE)))  # inside the header record
+    assert len(feed_all(reader, a)) == 1 and reader.records == 3
+    b.sendall(b"".join(initiator.seal_frame(KIND_HEARTBEAT, 1, 0)))  # header only
+    assert len(feed_all(reader, a)) == 1 and reader.records == 4
+
+
+def test_recv_exact_takes_what_is_there_before_its_deadline_and_says_how_far_it_got() -> None:
+    a, b = pair()
+    try:
+        b.sendall(b"0123456789")
+        assert recv_exact(a, 4, deadline=time.monotonic() + 0.5) == b"0123"  # under a second is still time
+        with pytest.raises(TimeoutError) as caught:
+            recv_exact(a, 10, deadline=time.monotonic() - 0.1)  # the socket's own timeout says less
+        assert str(caught.value) == "timed out after 0 of 10 bytes"
+        assert recv_exact(a, 6) == b"456789"
+        b.sendall(b"abc")
+        b.close()
+        with pytest.raises(EOFError) as ended:
+            recv_exact(a, 10)
+        assert str(ended.value) == "connection closed after 3 of 10 bytes"
+    finally:
+        a.close()
+        b.close()
+
+
+def test_one_ranks_entry_is_read_from_a_packed_table() -> None:
+    entries = [
+        ("10.0.0.1", 5001, "1.2.3.4", 6001),
+        ("10.0.0.2", 5002, "1.2.3.5", 6002),
+        ("10.0.0.3", 5003, "9.9.9.9", 1),
+    ]
+    data = pack_table(entries)
+    assert table_bytes(3) == len(data) == 36
+    assert [table_entry(data, r) for r in (2, 0)] == [
+        (("10.0.0.3", 5003), ("9.9.9.9", 1)),
+        (("10.0.0.1", 5001), ("1.2.3.4", 6001)),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("job_id", "valid"),
+    [
+        ("a", True),
+        ("Job-1.run_2", True),
+        ("j" * 64, True),
+        ("j" * 65, False),
+        ("", False),
+        ("-job", False),
+        (".job", False),
+        ("a b", False),
+        ("jöb", False),
+        (b"job", False),
+        (None, False),
+    ],
+)
+def test_valid_job_ids(job_id, valid) -> None:
+    assert valid_job_id(job_id) is valid
+
+
+def test_a_frame_of_exactly_the_limit_is_read(linked) -> None:
+    a, acceptor, b, initiator = linked
+    b.sendall(b"".join(initiator.seal_frame(KIND_OBJECT, 1, 0, b"x" * 64)))
+    assert read_frame(a, acceptor, limit=64).payload == b"x" * 64
+
+
+def test_an_acceptor_without_the_key_is_named_in_words() -> None:
+    a, b = pair()
+    thread = threading.Thread(target=lambda: (a.sendall(PROTOCOL + bytes(NONCE)), a.recv(4096), a.sendall(bytes(MAC))))
+    thread.start()
+    try:
+        with pytest.raises(AuthError) as caught:
+            handshake_connect(b, KEY, "job-1", 1, 0)
+        assert str(caught.value) == "the other side does not know the job key"
+    finally:
+        thread.join(timeout=10)
+        a.close()
+        b.close()
