@@ -121,7 +121,10 @@ def test_ranks_that_never_start_fail_within_the_deadline_naming_them(local_cloud
     bound = 3 * (8 + gang.COLD_START_S)
     assert f"at most {bound:.0f} s" in why and 2 * 8 <= billed <= bound  # ranks 0 and 1 waited out the deadline
     assert took < 8 + gang.COLD_START_S  # not the 310 s of retries: the failed Map stops them
-    assert "Rank: aborted" in local_cloud.workflow.events
+    # Rank 2's retry is aborted while it waits, or, when an environment the failed ranks freed
+    # takes it first (a race Lambda has too), that one late attempt fails with the job.
+    events = local_cloud.workflow.events
+    assert "Rank: aborted" in events or events.count("Rank: failed RankFailedError") == 3, events
     assert not _job_objects(local_cloud, "gang-never/predictions/")
 
 
