@@ -70,6 +70,7 @@ from lambda_shim.wire import (
     AuthError,
     Frame,
     FrameReader,
+    RecordBuffers,
     RefusedError,
     Session,
     decode_control,
@@ -88,6 +89,7 @@ MODES = ("auto", "punch", "direct", "relay")
 GONE_GRACE_S = 2.0  # a rank reported gone may still have a connection being set up
 DEFAULT_LIVENESS_S = 60.0
 MAX_HANDSHAKES = 32  # handshakes in flight on this rank's listeners; more are turned away
+SEAL_BUFFERS = 4  # idle 1 MiB seal buffers a rank keeps for its next big frames (any links)
 MAX_WORLD = 100_000
 REFUSED_S = 2.0  # a peer's listener that refuses connections this long has left
 QUIET_S = 0.002  # the background thread runs progress once no thread was inside for this long
@@ -191,12 +193,17 @@ class _Out:
         self.op = op
 
 
-def _records(session: Session, kind: int, source: int, tag: int, payload, ctx: int) -> Iterator[bytes]:
-    """A frame's records; a small frame as one piece (one system call)."""
+def _records(
+    session: Session, buffers: RecordBuffers, kind: int, source: int, tag: int, payload, ctx: int
+) -> Iterator[bytes]:
+    """A frame's records; a small frame as one piece (one system call). A big one is sealed
+    into a buffer borrowed from ``buffers`` (each record is sent before the next is sealed),
+    given back once its last record has gone to the kernel, or when the link ends and drops
+    it (``_Link.flush`` takes the next record only after the previous one has gone)."""
     if len(payload) <= SMALL:
         yield session.seal_small(kind, source, tag, payload, ctx)
     else:
-        yield from session.seal_frame(kind, source, tag, payload, ctx, reuse=True)  # each sent before the next
+        yield from session.seal_frame(kind, source, tag, payload, ctx, buffers)
 
 
 class _Link:
@@ -344,6 +351,7 @@ class Transport:
         self._failed = False  # a CommError reached the caller: the bye says so
         self._failed_sends = 0  # sends that can never complete (waits then look at each op's error)
         self._handshakes = threading.BoundedSemaphore(MAX_HANDSHAKES)
+        self._seal_buffers = RecordBuffers(SEAL_BUFFERS)  # shared by the links, lent per big frame
         # The progress engine: one epoll set; whoever holds ``_progress`` reads and flushes.
         self._epoll = select.epoll()
         self._fds: dict[int, object] = {}  # fd -> _Link, a listener, or the wake pipe
@@ -997,7 +1005,9 @@ class Transport:
             if link.out or len(payload) > SMALL:
                 if not link.out:
                     link.moved = time.monotonic()  # the send deadline counts from now
-                link.out.append(_Out(_records(link.session, kind, self.rank, tag, payload, ctx), op))
+                link.out.append(
+                    _Out(_records(link.session, self._seal_buffers, kind, self.rank, tag, payload, ctx), op)
+                )
             else:
                 data = link.session.seal_small(kind, self.rank, tag, payload, ctx)
                 try:
@@ -1314,7 +1324,7 @@ class Transport:
             return
         try:
             bye = encode_control({"op": "bye", "failed": True} if self._failed else {"op": "bye"})
-            link.out.append(_Out(_records(link.session, KIND_CONTROL, self.rank, 0, bye, 0), None))
+            link.out.append(_Out(_records(link.session, self._seal_buffers, KIND_CONTROL, self.rank, 0, bye, 0), None))
             room = select.poll()  # not select(): descriptors past 1023
             room.register(link.sock, select.POLLOUT)
             give_up = time.monotonic() + 1.0

@@ -10,6 +10,7 @@ import socket
 import struct
 import threading
 import time
+import tracemalloc
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
@@ -21,7 +22,16 @@ from lambda_shim.errors import CommError
 from lambda_shim.objects import counted_size
 from lambda_shim.tcpcomm import TcpComm
 from lambda_shim.transport import MAX_WIRE_TAG, Envelope, SendOp, ShimConfig, Transport
-from lambda_shim.wire import KIND_BYTES, KIND_OBJECT, KIND_OBJECT_BYTEARRAY, KIND_OBJECT_BYTES, job_key
+from lambda_shim.wire import (
+    CHUNK,
+    KIND_BYTES,
+    KIND_OBJECT,
+    KIND_OBJECT_BYTEARRAY,
+    KIND_OBJECT_BYTES,
+    SMALL,
+    TAG,
+    job_key,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -522,3 +532,54 @@ def test_a_wait_whose_op_completes_as_the_deadline_passes_does_not_raise_stop_it
     op = _CompletesAtTheDeadline(1, 0, 5)
     a.wait([op], deadline=time.monotonic() - 1)  # complete by the time its deadline is judged
     assert op.done
+
+
+# ---------------------------------------------------------------- wire3: seal buffers, acks, server reads
+def _seal_buffers_alive() -> int:
+    """Live allocations the size of one sealed record (a seal buffer, or a reader's record
+    buffer while it reads a big frame), as tracemalloc sees them."""
+    record = CHUNK + TAG
+    return sum(1 for trace in tracemalloc.take_snapshot().traces if record <= trace.size <= record + 64)
+
+
+def test_seal_buffers_are_held_by_frames_being_sent_not_by_every_link_that_sent_one(world) -> None:
+    """attack2's N1: a rank that sent one big frame to each of 8 peers held a 1 MiB seal
+    buffer per link for the rest of the job (1 GB at 1,000 peers). Once those frames have left,
+    no more than the transport's pool keeps is held."""
+    ranks = world(9)
+    a = ranks[0]
+    big = bytes(range(256)) * (2 * 2**20 // 256 + 1)
+    tracemalloc.start()
+    try:
+        for peer in ranks[1:]:
+            a.wait([send(a, peer.rank, 3, big)], deadline=time.monotonic() + 60)
+            assert recv(peer, 0, 3)[2] == big  # the reader's record buffer has gone with the frame
+        held = _seal_buffers_alive()
+    finally:
+        tracemalloc.stop()
+    assert held <= transport.SEAL_BUFFERS
+
+
+def test_big_frames_from_several_threads_to_several_peers_all_arrive_intact(world) -> None:
+    """More big frames in flight at once than the seal buffer pool keeps (so some borrow a
+    fresh buffer): each record is sealed into a buffer no other frame is using until it left."""
+    ranks = world(4)
+    a, peers = ranks[0], ranks[1:]
+    sizes = (SMALL + 1, CHUNK + 1, 3 * CHUNK + 7)
+
+    def payload(thread: int, peer: int, i: int) -> bytes:
+        return bytes([thread, peer, i]) * (sizes[i] // 3) + bytes(sizes[i] % 3)
+
+    def sender(thread: int) -> None:
+        ops = [a.isend(p.rank, 0, thread, KIND_BYTES, payload(thread, p.rank, i)) for i in range(3) for p in peers]
+        a.wait(ops, deadline=time.monotonic() + 60)
+
+    def receiver(peer: Transport) -> list[bool]:
+        return [recv(peer, 0, thread)[2] == payload(thread, peer.rank, i) for thread in range(3) for i in range(3)]
+
+    with ThreadPoolExecutor(6) as pool:
+        senders = [pool.submit(sender, thread) for thread in range(3)]
+        intact = [pool.submit(receiver, p) for p in peers]
+        for f in senders:
+            f.result(timeout=90)
+        assert [f.result(timeout=90) for f in intact] == [[True] * 9] * 3
