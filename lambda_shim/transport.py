@@ -96,7 +96,7 @@ QUIET_S = 0.002  # the background thread runs progress once no thread was inside
 IN, OUT = select.EPOLLIN, select.EPOLLOUT
 MAX_WIRE_TAG = 2**31 - 1  # a frame header's tag is a signed 32-bit integer
 MAX_CTX = 2**32 - 1  # and its context an unsigned one
-_MESSAGE_KINDS = frozenset((KIND_OBJECT, KIND_OBJECT_BYTES, KIND_OBJECT_BYTEARRAY, KIND_BYTES, KIND_ACK))
+_MESSAGE_KINDS = frozenset((KIND_OBJECT, KIND_OBJECT_BYTES, KIND_OBJECT_BYTEARRAY, KIND_BYTES))  # SYNC may be or-ed in
 
 
 @dataclass
@@ -843,11 +843,12 @@ class Transport:
         kind, source, ctx, tag, payload = frame
         if kind == KIND_HEARTBEAT:
             return
-        if source != link.peer or kind & ~SYNC not in _MESSAGE_KINDS:
-            raise AuthError(f"a malformed frame from rank {link.peer}")
-        if kind == KIND_ACK:
+        if kind == KIND_ACK and source == link.peer and not payload:
             self._acked(link.peer, ctx, tag)
             return
+        # Any other ack (SYNC or-ed in, a payload) is no message either: a protocol error.
+        if source != link.peer or kind & ~SYNC not in _MESSAGE_KINDS:
+            raise AuthError(f"a malformed frame from rank {link.peer}")
         ack = (lambda: self._queue(link, KIND_ACK, tag, b"", ctx)) if kind & SYNC else None
         self._deliver(link.peer, ctx, tag, kind & ~SYNC, payload, ack)
 

@@ -24,11 +24,13 @@ from lambda_shim.tcpcomm import TcpComm
 from lambda_shim.transport import MAX_WIRE_TAG, Envelope, SendOp, ShimConfig, Transport
 from lambda_shim.wire import (
     CHUNK,
+    KIND_ACK,
     KIND_BYTES,
     KIND_OBJECT,
     KIND_OBJECT_BYTEARRAY,
     KIND_OBJECT_BYTES,
     SMALL,
+    SYNC,
     TAG,
     job_key,
 )
@@ -583,3 +585,17 @@ def test_big_frames_from_several_threads_to_several_peers_all_arrive_intact(worl
         for f in senders:
             f.result(timeout=90)
         assert [f.result(timeout=90) for f in intact] == [[True] * 9] * 3
+
+
+@pytest.mark.parametrize("payload", [b"", b"data"])
+def test_an_ack_frame_marked_sync_is_refused_naming_its_peer_not_delivered(world, payload) -> None:
+    """A frame of kind ``KIND_ACK | SYNC`` (only a key holder can seal one) is no message: it
+    ends the link as a protocol error naming the peer, and no receive takes it."""
+    a, b = world(2)
+    send(b, 0, 1, b"hello")  # the link exists and works
+    assert recv(a, 1, 1)[2] == b"hello"
+    op = a.irecv(1, 0, 5)
+    b._queue(b._link(0), KIND_ACK | SYNC, 5, payload, 0)  # sealed by the peer's real session
+    with pytest.raises(CommError, match="malformed frame from rank 1"):
+        a.wait([op], deadline=time.monotonic() + 30)
+    assert op.payload is None
