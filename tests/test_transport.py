@@ -14,12 +14,14 @@ import tracemalloc
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy
 import pytest
 
 from lambda_shim import transport
-from lambda_shim.constants import ANY_SOURCE, ANY_TAG, Status
-from lambda_shim.errors import CommError
+from lambda_shim.constants import ANY_SOURCE, ANY_TAG, PROC_NULL, Status
+from lambda_shim.errors import ERR_RANK, CommError, MPIException
 from lambda_shim.objects import counted_size
+from lambda_shim.request import Request
 from lambda_shim.tcpcomm import TcpComm
 from lambda_shim.transport import MAX_WIRE_TAG, Envelope, SendOp, ShimConfig, Transport
 from lambda_shim.wire import (
@@ -599,3 +601,33 @@ def test_an_ack_frame_marked_sync_is_refused_naming_its_peer_not_delivered(world
     with pytest.raises(CommError, match="malformed frame from rank 1"):
         a.wait([op], deadline=time.monotonic() + 30)
     assert op.payload is None
+
+
+def test_a_blocking_receive_without_a_status_builds_no_request_and_gives_what_mpi4py_gives(
+    comm_pair, monkeypatch
+) -> None:
+    """The latency path: ``recv`` with no status waits for its transport op itself. What it
+    returns, and what it raises, are those of the path through a Request."""
+    a, b = comm_pair
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a Request was made")
+
+    monkeypatch.setattr(Request, "_new", refuse)
+    objects = [{"x": [1, 2.5]}, None, b"", b"8 bytes!", bytearray(b"ab" * 40_000), 2**100, "text" * 50_000]
+    for tag, obj in enumerate(objects):
+        a.send(obj, dest=1, tag=tag)
+    for tag, obj in reversed(list(enumerate(objects))):  # matched by tag, past the others
+        got = b.recv(source=0, tag=numpy.int32(tag)) if tag % 2 else b.recv(source=ANY_SOURCE, tag=tag)
+        assert type(got) is type(obj) and got == obj
+    assert b.recv(source=PROC_NULL, tag=ANY_TAG) is None
+    with pytest.raises(MPIException) as bad_rank:
+        b.recv(source=2)
+    assert bad_rank.value.Get_error_class() == ERR_RANK
+    with pytest.raises(OverflowError):
+        b.recv(source=0, tag=2**40)
+    monkeypatch.undo()
+    a.send("with a status", dest=1, tag=9)
+    status = Status()
+    assert b.recv(source=ANY_SOURCE, tag=ANY_TAG, status=status) == "with a status"
+    assert (status.Get_source(), status.Get_tag(), status.Get_count()) == (0, 9, len(pickle.dumps("with a status", 5)))
