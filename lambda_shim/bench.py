@@ -144,15 +144,16 @@ def frame_rates(repeat: int = 5) -> list[dict]:
     import hmac
 
     from lambda_shim.landing import new_bytearray
-    from lambda_shim.wire import HEADER, KIND_BYTES, Session, chunk_sizes
+    from lambda_shim.wire import HEADER, KIND_BYTES, RecordBuffers, Session, chunk_sizes
 
     key = bytes(range(32))
     a, b = Session(key, key[::-1]), Session(key[::-1], key)
+    buffers = RecordBuffers(1)
 
     def aes_gcm(payload: bytes) -> None:
         """As the transport does it: each record opened as it comes (the sender seals the next
         into the same buffer), into a payload allocated once the header is checked."""
-        records = a.seal_frame(KIND_BYTES, 0, 0, payload, reuse=True)
+        records = a.seal_frame(KIND_BYTES, 0, 0, payload, buffers=buffers)
         length = b.open_header(next(records))[0].length
         out, off = memoryview(new_bytearray(length)), 0
         for record, n in zip(records, chunk_sizes(length), strict=True):

@@ -43,6 +43,15 @@ def decode(kind: int, payload: bytes | bytearray) -> Any:
     return PICKLE.loads(payload)
 
 
+def received(kind: int, payload: bytes | bytearray) -> Any:
+    """What an object receive returns for a message of ``kind``: an unpickled object as
+    itself; every other message unpickled, a buffer send's too, as mpi4py does (it is
+    authenticated: sealed by the peer's connection key). An empty message is None."""
+    if kind in UNPICKLED_KINDS:
+        return decode(kind, payload)
+    return PICKLE.loads(payload) if payload else None
+
+
 def as_sent_by_mpi4py(kind: int, payload: bytes | bytearray) -> bytes | bytearray:
     """The bytes mpi4py would have sent for a message: what a buffer receive (``Recv``) of an
     object message takes, which for an unpickled object is its pickle."""

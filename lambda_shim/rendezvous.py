@@ -93,6 +93,10 @@ class Throttled:
         log.warning(fmt + (f" ({more} more like this since the last line)" if more else ""), *args)
 
 
+class StalledError(Exception):
+    """A frame stopped part-way: the connection is out of step and cannot be read on."""
+
+
 class Conn:
     """One authenticated connection: its streams, its frame session and who opened it."""
 
@@ -113,15 +117,26 @@ class Conn:
     def control(self, message: dict) -> None:
         self.send(KIND_CONTROL, encode_control(message))
 
-    async def read(self) -> tuple[int, bytearray]:
-        (kind, _, _, _, length), inline = self.session.open_header(
-            await self.reader.readexactly(SEALED_HEADER), MAX_REQUEST
-        )
-        payload = bytearray(inline) if length <= INLINE else bytearray(length)
+    async def read(self, first_s: float | None = None, rest_s: float | None = None) -> tuple[int, bytearray]:
+        """One frame, read whole or not at all. TimeoutError if its header record has not come
+        within ``first_s``: nothing is taken from the stream then (``readexactly`` takes a
+        record only once all of it is there, and the timeout cancels this task, not a task of
+        its own that may have taken it), so the next read is in step. Once the header is
+        taken, the rest must come within ``rest_s``, else ``StalledError``."""
+        async with asyncio.timeout(first_s):
+            record = await self.reader.readexactly(SEALED_HEADER)
+        (kind, _, _, _, length), inline = self.session.open_header(record, MAX_REQUEST)
+        if length <= INLINE:
+            return kind, bytearray(inline)
+        payload = bytearray(length)
         out, off = memoryview(payload), 0
-        for n in chunk_sizes(length):
-            self.session.open_into(await self.reader.readexactly(n + TAG), out[off : off + n])
-            off += n
+        try:
+            async with asyncio.timeout(rest_s):
+                for n in chunk_sizes(length):
+                    self.session.open_into(await self.reader.readexactly(n + TAG), out[off : off + n])
+                    off += n
+        except TimeoutError:
+            raise StalledError(f"a request stopped after its header for {rest_s:g} s") from None
         return kind, payload
 
     def close(self) -> None:
@@ -268,11 +283,15 @@ class Rendezvous:
         conn = member.conn
         while True:
             try:
-                kind, payload = await asyncio.wait_for(conn.read(), member.liveness_s)
+                # A frame whose header came in time has its own deadline: a wait given up
+                # part-way through a frame would leave the next read out of step.
+                kind, payload = await conn.read(member.liveness_s, member.liveness_s)
             except TimeoutError:
                 if not job.complete.is_set() or time.monotonic() - job.completed_at < member.liveness_s:
                     continue  # a rank says nothing until it has the table, then heartbeats
                 return f"no heartbeat for {member.liveness_s:g} s"
+            except StalledError as exc:
+                return str(exc)
             except (asyncio.IncompleteReadError, ConnectionError, AuthError) as exc:
                 return f"its connection to the server ended ({type(exc).__name__})"
             if kind == KIND_HEARTBEAT:

@@ -19,9 +19,7 @@ from typing import Any
 
 from lambda_shim.constants import ANY_SOURCE, ANY_TAG, PROC_NULL, UNDEFINED, Status, fill_status
 from lambda_shim.errors import ERR_IN_STATUS, ERR_PENDING, ERR_REQUEST, ERR_TRUNCATE, CommError, MPIException
-from lambda_shim.objects import UNPICKLED_KINDS, as_sent_by_mpi4py
-from lambda_shim.objects import decode as decode_object
-from lambda_shim.pickler import PICKLE
+from lambda_shim.objects import as_sent_by_mpi4py, received
 
 # What a request delivers when it completes. GENERALIZED: an op a thread completes (a
 # nonblocking collective): its ``failure``, if not None, is raised by the completing call.
@@ -189,11 +187,7 @@ class Request:
             if self.on_complete is not None:
                 self.on_complete(self, status)
             return None
-        if op.envelope.kind in UNPICKLED_KINDS:
-            return decode_object(op.envelope.kind, op.payload)
-        # Every other message is unpickled, a buffer send's too, as mpi4py does: it is
-        # authenticated (sealed by the peer's connection key). An empty message is None.
-        return PICKLE.loads(op.payload) if op.payload else None
+        return received(op.envelope.kind, op.payload)
 
     # ---------------------------------------------------------------- one request
     def wait(self, status: Any = None) -> Any:

@@ -48,6 +48,7 @@ from lambda_shim.errors import ERR_COMM, ERR_RANK, ERR_REQUEST, ERR_ROOT, ERR_TA
 from lambda_shim.message import parse as parse_spec
 from lambda_shim.nonblocking import NonblockingAPI, worker_tag
 from lambda_shim.objects import encode as encode_object
+from lambda_shim.objects import received
 from lambda_shim.persistent import PersistentAPI
 from lambda_shim.pickler import PICKLE
 from lambda_shim.request import RECV_BYTES, RECV_OBJECT, REQUEST_NULL, SEND, Request
@@ -277,16 +278,20 @@ class Comm(NonblockingAPI, PersistentAPI, BufferAPI):
     # ---------------------------------------------------------------- checks
     def _valid_rank(self, rank: Any, wildcard: bool, what: str = "rank") -> int:
         """A peer rank: of this communicator, PROC_NULL, or (receives) ANY_SOURCE."""
-        rank = c_int(rank)
+        if type(rank) is not int:  # an int in range needs no conversion (the path of every message)
+            rank = c_int(rank)
         if 0 <= rank < self.size or rank == PROC_NULL or (wildcard and rank == ANY_SOURCE):
             return rank
+        rank = c_int(rank)  # OverflowError beyond a C int, as mpi4py's
         raise MPIException(ERR_RANK, f"{what} has value {rank} but must be nonnegative and less than {self.size}")
 
     @staticmethod
     def _valid_tag(tag: Any, wildcard: bool) -> int:
-        tag = c_int(tag)
+        if type(tag) is not int:
+            tag = c_int(tag)
         if 0 <= tag <= MAX_TAG or (wildcard and tag == ANY_TAG):
             return tag
+        tag = c_int(tag)
         raise MPIException(ERR_TAG, f"value is {tag}")
 
     def _valid_root(self, root: Any) -> int:
@@ -376,7 +381,18 @@ class Comm(NonblockingAPI, PersistentAPI, BufferAPI):
     def recv(self, buf: Any = None, source: int = ANY_SOURCE, tag: int = ANY_TAG, status: Any = None) -> Any:
         if buf is not None:  # as mpi4py 4, which still honours it
             warnings.warn("the 'buf' argument is deprecated", UserWarning, stacklevel=2)
-        return self.irecv(buf, source, tag).wait(status)
+        if buf is not None or status is not None:
+            return self.irecv(buf, source, tag).wait(status)
+        # Nothing to fill or bound (and a blocking receive cannot be cancelled): its op is
+        # waited for here, with no Request (latency), as a blocking send's is.
+        source = self._valid_rank(source, wildcard=True)
+        tag = self._valid_tag(tag, wildcard=True)
+        if source == PROC_NULL:
+            return None
+        op = self._transport.irecv(source if source == ANY_SOURCE else self._group[source], self._ctx, tag)
+        if not op.done:
+            self._transport.wait([op])
+        return received(op.envelope.kind, op.payload)
 
     def sendrecv(
         self,

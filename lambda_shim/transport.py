@@ -70,6 +70,7 @@ from lambda_shim.wire import (
     AuthError,
     Frame,
     FrameReader,
+    RecordBuffers,
     RefusedError,
     Session,
     decode_control,
@@ -88,13 +89,14 @@ MODES = ("auto", "punch", "direct", "relay")
 GONE_GRACE_S = 2.0  # a rank reported gone may still have a connection being set up
 DEFAULT_LIVENESS_S = 60.0
 MAX_HANDSHAKES = 32  # handshakes in flight on this rank's listeners; more are turned away
+SEAL_BUFFERS = 4  # idle 1 MiB seal buffers a rank keeps for its next big frames (any links)
 MAX_WORLD = 100_000
 REFUSED_S = 2.0  # a peer's listener that refuses connections this long has left
 QUIET_S = 0.002  # the background thread runs progress once no thread was inside for this long
 IN, OUT = select.EPOLLIN, select.EPOLLOUT
 MAX_WIRE_TAG = 2**31 - 1  # a frame header's tag is a signed 32-bit integer
 MAX_CTX = 2**32 - 1  # and its context an unsigned one
-_MESSAGE_KINDS = frozenset((KIND_OBJECT, KIND_OBJECT_BYTES, KIND_OBJECT_BYTEARRAY, KIND_BYTES, KIND_ACK))
+_MESSAGE_KINDS = frozenset((KIND_OBJECT, KIND_OBJECT_BYTES, KIND_OBJECT_BYTEARRAY, KIND_BYTES))  # SYNC may be or-ed in
 
 
 @dataclass
@@ -191,12 +193,17 @@ class _Out:
         self.op = op
 
 
-def _records(session: Session, kind: int, source: int, tag: int, payload, ctx: int) -> Iterator[bytes]:
-    """A frame's records; a small frame as one piece (one system call)."""
+def _records(
+    session: Session, buffers: RecordBuffers, kind: int, source: int, tag: int, payload, ctx: int
+) -> Iterator[bytes]:
+    """A frame's records; a small frame as one piece (one system call). A big one is sealed
+    into a buffer borrowed from ``buffers`` (each record is sent before the next is sealed),
+    given back once its last record has gone to the kernel, or when the link ends and drops
+    it (``_Link.flush`` takes the next record only after the previous one has gone)."""
     if len(payload) <= SMALL:
         yield session.seal_small(kind, source, tag, payload, ctx)
     else:
-        yield from session.seal_frame(kind, source, tag, payload, ctx, reuse=True)  # each sent before the next
+        yield from session.seal_frame(kind, source, tag, payload, ctx, buffers)
 
 
 class _Link:
@@ -344,6 +351,7 @@ class Transport:
         self._failed = False  # a CommError reached the caller: the bye says so
         self._failed_sends = 0  # sends that can never complete (waits then look at each op's error)
         self._handshakes = threading.BoundedSemaphore(MAX_HANDSHAKES)
+        self._seal_buffers = RecordBuffers(SEAL_BUFFERS)  # shared by the links, lent per big frame
         # The progress engine: one epoll set; whoever holds ``_progress`` reads and flushes.
         self._epoll = select.epoll()
         self._fds: dict[int, object] = {}  # fd -> _Link, a listener, or the wake pipe
@@ -835,11 +843,12 @@ class Transport:
         kind, source, ctx, tag, payload = frame
         if kind == KIND_HEARTBEAT:
             return
-        if source != link.peer or kind & ~SYNC not in _MESSAGE_KINDS:
-            raise AuthError(f"a malformed frame from rank {link.peer}")
-        if kind == KIND_ACK:
+        if kind == KIND_ACK and source == link.peer and not payload:
             self._acked(link.peer, ctx, tag)
             return
+        # Any other ack (SYNC or-ed in, a payload) is no message either: a protocol error.
+        if source != link.peer or kind & ~SYNC not in _MESSAGE_KINDS:
+            raise AuthError(f"a malformed frame from rank {link.peer}")
         ack = (lambda: self._queue(link, KIND_ACK, tag, b"", ctx)) if kind & SYNC else None
         self._deliver(link.peer, ctx, tag, kind & ~SYNC, payload, ack)
 
@@ -997,7 +1006,9 @@ class Transport:
             if link.out or len(payload) > SMALL:
                 if not link.out:
                     link.moved = time.monotonic()  # the send deadline counts from now
-                link.out.append(_Out(_records(link.session, kind, self.rank, tag, payload, ctx), op))
+                link.out.append(
+                    _Out(_records(link.session, self._seal_buffers, kind, self.rank, tag, payload, ctx), op)
+                )
             else:
                 data = link.session.seal_small(kind, self.rank, tag, payload, ctx)
                 try:
@@ -1314,7 +1325,7 @@ class Transport:
             return
         try:
             bye = encode_control({"op": "bye", "failed": True} if self._failed else {"op": "bye"})
-            link.out.append(_Out(_records(link.session, KIND_CONTROL, self.rank, 0, bye, 0), None))
+            link.out.append(_Out(_records(link.session, self._seal_buffers, KIND_CONTROL, self.rank, 0, bye, 0), None))
             room = select.poll()  # not select(): descriptors past 1023
             room.register(link.sock, select.POLLOUT)
             give_up = time.monotonic() + 1.0

@@ -21,6 +21,7 @@ nesting depth.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import hmac
 import json
@@ -164,6 +165,26 @@ def recv_into(sock: socket.socket, view: memoryview, deadline: float | None = No
 
 
 # ---------------------------------------------------------------- sealed frames
+class RecordBuffers:
+    """Buffers that big frames' payload records are sealed into, lent to one frame at a time
+    and kept for the next (at most ``keep`` idle ones): the memory they hold follows the frames
+    being sent at the moment, not every connection that ever sent one. A borrower that finds
+    none idle gets a fresh buffer, which goes back to the idle ones, or is freed if ``keep``
+    are idle already. Thread-safe (a deque's appends and pops are)."""
+
+    def __init__(self, keep: int) -> None:
+        self._idle: collections.deque[bytearray] = collections.deque(maxlen=keep)
+
+    def lend(self) -> bytearray:
+        try:
+            return self._idle.pop()
+        except IndexError:
+            return bytearray(CHUNK + TAG)
+
+    def take_back(self, buffer: bytearray) -> None:
+        self._idle.append(buffer)  # when full, the deque frees the oldest idle buffer
+
+
 class Session:
     """The AES-GCM keys of one connection, one per direction, and a record counter for each
     (the nonce). Callers serialise sends on a connection, and reads."""
@@ -171,7 +192,6 @@ class Session:
     def __init__(self, send_key: bytes, recv_key: bytes) -> None:
         self._send, self._recv = AESGCM(send_key), AESGCM(recv_key)
         self._sent = self._received = 0
-        self._record: bytearray | None = None  # where ``seal_frame(reuse=True)`` seals payload records
 
     def _seal(self, data: bytes | memoryview) -> bytes:
         record = self._send.encrypt(self._sent.to_bytes(12, "big"), data, None)
@@ -179,31 +199,41 @@ class Session:
         return record
 
     def seal_frame(
-        self, kind: int, source: int, tag: int, payload: bytes | memoryview = b"", ctx: int = 0, reuse: bool = False
+        self,
+        kind: int,
+        source: int,
+        tag: int,
+        payload: bytes | memoryview = b"",
+        ctx: int = 0,
+        buffers: RecordBuffers | None = None,
     ) -> Iterator[bytes | memoryview]:
         """The sealed records of one frame, in sending order, each sealed as it is taken (a big
-        payload is never held twice). With ``reuse``, the payload records are sealed into one
-        buffer the session keeps, each valid until the next is taken (for a consumer that is
+        payload is never held twice). With ``buffers``, the payload records are sealed into one
+        buffer borrowed from them, each valid until the next is taken (for a consumer that is
         done with each record first): a big frame then costs no fresh memory, whose first
-        touch costs more here than sealing it."""
+        touch costs more here than sealing it. The buffer goes back when the frame's last
+        record has been taken and the next call finds nothing more (or when the records are
+        dropped unfinished), so it is held only while the frame is being sent."""
         n = len(payload)
         yield self._seal(FIRST.pack(kind, source, ctx, tag, n, bytes(payload) if n <= INLINE else b""))
         if n <= INLINE:
             return
         view = memoryview(payload)
-        if not reuse:
+        if buffers is None:
             for off in range(0, len(view), CHUNK):
                 yield self._seal(view[off : off + CHUNK])
             return
-        if self._record is None:
-            self._record = bytearray(CHUNK + TAG)
-        record, seal = memoryview(self._record), self._send.encrypt_into
-        for off in range(0, len(view), CHUNK):
-            piece = view[off : off + CHUNK]
-            out = record[: len(piece) + TAG]
-            seal(self._sent.to_bytes(12, "big"), piece, None, out)
-            self._sent += 1
-            yield out
+        buffer = buffers.lend()
+        try:
+            record, seal = memoryview(buffer), self._send.encrypt_into
+            for off in range(0, len(view), CHUNK):
+                piece = view[off : off + CHUNK]
+                out = record[: len(piece) + TAG]
+                seal(self._sent.to_bytes(12, "big"), piece, None, out)
+                self._sent += 1
+                yield out
+        finally:
+            buffers.take_back(buffer)
 
     def seal_small(self, kind: int, source: int, tag: int, payload: bytes | memoryview = b"", ctx: int = 0) -> bytes:
         """A frame whose payload fits one record (``seal_frame``'s records as one piece)."""

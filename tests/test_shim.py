@@ -21,6 +21,8 @@ from lambda_shim.launch import start_server
 from lambda_shim.tcpcomm import CommError, ShimConfig, TcpComm
 from lambda_shim.wire import (
     KIND_CONTROL,
+    KIND_HEARTBEAT,
+    KIND_TABLE,
     SERVER,
     AuthError,
     Session,
@@ -798,3 +800,50 @@ def test_the_handler_needs_the_rendezvous_address_in_its_configuration(monkeypat
     monkeypatch.delenv("CAI_HPC_RENDEZVOUS", raising=False)
     with pytest.raises(handler.RankFailedError, match="configuration has no CAI_HPC_RENDEZVOUS"):
         handler.handler(GOOD_EVENT | {"rendezvous": "127.0.0.1:7777"}, None)
+
+
+# ---------------------------------------------------------------- wire3: a request read whole or not at all
+def _member(server: Server, liveness_s: float) -> tuple[socket.socket, Session]:
+    """A raw rank registered alone in a fresh job (so wired up at once), its table read."""
+    sock, session = _raw_client(server, uuid.uuid4().hex, 0)
+    message = {"op": "register", "size": 1, "host": "127.0.0.1", "port": 9, "wait_s": 30, "liveness_s": liveness_s}
+    send_frame(sock, session, KIND_CONTROL, 0, 0, encode_control(message))
+    assert read_frame(sock, session, 65536).kind == KIND_TABLE
+    return sock, session
+
+
+def test_a_request_whose_payload_record_comes_past_the_liveness_deadline_is_read_whole(server) -> None:
+    """attack2's note: the server's liveness wait could give up between a request's header
+    record and its payload record; its next read was then out of step and ended the member.
+    A frame whose header came within the deadline is read whole (its rest has a deadline of its
+    own), and the member is served after it."""
+    sock, session = _member(server, liveness_s=2.0)
+    header, payload = session.seal_frame(KIND_CONTROL, 0, 0, encode_control({"op": "noop", "pad": "x" * 60}))
+    time.sleep(1.0)
+    sock.sendall(header)  # within the liveness deadline
+    time.sleep(1.6)
+    sock.sendall(payload)  # past it, counted from the last request; within it, from the header
+    send_frame(sock, session, KIND_HEARTBEAT, 0, 0)
+    assert read_frame(sock, session, 65536).kind == KIND_HEARTBEAT  # still a member
+    sock.close()
+
+
+def test_a_request_that_stops_after_its_header_ends_the_member_with_that_reason(tmp_path, capfd) -> None:
+    """A started frame that never finishes ends the member within its deadline, and the
+    server says why (not "no heartbeat": the rank did send something)."""
+    master = new_secret()
+    (tmp_path / "secret").write_text(master)
+    server = Server.__new__(Server)
+    server.tmp, server.master = tmp_path, master
+    server.proc, server.address = start_server(tmp_path, tmp_path / "secret", verbose=True)
+    try:
+        sock, session = _member(server, liveness_s=1.0)
+        header, _ = session.seal_frame(KIND_CONTROL, 0, 0, encode_control({"op": "noop", "pad": "x" * 60}))
+        sock.sendall(header)
+        started = time.monotonic()
+        assert sock.recv(1) == b""  # the server ended the member (the socket's timeout: 10 s)
+        assert time.monotonic() - started < 8
+        sock.close()
+    finally:
+        server.stop()
+    assert "rank 0 is gone: a request stopped after its header for 1 s" in capfd.readouterr().err

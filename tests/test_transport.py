@@ -10,18 +10,32 @@ import socket
 import struct
 import threading
 import time
+import tracemalloc
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy
 import pytest
 
 from lambda_shim import transport
-from lambda_shim.constants import ANY_SOURCE, ANY_TAG, Status
-from lambda_shim.errors import CommError
+from lambda_shim.constants import ANY_SOURCE, ANY_TAG, PROC_NULL, Status
+from lambda_shim.errors import ERR_RANK, CommError, MPIException
 from lambda_shim.objects import counted_size
+from lambda_shim.request import Request
 from lambda_shim.tcpcomm import TcpComm
 from lambda_shim.transport import MAX_WIRE_TAG, Envelope, SendOp, ShimConfig, Transport
-from lambda_shim.wire import KIND_BYTES, KIND_OBJECT, KIND_OBJECT_BYTEARRAY, KIND_OBJECT_BYTES, job_key
+from lambda_shim.wire import (
+    CHUNK,
+    KIND_ACK,
+    KIND_BYTES,
+    KIND_OBJECT,
+    KIND_OBJECT_BYTEARRAY,
+    KIND_OBJECT_BYTES,
+    SMALL,
+    SYNC,
+    TAG,
+    job_key,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -522,3 +536,98 @@ def test_a_wait_whose_op_completes_as_the_deadline_passes_does_not_raise_stop_it
     op = _CompletesAtTheDeadline(1, 0, 5)
     a.wait([op], deadline=time.monotonic() - 1)  # complete by the time its deadline is judged
     assert op.done
+
+
+# ---------------------------------------------------------------- wire3: seal buffers, acks, server reads
+def _seal_buffers_alive() -> int:
+    """Live allocations the size of one sealed record (a seal buffer, or a reader's record
+    buffer while it reads a big frame), as tracemalloc sees them."""
+    record = CHUNK + TAG
+    return sum(1 for trace in tracemalloc.take_snapshot().traces if record <= trace.size <= record + 64)
+
+
+def test_seal_buffers_are_held_by_frames_being_sent_not_by_every_link_that_sent_one(world) -> None:
+    """attack2's N1: a rank that sent one big frame to each of 8 peers held a 1 MiB seal
+    buffer per link for the rest of the job (1 GB at 1,000 peers). Once those frames have left,
+    no more than the transport's pool keeps is held."""
+    ranks = world(9)
+    a = ranks[0]
+    big = bytes(range(256)) * (2 * 2**20 // 256 + 1)
+    tracemalloc.start()
+    try:
+        for peer in ranks[1:]:
+            a.wait([send(a, peer.rank, 3, big)], deadline=time.monotonic() + 60)
+            assert recv(peer, 0, 3)[2] == big  # the reader's record buffer has gone with the frame
+        held = _seal_buffers_alive()
+    finally:
+        tracemalloc.stop()
+    assert held <= transport.SEAL_BUFFERS
+
+
+def test_big_frames_from_several_threads_to_several_peers_all_arrive_intact(world) -> None:
+    """More big frames in flight at once than the seal buffer pool keeps (so some borrow a
+    fresh buffer): each record is sealed into a buffer no other frame is using until it left."""
+    ranks = world(4)
+    a, peers = ranks[0], ranks[1:]
+    sizes = (SMALL + 1, CHUNK + 1, 3 * CHUNK + 7)
+
+    def payload(thread: int, peer: int, i: int) -> bytes:
+        return bytes([thread, peer, i]) * (sizes[i] // 3) + bytes(sizes[i] % 3)
+
+    def sender(thread: int) -> None:
+        ops = [a.isend(p.rank, 0, thread, KIND_BYTES, payload(thread, p.rank, i)) for i in range(3) for p in peers]
+        a.wait(ops, deadline=time.monotonic() + 60)
+
+    def receiver(peer: Transport) -> list[bool]:
+        return [recv(peer, 0, thread)[2] == payload(thread, peer.rank, i) for thread in range(3) for i in range(3)]
+
+    with ThreadPoolExecutor(6) as pool:
+        senders = [pool.submit(sender, thread) for thread in range(3)]
+        intact = [pool.submit(receiver, p) for p in peers]
+        for f in senders:
+            f.result(timeout=90)
+        assert [f.result(timeout=90) for f in intact] == [[True] * 9] * 3
+
+
+@pytest.mark.parametrize("payload", [b"", b"data"])
+def test_an_ack_frame_marked_sync_is_refused_naming_its_peer_not_delivered(world, payload) -> None:
+    """A frame of kind ``KIND_ACK | SYNC`` (only a key holder can seal one) is no message: it
+    ends the link as a protocol error naming the peer, and no receive takes it."""
+    a, b = world(2)
+    send(b, 0, 1, b"hello")  # the link exists and works
+    assert recv(a, 1, 1)[2] == b"hello"
+    op = a.irecv(1, 0, 5)
+    b._queue(b._link(0), KIND_ACK | SYNC, 5, payload, 0)  # sealed by the peer's real session
+    with pytest.raises(CommError, match="malformed frame from rank 1"):
+        a.wait([op], deadline=time.monotonic() + 30)
+    assert op.payload is None
+
+
+def test_a_blocking_receive_without_a_status_builds_no_request_and_gives_what_mpi4py_gives(
+    comm_pair, monkeypatch
+) -> None:
+    """The latency path: ``recv`` with no status waits for its transport op itself. What it
+    returns, and what it raises, are those of the path through a Request."""
+    a, b = comm_pair
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a Request was made")
+
+    monkeypatch.setattr(Request, "_new", refuse)
+    objects = [{"x": [1, 2.5]}, None, b"", b"8 bytes!", bytearray(b"ab" * 40_000), 2**100, "text" * 50_000]
+    for tag, obj in enumerate(objects):
+        a.send(obj, dest=1, tag=tag)
+    for tag, obj in reversed(list(enumerate(objects))):  # matched by tag, past the others
+        got = b.recv(source=0, tag=numpy.int32(tag)) if tag % 2 else b.recv(source=ANY_SOURCE, tag=tag)
+        assert type(got) is type(obj) and got == obj
+    assert b.recv(source=PROC_NULL, tag=ANY_TAG) is None
+    with pytest.raises(MPIException) as bad_rank:
+        b.recv(source=2)
+    assert bad_rank.value.Get_error_class() == ERR_RANK
+    with pytest.raises(OverflowError):
+        b.recv(source=0, tag=2**40)
+    monkeypatch.undo()
+    a.send("with a status", dest=1, tag=9)
+    status = Status()
+    assert b.recv(source=ANY_SOURCE, tag=ANY_TAG, status=status) == "with a status"
+    assert (status.Get_source(), status.Get_tag(), status.Get_count()) == (0, 9, len(pickle.dumps("with a status", 5)))

@@ -37,6 +37,7 @@ from lambda_shim.wire import (
     TOKEN_FILE_ENV,
     AuthError,
     FrameReader,
+    RecordBuffers,
     RefusedError,
     Session,
     decode_control,
@@ -339,7 +340,7 @@ def test_a_frame_sealed_into_the_reused_record_buffer_reads_back_whole(linked) -
     big = bytes(range(251)) * (3 * 2**20 // 251 + 5)  # four records, the last one short
 
     def send() -> None:
-        for record in initiator.seal_frame(KIND_OBJECT_BYTES, 1, 4, big, ctx=2, reuse=True):
+        for record in initiator.seal_frame(KIND_OBJECT_BYTES, 1, 4, big, ctx=2, buffers=RecordBuffers(1)):
             b.sendall(record)
 
     sender = threading.Thread(target=send)
@@ -365,7 +366,7 @@ def test_an_object_frame_over_the_limit_is_refused_before_allocation(linked, kin
 @pytest.mark.parametrize("kind", [KIND_OBJECT_BYTES, KIND_OBJECT_BYTEARRAY])
 def test_a_tampered_record_of_an_object_frame_is_refused(linked, kind) -> None:
     a, acceptor, b, initiator = linked
-    records = [bytes(r) for r in initiator.seal_frame(kind, 1, 0, bytes(2 * 2**20 + 7), reuse=True)]
+    records = [bytes(r) for r in initiator.seal_frame(kind, 1, 0, bytes(2 * 2**20 + 7), buffers=RecordBuffers(1))]
     tampered = bytearray(records[2])
     tampered[-1] ^= 1  # the tag of the second payload record
     sender = threading.Thread(target=b.sendall, args=(b"".join([*records[:2], tampered]),))
