@@ -93,6 +93,14 @@ SEAL_BUFFERS = 4  # idle 1 MiB seal buffers a rank keeps for its next big frames
 MAX_WORLD = 100_000
 REFUSED_S = 2.0  # a peer's listener that refuses connections this long has left
 QUIET_S = 0.002  # the background thread runs progress once no thread was inside for this long
+# How long a waiting rank polls its sockets before it sleeps in epoll: a sleeping vCPU takes
+# tens of microseconds to wake (on a VM, a halt and an interrupt through the hypervisor), far
+# more than a reply on loopback or in a placement group takes to come. Only a process with a
+# single rank spins: ranks sharing a process (and its interpreter lock) would only slow each
+# other down. CAI_HPC_SPIN_US sets it; 0 never spins.
+SPIN_S = float(os.environ.get("CAI_HPC_SPIN_US", "50")) / 1e6
+_live = 0  # transports open in this process
+_live_lock = threading.Lock()
 IN, OUT = select.EPOLLIN, select.EPOLLOUT
 MAX_WIRE_TAG = 2**31 - 1  # a frame header's tag is a signed 32-bit integer
 MAX_CTX = 2**32 - 1  # and its context an unsigned one
@@ -323,6 +331,12 @@ class _Message:
         return Envelope(self.source, self.tag, self.kind, counted_size(self.kind, len(self.payload)))
 
 
+def _opened(change: int) -> None:
+    global _live
+    with _live_lock:
+        _live += change
+
+
 class Transport:
     """Connections, frames, liveness and message matching for one rank (see the module
     docstring). Addresses are world ranks; every public method is thread-safe."""
@@ -396,6 +410,7 @@ class Transport:
             self._fds[listener.fileno()] = listener
             self._epoll.register(listener, IN)
         self._engage(self._control)
+        _opened(+1)  # close() counts it out
         self._background = threading.Thread(target=self._run_background, daemon=True, name="transport-progress")
         try:
             self._background.start()
@@ -778,9 +793,10 @@ class Transport:
             self._adopt(self._relay_link(peer))
 
     # ---------------------------------------------------------------- the progress engine
-    def _poll(self, timeout: float, ready: Callable[[], bool]) -> None:
+    def _poll(self, timeout: float, ready: Callable[[], bool], spin: bool = False) -> None:
         """One round of the engine (holding ``_progress``): chores when due, then wait up to
-        ``timeout`` for events (unless ``ready()`` already) and handle them."""
+        ``timeout`` for events (unless ``ready()`` already) and handle them; ``spin``: a caller
+        waits for a message, so poll a little before sleeping."""
         if self._closed:
             raise CommError(f"rank {self.rank}: this rank's transport is closed")
         now = time.monotonic()
@@ -795,7 +811,10 @@ class Transport:
             if ready():
                 return
             due = min(self._chores_due, self._resume_at) if self._paused else self._chores_due
-            events = self._epoll.poll(max(0.0, min(timeout, due - now)))
+            wait = max(0.0, min(timeout, due - now))
+            events = self._spin(ready, wait) if spin and SPIN_S > 0 and _live == 1 else None
+            if not events:
+                events = self._epoll.poll(wait)
         finally:
             self._poller = None
         for fd, mask in events:
@@ -809,6 +828,17 @@ class Transport:
                 self._accept(target)
             elif target is not None:
                 _drain(self._wake_r)
+
+    def _spin(self, ready: Callable[[], bool], wait: float) -> list[tuple[int, int]]:
+        """Poll the sockets without sleeping for up to ``SPIN_S`` (not past ``wait``): the
+        events, or none when nothing came (or ``ready()`` became true)."""
+        end = time.perf_counter() + min(SPIN_S, wait)
+        poll, clock, pass_turn = self._epoll.poll, time.perf_counter, os.sched_yield
+        while True:
+            events = poll(0)
+            if events or ready() or clock() >= end:
+                return events
+            pass_turn()  # a rank sharing this core (more ranks than cores) runs meanwhile
 
     def _kick(self) -> None:
         """Wake the thread inside epoll.poll, if any."""
@@ -973,7 +1003,7 @@ class Transport:
                         raise self._timed_out(pending[0], seconds)
                 if self._progress.acquire(blocking=False):
                     try:
-                        self._poll(nap, ready)
+                        self._poll(nap, ready, spin=True)
                     finally:
                         self._release_progress()
                     continue
@@ -1299,6 +1329,7 @@ class Transport:
                 return
             self._closed = True
             self._cond.notify_all()
+        _opened(-1)
         self._kick()
         self._resting.set()
         if self._background is not threading.current_thread():

@@ -631,3 +631,19 @@ def test_a_blocking_receive_without_a_status_builds_no_request_and_gives_what_mp
     status = Status()
     assert b.recv(source=ANY_SOURCE, tag=ANY_TAG, status=status) == "with a status"
     assert (status.Get_source(), status.Get_tag(), status.Get_count()) == (0, 9, len(pickle.dumps("with a status", 5)))
+
+
+# ---------------------------------------------------------------- spinning before sleeping
+def test_open_transports_are_counted_so_only_a_process_with_one_rank_spins(world) -> None:
+    # A waiting rank polls before it sleeps only while its process holds one transport; a warm
+    # Lambda process runs job after job, so a closed transport must be counted out (twice
+    # closed, once).
+    before = transport._live
+    ranks = world(3)
+    assert transport._live == before + 3
+    send(ranks[0], 1, 5, b"x")
+    assert recv(ranks[1], 0, 5) == (0, 5, b"x")
+    for rank in ranks:
+        rank.close()
+        rank.close()
+    assert transport._live == before
