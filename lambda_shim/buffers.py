@@ -340,12 +340,7 @@ class BufferAPI:
         recvtag: int = ANY_TAG,
         status: Any = None,
     ) -> None:
-        dest, sendtag, source, recvtag = c_int(dest), c_int(sendtag), c_int(source), c_int(recvtag)
-        out = self._send_args(sendbuf, dest, sendtag)
-        into = self._recv_args(recvbuf, source, recvtag)
-        recv = self._start_recv(into, source, recvtag)
-        _wait(self._start_send(out, dest, sendtag))
-        recv.wait(status)
+        self.Isendrecv(sendbuf, dest, sendtag, recvbuf, source, recvtag).wait(status)
 
     def Sendrecv_replace(  # noqa: N802
         self,
@@ -356,14 +351,7 @@ class BufferAPI:
         recvtag: int = ANY_TAG,
         status: Any = None,
     ) -> None:
-        dest, sendtag, source, recvtag = c_int(dest), c_int(sendtag), c_int(source), c_int(recvtag)
-        out = self._send_args(buf, dest, sendtag)
-        into = self._recv_args(buf, source, recvtag)
-        outgoing = None if out is None else bytes(out.payload())  # a copy: buf is received into
-        recv = self._start_recv(into, source, recvtag)
-        if outgoing is not None:
-            self._post(dest, sendtag, outgoing, coll=False).wait()
-        recv.wait(status)
+        self.Isendrecv_replace(buf, dest, sendtag, source, recvtag).wait(status)
 
     def _joined(self, recv: Any, send: Any) -> Any:
         """One request of a receive and a send: complete when both are, with the receive's status."""

@@ -410,31 +410,29 @@ class Comm(NonblockingAPI, PersistentAPI, BufferAPI):
         self.send(sendobj, dest, sendtag)
         return receive.wait(status)
 
-    def iprobe(self, source: int = ANY_SOURCE, tag: int = ANY_TAG, status: Any = None) -> bool:
-        """Whether a matching message has arrived (``status`` describes it); it stays queued."""
+    def _probed(self, source: int, tag: int, status: Any, wait: bool) -> bool:
+        """Whether a matching message has arrived (``status`` describes it; it stays queued);
+        wait for one if ``wait``."""
         source = self._valid_rank(source, wildcard=True)
         tag = self._valid_tag(tag, wildcard=True)
         if source == PROC_NULL:
             fill_status(status, PROC_NULL, ANY_TAG, 0)
             return True
         world = source if source == ANY_SOURCE else self._group[source]
-        envelope = self._transport.iprobe(world, self._ctx, tag)
+        probe = self._transport.probe if wait else self._transport.iprobe
+        envelope = probe(world, self._ctx, tag)
         if envelope is None:
             return False
         fill_status(status, self._rank_of(envelope.source), envelope.tag, envelope.nbytes)
         return True
 
+    def iprobe(self, source: int = ANY_SOURCE, tag: int = ANY_TAG, status: Any = None) -> bool:
+        """Whether a matching message has arrived (``status`` describes it); it stays queued."""
+        return self._probed(source, tag, status, wait=False)
+
     def probe(self, source: int = ANY_SOURCE, tag: int = ANY_TAG, status: Any = None) -> bool:
         """Wait until a matching message has arrived (``status`` describes it); True."""
-        source = self._valid_rank(source, wildcard=True)
-        tag = self._valid_tag(tag, wildcard=True)
-        if source == PROC_NULL:
-            fill_status(status, PROC_NULL, ANY_TAG, 0)
-            return True
-        world = source if source == ANY_SOURCE else self._group[source]
-        envelope = self._transport.probe(world, self._ctx, tag)
-        fill_status(status, self._rank_of(envelope.source), envelope.tag, envelope.nbytes)
-        return True
+        return self._probed(source, tag, status, wait=True)
 
     def _matched_message(self, source: int, tag: int, status: Any, wait: bool) -> Message | None:
         """Take a matching message out of the queue in the step that finds it, so no other

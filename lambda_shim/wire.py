@@ -332,11 +332,6 @@ class FrameReader:
         self._got = 0
         self.records = 0  # records checked, ever (liveness: authenticated bytes arrived)
 
-    def _need(self) -> int:
-        if self._header is None:
-            return SEALED_HEADER
-        return min(CHUNK, self._header.length - self._off) + TAG
-
     def feed(self, sock: socket.socket, budget: int = 4 * CHUNK) -> list[Frame]:
         """The frames completed by what ``sock`` has now (at most about ``budget`` bytes read);
         EOFError at the end of the stream, AuthError on a record that fails its check."""
